@@ -1,0 +1,443 @@
+//! Configuration files: `tether.toml` for the daemon, `hub.toml` for the hub.
+//!
+//! Unknown keys are refused; every error starts with the file and the key so
+//! that the fix is obvious. Durations are strings such as `"500ms"`, `"30s"`,
+//! `"2m"`.
+
+use std::collections::{BTreeMap, HashSet};
+use std::fmt;
+use std::path::{Path, PathBuf};
+use std::time::Duration;
+
+use serde::{Deserialize, Deserializer};
+
+/// A configuration problem, naming the file and the key.
+#[derive(Debug, thiserror::Error)]
+pub enum ConfigError {
+    #[error("cannot read config file {path}: {source}")]
+    Read {
+        path: String,
+        #[source]
+        source: std::io::Error,
+    },
+    #[error("{path}: {message}")]
+    Parse { path: String, message: String },
+    #[error("{path}: {key}: {message}")]
+    Invalid {
+        path: String,
+        key: String,
+        message: String,
+    },
+}
+
+/// A duration written as `"500ms"`, `"30s"`, `"2m"`.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub struct Dur(pub Duration);
+
+impl<'de> Deserialize<'de> for Dur {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<Dur, D::Error> {
+        let s = String::deserialize(d)?;
+        humantime::parse_duration(&s).map(Dur).map_err(|e| {
+            serde::de::Error::custom(format!(
+                "invalid duration {s:?} ({e}); write it like \"500ms\", \"30s\" or \"2m\""
+            ))
+        })
+    }
+}
+
+impl fmt::Display for Dur {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        write!(f, "{}", humantime::format_duration(self.0))
+    }
+}
+
+/// How a conflict between a local change and a newer hub row is settled.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Deserialize, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ConflictPolicy {
+    /// The local change is dropped and the hub's row is written locally.
+    #[default]
+    ServerWins,
+    /// The local change is sent again against the hub's current version.
+    ClientWins,
+    /// Columns the local change touched win; the others take the hub's values.
+    /// A delete on either side is settled as `server_wins`.
+    MergeColumns,
+}
+
+/// `tether.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DaemonConfig {
+    /// Path of the local control socket (used by the `tether` CLI).
+    #[serde(default = "default_control_socket")]
+    pub control_socket: PathBuf,
+    pub hub: HubConn,
+    #[serde(default)]
+    pub reconnect: Reconnect,
+    #[serde(rename = "database", default)]
+    pub databases: Vec<DatabaseConfig>,
+}
+
+pub fn default_control_socket() -> PathBuf {
+    PathBuf::from("/run/tether/tether.sock")
+}
+
+/// `[hub]` of `tether.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConn {
+    /// Full WebSocket URL, for example `ws://127.0.0.1:7420/v1/sync`.
+    pub url: String,
+    /// File holding the token (re-read before each connection).
+    pub token_file: Option<PathBuf>,
+    /// The token itself, when it is not in a file.
+    pub token: Option<String>,
+}
+
+/// `[reconnect]` of `tether.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct Reconnect {
+    #[serde(default = "d_initial")]
+    pub initial: Dur,
+    #[serde(default = "d_max")]
+    pub max: Dur,
+    #[serde(default = "d_multiplier")]
+    pub multiplier: f32,
+    /// How often the daemon pings the hub (keeps load balancers from closing
+    /// idle connections and feeds the read-timeout guard).
+    #[serde(default = "d_ping")]
+    pub ping_interval: Dur,
+    /// A connection that received nothing for this long is dropped and made anew.
+    #[serde(default = "d_read_timeout")]
+    pub read_timeout: Dur,
+}
+
+fn d_initial() -> Dur {
+    Dur(Duration::from_millis(500))
+}
+fn d_max() -> Dur {
+    Dur(Duration::from_secs(60))
+}
+fn d_multiplier() -> f32 {
+    2.0
+}
+fn d_ping() -> Dur {
+    Dur(Duration::from_secs(30))
+}
+fn d_read_timeout() -> Dur {
+    Dur(Duration::from_secs(120))
+}
+
+impl Default for Reconnect {
+    fn default() -> Self {
+        Reconnect {
+            initial: d_initial(),
+            max: d_max(),
+            multiplier: d_multiplier(),
+            ping_interval: d_ping(),
+            read_timeout: d_read_timeout(),
+        }
+    }
+}
+
+/// One `[[database]]` of `tether.toml`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct DatabaseConfig {
+    /// Unique name, used by the CLI and in logs.
+    pub name: String,
+    pub path: PathBuf,
+    /// Hub namespace; defaults to `name`.
+    pub dataset: Option<String>,
+    pub tables: Vec<String>,
+    #[serde(default)]
+    pub conflict: ConflictPolicy,
+    /// Per-table overrides of `conflict`.
+    #[serde(default)]
+    pub table_conflict: BTreeMap<String, ConflictPolicy>,
+}
+
+impl DatabaseConfig {
+    pub fn dataset(&self) -> &str {
+        self.dataset.as_deref().unwrap_or(&self.name)
+    }
+
+    /// Each table with the policy that applies to it.
+    pub fn table_policies(&self) -> Vec<(String, ConflictPolicy)> {
+        self.tables
+            .iter()
+            .map(|t| {
+                (
+                    t.clone(),
+                    self.table_conflict.get(t).copied().unwrap_or(self.conflict),
+                )
+            })
+            .collect()
+    }
+}
+
+fn read(path: &Path) -> Result<String, ConfigError> {
+    std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: path.display().to_string(),
+        source,
+    })
+}
+
+fn parse<T: serde::de::DeserializeOwned>(path: &Path, text: &str) -> Result<T, ConfigError> {
+    toml::from_str(text).map_err(|e| ConfigError::Parse {
+        path: path.display().to_string(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })
+}
+
+impl DaemonConfig {
+    pub fn load(path: &Path) -> Result<DaemonConfig, ConfigError> {
+        Self::from_str(path, &read(path)?)
+    }
+
+    /// Parses and validates; `path` is only used in messages.
+    pub fn from_str(path: &Path, text: &str) -> Result<DaemonConfig, ConfigError> {
+        let cfg: DaemonConfig = parse(path, text)?;
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key,
+            message,
+        };
+        if !(cfg.hub.url.starts_with("ws://") || cfg.hub.url.starts_with("wss://")) {
+            return Err(bad(
+                "hub.url".into(),
+                format!(
+                    "{:?} is not a WebSocket URL; write it like \"ws://127.0.0.1:7420/v1/sync\"",
+                    cfg.hub.url
+                ),
+            ));
+        }
+        match (&cfg.hub.token, &cfg.hub.token_file) {
+            (Some(_), Some(_)) => {
+                return Err(bad(
+                    "hub.token".into(),
+                    "set either `token` or `token_file`, not both".into(),
+                ))
+            }
+            (None, None) => {
+                return Err(bad(
+                    "hub".into(),
+                    "no token: set `token_file = \"/etc/tether/token\"` (or `token`); create one with `tether hub new-token`".into(),
+                ))
+            }
+            _ => {}
+        }
+        let r = &cfg.reconnect;
+        if r.initial.0.is_zero() || r.max.0 < r.initial.0 {
+            return Err(bad(
+                "reconnect.max".into(),
+                format!("must be at least `initial` ({}) and above zero", r.initial),
+            ));
+        }
+        if !(r.multiplier >= 1.0 && r.multiplier.is_finite()) {
+            return Err(bad(
+                "reconnect.multiplier".into(),
+                format!("{} must be a number >= 1.0", r.multiplier),
+            ));
+        }
+        if r.ping_interval.0.is_zero() || r.read_timeout.0 <= r.ping_interval.0 {
+            return Err(bad(
+                "reconnect.read_timeout".into(),
+                format!(
+                    "must be longer than ping_interval ({}), or a healthy idle connection would be cut",
+                    r.ping_interval
+                ),
+            ));
+        }
+        let mut names = HashSet::new();
+        let mut paths = HashSet::new();
+        for (i, db) in cfg.databases.iter().enumerate() {
+            let key = |k: &str| format!("database[{i}].{k}");
+            if db.name.is_empty()
+                || !db
+                    .name
+                    .chars()
+                    .all(|c| c.is_ascii_alphanumeric() || "-_.".contains(c))
+            {
+                return Err(bad(
+                    key("name"),
+                    format!(
+                        "{:?} must be non-empty and use only letters, digits, '-', '_' and '.'",
+                        db.name
+                    ),
+                ));
+            }
+            if !names.insert(db.name.clone()) {
+                return Err(bad(
+                    key("name"),
+                    format!("{:?} is used twice; names must be unique", db.name),
+                ));
+            }
+            if !paths.insert(db.path.clone()) {
+                return Err(bad(
+                    key("path"),
+                    format!(
+                        "{} is configured twice; a database is synced by one session",
+                        db.path.display()
+                    ),
+                ));
+            }
+            if db.tables.is_empty() {
+                return Err(bad(key("tables"), "list at least one table to sync".into()));
+            }
+            for t in db.table_conflict.keys() {
+                if !db.tables.contains(t) {
+                    return Err(bad(
+                        key(&format!("table_conflict.{t}")),
+                        format!("table {t:?} is not in `tables` of database {:?}", db.name),
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    /// The token, read now from `token` or `token_file`.
+    pub fn read_token(&self) -> Result<String, String> {
+        if let Some(t) = &self.hub.token {
+            return Ok(t.trim().to_owned());
+        }
+        let path = self.hub.token_file.as_ref().expect("BUG: validated");
+        match std::fs::read_to_string(path) {
+            Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+            Ok(_) => Err(format!("token file {} is empty", path.display())),
+            Err(e) => Err(format!("cannot read token file {}: {e}", path.display())),
+        }
+    }
+}
+
+/// `hub.toml`.
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct HubConfig {
+    /// Address to listen on, for example `127.0.0.1:7420`.
+    pub listen: String,
+    /// `sqlite:/path/to/hub.db`.
+    pub store: String,
+    #[serde(rename = "dataset", default)]
+    pub datasets: Vec<DatasetConfig>,
+    #[serde(rename = "token", default)]
+    pub tokens: Vec<TokenConfig>,
+    /// A client that sent nothing for this long is disconnected.
+    #[serde(default = "d_read_timeout")]
+    pub read_timeout: Dur,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct DatasetConfig {
+    pub name: String,
+    /// Tables clients may sync in this dataset.
+    pub tables: Vec<String>,
+}
+
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum TokenAccess {
+    ReadWrite,
+    ReadOnly,
+}
+
+#[derive(Clone, Debug, Deserialize)]
+#[serde(deny_unknown_fields)]
+pub struct TokenConfig {
+    pub name: String,
+    /// Lowercase hex SHA-256 of the token's UTF-8 bytes.
+    pub sha256: String,
+    /// Datasets this token may sync, or `["*"]` for all.
+    pub datasets: Vec<String>,
+    #[serde(default = "d_access")]
+    pub access: TokenAccess,
+}
+
+fn d_access() -> TokenAccess {
+    TokenAccess::ReadWrite
+}
+
+/// Where the hub keeps its data.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum StoreUrl {
+    Sqlite(PathBuf),
+}
+
+impl HubConfig {
+    pub fn load(path: &Path) -> Result<HubConfig, ConfigError> {
+        Self::from_str(path, &read(path)?)
+    }
+
+    pub fn from_str(path: &Path, text: &str) -> Result<HubConfig, ConfigError> {
+        let cfg: HubConfig = parse(path, text)?;
+        let bad = |key: String, message: String| ConfigError::Invalid {
+            path: path.display().to_string(),
+            key,
+            message,
+        };
+        if cfg.listen.parse::<std::net::SocketAddr>().is_err() {
+            return Err(bad(
+                "listen".into(),
+                format!(
+                    "{:?} is not an address; write it like \"127.0.0.1:7420\"",
+                    cfg.listen
+                ),
+            ));
+        }
+        cfg.store_url().map_err(|m| bad("store".into(), m))?;
+        let mut names = HashSet::new();
+        for (i, d) in cfg.datasets.iter().enumerate() {
+            if !names.insert(d.name.clone()) {
+                return Err(bad(
+                    format!("dataset[{i}].name"),
+                    format!("{:?} is used twice", d.name),
+                ));
+            }
+            if d.tables.is_empty() {
+                return Err(bad(
+                    format!("dataset[{i}].tables"),
+                    "list at least one table".into(),
+                ));
+            }
+        }
+        for (i, t) in cfg.tokens.iter().enumerate() {
+            if t.sha256.len() != 64
+                || !t
+                    .sha256
+                    .chars()
+                    .all(|c| c.is_ascii_digit() || ('a'..='f').contains(&c))
+            {
+                return Err(bad(
+                    format!("token[{i}].sha256"),
+                    format!("token {:?}: expected 64 lowercase hex characters (the SHA-256 of the token); `tether hub new-token` prints one", t.name),
+                ));
+            }
+            for d in &t.datasets {
+                if d != "*" && !names.contains(d) {
+                    return Err(bad(
+                        format!("token[{i}].datasets"),
+                        format!(
+                            "token {:?} names dataset {d:?}, which no [[dataset]] declares",
+                            t.name
+                        ),
+                    ));
+                }
+            }
+        }
+        Ok(cfg)
+    }
+
+    pub fn store_url(&self) -> Result<StoreUrl, String> {
+        match self.store.split_once(':') {
+            Some(("sqlite", p)) if !p.is_empty() => Ok(StoreUrl::Sqlite(PathBuf::from(p))),
+            _ => Err(format!(
+                "{:?} is not a store; write it like \"sqlite:/var/lib/tether-hub/hub.db\"",
+                self.store
+            )),
+        }
+    }
+}

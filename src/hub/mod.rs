@@ -1,0 +1,123 @@
+//! The hub: accepts daemon connections, authenticates them, applies their
+//! uploads to the store and fans applied changes out to every other session of
+//! the dataset.
+//!
+//! Tasks: one accept loop ([`Hub::run`]) and one task per connection
+//! ([`session::serve`]). A connection's task waits on its socket, on the
+//! dataset's broadcast of applied batches, on its read deadline and on
+//! shutdown. Store calls run on blocking threads.
+
+pub mod auth;
+pub mod fanout;
+mod session;
+pub mod store;
+
+use std::collections::{HashMap, HashSet};
+use std::sync::atomic::AtomicU32;
+use std::sync::Arc;
+use std::time::Duration;
+
+use tokio::net::TcpListener;
+use tokio::sync::Semaphore;
+use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
+
+use crate::config::{HubConfig, StoreUrl};
+use auth::Tokens;
+use fanout::Fanout;
+use store::{sqlite::SqliteStore, HubStore, StoreError};
+
+/// Most connections served at once; more wait in the listen backlog.
+pub const MAX_CONNECTIONS: usize = 4096;
+
+/// Fault injection for tests; all off by default.
+#[doc(hidden)]
+#[derive(Default)]
+pub struct Faults {
+    /// Number of upload results to drop by cutting the connection right after
+    /// the batch was applied (simulates a lost acknowledgement).
+    pub drop_upload_results: AtomicU32,
+}
+
+pub(crate) struct HubInner {
+    /// Declared tables per dataset.
+    datasets: HashMap<String, HashSet<String>>,
+    tokens: Tokens,
+    store: Arc<dyn HubStore>,
+    fanout: Fanout,
+    read_timeout: Duration,
+    faults: Arc<Faults>,
+}
+
+/// A configured hub, ready to serve a listener.
+#[derive(Clone)]
+pub struct Hub {
+    inner: Arc<HubInner>,
+}
+
+impl Hub {
+    /// Opens the configured store.
+    pub fn open(cfg: &HubConfig) -> Result<Hub, StoreError> {
+        let store: Arc<dyn HubStore> = match cfg.store_url().map_err(StoreError::Backend)? {
+            StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(&path)?),
+        };
+        Ok(Hub::with_store(cfg, store))
+    }
+
+    pub fn with_store(cfg: &HubConfig, store: Arc<dyn HubStore>) -> Hub {
+        Hub {
+            inner: Arc::new(HubInner {
+                datasets: cfg
+                    .datasets
+                    .iter()
+                    .map(|d| (d.name.clone(), d.tables.iter().cloned().collect()))
+                    .collect(),
+                tokens: Tokens::new(&cfg.tokens),
+                store,
+                fanout: Fanout::default(),
+                read_timeout: cfg.read_timeout.0,
+                faults: Arc::new(Faults::default()),
+            }),
+        }
+    }
+
+    #[doc(hidden)]
+    pub fn faults(&self) -> Arc<Faults> {
+        self.inner.faults.clone()
+    }
+
+    /// Serves `listener` until `shutdown` is cancelled, then closes every
+    /// session with a "going away" close frame and waits for them.
+    pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let tracker = TaskTracker::new();
+        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
+        loop {
+            let permit = tokio::select! {
+                p = limit.clone().acquire_owned() => p.expect("BUG: semaphore closed"),
+                _ = shutdown.cancelled() => break,
+            };
+            let accepted = tokio::select! {
+                a = listener.accept() => a,
+                _ = shutdown.cancelled() => break,
+            };
+            match accepted {
+                Ok((stream, peer)) => {
+                    let _ = stream.set_nodelay(true);
+                    let inner = self.inner.clone();
+                    let shutdown = shutdown.clone();
+                    tracker.spawn(async move {
+                        session::serve(inner, stream, peer, shutdown).await;
+                        drop(permit);
+                    });
+                }
+                Err(e) => {
+                    // Out of file descriptors and the like: keep serving.
+                    tracing::warn!(error = %e, "accept failed");
+                    tokio::time::sleep(Duration::from_millis(50)).await;
+                }
+            }
+        }
+        tracker.close();
+        tracker.wait().await;
+    }
+}

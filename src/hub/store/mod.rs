@@ -1,0 +1,93 @@
+//! The hub's storage: per dataset, the current rows and a change log with a
+//! gap-free, strictly increasing sequence number.
+//!
+//! [`HubStore`] is synchronous: the hub calls it from blocking threads
+//! (`spawn_blocking`), never from the async runtime. SQL dialect details stay
+//! inside each implementation; [`sqlite::SqliteStore`] is the embedded one.
+
+pub mod sqlite;
+
+use std::collections::HashMap;
+use std::sync::Arc;
+
+use crate::proto::{Change, ChangeResult, RemoteChange, TableSchema};
+
+/// A change in the log, with the client that made it (to skip echoing it back).
+#[derive(Clone, Debug)]
+pub struct LogEntry {
+    pub change: RemoteChange,
+    pub client: Arc<str>,
+}
+
+/// What [`HubStore::apply_batch`] did.
+#[derive(Debug)]
+pub struct Applied {
+    pub results: Vec<ChangeResult>,
+    /// Changes newly written to the log, in sequence order.
+    pub logged: Vec<LogEntry>,
+    /// Dataset head after the batch.
+    pub head: u64,
+}
+
+/// A page of the change log.
+#[derive(Debug)]
+pub struct Page {
+    /// Changes in sequence order, without those skipped by `exclude_client`.
+    pub changes: Vec<RemoteChange>,
+    /// Every change up to this sequence number was scanned.
+    pub up_to: u64,
+}
+
+#[derive(Debug, thiserror::Error)]
+pub enum StoreError {
+    #[error("table {table:?} of dataset {dataset:?} has schema {got} here but {want} on the hub; every client of a dataset must use the same columns, types and primary key")]
+    SchemaMismatch {
+        dataset: String,
+        table: String,
+        got: String,
+        want: String,
+    },
+    #[error("hub store: {0}")]
+    Backend(String),
+}
+
+impl From<rusqlite::Error> for StoreError {
+    fn from(e: rusqlite::Error) -> Self {
+        StoreError::Backend(e.to_string())
+    }
+}
+
+/// Storage behind the hub.
+pub trait HubStore: Send + Sync + 'static {
+    /// Records each table's schema the first time it is seen in a dataset and
+    /// refuses a table whose fingerprint differs from the recorded one.
+    fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError>;
+
+    /// Last sequence number of the dataset (0 when empty).
+    fn head(&self, dataset: &str) -> Result<u64, StoreError>;
+
+    /// Highest client seq already applied for this client.
+    fn client_seq(&self, dataset: &str, client: &str) -> Result<u64, StoreError>;
+
+    /// Applies a batch in one transaction. Changes with a seq at or below the
+    /// client's high-water mark were applied before: they are answered as the
+    /// first time and not applied again.
+    fn apply_batch(
+        &self,
+        dataset: &str,
+        client: &str,
+        tables: &HashMap<String, TableSchema>,
+        changes: &[Change],
+    ) -> Result<Applied, StoreError>;
+
+    /// Log entries after `after`, at most `max_changes` scanned and about
+    /// `max_bytes` returned.
+    fn changes_since(
+        &self,
+        dataset: &str,
+        after: u64,
+        exclude_client: Option<&str>,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError>;
+}

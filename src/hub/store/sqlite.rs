@@ -1,0 +1,471 @@
+//! The embedded hub store: one SQLite file in WAL mode, a writer connection
+//! for batches and a reader connection for catch-up, so that a client paging
+//! through history does not hold up uploads.
+
+use std::collections::{HashMap, HashSet};
+use std::path::Path;
+use std::sync::{Arc, Mutex};
+
+use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
+use serde::{Deserialize, Serialize};
+
+use super::{Applied, HubStore, LogEntry, Page, StoreError};
+use crate::proto::{
+    decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
+    Outcome, RemoteChange, ServerRow, TableSchema, Value,
+};
+
+const SCHEMA: &str = "
+CREATE TABLE IF NOT EXISTS datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
+CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
+CREATE TABLE IF NOT EXISTS rows (dataset INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL, vals BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (dataset, tbl, pk)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS changes (dataset INTEGER NOT NULL, seq INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (dataset, seq)) WITHOUT ROWID;
+CREATE TABLE IF NOT EXISTS clients (dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL, last_results BLOB NOT NULL, PRIMARY KEY (dataset, client));
+";
+
+/// Outcome of one change as remembered for retries of the same batch.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+enum Remembered {
+    Applied(u64),
+    Conflict,
+    Invalid(InvalidReason, String),
+}
+
+pub struct SqliteStore {
+    writer: Mutex<Connection>,
+    reader: Mutex<Connection>,
+    ids: Mutex<HashMap<String, i64>>,
+}
+
+fn open(path: &Path) -> Result<Connection, StoreError> {
+    let c = Connection::open(path)
+        .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
+    c.busy_timeout(std::time::Duration::from_secs(10))?;
+    c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+    Ok(c)
+}
+
+impl SqliteStore {
+    pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
+        if let Some(dir) = path.parent() {
+            if !dir.as_os_str().is_empty() && !dir.exists() {
+                return Err(StoreError::Backend(format!(
+                    "directory {} of the hub store does not exist; create it or change `store`",
+                    dir.display()
+                )));
+            }
+        }
+        let writer = open(path)?;
+        writer.execute_batch(SCHEMA)?;
+        let reader = open(path)?;
+        Ok(SqliteStore {
+            writer: Mutex::new(writer),
+            reader: Mutex::new(reader),
+            ids: Mutex::new(HashMap::new()),
+        })
+    }
+
+    fn dataset_id(&self, c: &Connection, name: &str) -> Result<i64, StoreError> {
+        if let Some(id) = self.ids.lock().expect("BUG: poisoned").get(name) {
+            return Ok(*id);
+        }
+        c.execute(
+            "INSERT INTO datasets (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+            [name],
+        )?;
+        let id: i64 = c.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| {
+            r.get(0)
+        })?;
+        self.ids
+            .lock()
+            .expect("BUG: poisoned")
+            .insert(name.to_owned(), id);
+        Ok(id)
+    }
+}
+
+struct RowState {
+    version: u64,
+    deleted: bool,
+    vals: Vec<u8>,
+    client: String,
+}
+
+fn load_row(c: &Connection, ds: i64, tbl: &str, pk: &[u8]) -> Result<Option<RowState>, StoreError> {
+    Ok(c
+        .prepare_cached(
+            "SELECT version, deleted, vals, client FROM rows WHERE dataset = ?1 AND tbl = ?2 AND pk = ?3",
+        )?
+        .query_row(params![ds, tbl, pk], |r| {
+            Ok(RowState {
+                version: r.get::<_, i64>(0)? as u64,
+                deleted: r.get(1)?,
+                vals: r.get(2)?,
+                client: r.get(3)?,
+            })
+        })
+        .optional()?)
+}
+
+fn server_row(row: Option<&RowState>) -> Result<ServerRow, StoreError> {
+    Ok(match row {
+        None => ServerRow {
+            version: 0,
+            deleted: true,
+            values: Vec::new(),
+        },
+        Some(r) => ServerRow {
+            version: r.version,
+            deleted: r.deleted,
+            values: if r.deleted {
+                Vec::new()
+            } else {
+                decode_values(&r.vals).map_err(|e| StoreError::Backend(e.to_string()))?
+            },
+        },
+    })
+}
+
+/// Checks a change against the table's declared shape.
+fn validate(
+    change: &Change,
+    tables: &HashMap<String, TableSchema>,
+) -> Result<(), (InvalidReason, String)> {
+    let Some(t) = tables.get(&change.table) else {
+        return Err((
+            InvalidReason::UnknownTable,
+            format!(
+                "table {:?} is not declared by the dataset or was not announced in hello",
+                change.table
+            ),
+        ));
+    };
+    if change.pk.len() != t.pk.len() {
+        return Err((
+            InvalidReason::WrongKey,
+            format!(
+                "table {:?}: key has {} values, the primary key has {} columns",
+                change.table,
+                change.pk.len(),
+                t.pk.len()
+            ),
+        ));
+    }
+    match change.op {
+        Op::Upsert => {
+            if change.values.len() != t.columns.len() {
+                return Err((
+                    InvalidReason::WrongColumnCount,
+                    format!(
+                        "table {:?}: row has {} values, the table has {} columns",
+                        change.table,
+                        change.values.len(),
+                        t.columns.len()
+                    ),
+                ));
+            }
+            for (k, &col) in change.pk.iter().zip(&t.pk) {
+                if change.values.get(col as usize) != Some(k) {
+                    return Err((
+                        InvalidReason::WrongKey,
+                        format!(
+                            "table {:?}: key value does not match column {:?} of the row",
+                            change.table, t.columns[col as usize]
+                        ),
+                    ));
+                }
+            }
+        }
+        Op::Delete => {
+            if !change.values.is_empty() {
+                return Err((
+                    InvalidReason::WrongColumnCount,
+                    format!("table {:?}: a delete carries no values", change.table),
+                ));
+            }
+        }
+    }
+    if change.pk.iter().any(|v| matches!(v, Value::Null)) {
+        return Err((
+            InvalidReason::WrongKey,
+            format!("table {:?}: a key value is NULL", change.table),
+        ));
+    }
+    Ok(())
+}
+
+impl HubStore for SqliteStore {
+    fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError> {
+        let mut c = self.writer.lock().expect("BUG: poisoned");
+        let ds = self.dataset_id(&c, dataset)?;
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        for t in tables {
+            let known: Option<String> = tx
+                .query_row(
+                    "SELECT fingerprint FROM tables WHERE dataset = ?1 AND name = ?2",
+                    params![ds, t.name],
+                    |r| r.get(0),
+                )
+                .optional()?;
+            match known {
+                Some(f) if f != t.fingerprint => {
+                    return Err(StoreError::SchemaMismatch {
+                        dataset: dataset.to_owned(),
+                        table: t.name.clone(),
+                        got: t.fingerprint[..12].to_owned(),
+                        want: f[..12.min(f.len())].to_owned(),
+                    })
+                }
+                Some(_) => {}
+                None => {
+                    tx.execute(
+                        "INSERT INTO tables (dataset, name, fingerprint) VALUES (?1, ?2, ?3)",
+                        params![ds, t.name, t.fingerprint],
+                    )?;
+                }
+            }
+        }
+        tx.commit()?;
+        Ok(())
+    }
+
+    fn head(&self, dataset: &str) -> Result<u64, StoreError> {
+        let c = self.reader.lock().expect("BUG: poisoned");
+        let head: Option<i64> = c
+            .query_row(
+                "SELECT head FROM datasets WHERE name = ?1",
+                [dataset],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(head.unwrap_or(0) as u64)
+    }
+
+    fn client_seq(&self, dataset: &str, client: &str) -> Result<u64, StoreError> {
+        let c = self.reader.lock().expect("BUG: poisoned");
+        let seq: Option<i64> = c
+            .query_row(
+                "SELECT c.last_seq FROM clients c JOIN datasets d ON d.id = c.dataset WHERE d.name = ?1 AND c.client = ?2",
+                [dataset, client],
+                |r| r.get(0),
+            )
+            .optional()?;
+        Ok(seq.unwrap_or(0) as u64)
+    }
+
+    fn apply_batch(
+        &self,
+        dataset: &str,
+        client: &str,
+        tables: &HashMap<String, TableSchema>,
+        changes: &[Change],
+    ) -> Result<Applied, StoreError> {
+        let mut c = self.writer.lock().expect("BUG: poisoned");
+        let ds = self.dataset_id(&c, dataset)?;
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut head: u64 = tx.query_row("SELECT head FROM datasets WHERE id = ?1", [ds], |r| {
+            r.get::<_, i64>(0)
+        })? as u64;
+        let prev: Option<(i64, Vec<u8>)> = tx
+            .prepare_cached(
+                "SELECT last_seq, last_results FROM clients WHERE dataset = ?1 AND client = ?2",
+            )?
+            .query_row(params![ds, client], |r| Ok((r.get(0)?, r.get(1)?)))
+            .optional()?;
+        let (hwm, remembered): (u64, HashMap<u64, Remembered>) = match prev {
+            Some((seq, blob)) => (
+                seq as u64,
+                rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob)
+                    .map(|v| v.into_iter().collect())
+                    .unwrap_or_default(),
+            ),
+            None => (0, HashMap::new()),
+        };
+        let client_arc: Arc<str> = Arc::from(client);
+        let mut results = Vec::with_capacity(changes.len());
+        let mut remember = Vec::with_capacity(changes.len());
+        let mut logged = Vec::new();
+        let mut seen: HashSet<(&str, Vec<u8>)> = HashSet::new();
+        let mut new_hwm = hwm;
+        for ch in changes {
+            let pk = encode_key(&ch.pk);
+            if ch.seq <= hwm {
+                // A retry: answer as the first time, apply nothing.
+                let outcome = match remembered.get(&ch.seq) {
+                    Some(Remembered::Applied(v)) => Outcome::Applied { version: *v },
+                    Some(Remembered::Invalid(reason, message)) => Outcome::Invalid {
+                        reason: *reason,
+                        message: message.clone(),
+                    },
+                    Some(Remembered::Conflict) => Outcome::Conflict {
+                        server: server_row(load_row(&tx, ds, &ch.table, &pk)?.as_ref())?,
+                    },
+                    None => {
+                        let row = load_row(&tx, ds, &ch.table, &pk)?;
+                        tracing::warn!(dataset, client, seq = ch.seq, "retried change older than the last batch; answered with the row's current version");
+                        Outcome::Applied {
+                            version: row.map(|r| r.version).unwrap_or(0),
+                        }
+                    }
+                };
+                if let Some(r) = remembered.get(&ch.seq) {
+                    remember.push((ch.seq, r.clone()));
+                }
+                results.push(ChangeResult {
+                    seq: ch.seq,
+                    outcome,
+                });
+                continue;
+            }
+            new_hwm = new_hwm.max(ch.seq);
+            let invalid = validate(ch, tables).err().or_else(|| {
+                (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
+                    (
+                        InvalidReason::DuplicateRow,
+                        format!(
+                            "table {:?}: the same row appears twice in one batch",
+                            ch.table
+                        ),
+                    )
+                })
+            });
+            if let Some((reason, message)) = invalid {
+                remember.push((ch.seq, Remembered::Invalid(reason, message.clone())));
+                results.push(ChangeResult {
+                    seq: ch.seq,
+                    outcome: Outcome::Invalid { reason, message },
+                });
+                continue;
+            }
+            let row = load_row(&tx, ds, &ch.table, &pk)?;
+            let conflict = match &row {
+                None => false,
+                Some(r) => r.version != ch.base && r.client != client,
+            };
+            if conflict {
+                remember.push((ch.seq, Remembered::Conflict));
+                results.push(ChangeResult {
+                    seq: ch.seq,
+                    outcome: Outcome::Conflict {
+                        server: server_row(row.as_ref())?,
+                    },
+                });
+                continue;
+            }
+            let noop = ch.op == Op::Delete && row.as_ref().map(|r| r.deleted).unwrap_or(true);
+            if noop {
+                let version = row.map(|r| r.version).unwrap_or(0);
+                remember.push((ch.seq, Remembered::Applied(version)));
+                results.push(ChangeResult {
+                    seq: ch.seq,
+                    outcome: Outcome::Applied { version },
+                });
+                continue;
+            }
+            head += 1;
+            let vals = encode_values(&ch.values);
+            let (op, deleted) = match ch.op {
+                Op::Upsert => (1, false),
+                Op::Delete => (2, true),
+            };
+            tx.prepare_cached(
+                "INSERT INTO rows (dataset, tbl, pk, version, deleted, vals, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
+                 ON CONFLICT (dataset, tbl, pk) DO UPDATE SET version = excluded.version, deleted = excluded.deleted, vals = excluded.vals, client = excluded.client",
+            )?
+            .execute(params![ds, ch.table, pk, head as i64, deleted, vals, client])?;
+            tx.prepare_cached(
+                "INSERT INTO changes (dataset, seq, tbl, pk, op, vals, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
+            )?
+            .execute(params![ds, head as i64, ch.table, pk, op, vals, client])?;
+            remember.push((ch.seq, Remembered::Applied(head)));
+            results.push(ChangeResult {
+                seq: ch.seq,
+                outcome: Outcome::Applied { version: head },
+            });
+            logged.push(LogEntry {
+                change: RemoteChange {
+                    version: head,
+                    table: ch.table.clone(),
+                    op: ch.op,
+                    pk: ch.pk.clone(),
+                    values: ch.values.clone(),
+                },
+                client: client_arc.clone(),
+            });
+        }
+        tx.prepare_cached(
+            "INSERT INTO clients (dataset, client, last_seq, last_results) VALUES (?1, ?2, ?3, ?4)
+             ON CONFLICT (dataset, client) DO UPDATE SET last_seq = excluded.last_seq, last_results = excluded.last_results",
+        )?
+        .execute(params![
+            ds,
+            client,
+            new_hwm as i64,
+            rmp_serde::to_vec(&remember).expect("BUG: encodes")
+        ])?;
+        tx.prepare_cached("UPDATE datasets SET head = ?1 WHERE id = ?2")?
+            .execute(params![head as i64, ds])?;
+        tx.commit()?;
+        Ok(Applied {
+            results,
+            logged,
+            head,
+        })
+    }
+
+    fn changes_since(
+        &self,
+        dataset: &str,
+        after: u64,
+        exclude_client: Option<&str>,
+        max_changes: usize,
+        max_bytes: usize,
+    ) -> Result<Page, StoreError> {
+        let c = self.reader.lock().expect("BUG: poisoned");
+        let ds: Option<i64> = c
+            .query_row("SELECT id FROM datasets WHERE name = ?1", [dataset], |r| {
+                r.get(0)
+            })
+            .optional()?;
+        let Some(ds) = ds else {
+            return Ok(Page {
+                changes: Vec::new(),
+                up_to: after,
+            });
+        };
+        let mut stmt = c.prepare_cached(
+            "SELECT seq, tbl, pk, op, vals, client FROM changes WHERE dataset = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
+        )?;
+        let mut rows = stmt.query(params![ds, after as i64, max_changes as i64])?;
+        let mut changes = Vec::new();
+        let mut up_to = after;
+        let mut bytes = 0;
+        while let Some(r) = rows.next()? {
+            let seq = r.get::<_, i64>(0)? as u64;
+            let client: String = r.get(5)?;
+            up_to = seq;
+            if exclude_client == Some(client.as_str()) {
+                continue;
+            }
+            let pk: Vec<u8> = r.get(2)?;
+            let vals: Vec<u8> = r.get(4)?;
+            let op: i64 = r.get(3)?;
+            let bad = |e: rmp_serde::decode::Error| {
+                StoreError::Backend(format!("change {seq} of dataset {dataset} is corrupt: {e}"))
+            };
+            let change = RemoteChange {
+                version: seq,
+                table: r.get(1)?,
+                op: if op == 2 { Op::Delete } else { Op::Upsert },
+                pk: decode_key(&pk).map_err(bad)?,
+                values: decode_values(&vals).map_err(bad)?,
+            };
+            bytes += change.wire_size();
+            changes.push(change);
+            if bytes >= max_bytes {
+                break;
+            }
+        }
+        Ok(Page { changes, up_to })
+    }
+}

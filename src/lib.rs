@@ -1,0 +1,35 @@
+//! tether keeps local SQLite databases in realtime two-way sync with a hub.
+//!
+//! How data flows:
+//!
+//! 1. An app commits to its SQLite file with any client. Triggers installed by
+//!    [`local::schema`] record the touched keys in tether's outbox tables inside
+//!    the app's own transaction.
+//! 2. The file watcher ([`local::watch`]) wakes the database's [`session`],
+//!    which reads a batch from the outbox on the database's own thread
+//!    ([`local::LocalDb`]) and sends it as an `upload` frame ([`proto`]).
+//! 3. The [`hub`] applies the batch to its store ([`hub::store`]) in one
+//!    transaction, answers per change, and fans applied changes out to every
+//!    other session of the dataset ([`hub::fanout`]).
+//! 4. Receiving sessions apply them locally, with the cursor in the same
+//!    transaction ([`local::replica`]).
+//!
+//! Modules:
+//!
+//! * [`config`]: `tether.toml` and `hub.toml`.
+//! * [`proto`]: frames of the wire protocol, codec, limits. No I/O.
+//! * [`local`]: the local database: capture, outbox, applying remote changes.
+//! * [`session`]: one database's connection to the hub: driver loop, backoff, status.
+//! * [`daemon`]: runs one session per configured database.
+//! * [`hub`]: the server: auth, sessions, fan-out, store.
+//! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
+//! * [`demo`]: the self-contained `tether demo` and `tether bench`.
+
+pub mod config;
+pub mod daemon;
+pub mod demo;
+pub mod embedded;
+pub mod hub;
+pub mod local;
+pub mod proto;
+pub mod session;

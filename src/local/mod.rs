@@ -1,0 +1,89 @@
+//! The local database side: schema and capture triggers ([`schema`]), the
+//! sync bookkeeping ([`replica`]), the thread that owns the connection
+//! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
+
+pub mod replica;
+pub mod schema;
+pub mod watch;
+
+use std::path::PathBuf;
+
+use tokio::sync::{mpsc, oneshot};
+
+pub use replica::{LocalError, Pending, Replica, ResultsApplied};
+
+use crate::config::ConflictPolicy;
+
+/// Bound of the queue of calls waiting for the database thread.
+const CALL_QUEUE: usize = 64;
+
+type Call = Box<dyn FnOnce(&mut Replica) + Send>;
+
+/// Handle to the thread that owns one database's SQLite connection.
+///
+/// SQLite calls block, so they never run on the async runtime: each database
+/// gets its own thread and async code sends it closures through a bounded
+/// queue, getting the result back on a oneshot channel.
+#[derive(Clone)]
+pub struct LocalDb {
+    tx: mpsc::Sender<Call>,
+    name: String,
+}
+
+/// The database thread is gone (it panicked or the handle outlived it).
+#[derive(Debug, thiserror::Error)]
+#[error("database {0}: the database thread stopped")]
+pub struct ThreadGone(String);
+
+impl LocalDb {
+    /// Starts the thread, opens the database and installs capture.
+    pub async fn open(
+        name: String,
+        path: PathBuf,
+        tables: Vec<(String, ConflictPolicy)>,
+    ) -> Result<LocalDb, LocalError> {
+        let (tx, mut rx) = mpsc::channel::<Call>(CALL_QUEUE);
+        let (ready_tx, ready_rx) = oneshot::channel();
+        let thread_name = format!("tether-db-{name}");
+        let db_name = name.clone();
+        std::thread::Builder::new()
+            .name(thread_name)
+            .spawn(move || {
+                let mut replica = match Replica::open(&db_name, &path, &tables) {
+                    Ok(r) => {
+                        let _ = ready_tx.send(Ok(()));
+                        r
+                    }
+                    Err(e) => {
+                        let _ = ready_tx.send(Err(e));
+                        return;
+                    }
+                };
+                while let Some(call) = rx.blocking_recv() {
+                    call(&mut replica);
+                }
+            })
+            .expect("BUG: cannot spawn a database thread");
+        match ready_rx.await {
+            Ok(Ok(())) => Ok(LocalDb { tx, name }),
+            Ok(Err(e)) => Err(e),
+            Err(_) => panic!("BUG: database thread for {name} died while opening"),
+        }
+    }
+
+    /// Runs `f` on the database thread and returns its result.
+    pub async fn call<R: Send + 'static>(
+        &self,
+        f: impl FnOnce(&mut Replica) -> R + Send + 'static,
+    ) -> Result<R, ThreadGone> {
+        let (tx, rx) = oneshot::channel();
+        let call: Call = Box::new(move |r| {
+            let _ = tx.send(f(r));
+        });
+        self.tx
+            .send(call)
+            .await
+            .map_err(|_| ThreadGone(self.name.clone()))?;
+        rx.await.map_err(|_| ThreadGone(self.name.clone()))
+    }
+}

@@ -1,0 +1,72 @@
+//! Wire protocol v1: frames, their MessagePack codec and size limits. No I/O.
+//!
+//! `proto/PROTOCOL.md` at the repository root documents every frame and
+//! `proto/vectors.json` holds test vectors checked by the tests.
+
+mod frame;
+mod value;
+
+pub use frame::*;
+pub use value::{decode_key, decode_values, encode_key, encode_values, Value};
+
+/// The protocol version this build speaks.
+pub const PROTOCOL_VERSION: u32 = 1;
+
+/// Largest WebSocket message either side accepts (also given to tungstenite).
+pub const MAX_FRAME_BYTES: usize = 16 << 20;
+
+/// Upload batches stop growing at this many changes ...
+pub const MAX_BATCH_CHANGES: usize = 4000;
+/// ... or at about this many bytes of values.
+pub const MAX_BATCH_BYTES: usize = 4 << 20;
+
+/// Catch-up pages stop growing at this many changes or bytes.
+pub const MAX_PAGE_CHANGES: usize = 4000;
+pub const MAX_PAGE_BYTES: usize = 4 << 20;
+
+/// HTTP header carrying the dataset at the upgrade, so that a token that is
+/// not valid for it is refused with 403 before any frame is exchanged.
+pub const DATASET_HEADER: &str = "tether-dataset";
+
+/// Why a binary message could not be turned into a frame.
+#[derive(Debug, thiserror::Error)]
+pub enum DecodeError {
+    #[error("frame of {size} bytes exceeds the limit of {limit} bytes")]
+    TooLarge { size: usize, limit: usize },
+    #[error("malformed frame: {0}")]
+    Malformed(#[from] rmp_serde::decode::Error),
+}
+
+/// Encodes a frame (named fields).
+pub fn encode<T: serde::Serialize>(frame: &T) -> Vec<u8> {
+    rmp_serde::to_vec_named(frame).expect("BUG: frames always encode")
+}
+
+/// Decodes one frame, refusing oversized input before parsing it.
+pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeError> {
+    if bytes.len() > MAX_FRAME_BYTES {
+        return Err(DecodeError::TooLarge {
+            size: bytes.len(),
+            limit: MAX_FRAME_BYTES,
+        });
+    }
+    Ok(rmp_serde::from_slice(bytes)?)
+}
+
+impl Change {
+    /// Approximate encoded size, for batch limits and progress.
+    pub fn wire_size(&self) -> usize {
+        32 + self.table.len()
+            + self.pk.iter().map(Value::wire_size).sum::<usize>()
+            + self.values.iter().map(Value::wire_size).sum::<usize>()
+    }
+}
+
+impl RemoteChange {
+    /// Approximate encoded size, for page limits and progress.
+    pub fn wire_size(&self) -> usize {
+        24 + self.table.len()
+            + self.pk.iter().map(Value::wire_size).sum::<usize>()
+            + self.values.iter().map(Value::wire_size).sum::<usize>()
+    }
+}

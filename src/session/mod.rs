@@ -1,0 +1,505 @@
+//! One sync session: a persistent WebSocket to the hub for one local database.
+//!
+//! The driver loop waits (in one `select!`) on the socket, the local file
+//! watcher, the ping timer, the read deadline, the upload retry timer and
+//! shutdown; it then acts on the event: applies remote changes, sends the next
+//! upload batch, answers results. Only one upload batch is in flight at a time,
+//! which keeps the hub's idempotency bookkeeping to one batch per client.
+//!
+//! Reconnection uses exponential backoff with jitter (`backon`), reset after a
+//! connection that stayed up for [`HEALTHY_AFTER`].
+
+mod connect;
+pub mod status;
+
+use std::path::PathBuf;
+use std::sync::Arc;
+use std::time::Duration;
+
+use backon::BackoffBuilder;
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{mpsc, watch};
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use crate::config::Reconnect;
+use crate::local::{LocalDb, LocalError, ThreadGone};
+use crate::proto::{
+    self, Access, Change, ClientFrame, ErrorCode, Hello, HubFrame, Upload, UploadSummary,
+    MAX_BATCH_BYTES, MAX_BATCH_CHANGES, PROTOCOL_VERSION,
+};
+pub use status::{ConnectionState, SessionState, Status};
+
+/// A connection that stayed up this long resets the backoff.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// An upload not answered within this time is taken as a dead connection.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Safety-net timer: pending changes are looked at least this often, even if
+/// no file notification arrives, and a refused batch is retried.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Delays of the re-reads after a wake-up that found nothing.
+const RECHECK_DELAYS: [Duration; 3] = [
+    Duration::from_micros(500),
+    Duration::from_millis(2),
+    Duration::from_millis(10),
+];
+/// Time allowed for the hub's `welcome`.
+const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// Where the bearer token comes from; a file is re-read before each connection.
+#[derive(Clone, Debug)]
+pub enum TokenSource {
+    Inline(String),
+    File(PathBuf),
+}
+
+impl TokenSource {
+    fn read(&self) -> Result<String, SessionError> {
+        match self {
+            TokenSource::Inline(t) => Ok(t.clone()),
+            TokenSource::File(p) => match std::fs::read_to_string(p) {
+                Ok(t) if !t.trim().is_empty() => Ok(t.trim().to_owned()),
+                Ok(_) => Err(SessionError::Unauthorized(format!(
+                    "token file {} is empty",
+                    p.display()
+                ))),
+                Err(e) => Err(SessionError::Unauthorized(format!(
+                    "cannot read token file {}: {e}",
+                    p.display()
+                ))),
+            },
+        }
+    }
+}
+
+/// Everything a session needs to know.
+#[derive(Clone, Debug)]
+pub struct SessionParams {
+    pub name: String,
+    pub dataset: String,
+    pub url: String,
+    pub token: TokenSource,
+    pub reconnect: Reconnect,
+    /// Ask the hub to push this client's own changes back too.
+    pub echo_own: bool,
+}
+
+/// Why a connection ended.
+#[derive(Debug, thiserror::Error)]
+pub enum SessionError {
+    /// Worth retrying after backoff.
+    #[error("{0}")]
+    Retry(String),
+    /// The hub refused the token.
+    #[error("{0}")]
+    Unauthorized(String),
+    /// Cannot succeed until an operator fixes something.
+    #[error("{0}")]
+    Fatal(String),
+}
+
+impl From<LocalError> for SessionError {
+    fn from(e: LocalError) -> Self {
+        SessionError::Retry(e.to_string())
+    }
+}
+
+impl From<ThreadGone> for SessionError {
+    fn from(e: ThreadGone) -> Self {
+        SessionError::Fatal(e.to_string())
+    }
+}
+
+fn ws_err(e: tokio_tungstenite::tungstenite::Error) -> SessionError {
+    SessionError::Retry(format!("connection lost: {e}"))
+}
+
+/// A running session's loop; see the module docs.
+pub struct Session {
+    params: Arc<SessionParams>,
+    db: LocalDb,
+    status: watch::Sender<Status>,
+    wake: mpsc::Receiver<()>,
+    shutdown: CancellationToken,
+    next_batch: u64,
+    wake_open: bool,
+}
+
+struct Inflight {
+    batch: u64,
+    changes: Vec<Change>,
+    deadline: Instant,
+}
+
+impl Session {
+    pub fn new(
+        params: SessionParams,
+        db: LocalDb,
+        status: watch::Sender<Status>,
+        wake: mpsc::Receiver<()>,
+        shutdown: CancellationToken,
+    ) -> Session {
+        Session {
+            params: Arc::new(params),
+            db,
+            status,
+            wake,
+            shutdown,
+            next_batch: 1,
+            wake_open: true,
+        }
+    }
+
+    fn backoff(&self) -> impl Iterator<Item = Duration> {
+        let r = &self.params.reconnect;
+        backon::ExponentialBuilder::default()
+            .with_min_delay(r.initial.0)
+            .with_max_delay(r.max.0)
+            .with_factor(r.multiplier)
+            .with_jitter()
+            .without_max_times()
+            .build()
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self) {
+        let mut backoff = self.backoff();
+        let name = self.params.name.clone();
+        let dataset = self.params.dataset.clone();
+        let span = tracing::info_span!("sync", db = %name, dataset = %dataset);
+        loop {
+            if self.shutdown.is_cancelled() {
+                break;
+            }
+            self.status.send_modify(|s| {
+                s.connection = ConnectionState::Connecting;
+                s.backoff_ms = None;
+            });
+            let started = Instant::now();
+            let result = tracing::Instrument::instrument(self.connected(), span.clone()).await;
+            self.status.send_modify(|s| {
+                s.connection = ConnectionState::Disconnected;
+                s.caught_up = false;
+            });
+            let err = match result {
+                Ok(()) => break,
+                Err(e) => e,
+            };
+            if started.elapsed() >= HEALTHY_AFTER {
+                backoff = self.backoff();
+            }
+            let max = self.params.reconnect.max.0;
+            let (delay, state) = match &err {
+                SessionError::Retry(_) => (backoff.next().unwrap_or(max), SessionState::Active),
+                SessionError::Unauthorized(_) => (max, SessionState::WaitingForAccessToken),
+                SessionError::Fatal(_) => (max, SessionState::Error),
+            };
+            {
+                let _g = span.enter();
+                match &err {
+                    SessionError::Retry(m) => tracing::info!(retry_in = ?delay, "{m}"),
+                    _ => tracing::error!(retry_in = ?delay, "{err}"),
+                }
+            }
+            self.status.send_modify(|s| {
+                s.session = state;
+                s.last_error = Some(err.to_string());
+                s.backoff_ms = Some(delay.as_millis() as u64);
+            });
+            tokio::select! {
+                _ = tokio::time::sleep(delay) => {}
+                _ = self.shutdown.cancelled() => break,
+            }
+        }
+        self.status.send_modify(|s| {
+            s.connection = ConnectionState::Disconnected;
+            s.session = SessionState::Inactive;
+            s.backoff_ms = None;
+        });
+    }
+
+    /// One connection, from connect to close. `Ok` means shutdown.
+    async fn connected(&mut self) -> Result<(), SessionError> {
+        let p = self.params.clone();
+        let token = p.token.read()?;
+        let mut ws = tokio::select! {
+            ws = connect::connect(&p.url, &token, &p.dataset) => ws?,
+            _ = self.shutdown.cancelled() => return Ok(()),
+        };
+        let (client_id, cursor, tables) = self
+            .db
+            .call(|r| -> Result<_, LocalError> {
+                Ok((r.client_id().to_owned(), r.cursor()?, r.wire_schemas()))
+            })
+            .await??;
+        let hello = ClientFrame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            client_id,
+            dataset: p.dataset.clone(),
+            cursor,
+            tables,
+            echo_own: p.echo_own,
+        });
+        ws.send(Message::Binary(proto::encode(&hello).into()))
+            .await
+            .map_err(ws_err)?;
+        let welcome = match tokio::time::timeout(WELCOME_TIMEOUT, next_frame(&mut ws)).await {
+            Err(_) => {
+                return Err(SessionError::Retry(
+                    "no welcome from the hub within 10s".into(),
+                ))
+            }
+            Ok(Err(e)) => return Err(e),
+            Ok(Ok(HubFrame::Welcome(w))) => w,
+            Ok(Ok(HubFrame::Error(e))) => return Err(hub_error(e.code, &e.message)),
+            Ok(Ok(other)) => {
+                return Err(SessionError::Retry(format!(
+                    "expected welcome, got {}",
+                    frame_name(&other)
+                )))
+            }
+        };
+        let renumbered = self
+            .db
+            .call(move |r| r.ensure_seq_above(welcome.client_seq))
+            .await??;
+        if renumbered {
+            tracing::warn!(hub_seq = welcome.client_seq, "the hub has seen newer changes from this database than it holds (restored from a backup?); pending changes were renumbered and will be sent");
+        }
+        tracing::info!(cursor, head = welcome.head, access = ?welcome.access, "connected");
+        self.status.send_modify(|s| {
+            s.connection = ConnectionState::Connected;
+            s.session = SessionState::Active;
+            s.hub_head = welcome.head;
+            s.cursor = cursor;
+            s.connects += 1;
+            s.last_error = None;
+        });
+        let mut uploads_allowed = welcome.access == Access::ReadWrite;
+        let rc = &p.reconnect;
+        let mut ping =
+            tokio::time::interval_at(Instant::now() + rc.ping_interval.0, rc.ping_interval.0);
+        let mut poll = tokio::time::interval(POLL_INTERVAL);
+        poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+        let mut read_deadline = Instant::now() + rc.read_timeout.0;
+        let mut inflight: Option<Inflight> = None;
+        let mut upload_due = true;
+        let mut retry_at: Option<Instant> = None;
+        // A file notification can arrive a few microseconds before the app's
+        // commit is visible (the WAL is written before its index is updated),
+        // so an empty read after a wake-up is looked at again shortly.
+        let mut recheck: Option<(Instant, u32)> = None;
+        let mut woken = false;
+        loop {
+            let ack_deadline = inflight.as_ref().map(|i| i.deadline);
+            tokio::select! {
+                m = ws.next() => {
+                    read_deadline = Instant::now() + rc.read_timeout.0;
+                    match m {
+                        None => return Err(SessionError::Retry("hub closed the connection".into())),
+                        Some(Err(e)) => return Err(ws_err(e)),
+                        Some(Ok(Message::Binary(b))) => {
+                            let frame = proto::decode::<HubFrame>(&b).map_err(|e| {
+                                SessionError::Retry(format!("hub sent a frame this daemon cannot read ({e}); reconnecting"))
+                            })?;
+                            match frame {
+                                HubFrame::Changes(c) => {
+                                    let n = c.changes.len() as u64;
+                                    let (up_to, head) = (c.up_to, c.head);
+                                    let changes = c.changes;
+                                    self.db.call(move |r| r.apply_remote(&changes, up_to)).await??;
+                                    self.status.send_modify(|s| {
+                                        s.cursor = s.cursor.max(up_to);
+                                        s.hub_head = s.hub_head.max(head).max(up_to);
+                                        s.downloaded += n;
+                                    });
+                                }
+                                HubFrame::CaughtUp(c) => {
+                                    let head = c.head;
+                                    self.db.call(move |r| r.apply_remote(&[], head)).await??;
+                                    self.status.send_modify(|s| {
+                                        s.cursor = s.cursor.max(head);
+                                        s.hub_head = s.hub_head.max(head);
+                                        s.caught_up = true;
+                                    });
+                                }
+                                HubFrame::UploadResult(res) => {
+                                    let Some(sent) = inflight.take() else {
+                                        return Err(SessionError::Retry("hub answered an upload that was not sent".into()));
+                                    };
+                                    if res.batch != sent.batch {
+                                        return Err(SessionError::Retry(format!("hub answered batch {} while {} was in flight", res.batch, sent.batch)));
+                                    }
+                                    let summary = UploadSummary::of(&res.results);
+                                    let results = res.results;
+                                    let changes = sent.changes;
+                                    let (done, pending) = self.db.call(move |r| -> Result<_, LocalError> {
+                                        let done = r.apply_results(&changes, &results)?;
+                                        Ok((done, r.pending()?))
+                                    }).await??;
+                                    log_summary(sent.batch, &summary, done.resent);
+                                    if summary.materialize_error > 0 {
+                                        retry_at = Some(Instant::now() + rc.initial.0);
+                                    }
+                                    self.status.send_modify(|s| {
+                                        s.pending_changes = pending.changes;
+                                        s.uploaded += summary.applied;
+                                        s.last_upload = Some(summary);
+                                    });
+                                    upload_due = true;
+                                }
+                                HubFrame::Error(e) => {
+                                    let err = hub_error(e.code, &e.message);
+                                    if e.code == ErrorCode::Forbidden && inflight.is_some() {
+                                        // Read-only token: keep the changes, stop uploading.
+                                        inflight = None;
+                                        uploads_allowed = false;
+                                        tracing::error!("{}", e.message);
+                                        self.status.send_modify(|s| s.last_error = Some(e.message.clone()));
+                                    } else {
+                                        return Err(err);
+                                    }
+                                }
+                                HubFrame::Welcome(_) => return Err(SessionError::Retry("hub sent welcome twice".into())),
+                            }
+                        }
+                        Some(Ok(Message::Close(f))) => {
+                            let why = f.map(|f| format!("{} {}", u16::from(f.code), f.reason)).unwrap_or_default();
+                            return Err(SessionError::Retry(format!("hub closed the connection {why}")));
+                        }
+                        Some(Ok(_)) => {}
+                    }
+                }
+                w = self.wake.recv(), if self.wake_open => {
+                    match w {
+                        Some(()) => {
+                            upload_due = true;
+                            woken = true;
+                            recheck = None;
+                        }
+                        // The watcher is gone; the poll timer takes over.
+                        None => self.wake_open = false,
+                    }
+                }
+                _ = poll.tick() => upload_due = true,
+                _ = sleep_opt(recheck.map(|r| r.0)) => {
+                    upload_due = true;
+                    woken = true;
+                }
+                _ = ping.tick() => {
+                    ws.send(Message::Ping(Vec::new().into())).await.map_err(ws_err)?;
+                }
+                _ = tokio::time::sleep_until(read_deadline) => {
+                    return Err(SessionError::Retry(format!("nothing received from the hub for {}; reconnecting", rc.read_timeout)));
+                }
+                _ = sleep_opt(ack_deadline) => {
+                    return Err(SessionError::Retry(format!("upload not answered within {ACK_TIMEOUT:?}; reconnecting")));
+                }
+                _ = self.shutdown.cancelled() => {
+                    let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "daemon shutting down".into() })).await;
+                    return Ok(());
+                }
+            }
+            let retry_ok = retry_at.map(|t| Instant::now() >= t).unwrap_or(true);
+            if upload_due && inflight.is_none() && uploads_allowed && retry_ok {
+                upload_due = false;
+                retry_at = None;
+                let (changes, pending) = self
+                    .db
+                    .call(|r| -> Result<_, LocalError> {
+                        Ok((
+                            r.read_batch(MAX_BATCH_CHANGES, MAX_BATCH_BYTES)?,
+                            r.pending()?,
+                        ))
+                    })
+                    .await??;
+                self.status
+                    .send_modify(|s| s.pending_changes = pending.changes);
+                let attempt = recheck.take().map(|r| r.1).unwrap_or(0);
+                if changes.is_empty() && woken && attempt < RECHECK_DELAYS.len() as u32 {
+                    recheck = Some((
+                        Instant::now() + RECHECK_DELAYS[attempt as usize],
+                        attempt + 1,
+                    ));
+                }
+                woken = false;
+                if !changes.is_empty() {
+                    let batch = self.next_batch;
+                    self.next_batch += 1;
+                    let frame = ClientFrame::Upload(Upload { batch, changes });
+                    let bytes = proto::encode(&frame);
+                    let ClientFrame::Upload(Upload { changes, .. }) = frame else {
+                        unreachable!()
+                    };
+                    ws.send(Message::Binary(bytes.into()))
+                        .await
+                        .map_err(ws_err)?;
+                    inflight = Some(Inflight {
+                        batch,
+                        changes,
+                        deadline: Instant::now() + ACK_TIMEOUT,
+                    });
+                }
+            }
+        }
+    }
+}
+
+async fn sleep_opt(at: Option<Instant>) {
+    match at {
+        Some(t) => tokio::time::sleep_until(t).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn log_summary(batch: u64, s: &UploadSummary, resent: u64) {
+    if s.conflict + s.invalid + s.materialize_error > 0 {
+        tracing::warn!(batch, total = s.total, applied = s.applied, conflict = s.conflict, invalid = s.invalid, invalid_reasons = ?s.invalid_reasons, materialize_error = s.materialize_error, resent, first_error = ?s.first_error, "upload result");
+    } else {
+        tracing::debug!(batch, total = s.total, applied = s.applied, "upload result");
+    }
+}
+
+/// Reads frames until a binary one arrives.
+async fn next_frame(ws: &mut connect::Ws) -> Result<HubFrame, SessionError> {
+    loop {
+        match ws.next().await {
+            None => return Err(SessionError::Retry("hub closed the connection".into())),
+            Some(Err(e)) => return Err(ws_err(e)),
+            Some(Ok(Message::Binary(b))) => {
+                return proto::decode(&b).map_err(|e| {
+                    SessionError::Retry(format!("unreadable frame from the hub: {e}"))
+                })
+            }
+            Some(Ok(Message::Close(f))) => {
+                let why = f.map(|f| f.reason.to_string()).unwrap_or_default();
+                return Err(SessionError::Retry(format!(
+                    "hub closed the connection: {why}"
+                )));
+            }
+            Some(Ok(_)) => {}
+        }
+    }
+}
+
+fn hub_error(code: ErrorCode, message: &str) -> SessionError {
+    let text = format!("hub error {}: {message}", code.as_str());
+    match code {
+        ErrorCode::Unauthorized => SessionError::Unauthorized(text),
+        c if c.is_fatal() => SessionError::Fatal(text),
+        _ => SessionError::Retry(text),
+    }
+}
+
+fn frame_name(f: &HubFrame) -> &'static str {
+    match f {
+        HubFrame::Welcome(_) => "welcome",
+        HubFrame::Changes(_) => "changes",
+        HubFrame::CaughtUp(_) => "caught_up",
+        HubFrame::UploadResult(_) => "upload_result",
+        HubFrame::Error(_) => "error",
+    }
+}
