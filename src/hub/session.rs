@@ -518,11 +518,14 @@ impl Session {
         let (ds, client) = (self.dataset.clone(), self.client.clone());
         let tables = self.tables.clone();
         let changes = up.changes;
+        let acked = up.acked;
         let seqs: Vec<u64> = changes.iter().map(|c| c.seq).collect();
         let applied = tokio::task::spawn_blocking(move || {
             let fan = inner.fanout.dataset(&ds);
             let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
-            let applied = inner.store.apply_batch(&ds, &client, &tables, &changes)?;
+            let t0 = std::time::Instant::now();
+            let applied = inner.store.apply_batch(&ds, &client, &tables, &changes, acked)?;
+            tracing::trace!(n = changes.len(), took = ?t0.elapsed(), "store applied batch");
             if let (Some(first), Some(last)) = (applied.logged.first(), applied.logged.last()) {
                 let p = Published {
                     after: first.change.version - 1,
@@ -555,12 +558,17 @@ impl Session {
             }
             Ok(Err(e)) | Err(e) => {
                 tracing::error!(batch = up.batch, error = %e, "could not apply batch");
-                return send(
+                send(
                     ws,
                     &HubFrame::UploadResult(materialize_error(up.batch, &seqs, e.to_string())),
                 )
-                .await
-                .map(|_| true);
+                .await?;
+                // Later batches of this client may already be queued on the
+                // socket; none may be applied past the failed one.
+                return Err(Refusal::new(
+                    ErrorCode::Internal,
+                    "could not store a batch; reconnect and resend",
+                ));
             }
         };
         if self

@@ -76,6 +76,8 @@ struct Tbl {
     sql_select_row: String,
     sql_get_ver: String,
     sql_set_ver: String,
+    sql_set_ver_if_newer: String,
+    sql_out_empty: String,
     sql_get_out: String,
     sql_del_out_seq: String,
     sql_bump_out: String,
@@ -113,7 +115,7 @@ impl Tbl {
         let sql_batch = format!(
             "SELECT o.op, o.mask, o.seq, COALESCE(v.version, 0), r.{first_pk} IS NOT NULL, {okeys}, {rcols}
              FROM {out} o LEFT JOIN {name} r ON {join} LEFT JOIN {ver} v ON {ver_eq}
-             ORDER BY o.seq LIMIT ?1",
+             WHERE o.seq > ?2 ORDER BY o.seq LIMIT ?1",
             first_pk = cols[t.pk[0]],
             okeys = (0..nk).map(|i| format!("o.k{i}")).collect::<Vec<_>>().join(", "),
             rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
@@ -154,6 +156,12 @@ impl Tbl {
             sql_get_ver: format!("SELECT version FROM {ver} WHERE {k_params}"),
             sql_set_ver: format!(
                 "INSERT INTO {ver} ({keys}, version) VALUES ({}, ?{}) ON CONFLICT ({keys}) DO UPDATE SET version = max(version, excluded.version)",
+                (1..=nk).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", "),
+                nk + 1
+            ),
+            sql_out_empty: format!("SELECT NOT EXISTS (SELECT 1 FROM {out})"),
+            sql_set_ver_if_newer: format!(
+                "INSERT INTO {ver} ({keys}, version) VALUES ({}, ?{}) ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version WHERE excluded.version > version",
                 (1..=nk).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", "),
                 nk + 1
             ),
@@ -208,7 +216,9 @@ impl Replica {
         if mode != "wal" {
             tracing::warn!(db = name, mode, "could not switch the database to WAL mode");
         }
-        conn.execute_batch("PRAGMA synchronous = NORMAL;")
+        // Per-connection settings: they do not change how the app's own
+        // connections behave.
+        conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;")
             .map_err(&e)?;
         let mut found = Vec::new();
         for (t, policy) in tables {
@@ -358,10 +368,12 @@ impl Replica {
         Ok(true)
     }
 
-    /// The oldest pending changes, at most `max_changes` and about `max_bytes`,
-    /// in client sequence order.
+    /// The oldest pending changes with a seq above `after` (those at or below
+    /// are in flight), at most `max_changes` and about `max_bytes`, in client
+    /// sequence order.
     pub fn read_batch(
         &self,
+        after: u64,
         max_changes: usize,
         max_bytes: usize,
     ) -> Result<Vec<Change>, LocalError> {
@@ -373,7 +385,9 @@ impl Replica {
             let nk = tbl.t.pk.len();
             let ncols = tbl.t.columns.len();
             let mut stmt = tx.prepare_cached(&tbl.sql_batch).map_err(&e)?;
-            let mut rows = stmt.query([max_changes as i64]).map_err(&e)?;
+            let mut rows = stmt
+                .query([max_changes as i64, after as i64])
+                .map_err(&e)?;
             while let Some(r) = rows.next().map_err(&e)? {
                 let op: i64 = r.get(0).map_err(&e)?;
                 let mask: i64 = r.get(1).map_err(&e)?;
@@ -445,6 +459,11 @@ impl Replica {
             .map_err(&e)?;
         tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
             .map_err(&e)?;
+        let any_deferred: bool = tx
+            .query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
+                r.get(0)
+            })
+            .map_err(&e)?;
         for r in results {
             let Some(change) = by_seq.get(&r.seq) else {
                 tracing::warn!(db = %self.name, seq = r.seq, "hub answered a change that was not sent; ignored");
@@ -458,17 +477,25 @@ impl Replica {
                     table: change.table.clone(),
                 })?;
             let pk = &change.pk;
-            let pending = get_out(&tx, tbl, pk).map_err(&e)?;
-            let still_same = pending.map(|p| p.0 == change.seq).unwrap_or(false);
-            match &r.outcome {
-                Outcome::Applied { version } => {
-                    set_ver(&tx, tbl, pk, *version).map_err(&e)?;
-                    if still_same {
-                        del_out(&tx, tbl, pk, change.seq).map_err(&e)?;
-                        done.cleared += 1;
+            if let Outcome::Applied { version } = &r.outcome {
+                // The row's version is not recorded here: the hub knows this
+                // client wrote it last, so the next local change to it is not
+                // a conflict whatever its base, and any later change by
+                // another client arrives with a higher version. This keeps
+                // an acknowledgement to one statement per change.
+                // Cleared only if the app did not write the row again since.
+                if del_out(&tx, tbl, pk, change.seq).map_err(&e)? {
+                    done.cleared += 1;
+                    if any_deferred {
                         apply_deferred(&tx, tbl, pk, *version).map_err(&e)?;
                     }
                 }
+                continue;
+            }
+            let pending = get_out(&tx, tbl, pk).map_err(&e)?;
+            let still_same = pending.map(|p| p.0 == change.seq).unwrap_or(false);
+            match &r.outcome {
+                Outcome::Applied { .. } => unreachable!("handled above"),
                 Outcome::Conflict { server } => {
                     let policy = tbl.policy;
                     let local_delete = pending.map(|p| p.1 == 2).unwrap_or(true);
@@ -576,22 +603,40 @@ impl Replica {
             .map_err(&e)?;
         tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
             .map_err(&e)?;
+        // Tables without any pending local change take a short path: one
+        // statement moves the row's version (only forward) and tells whether
+        // the change is new, one writes the row.
+        let mut quiet: HashMap<&str, bool> = HashMap::new();
+        for name in &self.order {
+            let t = &self.tables[name];
+            let empty: bool = tx
+                .prepare_cached(&t.sql_out_empty)
+                .and_then(|mut st| st.query_row([], |r| r.get(0)))
+                .map_err(&e)?;
+            quiet.insert(name.as_str(), empty);
+        }
         let mut applied = 0;
         for c in changes {
             let tbl = &self.tables[&c.table];
-            let local_ver = get_ver(&tx, tbl, &c.pk).map_err(&e)?;
-            if c.version <= local_ver {
-                continue;
-            }
-            if get_out(&tx, tbl, &c.pk).map_err(&e)?.is_some() {
-                defer(&tx, tbl, &c.pk, c.clone()).map_err(&e)?;
-                continue;
+            if quiet[c.table.as_str()] {
+                if !set_ver_if_newer(&tx, tbl, &c.pk, c.version).map_err(&e)? {
+                    continue;
+                }
+            } else {
+                let local_ver = get_ver(&tx, tbl, &c.pk).map_err(&e)?;
+                if c.version <= local_ver {
+                    continue;
+                }
+                if get_out(&tx, tbl, &c.pk).map_err(&e)?.is_some() {
+                    defer(&tx, tbl, &c.pk, c.clone()).map_err(&e)?;
+                    continue;
+                }
+                set_ver(&tx, tbl, &c.pk, c.version).map_err(&e)?;
             }
             match c.op {
                 Op::Upsert => upsert_row(&tx, tbl, &c.values).map_err(&e)?,
                 Op::Delete => delete_row(&tx, tbl, &c.pk).map_err(&e)?,
             }
-            set_ver(&tx, tbl, &c.pk, c.version).map_err(&e)?;
             applied += 1;
         }
         tx.execute(
@@ -624,11 +669,13 @@ fn get_out(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<(u6
         .optional()
 }
 
-fn del_out(c: &Connection, t: &Tbl, pk: &[Value], seq: u64) -> rusqlite::Result<()> {
+/// Removes a row's outbox entry if it still has sequence number `seq`.
+fn del_out(c: &Connection, t: &Tbl, pk: &[Value], seq: u64) -> rusqlite::Result<bool> {
     let seqv = Value::Integer(seq as i64);
-    c.prepare_cached(&t.sql_del_out_seq)?
+    let n = c
+        .prepare_cached(&t.sql_del_out_seq)?
         .execute(params_from_iter(pk.iter().chain(std::iter::once(&seqv))))?;
-    Ok(())
+    Ok(n == 1)
 }
 
 /// Gives a pending change a fresh sequence number so it is sent again.
@@ -643,6 +690,15 @@ fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
         .query_row(key_params(pk), |r| r.get::<_, i64>(0))
         .optional()?
         .unwrap_or(0) as u64)
+}
+
+/// Moves a row's version forward; false when it already was at or past it.
+fn set_ver_if_newer(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<bool> {
+    let v = Value::Integer(version as i64);
+    let n = c
+        .prepare_cached(&t.sql_set_ver_if_newer)?
+        .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))?;
+    Ok(n == 1)
 }
 
 fn set_ver(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {

@@ -31,6 +31,7 @@ pub fn watch(db: &Path, wake: mpsc::Sender<()>) -> notify::Result<FileWatch> {
     wal.push("-wal");
     let mut journal = file.clone();
     journal.push("-journal");
+    let wal_name = wal.clone();
     let mut watcher = notify::recommended_watcher(move |ev: notify::Result<notify::Event>| {
         let Ok(ev) = ev else { return };
         if !(ev.kind.is_modify() || ev.kind.is_create()) {
@@ -38,13 +39,22 @@ pub fn watch(db: &Path, wake: mpsc::Sender<()>) -> notify::Result<FileWatch> {
         }
         let ours = ev.paths.iter().any(|p| {
             p.file_name()
-                .map(|n| n == file || n == wal || n == journal)
+                .map(|n| n == file || n == wal_name || n == journal)
                 .unwrap_or(false)
         });
         if ours {
             let _ = wake.try_send(());
         }
     })?;
-    watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    // Watching the files themselves keeps other files of the directory from
+    // waking us. The WAL exists while tether holds the database open (tether
+    // switches it to WAL mode); without it, the directory is watched instead.
+    let wal_path = dir.join(&wal);
+    if db.exists() && wal_path.exists() {
+        watcher.watch(&db, RecursiveMode::NonRecursive)?;
+        watcher.watch(&wal_path, RecursiveMode::NonRecursive)?;
+    } else {
+        watcher.watch(&dir, RecursiveMode::NonRecursive)?;
+    }
     Ok(FileWatch { _watcher: watcher })
 }

@@ -103,6 +103,11 @@ pub struct Change {
 pub struct Upload {
     /// Client-chosen batch number, echoed in the result.
     pub batch: u64,
+    /// The client has processed the answers of every change up to this seq;
+    /// the hub may forget them (it keeps answers of unacknowledged batches to
+    /// answer a resend exactly as the first time).
+    #[serde(default)]
+    pub acked: u64,
     pub changes: Vec<Change>,
 }
 

@@ -12,6 +12,7 @@
 mod connect;
 pub mod status;
 
+use std::collections::VecDeque;
 use std::path::PathBuf;
 use std::sync::Arc;
 use std::time::Duration;
@@ -35,6 +36,10 @@ pub use status::{ConnectionState, SessionState, Status};
 
 /// A connection that stayed up this long resets the backoff.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Upload batches sent before the first is answered. The hub answers in
+/// order and keeps the answers of unacknowledged batches, so a resend after a
+/// lost connection is answered exactly as the first time.
+pub const MAX_INFLIGHT: usize = 4;
 /// An upload not answered within this time is taken as a dead connection.
 pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety-net timer: pending changes are looked at least this often, even if
@@ -130,6 +135,8 @@ pub struct Session {
 
 struct Inflight {
     batch: u64,
+    /// Highest seq in the batch (batches hold increasing seqs).
+    last_seq: u64,
     changes: Vec<Change>,
     deadline: Instant,
 }
@@ -285,16 +292,21 @@ impl Session {
         let mut poll = tokio::time::interval(POLL_INTERVAL);
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut read_deadline = Instant::now() + rc.read_timeout.0;
-        let mut inflight: Option<Inflight> = None;
+        let mut inflight: VecDeque<Inflight> = VecDeque::new();
+        // Highest seq whose answer has been processed (sent as `acked`).
+        let mut acked = 0u64;
         let mut upload_due = true;
-        let mut retry_at: Option<Instant> = None;
         // A file notification can arrive a few microseconds before the app's
         // commit is visible (the WAL is written before its index is updated),
         // so an empty read after a wake-up is looked at again shortly.
         let mut recheck: Option<(Instant, u32)> = None;
         let mut woken = false;
+        // Set when the next read must not be skipped on an unchanged
+        // `data_version` (timer, after an answer, first read).
+        let mut full_read = true;
+        let mut data_version: Option<i64> = None;
         loop {
-            let ack_deadline = inflight.as_ref().map(|i| i.deadline);
+            let ack_deadline = inflight.front().map(|i| i.deadline);
             tokio::select! {
                 m = ws.next() => {
                     read_deadline = Instant::now() + rc.read_timeout.0;
@@ -310,7 +322,9 @@ impl Session {
                                     let n = c.changes.len() as u64;
                                     let (up_to, head) = (c.up_to, c.head);
                                     let changes = c.changes;
+                                    let t0 = std::time::Instant::now();
                                     self.db.call(move |r| r.apply_remote(&changes, up_to)).await??;
+                                    tracing::trace!(n, took = ?t0.elapsed(), "applied remote changes");
                                     self.status.send_modify(|s| {
                                         s.cursor = s.cursor.max(up_to);
                                         s.hub_head = s.hub_head.max(head).max(up_to);
@@ -327,7 +341,7 @@ impl Session {
                                     });
                                 }
                                 HubFrame::UploadResult(res) => {
-                                    let Some(sent) = inflight.take() else {
+                                    let Some(sent) = inflight.pop_front() else {
                                         return Err(SessionError::Retry("hub answered an upload that was not sent".into()));
                                     };
                                     if res.batch != sent.batch {
@@ -336,26 +350,34 @@ impl Session {
                                     let summary = UploadSummary::of(&res.results);
                                     let results = res.results;
                                     let changes = sent.changes;
+                                    let t0 = std::time::Instant::now();
                                     let (done, pending) = self.db.call(move |r| -> Result<_, LocalError> {
                                         let done = r.apply_results(&changes, &results)?;
                                         Ok((done, r.pending()?))
                                     }).await??;
+                                    tracing::trace!(took = ?t0.elapsed(), "applied upload results");
                                     log_summary(sent.batch, &summary, done.resent);
-                                    if summary.materialize_error > 0 {
-                                        retry_at = Some(Instant::now() + rc.initial.0);
-                                    }
+                                    acked = acked.max(sent.last_seq);
+                                    let failed = (summary.materialize_error > 0).then(|| summary.first_error.clone().unwrap_or_default());
                                     self.status.send_modify(|s| {
                                         s.pending_changes = pending.changes;
                                         s.uploaded += summary.applied;
                                         s.last_upload = Some(summary);
                                     });
+                                    if let Some(why) = failed {
+                                        // The hub closes after a failed batch;
+                                        // everything unanswered goes again
+                                        // after backoff.
+                                        return Err(SessionError::Retry(format!("hub could not store a batch: {why}")));
+                                    }
                                     upload_due = true;
+                                    full_read = true;
                                 }
                                 HubFrame::Error(e) => {
                                     let err = hub_error(e.code, &e.message);
-                                    if e.code == ErrorCode::Forbidden && inflight.is_some() {
+                                    if e.code == ErrorCode::Forbidden && !inflight.is_empty() {
                                         // Read-only token: keep the changes, stop uploading.
-                                        inflight = None;
+                                        inflight.clear();
                                         uploads_allowed = false;
                                         tracing::error!("{}", e.message);
                                         self.status.send_modify(|s| s.last_error = Some(e.message.clone()));
@@ -384,7 +406,10 @@ impl Session {
                         None => self.wake_open = false,
                     }
                 }
-                _ = poll.tick() => upload_due = true,
+                _ = poll.tick() => {
+                    upload_due = true;
+                    full_read = true;
+                }
                 _ = sleep_opt(recheck.map(|r| r.0)) => {
                     upload_due = true;
                     woken = true;
@@ -403,21 +428,38 @@ impl Session {
                     return Ok(());
                 }
             }
-            let retry_ok = retry_at.map(|t| Instant::now() >= t).unwrap_or(true);
-            if upload_due && inflight.is_none() && uploads_allowed && retry_ok {
+            if upload_due && inflight.len() < MAX_INFLIGHT && uploads_allowed {
                 upload_due = false;
-                retry_at = None;
-                let (changes, pending) = self
+                let after = inflight.back().map(|i| i.last_seq).unwrap_or(0);
+                // A wake-up from the file watcher is often tether's own
+                // write (applying the hub's changes). `data_version` moves
+                // only when another connection committed, so an unchanged
+                // value means there is nothing new to read.
+                let only_wake = woken && !full_read;
+                let seen = data_version;
+                let (batch, version) = self
                     .db
-                    .call(|r| -> Result<_, LocalError> {
+                    .call(move |r| -> Result<_, LocalError> {
+                        let v = r.data_version()?;
+                        if only_wake && Some(v) == seen {
+                            return Ok((None, v));
+                        }
                         Ok((
-                            r.read_batch(MAX_BATCH_CHANGES, MAX_BATCH_BYTES)?,
-                            r.pending()?,
+                            Some((
+                                r.read_batch(after, MAX_BATCH_CHANGES, MAX_BATCH_BYTES)?,
+                                r.pending()?,
+                            )),
+                            v,
                         ))
                     })
                     .await??;
-                self.status
-                    .send_modify(|s| s.pending_changes = pending.changes);
+                data_version = Some(version);
+                full_read = false;
+                let (changes, pending) = batch.unwrap_or_default();
+                if !only_wake || data_version != seen {
+                    self.status
+                        .send_modify(|s| s.pending_changes = pending.changes);
+                }
                 let attempt = recheck.take().map(|r| r.1).unwrap_or(0);
                 if changes.is_empty() && woken && attempt < RECHECK_DELAYS.len() as u32 {
                     recheck = Some((
@@ -426,10 +468,16 @@ impl Session {
                     ));
                 }
                 woken = false;
-                if !changes.is_empty() {
+                if let Some(last_seq) = changes.last().map(|c| c.seq) {
                     let batch = self.next_batch;
                     self.next_batch += 1;
-                    let frame = ClientFrame::Upload(Upload { batch, changes });
+                    // A full batch means more may be waiting: read on, up to
+                    // the in-flight window.
+                    let full = changes.len() >= MAX_BATCH_CHANGES
+                        || changes.iter().map(Change::wire_size).sum::<usize>() >= MAX_BATCH_BYTES / 2;
+                    upload_due |= full;
+                    full_read |= full;
+                    let frame = ClientFrame::Upload(Upload { batch, acked, changes });
                     let bytes = proto::encode(&frame);
                     let ClientFrame::Upload(Upload { changes, .. }) = frame else {
                         unreachable!()
@@ -437,8 +485,9 @@ impl Session {
                     ws.send(Message::Binary(bytes.into()))
                         .await
                         .map_err(ws_err)?;
-                    inflight = Some(Inflight {
+                    inflight.push_back(Inflight {
                         batch,
+                        last_seq,
                         changes,
                         deadline: Instant::now() + ACK_TIMEOUT,
                     });

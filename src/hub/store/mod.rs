@@ -71,13 +71,15 @@ pub trait HubStore: Send + Sync + 'static {
 
     /// Applies a batch in one transaction. Changes with a seq at or below the
     /// client's high-water mark were applied before: they are answered as the
-    /// first time and not applied again.
+    /// first time and not applied again. Answers of changes up to `acked` were
+    /// processed by the client and may be forgotten.
     fn apply_batch(
         &self,
         dataset: &str,
         client: &str,
         tables: &HashMap<String, TableSchema>,
         changes: &[Change],
+        acked: u64,
     ) -> Result<Applied, StoreError>;
 
     /// Log entries after `after`, at most `max_changes` scanned and about

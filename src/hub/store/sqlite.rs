@@ -15,13 +15,23 @@ use crate::proto::{
     Outcome, RemoteChange, ServerRow, TableSchema, Value,
 };
 
+/// Shared tables. Each dataset also gets `log_<id>` (the change log; its
+/// INTEGER PRIMARY KEY is the dataset's sequence number, so appending is cheap)
+/// and `rows_<id>` (per row: current version, tombstone flag and last writer;
+/// the row's values are those of its log entry at `version`).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
-CREATE TABLE IF NOT EXISTS rows (dataset INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL, vals BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (dataset, tbl, pk)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS changes (dataset INTEGER NOT NULL, seq INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, client TEXT NOT NULL, PRIMARY KEY (dataset, seq)) WITHOUT ROWID;
-CREATE TABLE IF NOT EXISTS clients (dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL, last_results BLOB NOT NULL, PRIMARY KEY (dataset, client));
+CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, UNIQUE (dataset, client));
+CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, PRIMARY KEY (client_no, first));
 ";
+
+fn dataset_sql(id: i64) -> String {
+    format!(
+        "CREATE TABLE IF NOT EXISTS log_{id} (seq INTEGER PRIMARY KEY, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, client_no INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS rows_{id} (tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, deleted INTEGER NOT NULL, client_no INTEGER NOT NULL, PRIMARY KEY (tbl, pk)) WITHOUT ROWID;"
+    )
+}
 
 /// Outcome of one change as remembered for retries of the same batch.
 #[derive(Clone, Debug, Serialize, Deserialize)]
@@ -41,7 +51,12 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     let c = Connection::open(path)
         .map_err(|e| StoreError::Backend(format!("opening {}: {e}", path.display())))?;
     c.busy_timeout(std::time::Duration::from_secs(10))?;
-    c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
+    // WAL with synchronous=NORMAL: a committed batch survives a crash of the
+    // hub process; a power loss may roll back the last batches, which the
+    // daemons then resend (they only clear their outbox on an answer).
+    c.execute_batch(
+        "PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL; PRAGMA cache_size = -65536; PRAGMA temp_store = MEMORY;",
+    )?;
     Ok(c)
 }
 
@@ -65,6 +80,7 @@ impl SqliteStore {
         })
     }
 
+    /// The dataset's id, creating the dataset's tables on first use.
     fn dataset_id(&self, c: &Connection, name: &str) -> Result<i64, StoreError> {
         if let Some(id) = self.ids.lock().expect("BUG: poisoned").get(name) {
             return Ok(*id);
@@ -76,53 +92,66 @@ impl SqliteStore {
         let id: i64 = c.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| {
             r.get(0)
         })?;
+        c.execute_batch(&dataset_sql(id))?;
         self.ids
             .lock()
             .expect("BUG: poisoned")
             .insert(name.to_owned(), id);
         Ok(id)
     }
+
+    /// Looks a dataset up without creating it (reader side).
+    fn known_dataset(&self, c: &Connection, name: &str) -> Result<Option<i64>, StoreError> {
+        if let Some(id) = self.ids.lock().expect("BUG: poisoned").get(name) {
+            return Ok(Some(*id));
+        }
+        Ok(c.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| r.get(0))
+            .optional()?)
+    }
 }
 
 struct RowState {
     version: u64,
     deleted: bool,
-    vals: Vec<u8>,
-    client: String,
+    client_no: i64,
 }
 
 fn load_row(c: &Connection, ds: i64, tbl: &str, pk: &[u8]) -> Result<Option<RowState>, StoreError> {
     Ok(c
-        .prepare_cached(
-            "SELECT version, deleted, vals, client FROM rows WHERE dataset = ?1 AND tbl = ?2 AND pk = ?3",
-        )?
-        .query_row(params![ds, tbl, pk], |r| {
+        .prepare_cached(&format!(
+            "SELECT version, deleted, client_no FROM rows_{ds} WHERE tbl = ?1 AND pk = ?2"
+        ))?
+        .query_row(params![tbl, pk], |r| {
             Ok(RowState {
                 version: r.get::<_, i64>(0)? as u64,
                 deleted: r.get(1)?,
-                vals: r.get(2)?,
-                client: r.get(3)?,
+                client_no: r.get(2)?,
             })
         })
         .optional()?)
 }
 
-fn server_row(row: Option<&RowState>) -> Result<ServerRow, StoreError> {
-    Ok(match row {
-        None => ServerRow {
+/// The row's current state, values read from its log entry.
+fn server_row(c: &Connection, ds: i64, row: Option<&RowState>) -> Result<ServerRow, StoreError> {
+    let Some(r) = row else {
+        return Ok(ServerRow {
             version: 0,
             deleted: true,
             values: Vec::new(),
-        },
-        Some(r) => ServerRow {
-            version: r.version,
-            deleted: r.deleted,
-            values: if r.deleted {
-                Vec::new()
-            } else {
-                decode_values(&r.vals).map_err(|e| StoreError::Backend(e.to_string()))?
-            },
-        },
+        });
+    };
+    let values = if r.deleted {
+        Vec::new()
+    } else {
+        let vals: Vec<u8> = c
+            .prepare_cached(&format!("SELECT vals FROM log_{ds} WHERE seq = ?1"))?
+            .query_row([r.version as i64], |r| r.get(0))?;
+        decode_values(&vals).map_err(|e| StoreError::Backend(e.to_string()))?
+    };
+    Ok(ServerRow {
+        version: r.version,
+        deleted: r.deleted,
+        values,
     })
 }
 
@@ -212,8 +241,8 @@ impl HubStore for SqliteStore {
                     return Err(StoreError::SchemaMismatch {
                         dataset: dataset.to_owned(),
                         table: t.name.clone(),
-                        got: t.fingerprint[..12].to_owned(),
-                        want: f[..12.min(f.len())].to_owned(),
+                        got: t.fingerprint.chars().take(12).collect(),
+                        want: f.chars().take(12).collect(),
                     })
                 }
                 Some(_) => {}
@@ -232,11 +261,8 @@ impl HubStore for SqliteStore {
     fn head(&self, dataset: &str) -> Result<u64, StoreError> {
         let c = self.reader.lock().expect("BUG: poisoned");
         let head: Option<i64> = c
-            .query_row(
-                "SELECT head FROM datasets WHERE name = ?1",
-                [dataset],
-                |r| r.get(0),
-            )
+            .prepare_cached("SELECT head FROM datasets WHERE name = ?1")?
+            .query_row([dataset], |r| r.get(0))
             .optional()?;
         Ok(head.unwrap_or(0) as u64)
     }
@@ -259,28 +285,33 @@ impl HubStore for SqliteStore {
         client: &str,
         tables: &HashMap<String, TableSchema>,
         changes: &[Change],
+        acked: u64,
     ) -> Result<Applied, StoreError> {
         let mut c = self.writer.lock().expect("BUG: poisoned");
         let ds = self.dataset_id(&c, dataset)?;
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
-        let mut head: u64 = tx.query_row("SELECT head FROM datasets WHERE id = ?1", [ds], |r| {
-            r.get::<_, i64>(0)
-        })? as u64;
-        let prev: Option<(i64, Vec<u8>)> = tx
-            .prepare_cached(
-                "SELECT last_seq, last_results FROM clients WHERE dataset = ?1 AND client = ?2",
-            )?
-            .query_row(params![ds, client], |r| Ok((r.get(0)?, r.get(1)?)))
-            .optional()?;
-        let (hwm, remembered): (u64, HashMap<u64, Remembered>) = match prev {
-            Some((seq, blob)) => (
-                seq as u64,
-                rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob)
-                    .map(|v| v.into_iter().collect())
-                    .unwrap_or_default(),
-            ),
-            None => (0, HashMap::new()),
-        };
+        let mut head: u64 = tx
+            .prepare_cached("SELECT head FROM datasets WHERE id = ?1")?
+            .query_row([ds], |r| r.get::<_, i64>(0))? as u64;
+        tx.prepare_cached("INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
+            .execute(params![ds, client])?;
+        let (client_no, hwm): (i64, i64) = tx
+            .prepare_cached("SELECT no, last_seq FROM clients WHERE dataset = ?1 AND client = ?2")?
+            .query_row(params![ds, client], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let hwm = hwm as u64;
+        tx.prepare_cached("DELETE FROM client_batches WHERE client_no = ?1 AND last <= ?2")?
+            .execute(params![client_no, acked as i64])?;
+        let mut remembered: HashMap<u64, Remembered> = HashMap::new();
+        if changes.iter().any(|c| c.seq <= hwm) {
+            let mut stmt = tx.prepare_cached("SELECT results FROM client_batches WHERE client_no = ?1")?;
+            let mut rows = stmt.query([client_no])?;
+            while let Some(r) = rows.next()? {
+                let blob: Vec<u8> = r.get(0)?;
+                if let Ok(v) = rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob) {
+                    remembered.extend(v);
+                }
+            }
+        }
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());
@@ -290,7 +321,7 @@ impl HubStore for SqliteStore {
         for ch in changes {
             let pk = encode_key(&ch.pk);
             if ch.seq <= hwm {
-                // A retry: answer as the first time, apply nothing.
+                // A resend: answer as the first time, apply nothing.
                 let outcome = match remembered.get(&ch.seq) {
                     Some(Remembered::Applied(v)) => Outcome::Applied { version: *v },
                     Some(Remembered::Invalid(reason, message)) => Outcome::Invalid {
@@ -298,19 +329,18 @@ impl HubStore for SqliteStore {
                         message: message.clone(),
                     },
                     Some(Remembered::Conflict) => Outcome::Conflict {
-                        server: server_row(load_row(&tx, ds, &ch.table, &pk)?.as_ref())?,
+                        server: server_row(&tx, ds, load_row(&tx, ds, &ch.table, &pk)?.as_ref())?,
                     },
                     None => {
+                        // The client acknowledged this answer already, so it
+                        // holds this change's effect; nothing to apply.
+                        tracing::warn!(dataset, client, seq = ch.seq, "resent change whose answer was acknowledged; answered with the row's version");
                         let row = load_row(&tx, ds, &ch.table, &pk)?;
-                        tracing::warn!(dataset, client, seq = ch.seq, "retried change older than the last batch; answered with the row's current version");
                         Outcome::Applied {
-                            version: row.map(|r| r.version).unwrap_or(0),
+                            version: row.filter(|r| r.client_no == client_no).map(|r| r.version).unwrap_or(0),
                         }
                     }
                 };
-                if let Some(r) = remembered.get(&ch.seq) {
-                    remember.push((ch.seq, r.clone()));
-                }
                 results.push(ChangeResult {
                     seq: ch.seq,
                     outcome,
@@ -322,10 +352,7 @@ impl HubStore for SqliteStore {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
                         InvalidReason::DuplicateRow,
-                        format!(
-                            "table {:?}: the same row appears twice in one batch",
-                            ch.table
-                        ),
+                        format!("table {:?}: the same row appears twice in one batch", ch.table),
                     )
                 })
             });
@@ -338,16 +365,19 @@ impl HubStore for SqliteStore {
                 continue;
             }
             let row = load_row(&tx, ds, &ch.table, &pk)?;
+            // A change conflicts when the row moved since the version it was
+            // made against, unless this client made that move itself (then
+            // the change was made on top of it).
             let conflict = match &row {
                 None => false,
-                Some(r) => r.version != ch.base && r.client != client,
+                Some(r) => r.version != ch.base && r.client_no != client_no,
             };
             if conflict {
                 remember.push((ch.seq, Remembered::Conflict));
                 results.push(ChangeResult {
                     seq: ch.seq,
                     outcome: Outcome::Conflict {
-                        server: server_row(row.as_ref())?,
+                        server: server_row(&tx, ds, row.as_ref())?,
                     },
                 });
                 continue;
@@ -368,15 +398,15 @@ impl HubStore for SqliteStore {
                 Op::Upsert => (1, false),
                 Op::Delete => (2, true),
             };
-            tx.prepare_cached(
-                "INSERT INTO rows (dataset, tbl, pk, version, deleted, vals, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)
-                 ON CONFLICT (dataset, tbl, pk) DO UPDATE SET version = excluded.version, deleted = excluded.deleted, vals = excluded.vals, client = excluded.client",
-            )?
-            .execute(params![ds, ch.table, pk, head as i64, deleted, vals, client])?;
-            tx.prepare_cached(
-                "INSERT INTO changes (dataset, seq, tbl, pk, op, vals, client) VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7)",
-            )?
-            .execute(params![ds, head as i64, ch.table, pk, op, vals, client])?;
+            tx.prepare_cached(&format!(
+                "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = excluded.deleted, client_no = excluded.client_no"
+            ))?
+            .execute(params![ch.table, pk, head as i64, deleted, client_no])?;
+            tx.prepare_cached(&format!(
+                "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ))?
+            .execute(params![head as i64, ch.table, pk, op, vals, client_no])?;
             remember.push((ch.seq, Remembered::Applied(head)));
             results.push(ChangeResult {
                 seq: ch.seq,
@@ -393,16 +423,20 @@ impl HubStore for SqliteStore {
                 client: client_arc.clone(),
             });
         }
-        tx.prepare_cached(
-            "INSERT INTO clients (dataset, client, last_seq, last_results) VALUES (?1, ?2, ?3, ?4)
-             ON CONFLICT (dataset, client) DO UPDATE SET last_seq = excluded.last_seq, last_results = excluded.last_results",
-        )?
-        .execute(params![
-            ds,
-            client,
-            new_hwm as i64,
-            rmp_serde::to_vec(&remember).expect("BUG: encodes")
-        ])?;
+        if let (Some(first), Some(last)) = (remember.first(), remember.last()) {
+            tx.prepare_cached(
+                "INSERT INTO client_batches (client_no, first, last, results) VALUES (?1, ?2, ?3, ?4)
+                 ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results",
+            )?
+            .execute(params![
+                client_no,
+                first.0 as i64,
+                last.0 as i64,
+                rmp_serde::to_vec(&remember).expect("BUG: encodes")
+            ])?;
+        }
+        tx.prepare_cached("UPDATE clients SET last_seq = ?1 WHERE no = ?2")?
+            .execute(params![new_hwm as i64, client_no])?;
         tx.prepare_cached("UPDATE datasets SET head = ?1 WHERE id = ?2")?
             .execute(params![head as i64, ds])?;
         tx.commit()?;
@@ -422,29 +456,31 @@ impl HubStore for SqliteStore {
         max_bytes: usize,
     ) -> Result<Page, StoreError> {
         let c = self.reader.lock().expect("BUG: poisoned");
-        let ds: Option<i64> = c
-            .query_row("SELECT id FROM datasets WHERE name = ?1", [dataset], |r| {
-                r.get(0)
-            })
-            .optional()?;
-        let Some(ds) = ds else {
+        let Some(ds) = self.known_dataset(&c, dataset)? else {
             return Ok(Page {
                 changes: Vec::new(),
                 up_to: after,
             });
         };
-        let mut stmt = c.prepare_cached(
-            "SELECT seq, tbl, pk, op, vals, client FROM changes WHERE dataset = ?1 AND seq > ?2 ORDER BY seq LIMIT ?3",
-        )?;
-        let mut rows = stmt.query(params![ds, after as i64, max_changes as i64])?;
+        let exclude: i64 = match exclude_client {
+            None => -1,
+            Some(client) => c
+                .prepare_cached("SELECT no FROM clients WHERE dataset = ?1 AND client = ?2")?
+                .query_row(params![ds, client], |r| r.get(0))
+                .optional()?
+                .unwrap_or(-1),
+        };
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT seq, tbl, pk, op, vals, client_no FROM log_{ds} WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+        ))?;
+        let mut rows = stmt.query(params![after as i64, max_changes as i64])?;
         let mut changes = Vec::new();
         let mut up_to = after;
         let mut bytes = 0;
         while let Some(r) = rows.next()? {
             let seq = r.get::<_, i64>(0)? as u64;
-            let client: String = r.get(5)?;
             up_to = seq;
-            if exclude_client == Some(client.as_str()) {
+            if r.get::<_, i64>(5)? == exclude {
                 continue;
             }
             let pk: Vec<u8> = r.get(2)?;
