@@ -524,7 +524,9 @@ impl Session {
             let fan = inner.fanout.dataset(&ds);
             let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
             let t0 = std::time::Instant::now();
-            let applied = inner.store.apply_batch(&ds, &client, &tables, &changes, acked)?;
+            let applied = inner
+                .store
+                .apply_batch(&ds, &client, &tables, &changes, acked)?;
             tracing::trace!(n = changes.len(), took = ?t0.elapsed(), "store applied batch");
             if let (Some(first), Some(last)) = (applied.logged.first(), applied.logged.last()) {
                 let p = Published {

@@ -10,7 +10,7 @@ use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
 
-pub use replica::{LocalError, Pending, Replica, ResultsApplied};
+pub use replica::{Batch, LocalError, Pending, Replica, ResultsApplied};
 
 use crate::config::ConflictPolicy;
 

@@ -1,14 +1,21 @@
-//! The local side of sync for one database: reading the outbox, applying the
-//! hub's answers and its changes. Synchronous; owned by one thread (see
-//! [`super::LocalDb`]).
+//! The local side of sync for one database: reading the capture log,
+//! applying the hub's answers and its changes. Synchronous; owned by one
+//! thread (see [`super::LocalDb`]).
+//!
+//! Sequence numbers: the log's rowid is the client `seq`. SQLite gives a new
+//! row the largest rowid plus one, so as long as the newest log row is never
+//! deleted, a number is never handed out twice; consumed rows below it are
+//! deleted and `consumed` in `_tether_meta` says how far the log was answered.
 
-use std::collections::HashMap;
+use std::collections::{HashMap, HashSet};
 use std::path::Path;
 use std::time::Duration;
 
-use rusqlite::{params, params_from_iter, Connection, OptionalExtension, TransactionBehavior};
+use rusqlite::{
+    params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
+};
 
-use super::schema::{self, ident, SchemaError, Table};
+use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
 use crate::config::ConflictPolicy;
 use crate::proto::{
     decode_values, encode_key, encode_values, Change, ChangeResult, Op, Outcome, RemoteChange,
@@ -49,8 +56,8 @@ pub enum LocalError {
 /// What [`Replica::apply_results`] did, for logs and status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResultsApplied {
-    /// Changes cleared from the outbox.
-    pub cleared: u64,
+    /// Log rows consumed.
+    pub consumed: u64,
     /// Conflicts resolved by writing the hub's row locally.
     pub server_rows_written: u64,
     /// Conflicts whose local change goes out again (client_wins, merge_columns).
@@ -59,45 +66,46 @@ pub struct ResultsApplied {
     pub rejected: u64,
 }
 
-/// Pending outbox size.
+/// Pending capture log.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
 pub struct Pending {
+    /// Captured writes not yet answered by the hub.
     pub changes: u64,
-    /// Client seq of the newest captured write (0 = none ever).
+    /// Newest client seq handed out (0 = none ever).
     pub last_seq: u64,
+    /// Age of the oldest unanswered write is not tracked; this is its seq.
+    pub oldest_seq: Option<u64>,
+}
+
+/// One upload batch as read from the log.
+#[derive(Clone, Debug, Default)]
+pub struct Batch {
+    pub changes: Vec<Change>,
+    /// Log rows with a seq up to here are answered by this batch.
+    pub through: u64,
 }
 
 struct Tbl {
+    id: i64,
     t: Table,
     policy: ConflictPolicy,
-    sql_batch: String,
     sql_upsert: String,
     sql_delete: String,
     sql_select_row: String,
     sql_get_ver: String,
     sql_set_ver: String,
+    sql_set_ver_exact: String,
     sql_set_ver_if_newer: String,
-    sql_out_empty: String,
-    sql_get_out: String,
-    sql_del_out_seq: String,
-    sql_bump_out: String,
+    sql_log: String,
 }
 
 impl Tbl {
-    fn new(t: Table, policy: ConflictPolicy) -> Tbl {
+    fn new(id: i64, t: Table, policy: ConflictPolicy) -> Tbl {
         let name = ident(&t.name);
-        let out = t.out_table();
         let ver = t.ver_table();
         let keys = t.key_cols();
         let nk = t.pk.len();
         let cols: Vec<String> = t.columns.iter().map(|c| ident(c)).collect();
-        let key_eq = |alias: &str, other: &str| {
-            t.pk.iter()
-                .enumerate()
-                .map(|(i, &c)| format!("{alias}.{} = {other}.k{i}", cols[c]))
-                .collect::<Vec<_>>()
-                .join(" AND ")
-        };
         let k_params = (0..nk)
             .map(|i| format!("k{i} = ?{}", i + 1))
             .collect::<Vec<_>>()
@@ -108,19 +116,6 @@ impl Tbl {
                 .map(|(i, &c)| format!("{} = ?{}", cols[c], i + 1))
                 .collect::<Vec<_>>()
                 .join(" AND ");
-        let ver_eq = (0..nk)
-            .map(|i| format!("v.k{i} = o.k{i}"))
-            .collect::<Vec<_>>()
-            .join(" AND ");
-        let sql_batch = format!(
-            "SELECT o.op, o.mask, o.seq, COALESCE(v.version, 0), r.{first_pk} IS NOT NULL, {okeys}, {rcols}
-             FROM {out} o LEFT JOIN {name} r ON {join} LEFT JOIN {ver} v ON {ver_eq}
-             WHERE o.seq > ?2 ORDER BY o.seq LIMIT ?1",
-            first_pk = cols[t.pk[0]],
-            okeys = (0..nk).map(|i| format!("o.k{i}")).collect::<Vec<_>>().join(", "),
-            rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
-            join = key_eq("r", "o"),
-        );
         let non_key: Vec<&String> = cols
             .iter()
             .enumerate()
@@ -139,37 +134,41 @@ impl Tbl {
                     .join(", ")
             )
         };
-        let sql_upsert = format!(
-            "INSERT INTO {name} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
-            cols.join(", "),
-            (1..=cols.len())
+        let placeholders = |n: usize| {
+            (1..=n)
                 .map(|i| format!("?{i}"))
                 .collect::<Vec<_>>()
-                .join(", "),
-            t.pk_cols(),
-        );
+                .join(", ")
+        };
+        let set_ver = |on_conflict: &str| {
+            format!(
+                "INSERT INTO {ver} ({keys}, version) VALUES ({}, ?{}) ON CONFLICT ({keys}) {on_conflict}",
+                placeholders(nk),
+                nk + 1
+            )
+        };
         Tbl {
-            sql_batch,
-            sql_upsert,
+            sql_upsert: format!(
+                "INSERT INTO {name} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
+                cols.join(", "),
+                placeholders(cols.len()),
+                t.pk_cols(),
+            ),
             sql_delete: format!("DELETE FROM {name} WHERE {pk_params}"),
             sql_select_row: format!("SELECT {} FROM {name} WHERE {pk_params}", cols.join(", ")),
             sql_get_ver: format!("SELECT version FROM {ver} WHERE {k_params}"),
-            sql_set_ver: format!(
-                "INSERT INTO {ver} ({keys}, version) VALUES ({}, ?{}) ON CONFLICT ({keys}) DO UPDATE SET version = max(version, excluded.version)",
-                (1..=nk).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", "),
-                nk + 1
+            sql_set_ver: set_ver("DO UPDATE SET version = max(version, excluded.version)"),
+            sql_set_ver_exact: set_ver("DO UPDATE SET version = excluded.version"),
+            sql_set_ver_if_newer: set_ver(
+                "DO UPDATE SET version = excluded.version WHERE excluded.version > version",
             ),
-            sql_out_empty: format!("SELECT NOT EXISTS (SELECT 1 FROM {out})"),
-            sql_set_ver_if_newer: format!(
-                "INSERT INTO {ver} ({keys}, version) VALUES ({}, ?{}) ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version WHERE excluded.version > version",
-                (1..=nk).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", "),
-                nk + 1
+            sql_log: format!(
+                "INSERT INTO _tether_log (tbl, op, mask, {keys}) VALUES ({id}, ?{}, ?{}, {})",
+                nk + 1,
+                nk + 2,
+                placeholders(nk)
             ),
-            sql_get_out: format!("SELECT seq, op, mask FROM {out} WHERE {k_params}"),
-            sql_del_out_seq: format!("DELETE FROM {out} WHERE {k_params} AND seq = ?{}", nk + 1),
-            sql_bump_out: format!(
-                "UPDATE {out} SET seq = (SELECT n FROM _tether_seq) WHERE {k_params}"
-            ),
+            id,
             t,
             policy,
         }
@@ -181,6 +180,7 @@ pub struct Replica {
     name: String,
     conn: Connection,
     tables: HashMap<String, Tbl>,
+    by_id: HashMap<i64, String>,
     order: Vec<String>,
     client_id: String,
 }
@@ -192,6 +192,11 @@ fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
     }
 }
 
+/// A row's identity inside one database: table id and key values.
+type Key = (i64, Vec<Value>);
+
+const LOG_COLS: &str = "seq, tbl, op, mask, k0, k1, k2, k3, k4, k5, k6, k7";
+
 impl Replica {
     /// Opens the database, checks the tables and installs capture.
     ///
@@ -201,6 +206,12 @@ impl Replica {
         path: &Path,
         tables: &[(String, ConflictPolicy)],
     ) -> Result<Replica, LocalError> {
+        if !path.exists() {
+            return Err(LocalError::Open {
+                path: path.display().to_string(),
+                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
+            });
+        }
         let conn = Connection::open(path).map_err(|source| LocalError::Open {
             path: path.display().to_string(),
             source,
@@ -218,25 +229,58 @@ impl Replica {
         }
         // Per-connection settings: they do not change how the app's own
         // connections behave.
-        conn.execute_batch("PRAGMA synchronous = OFF; PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;")
-            .map_err(&e)?;
+        conn.execute_batch(
+            "PRAGMA synchronous = NORMAL; PRAGMA cache_size = -32768; PRAGMA temp_store = MEMORY;",
+        )
+        .map_err(&e)?;
         let mut found = Vec::new();
         for (t, policy) in tables {
-            found.push(Tbl::new(Table::introspect(&conn, name, t)?, *policy));
+            found.push((Table::introspect(&conn, name, t)?, *policy));
         }
-        let mut sql = String::from("BEGIN IMMEDIATE;");
-        sql.push_str(schema::BASE_SQL);
-        for t in &found {
-            sql.push_str(&t.t.install_sql());
-        }
-        sql.push_str("COMMIT;");
-        conn.execute_batch(&sql).map_err(|source| {
-            let _ = conn.execute_batch("ROLLBACK");
-            LocalError::Sqlite {
-                db: name.into(),
-                source,
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
+        let installed = (|| -> rusqlite::Result<Vec<Tbl>> {
+            conn.execute_batch(schema::BASE_SQL)?;
+            let mut out = Vec::new();
+            for (t, policy) in found {
+                conn.execute(
+                    "INSERT INTO _tether_tables (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
+                    [&t.name],
+                )?;
+                let id: i64 = conn.query_row(
+                    "SELECT id FROM _tether_tables WHERE name = ?1",
+                    [&t.name],
+                    |r| r.get(0),
+                )?;
+                conn.execute_batch(&t.install_sql(id))?;
+                out.push(Tbl::new(id, t, policy));
             }
-        })?;
+            // Tables no longer configured stop being captured.
+            let names: Vec<String> = conn
+                .prepare("SELECT name FROM _tether_tables")?
+                .query_map([], |r| r.get(0))?
+                .collect::<Result<_, _>>()?;
+            for n in names {
+                if !out.iter().any(|t| t.t.name == n) {
+                    for kind in ["ins", "upd", "updkey", "del"] {
+                        conn.execute_batch(&format!(
+                            "DROP TRIGGER IF EXISTS {}",
+                            ident(&format!("_tether_{n}_{kind}"))
+                        ))?;
+                    }
+                }
+            }
+            Ok(out)
+        })();
+        let installed = match installed {
+            Ok(t) => {
+                conn.execute_batch("COMMIT").map_err(&e)?;
+                t
+            }
+            Err(err) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e(err));
+            }
+        };
         let client_id: Option<String> = conn
             .query_row(
                 "SELECT value FROM _tether_meta WHERE key = 'client_id'",
@@ -257,10 +301,14 @@ impl Replica {
                 id
             }
         };
-        let order = found.iter().map(|t| t.t.name.clone()).collect();
+        let order = installed.iter().map(|t| t.t.name.clone()).collect();
         Ok(Replica {
             name: name.to_owned(),
-            tables: found.into_iter().map(|t| (t.t.name.clone(), t)).collect(),
+            by_id: installed.iter().map(|t| (t.id, t.t.name.clone())).collect(),
+            tables: installed
+                .into_iter()
+                .map(|t| (t.t.name.clone(), t))
+                .collect(),
             order,
             conn,
             client_id,
@@ -285,20 +333,7 @@ impl Replica {
 
     /// Highest hub sequence number applied locally.
     pub fn cursor(&self) -> Result<u64, LocalError> {
-        self.meta_u64("cursor")
-    }
-
-    fn meta_u64(&self, key: &str) -> Result<u64, LocalError> {
-        let v: Option<i64> = self
-            .conn
-            .query_row(
-                "SELECT value FROM _tether_meta WHERE key = ?1",
-                [key],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(sq(&self.name))?;
-        Ok(v.unwrap_or(0) as u64)
+        meta_u64(&self.conn, "cursor").map_err(sq(&self.name))
     }
 
     /// Changes whenever another connection commits (see SQLite's `data_version`).
@@ -308,29 +343,21 @@ impl Replica {
             .map_err(sq(&self.name))
     }
 
-    /// Number of rows with a pending local change.
+    /// Captured writes not yet answered by the hub.
     pub fn pending(&self) -> Result<Pending, LocalError> {
         let e = sq(&self.name);
-        let mut changes = 0u64;
-        for name in &self.order {
-            let n: i64 = self
-                .conn
-                .prepare_cached(&format!(
-                    "SELECT count(*) FROM {}",
-                    self.tables[name].t.out_table()
-                ))
-                .map_err(&e)?
-                .query_row([], |r| r.get(0))
-                .map_err(&e)?;
-            changes += n as u64;
-        }
-        let last_seq: i64 = self
+        let consumed = meta_u64(&self.conn, "consumed").map_err(&e)?;
+        let (n, max, min): (i64, Option<i64>, Option<i64>) = self
             .conn
-            .query_row("SELECT n FROM _tether_seq", [], |r| r.get(0))
+            .prepare_cached("SELECT count(*), max(seq), min(seq) FROM _tether_log WHERE seq > ?1")
+            .and_then(|mut st| {
+                st.query_row([consumed as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            })
             .map_err(&e)?;
         Ok(Pending {
-            changes,
-            last_seq: last_seq as u64,
+            changes: n as u64,
+            last_seq: (max.unwrap_or(0) as u64).max(consumed),
+            oldest_seq: min.map(|m| m as u64),
         })
     }
 
@@ -340,98 +367,129 @@ impl Replica {
     /// as new changes instead of being taken for duplicates.
     pub fn ensure_seq_above(&mut self, hub_seq: u64) -> Result<bool, LocalError> {
         let e = sq(&self.name);
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
+        let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
+        let max: Option<i64> = tx
+            .query_row("SELECT max(seq) FROM _tether_log", [], |r| r.get(0))
             .map_err(&e)?;
-        let n: i64 = tx
-            .query_row("SELECT n FROM _tether_seq", [], |r| r.get(0))
-            .map_err(&e)?;
-        if (n as u64) >= hub_seq {
+        let local = consumed.max(max.unwrap_or(0) as u64);
+        if local >= hub_seq {
             return Ok(false);
         }
-        tx.execute("UPDATE _tether_seq SET n = ?1", [hub_seq as i64])
+        // Every seq here is below hub_seq, so shifting by it cannot collide.
+        tx.execute("UPDATE _tether_log SET seq = seq + ?1", [hub_seq as i64])
             .map_err(&e)?;
-        for name in &self.order {
-            tx.execute(
-                &format!(
-                    "UPDATE {} SET seq = seq + ?1",
-                    self.tables[name].t.out_table()
-                ),
-                [hub_seq as i64],
-            )
-            .map_err(&e)?;
-        }
-        tx.execute("UPDATE _tether_seq SET n = n + ?1", [n])
-            .map_err(&e)?;
+        tx.execute(
+            "INSERT INTO _tether_log (seq, tbl, op, mask) VALUES (?1, 0, 0, 0) ON CONFLICT DO NOTHING",
+            [hub_seq as i64],
+        )
+        .map_err(&e)?;
+        set_meta(&tx, "consumed", (consumed + hub_seq).max(hub_seq)).map_err(&e)?;
         tx.commit().map_err(&e)?;
         Ok(true)
     }
 
-    /// The oldest pending changes with a seq above `after` (those at or below
-    /// are in flight), at most `max_changes` and about `max_bytes`, in client
-    /// sequence order.
+    /// The next upload batch: log rows with a seq above `after` (rows at or
+    /// below are answered or in flight), at most `max_rows` of them, coalesced
+    /// per row into changes carrying the row's current values, cut at about
+    /// `max_bytes`.
     pub fn read_batch(
         &self,
         after: u64,
-        max_changes: usize,
+        max_rows: usize,
         max_bytes: usize,
-    ) -> Result<Vec<Change>, LocalError> {
+    ) -> Result<Batch, LocalError> {
         let e = sq(&self.name);
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
-        let mut all = Vec::new();
-        for name in &self.order {
-            let tbl = &self.tables[name];
-            let nk = tbl.t.pk.len();
-            let ncols = tbl.t.columns.len();
-            let mut stmt = tx.prepare_cached(&tbl.sql_batch).map_err(&e)?;
-            let mut rows = stmt
-                .query([max_changes as i64, after as i64])
+        let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
+        let from = after.max(consumed);
+        struct Entry {
+            key: Key,
+            /// Seqs of the first and last log row of this key in the range.
+            first: u64,
+            last: u64,
+            mask: u64,
+        }
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut index: HashMap<Key, usize> = HashMap::new();
+        let mut through = from;
+        {
+            let mut stmt = tx
+                .prepare_cached(&format!(
+                    "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+                ))
                 .map_err(&e)?;
+            let mut rows = stmt.query([from as i64, max_rows as i64]).map_err(&e)?;
             while let Some(r) = rows.next().map_err(&e)? {
-                let op: i64 = r.get(0).map_err(&e)?;
-                let mask: i64 = r.get(1).map_err(&e)?;
-                let seq: i64 = r.get(2).map_err(&e)?;
-                let base: i64 = r.get(3).map_err(&e)?;
-                let exists: bool = r.get(4).map_err(&e)?;
-                let mut pk = Vec::with_capacity(nk);
-                for i in 0..nk {
-                    pk.push(r.get::<_, Value>(5 + i).map_err(&e)?);
-                }
-                let (op, values) = if op == 1 && exists {
-                    let mut values = Vec::with_capacity(ncols);
-                    for i in 0..ncols {
-                        values.push(r.get::<_, Value>(5 + nk + i).map_err(&e)?);
-                    }
-                    (Op::Upsert, values)
-                } else {
-                    (Op::Delete, Vec::new())
+                let seq = r.get::<_, i64>(0).map_err(&e)? as u64;
+                through = seq;
+                let tbl: i64 = r.get(1).map_err(&e)?;
+                let Some(name) = self.by_id.get(&tbl) else {
+                    continue; // a table no longer synced, or a marker row
                 };
-                all.push(Change {
-                    seq: seq as u64,
-                    table: name.clone(),
-                    op,
-                    pk,
-                    values,
-                    base: base as u64,
-                    mask: mask as u64,
-                });
+                let nk = self.tables[name].t.pk.len();
+                let mut key = Vec::with_capacity(nk);
+                for i in 0..nk {
+                    key.push(r.get::<_, Value>(4 + i).map_err(&e)?);
+                }
+                let mask = r.get::<_, i64>(3).map_err(&e)? as u64;
+                let key = (tbl, key);
+                match index.get(&key) {
+                    Some(&i) => {
+                        entries[i].last = seq;
+                        entries[i].mask |= mask;
+                    }
+                    None => {
+                        index.insert(key.clone(), entries.len());
+                        entries.push(Entry {
+                            key,
+                            first: seq,
+                            last: seq,
+                            mask,
+                        });
+                    }
+                }
             }
         }
-        drop(tx);
-        all.sort_by_key(|c| c.seq);
-        all.truncate(max_changes);
+        entries.sort_by_key(|en| en.last);
+        let mut changes = Vec::with_capacity(entries.len());
         let mut bytes = 0;
-        let mut keep = 0;
-        for c in &all {
-            bytes += c.wire_size();
-            if keep > 0 && bytes > max_bytes {
+        let mut cut_at = entries.len();
+        for (i, en) in entries.iter().enumerate() {
+            let name = &self.by_id[&en.key.0];
+            let tbl = &self.tables[name];
+            let pk = &en.key.1;
+            let values = select_row(&tx, tbl, pk).map_err(&e)?;
+            let base = get_ver(&tx, tbl, pk).map_err(&e)?;
+            let (op, values) = match values {
+                Some(v) => (Op::Upsert, v),
+                None => (Op::Delete, Vec::new()),
+            };
+            let change = Change {
+                seq: en.last,
+                table: name.clone(),
+                op,
+                pk: pk.clone(),
+                values,
+                base,
+                mask: en.mask,
+            };
+            bytes += change.wire_size();
+            if i > 0 && bytes > max_bytes {
+                cut_at = i;
                 break;
             }
-            keep += 1;
+            changes.push(change);
         }
-        all.truncate(keep);
-        Ok(all)
+        if cut_at < entries.len() {
+            // Keys left out must keep all their log rows, or the columns
+            // their earlier writes touched would be forgotten.
+            let kept_min = entries[cut_at..].iter().map(|en| en.first).min();
+            let last_sent = changes.last().map(|c| c.seq).unwrap_or(from);
+            through = kept_min.map(|m| m - 1).unwrap_or(last_sent).min(last_sent);
+        }
+        Ok(Batch { changes, through })
     }
 
     fn tbl(&self, table: &str) -> Result<&Tbl, LocalError> {
@@ -443,20 +501,48 @@ impl Replica {
             })
     }
 
-    /// Applies the hub's answer to an upload: clears applied changes, resolves
-    /// conflicts by policy, moves invalid changes to `_tether_rejected`.
+    /// Keys with a log row above `after`, for the given tables.
+    fn logged_keys_after(&self, c: &Connection, after: u64) -> rusqlite::Result<HashSet<Key>> {
+        let mut stmt = c.prepare_cached(&format!(
+            "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1"
+        ))?;
+        let mut rows = stmt.query([after as i64])?;
+        let mut keys = HashSet::new();
+        while let Some(r) = rows.next()? {
+            let tbl: i64 = r.get(1)?;
+            let Some(name) = self.by_id.get(&tbl) else {
+                continue;
+            };
+            let nk = self.tables[name].t.pk.len();
+            let mut key = Vec::with_capacity(nk);
+            for i in 0..nk {
+                key.push(r.get::<_, Value>(4 + i)?);
+            }
+            keys.insert((tbl, key));
+        }
+        Ok(keys)
+    }
+
+    /// Applies the hub's answer to an upload: consumes the batch's log rows,
+    /// resolves conflicts by policy, moves invalid changes to
+    /// `_tether_rejected`. A batch the hub could not store is left in the log
+    /// whole, to be sent again.
     pub fn apply_results(
         &mut self,
-        sent: &[Change],
+        batch: &Batch,
         results: &[ChangeResult],
     ) -> Result<ResultsApplied, LocalError> {
         let e = sq(&self.name);
-        let by_seq: HashMap<u64, &Change> = sent.iter().map(|c| (c.seq, c)).collect();
         let mut done = ResultsApplied::default();
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&e)?;
+        if results
+            .iter()
+            .any(|r| matches!(r.outcome, Outcome::MaterializeError { .. }))
+        {
+            return Ok(done);
+        }
+        let by_seq: HashMap<u64, &Change> = batch.changes.iter().map(|c| (c.seq, c)).collect();
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
         tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
             .map_err(&e)?;
         let any_deferred: bool = tx
@@ -464,87 +550,78 @@ impl Replica {
                 r.get(0)
             })
             .map_err(&e)?;
+        let needs_keys = any_deferred
+            || results
+                .iter()
+                .any(|r| !matches!(r.outcome, Outcome::Applied { .. }));
+        // Rows the app wrote again after this batch was read.
+        let rewritten = if needs_keys {
+            self.logged_keys_after(&tx, batch.through).map_err(&e)?
+        } else {
+            HashSet::new()
+        };
         for r in results {
             let Some(change) = by_seq.get(&r.seq) else {
                 tracing::warn!(db = %self.name, seq = r.seq, "hub answered a change that was not sent; ignored");
                 continue;
             };
-            let tbl = self
-                .tables
-                .get(&change.table)
-                .ok_or_else(|| LocalError::UnknownTable {
-                    db: self.name.clone(),
-                    table: change.table.clone(),
-                })?;
+            let tbl = self.tbl(&change.table)?;
             let pk = &change.pk;
-            if let Outcome::Applied { version } = &r.outcome {
-                // The row's version is not recorded here: the hub knows this
-                // client wrote it last, so the next local change to it is not
-                // a conflict whatever its base, and any later change by
-                // another client arrives with a higher version. This keeps
-                // an acknowledgement to one statement per change.
-                // Cleared only if the app did not write the row again since.
-                if del_out(&tx, tbl, pk, change.seq).map_err(&e)? {
-                    done.cleared += 1;
-                    if any_deferred {
+            let again = rewritten.contains(&(tbl.id, pk.clone()));
+            match &r.outcome {
+                Outcome::Applied { version } => {
+                    // The row's version is not recorded here: the hub knows
+                    // this client wrote it last, so the next local change to
+                    // it is not a conflict whatever its base, and a later
+                    // change by another client arrives with a higher version.
+                    if any_deferred && !again {
                         apply_deferred(&tx, tbl, pk, *version).map_err(&e)?;
                     }
                 }
-                continue;
-            }
-            let pending = get_out(&tx, tbl, pk).map_err(&e)?;
-            let still_same = pending.map(|p| p.0 == change.seq).unwrap_or(false);
-            match &r.outcome {
-                Outcome::Applied { .. } => unreachable!("handled above"),
                 Outcome::Conflict { server } => {
-                    let policy = tbl.policy;
-                    let local_delete = pending.map(|p| p.1 == 2).unwrap_or(true);
-                    let effective = match policy {
-                        ConflictPolicy::MergeColumns if local_delete || server.deleted => {
+                    let local = select_row(&tx, tbl, pk).map_err(&e)?;
+                    let effective = match tbl.policy {
+                        ConflictPolicy::MergeColumns if local.is_none() || server.deleted => {
                             ConflictPolicy::ServerWins
                         }
                         p => p,
                     };
                     match effective {
                         ConflictPolicy::ServerWins => {
-                            if still_same || pending.is_none() {
-                                del_out(&tx, tbl, pk, change.seq).map_err(&e)?;
+                            if again {
+                                // The app wrote this row again meanwhile,
+                                // also without the hub's version: that write
+                                // meets the same conflict when it goes out.
+                                defer(&tx, tbl, pk, server_as_remote(server)).map_err(&e)?;
+                            } else {
                                 write_server_row(&tx, tbl, pk, server).map_err(&e)?;
                                 apply_deferred(&tx, tbl, pk, server.version).map_err(&e)?;
                                 done.server_rows_written += 1;
-                            } else {
-                                // The app wrote this row again meanwhile; that
-                                // write was also made without the hub's
-                                // version, so it will meet the same conflict.
-                                // Keep the hub's row as deferred until then.
-                                defer(&tx, tbl, pk, server_as_remote(server)).map_err(&e)?;
                             }
                         }
                         ConflictPolicy::ClientWins => {
                             set_ver_exact(&tx, tbl, pk, server.version).map_err(&e)?;
                             clear_deferred_upto(&tx, tbl, pk, server.version).map_err(&e)?;
-                            if pending.is_some() {
-                                bump_out(&tx, tbl, pk).map_err(&e)?;
-                                done.resent += 1;
+                            if !again {
+                                let op = if local.is_some() { 1 } else { 2 };
+                                log_write(&tx, tbl, pk, op, change.mask).map_err(&e)?;
                             }
+                            done.resent += 1;
                         }
                         ConflictPolicy::MergeColumns => {
-                            let mask = pending.map(|p| p.2).unwrap_or(-1);
-                            let local: Option<Vec<Value>> = select_row(&tx, tbl, pk).map_err(&e)?;
                             let mut merged = server.values.clone();
-                            if let Some(local) = local {
-                                for (i, v) in local.into_iter().enumerate() {
-                                    if tbl.t.is_key(i) || mask & Table::mask_bit(i) != 0 {
-                                        if let Some(slot) = merged.get_mut(i) {
-                                            *slot = v;
-                                        }
+                            for (i, v) in local.unwrap_or_default().into_iter().enumerate() {
+                                if tbl.t.is_key(i) || change.mask & (Table::mask_bit(i) as u64) != 0
+                                {
+                                    if let Some(slot) = merged.get_mut(i) {
+                                        *slot = v;
                                     }
                                 }
                             }
                             upsert_row(&tx, tbl, &merged).map_err(&e)?;
                             set_ver_exact(&tx, tbl, pk, server.version).map_err(&e)?;
                             clear_deferred_upto(&tx, tbl, pk, server.version).map_err(&e)?;
-                            bump_out(&tx, tbl, pk).map_err(&e)?;
+                            log_write(&tx, tbl, pk, 1, change.mask).map_err(&e)?;
                             done.resent += 1;
                         }
                     }
@@ -564,14 +641,12 @@ impl Replica {
                         ],
                     )
                     .map_err(&e)?;
-                    if still_same {
-                        del_out(&tx, tbl, pk, change.seq).map_err(&e)?;
-                    }
                     done.rejected += 1;
                 }
-                Outcome::MaterializeError { .. } => {}
+                Outcome::MaterializeError { .. } => unreachable!("handled above"),
             }
         }
+        done.consumed = consume(&tx, batch.through).map_err(&e)?;
         tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
         tx.commit().map_err(&e)?;
         Ok(done)
@@ -597,41 +672,29 @@ impl Replica {
                 });
             }
         }
-        let tx = self
-            .conn
-            .transaction_with_behavior(TransactionBehavior::Immediate)
-            .map_err(&e)?;
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
         tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
             .map_err(&e)?;
-        // Tables without any pending local change take a short path: one
-        // statement moves the row's version (only forward) and tells whether
-        // the change is new, one writes the row.
-        let mut quiet: HashMap<&str, bool> = HashMap::new();
-        for name in &self.order {
-            let t = &self.tables[name];
-            let empty: bool = tx
-                .prepare_cached(&t.sql_out_empty)
-                .and_then(|mut st| st.query_row([], |r| r.get(0)))
-                .map_err(&e)?;
-            quiet.insert(name.as_str(), empty);
-        }
+        let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
+        let pending = if changes.is_empty() {
+            HashSet::new()
+        } else {
+            self.logged_keys_after(&tx, consumed).map_err(&e)?
+        };
         let mut applied = 0;
         for c in changes {
             let tbl = &self.tables[&c.table];
-            if quiet[c.table.as_str()] {
-                if !set_ver_if_newer(&tx, tbl, &c.pk, c.version).map_err(&e)? {
-                    continue;
-                }
-            } else {
-                let local_ver = get_ver(&tx, tbl, &c.pk).map_err(&e)?;
-                if c.version <= local_ver {
-                    continue;
-                }
-                if get_out(&tx, tbl, &c.pk).map_err(&e)?.is_some() {
+            if !pending.is_empty() && pending.contains(&(tbl.id, c.pk.clone())) {
+                if c.version > get_ver(&tx, tbl, &c.pk).map_err(&e)? {
                     defer(&tx, tbl, &c.pk, c.clone()).map_err(&e)?;
-                    continue;
                 }
-                set_ver(&tx, tbl, &c.pk, c.version).map_err(&e)?;
+                continue;
+            }
+            // One statement moves the version forward and tells whether the
+            // change is new.
+            if !set_ver_if_newer(&tx, tbl, &c.pk, c.version).map_err(&e)? {
+                continue;
             }
             match c.op {
                 Op::Upsert => upsert_row(&tx, tbl, &c.values).map_err(&e)?,
@@ -639,51 +702,70 @@ impl Replica {
             }
             applied += 1;
         }
-        tx.execute(
+        tx.prepare_cached(
             "INSERT INTO _tether_meta (key, value) VALUES ('cursor', ?1)
              ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-            [up_to as i64],
         )
+        .and_then(|mut st| st.execute([up_to as i64]))
         .map_err(&e)?;
         tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
         tx.commit().map_err(&e)?;
         Ok(applied)
     }
 
-    /// Runs a passive checkpoint when the WAL has grown; never blocks the app.
+    /// Runs a passive checkpoint; never blocks the app.
     pub fn checkpoint_passive(&self) {
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
     }
+}
+
+fn meta_u64(c: &Connection, key: &str) -> rusqlite::Result<u64> {
+    let v: Option<i64> = c
+        .prepare_cached("SELECT value FROM _tether_meta WHERE key = ?1")?
+        .query_row([key], |r| r.get(0))
+        .optional()?;
+    Ok(v.unwrap_or(0) as u64)
+}
+
+fn set_meta(c: &Connection, key: &str, value: u64) -> rusqlite::Result<()> {
+    c.prepare_cached(
+        "INSERT INTO _tether_meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute(params![key, value as i64])?;
+    Ok(())
+}
+
+/// Marks log rows up to `through` as answered and deletes them, except the
+/// newest log row (see the module docs). Returns how many were consumed.
+fn consume(c: &Connection, through: u64) -> rusqlite::Result<u64> {
+    let consumed = meta_u64(c, "consumed")?;
+    if through <= consumed {
+        return Ok(0);
+    }
+    let n = c
+        .prepare_cached("SELECT count(*) FROM _tether_log WHERE seq > ?1 AND seq <= ?2")?
+        .query_row([consumed as i64, through as i64], |r| r.get::<_, i64>(0))?;
+    c.prepare_cached(
+        "DELETE FROM _tether_log WHERE seq <= ?1 AND seq < (SELECT max(seq) FROM _tether_log)",
+    )?
+    .execute([through as i64])?;
+    set_meta(c, "consumed", through)?;
+    Ok(n as u64)
+}
+
+/// Appends a log row written by tether itself (a change to send again).
+fn log_write(c: &Connection, t: &Tbl, pk: &[Value], op: i64, mask: u64) -> rusqlite::Result<()> {
+    let extra = [Value::Integer(op), Value::Integer(mask as i64)];
+    c.prepare_cached(&t.sql_log)?
+        .execute(params_from_iter(pk.iter().chain(extra.iter())))?;
+    Ok(())
 }
 
 fn key_params(pk: &[Value]) -> impl rusqlite::Params + '_ {
     params_from_iter(pk.iter())
 }
 
-/// The pending outbox entry of a row: (seq, op, mask).
-fn get_out(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<(u64, i64, i64)>> {
-    c.prepare_cached(&t.sql_get_out)?
-        .query_row(key_params(pk), |r| {
-            Ok((r.get::<_, i64>(0)? as u64, r.get(1)?, r.get(2)?))
-        })
-        .optional()
-}
-
-/// Removes a row's outbox entry if it still has sequence number `seq`.
-fn del_out(c: &Connection, t: &Tbl, pk: &[Value], seq: u64) -> rusqlite::Result<bool> {
-    let seqv = Value::Integer(seq as i64);
-    let n = c
-        .prepare_cached(&t.sql_del_out_seq)?
-        .execute(params_from_iter(pk.iter().chain(std::iter::once(&seqv))))?;
-    Ok(n == 1)
-}
-
-/// Gives a pending change a fresh sequence number so it is sent again.
-fn bump_out(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<()> {
-    c.execute("UPDATE _tether_seq SET n = n + 1", [])?;
-    c.prepare_cached(&t.sql_bump_out)?.execute(key_params(pk))?;
-    Ok(())
-}
+const _: () = assert!(MAX_KEY_COLUMNS == 8, "LOG_COLS lists k0..k7");
 
 fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
     Ok(c.prepare_cached(&t.sql_get_ver)?
@@ -711,16 +793,8 @@ fn set_ver(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Res
 /// Sets the version even if lower than the stored one: after a conflict the
 /// hub's answer is authoritative for what the next upload is based on.
 fn set_ver_exact(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
-    let nk = pk.len();
-    let sql = format!(
-        "INSERT INTO {ver} ({keys}, version) VALUES ({}, ?{}) ON CONFLICT ({keys}) DO UPDATE SET version = excluded.version",
-        (1..=nk).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", "),
-        nk + 1,
-        ver = t.t.ver_table(),
-        keys = t.t.key_cols(),
-    );
     let v = Value::Integer(version as i64);
-    c.prepare_cached(&sql)?
+    c.prepare_cached(&t.sql_set_ver_exact)?
         .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))?;
     Ok(())
 }

@@ -1,16 +1,20 @@
 //! Introspection of the synced tables and the SQL tether installs beside them.
 //!
-//! For each synced table `t`, tether keeps (all names start with `_tether_`):
+//! Capture is an append-only log, `_tether_log`: triggers on each synced
+//! table append one row per written row (`op` 1 = insert or update, 2 =
+//! delete, the columns touched as a bit `mask`, the primary key in `k0`..`k7`)
+//! inside the writer's own transaction. Appending to a table with no index
+//! other than its rowid is the cheapest write SQLite has, so the app's own
+//! writes stay fast. The log's rowid is the client sequence number (`seq`)
+//! sent to the hub; tether never deletes the log's newest row, so SQLite never
+//! hands out a sequence number twice (see `Replica`).
 //!
-//! * `_tether_out_t`: the outbox, one row per primary key with a pending local
-//!   change (`op` 1 = upsert, 2 = delete), the columns it touched (`mask`) and
-//!   the client sequence number of its latest write (`seq`). Several writes to
-//!   one row coalesce into one entry; the row's current values are read at
-//!   upload time, so the last value always wins.
-//! * `_tether_ver_t`: the hub version of each row as last seen locally, sent as
-//!   `base` with a change so that the hub can detect conflicts.
-//! * triggers `_tether_t_ins`, `_tether_t_upd`, `_tether_t_updkey`,
-//!   `_tether_t_del` that fill the outbox inside the writer's own transaction.
+//! Coalescing happens when the daemon reads the log: several writes to one
+//! row become one change carrying the row's current values, so the last value
+//! always wins.
+//!
+//! `_tether_ver_<t>` keeps the hub version of each row as last seen locally,
+//! sent as `base` with a change so that the hub can detect conflicts.
 //!
 //! Key columns in tether's tables are declared without a type, so SQLite keeps
 //! every key value exactly as the app stored it.
@@ -33,6 +37,15 @@ pub enum SchemaError {
     NoPrimaryKey { db: String, table: String },
     #[error("table {table:?} in {db} has a name starting with `_tether_`, which is reserved for tether's own tables")]
     Reserved { db: String, table: String },
+    #[error(
+        "table {table:?} in {db} has a primary key of {n} columns; tether supports at most {max}"
+    )]
+    KeyTooWide {
+        db: String,
+        table: String,
+        n: usize,
+        max: usize,
+    },
     #[error("reading the schema of {db}: {source}")]
     Sqlite {
         db: String,
@@ -95,6 +108,14 @@ impl Table {
             });
         }
         pk.sort();
+        if pk.len() > MAX_KEY_COLUMNS {
+            return Err(SchemaError::KeyTooWide {
+                db: db.into(),
+                table: name.into(),
+                n: pk.len(),
+                max: MAX_KEY_COLUMNS,
+            });
+        }
         Ok(Table {
             name: name.to_owned(),
             columns: rows.iter().map(|r| r.0.clone()).collect(),
@@ -117,10 +138,6 @@ impl Table {
 
     pub fn is_key(&self, col: usize) -> bool {
         self.pk.contains(&col)
-    }
-
-    pub fn out_table(&self) -> String {
-        ident(&format!("_tether_out_{}", self.name))
     }
 
     pub fn ver_table(&self) -> String {
@@ -150,28 +167,22 @@ impl Table {
         1i64 << i.min(62)
     }
 
-    /// The statements that create tether's side tables and triggers for this
-    /// table. Triggers are dropped and recreated so they always match the
-    /// current columns.
-    pub fn install_sql(&self) -> String {
+    /// The statements that create tether's side table and triggers for this
+    /// table, whose id in `_tether_tables` is `id`. Triggers are dropped and
+    /// recreated so they always match the current columns.
+    pub fn install_sql(&self, id: i64) -> String {
         let t = ident(&self.name);
-        let out = self.out_table();
         let ver = self.ver_table();
         let keys = self.key_cols();
-        let seq_idx = ident(&format!("_tether_out_{}_seq", self.name));
         let trig = |kind: &str| ident(&format!("_tether_{}_{}", self.name, kind));
-        let new_keys = self
-            .pk
-            .iter()
-            .map(|&i| format!("NEW.{}", ident(&self.columns[i])))
-            .collect::<Vec<_>>()
-            .join(", ");
-        let old_keys = self
-            .pk
-            .iter()
-            .map(|&i| format!("OLD.{}", ident(&self.columns[i])))
-            .collect::<Vec<_>>()
-            .join(", ");
+        let cols_of = |prefix: &str| {
+            self.pk
+                .iter()
+                .map(|&i| format!("{prefix}.{}", ident(&self.columns[i])))
+                .collect::<Vec<_>>()
+                .join(", ")
+        };
+        let (new_keys, old_keys) = (cols_of("NEW"), cols_of("OLD"));
         let key_changed = self
             .pk
             .iter()
@@ -200,37 +211,24 @@ impl Table {
             col_mask.join(" | ")
         };
         let guard = "NOT EXISTS (SELECT 1 FROM _tether_applying)";
-        let bump = "UPDATE _tether_seq SET n = n + 1;";
-        let seq = "(SELECT n FROM _tether_seq)";
+        let log = format!("INSERT INTO _tether_log (tbl, op, mask, {keys})");
         format!(
-            "CREATE TABLE IF NOT EXISTS {out} ({keys}, op INTEGER NOT NULL, mask INTEGER NOT NULL, seq INTEGER NOT NULL, PRIMARY KEY ({keys}));
-CREATE INDEX IF NOT EXISTS {seq_idx} ON {out}(seq);
-CREATE TABLE IF NOT EXISTS {ver} ({keys}, version INTEGER NOT NULL, PRIMARY KEY ({keys})) WITHOUT ROWID;
+            "CREATE TABLE IF NOT EXISTS {ver} ({keys}, version INTEGER NOT NULL, PRIMARY KEY ({keys})) WITHOUT ROWID;
 DROP TRIGGER IF EXISTS {ins};
 DROP TRIGGER IF EXISTS {upd};
 DROP TRIGGER IF EXISTS {updkey};
 DROP TRIGGER IF EXISTS {del};
 CREATE TRIGGER {ins} AFTER INSERT ON {t} WHEN {guard} BEGIN
-  {bump}
-  INSERT INTO {out} ({keys}, op, mask, seq) VALUES ({new_keys}, 1, -1, {seq})
-    ON CONFLICT ({keys}) DO UPDATE SET op = 1, mask = -1, seq = excluded.seq;
+  {log} VALUES ({id}, 1, -1, {new_keys});
 END;
 CREATE TRIGGER {upd} AFTER UPDATE ON {t} WHEN {guard} BEGIN
-  {bump}
-  INSERT INTO {out} ({keys}, op, mask, seq)
-    VALUES ({new_keys}, 1, CASE WHEN {key_changed} THEN -1 ELSE {col_mask} END, {seq})
-    ON CONFLICT ({keys}) DO UPDATE SET op = 1,
-      mask = CASE WHEN op = 2 THEN -1 ELSE mask | excluded.mask END, seq = excluded.seq;
+  {log} VALUES ({id}, 1, CASE WHEN {key_changed} THEN -1 ELSE {col_mask} END, {new_keys});
 END;
 CREATE TRIGGER {updkey} AFTER UPDATE ON {t} WHEN {guard} AND ({key_changed}) BEGIN
-  {bump}
-  INSERT INTO {out} ({keys}, op, mask, seq) VALUES ({old_keys}, 2, 0, {seq})
-    ON CONFLICT ({keys}) DO UPDATE SET op = 2, mask = 0, seq = excluded.seq;
+  {log} VALUES ({id}, 2, 0, {old_keys});
 END;
 CREATE TRIGGER {del} AFTER DELETE ON {t} WHEN {guard} BEGIN
-  {bump}
-  INSERT INTO {out} ({keys}, op, mask, seq) VALUES ({old_keys}, 2, 0, {seq})
-    ON CONFLICT ({keys}) DO UPDATE SET op = 2, mask = 0, seq = excluded.seq;
+  {log} VALUES ({id}, 2, 0, {old_keys});
 END;
 ",
             ins = trig("ins"),
@@ -257,11 +255,23 @@ pub fn fingerprint(name: &str, columns: &[String], types: &[String], pk: &[u32])
     hex::encode(Sha256::digest(text.as_bytes()))
 }
 
+/// Most primary key columns a synced table may have (`k0` .. `k7` in the log).
+pub const MAX_KEY_COLUMNS: usize = 8;
+
 /// tether's shared bookkeeping tables, created once per database.
+///
+/// * `_tether_meta`: client id, cursor, how far the log was consumed.
+/// * `_tether_tables`: stable small ids of the synced tables, used in the log.
+/// * `_tether_log`: captured writes (see the module docs).
+/// * `_tether_applying`: holds a row only inside tether's own transactions,
+///   so the triggers skip what tether writes itself.
+/// * `_tether_deferred`: the hub's newest row for a key whose local change is
+///   still unanswered.
+/// * `_tether_rejected`: changes the hub refused as invalid, kept for the operator.
 pub const BASE_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _tether_meta (key TEXT PRIMARY KEY, value ANY) STRICT;
-CREATE TABLE IF NOT EXISTS _tether_seq (n INTEGER NOT NULL);
-INSERT INTO _tether_seq (n) SELECT 0 WHERE NOT EXISTS (SELECT 1 FROM _tether_seq);
+CREATE TABLE IF NOT EXISTS _tether_tables (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
+CREATE TABLE IF NOT EXISTS _tether_log (seq INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, op INTEGER NOT NULL, mask INTEGER NOT NULL, k0, k1, k2, k3, k4, k5, k6, k7);
 CREATE TABLE IF NOT EXISTS _tether_applying (x INTEGER);
 CREATE TABLE IF NOT EXISTS _tether_deferred (tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, PRIMARY KEY (tbl, pk));
 CREATE TABLE IF NOT EXISTS _tether_rejected (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, at INTEGER NOT NULL);

@@ -36,6 +36,19 @@ impl PartialEq for Value {
 
 impl Eq for Value {}
 
+impl std::hash::Hash for Value {
+    fn hash<H: std::hash::Hasher>(&self, h: &mut H) {
+        std::mem::discriminant(self).hash(h);
+        match self {
+            Value::Null => {}
+            Value::Integer(i) => i.hash(h),
+            Value::Real(f) => f.to_bits().hash(h),
+            Value::Text(t) => t.hash(h),
+            Value::Blob(b) => b.hash(h),
+        }
+    }
+}
+
 impl Value {
     /// Approximate encoded size, used for batch and page limits and progress.
     pub fn wire_size(&self) -> usize {

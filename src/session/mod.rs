@@ -27,7 +27,7 @@ use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
 use crate::config::Reconnect;
-use crate::local::{LocalDb, LocalError, ThreadGone};
+use crate::local::{Batch, LocalDb, LocalError, ThreadGone};
 use crate::proto::{
     self, Access, Change, ClientFrame, ErrorCode, Hello, HubFrame, Upload, UploadSummary,
     MAX_BATCH_BYTES, MAX_BATCH_CHANGES, PROTOCOL_VERSION,
@@ -135,9 +135,8 @@ pub struct Session {
 
 struct Inflight {
     batch: u64,
-    /// Highest seq in the batch (batches hold increasing seqs).
-    last_seq: u64,
-    changes: Vec<Change>,
+    /// What was sent and the log range it answers.
+    read: Batch,
     deadline: Instant,
 }
 
@@ -349,15 +348,16 @@ impl Session {
                                     }
                                     let summary = UploadSummary::of(&res.results);
                                     let results = res.results;
-                                    let changes = sent.changes;
+                                    let read = sent.read;
+                                    let through = read.through;
                                     let t0 = std::time::Instant::now();
                                     let (done, pending) = self.db.call(move |r| -> Result<_, LocalError> {
-                                        let done = r.apply_results(&changes, &results)?;
+                                        let done = r.apply_results(&read, &results)?;
                                         Ok((done, r.pending()?))
                                     }).await??;
                                     tracing::trace!(took = ?t0.elapsed(), "applied upload results");
                                     log_summary(sent.batch, &summary, done.resent);
-                                    acked = acked.max(sent.last_seq);
+                                    acked = acked.max(through);
                                     let failed = (summary.materialize_error > 0).then(|| summary.first_error.clone().unwrap_or_default());
                                     self.status.send_modify(|s| {
                                         s.pending_changes = pending.changes;
@@ -430,7 +430,8 @@ impl Session {
             }
             if upload_due && inflight.len() < MAX_INFLIGHT && uploads_allowed {
                 upload_due = false;
-                let after = inflight.back().map(|i| i.last_seq).unwrap_or(0);
+                let after = inflight.back().map(|i| i.read.through).unwrap_or(0);
+                let idle = inflight.is_empty();
                 // A wake-up from the file watcher is often tether's own
                 // write (applying the hub's changes). `data_version` moves
                 // only when another connection committed, so an unchanged
@@ -444,40 +445,45 @@ impl Session {
                         if only_wake && Some(v) == seen {
                             return Ok((None, v));
                         }
-                        Ok((
-                            Some((
-                                r.read_batch(after, MAX_BATCH_CHANGES, MAX_BATCH_BYTES)?,
-                                r.pending()?,
-                            )),
-                            v,
-                        ))
+                        let batch = r.read_batch(after, MAX_BATCH_CHANGES, MAX_BATCH_BYTES)?;
+                        if batch.changes.is_empty() && batch.through > after && idle {
+                            // Only rows of tables no longer synced: nothing
+                            // to send, mark them answered.
+                            r.apply_results(&batch, &[])?;
+                        }
+                        Ok((Some((batch, r.pending()?)), v))
                     })
                     .await??;
                 data_version = Some(version);
                 full_read = false;
-                let (changes, pending) = batch.unwrap_or_default();
+                let (read, pending) = batch.unwrap_or_default();
                 if !only_wake || data_version != seen {
                     self.status
                         .send_modify(|s| s.pending_changes = pending.changes);
                 }
                 let attempt = recheck.take().map(|r| r.1).unwrap_or(0);
-                if changes.is_empty() && woken && attempt < RECHECK_DELAYS.len() as u32 {
+                if read.changes.is_empty() && woken && attempt < RECHECK_DELAYS.len() as u32 {
                     recheck = Some((
                         Instant::now() + RECHECK_DELAYS[attempt as usize],
                         attempt + 1,
                     ));
                 }
                 woken = false;
-                if let Some(last_seq) = changes.last().map(|c| c.seq) {
+                if !read.changes.is_empty() {
                     let batch = self.next_batch;
                     self.next_batch += 1;
                     // A full batch means more may be waiting: read on, up to
                     // the in-flight window.
-                    let full = changes.len() >= MAX_BATCH_CHANGES
-                        || changes.iter().map(Change::wire_size).sum::<usize>() >= MAX_BATCH_BYTES / 2;
+                    let full = read.changes.len() >= MAX_BATCH_CHANGES / 2
+                        || read.changes.iter().map(Change::wire_size).sum::<usize>()
+                            >= MAX_BATCH_BYTES / 2;
                     upload_due |= full;
                     full_read |= full;
-                    let frame = ClientFrame::Upload(Upload { batch, acked, changes });
+                    let frame = ClientFrame::Upload(Upload {
+                        batch,
+                        acked,
+                        changes: read.changes,
+                    });
                     let bytes = proto::encode(&frame);
                     let ClientFrame::Upload(Upload { changes, .. }) = frame else {
                         unreachable!()
@@ -487,8 +493,10 @@ impl Session {
                         .map_err(ws_err)?;
                     inflight.push_back(Inflight {
                         batch,
-                        last_seq,
-                        changes,
+                        read: Batch {
+                            changes,
+                            through: read.through,
+                        },
                         deadline: Instant::now() + ACK_TIMEOUT,
                     });
                 }

@@ -105,8 +105,12 @@ impl SqliteStore {
         if let Some(id) = self.ids.lock().expect("BUG: poisoned").get(name) {
             return Ok(Some(*id));
         }
-        Ok(c.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| r.get(0))
-            .optional()?)
+        Ok(
+            c.query_row("SELECT id FROM datasets WHERE name = ?1", [name], |r| {
+                r.get(0)
+            })
+            .optional()?,
+        )
     }
 }
 
@@ -117,18 +121,17 @@ struct RowState {
 }
 
 fn load_row(c: &Connection, ds: i64, tbl: &str, pk: &[u8]) -> Result<Option<RowState>, StoreError> {
-    Ok(c
-        .prepare_cached(&format!(
-            "SELECT version, deleted, client_no FROM rows_{ds} WHERE tbl = ?1 AND pk = ?2"
-        ))?
-        .query_row(params![tbl, pk], |r| {
-            Ok(RowState {
-                version: r.get::<_, i64>(0)? as u64,
-                deleted: r.get(1)?,
-                client_no: r.get(2)?,
-            })
+    Ok(c.prepare_cached(&format!(
+        "SELECT version, deleted, client_no FROM rows_{ds} WHERE tbl = ?1 AND pk = ?2"
+    ))?
+    .query_row(params![tbl, pk], |r| {
+        Ok(RowState {
+            version: r.get::<_, i64>(0)? as u64,
+            deleted: r.get(1)?,
+            client_no: r.get(2)?,
         })
-        .optional()?)
+    })
+    .optional()?)
 }
 
 /// The row's current state, values read from its log entry.
@@ -293,8 +296,10 @@ impl HubStore for SqliteStore {
         let mut head: u64 = tx
             .prepare_cached("SELECT head FROM datasets WHERE id = ?1")?
             .query_row([ds], |r| r.get::<_, i64>(0))? as u64;
-        tx.prepare_cached("INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING")?
-            .execute(params![ds, client])?;
+        tx.prepare_cached(
+            "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![ds, client])?;
         let (client_no, hwm): (i64, i64) = tx
             .prepare_cached("SELECT no, last_seq FROM clients WHERE dataset = ?1 AND client = ?2")?
             .query_row(params![ds, client], |r| Ok((r.get(0)?, r.get(1)?)))?;
@@ -303,7 +308,8 @@ impl HubStore for SqliteStore {
             .execute(params![client_no, acked as i64])?;
         let mut remembered: HashMap<u64, Remembered> = HashMap::new();
         if changes.iter().any(|c| c.seq <= hwm) {
-            let mut stmt = tx.prepare_cached("SELECT results FROM client_batches WHERE client_no = ?1")?;
+            let mut stmt =
+                tx.prepare_cached("SELECT results FROM client_batches WHERE client_no = ?1")?;
             let mut rows = stmt.query([client_no])?;
             while let Some(r) = rows.next()? {
                 let blob: Vec<u8> = r.get(0)?;
@@ -337,7 +343,10 @@ impl HubStore for SqliteStore {
                         tracing::warn!(dataset, client, seq = ch.seq, "resent change whose answer was acknowledged; answered with the row's version");
                         let row = load_row(&tx, ds, &ch.table, &pk)?;
                         Outcome::Applied {
-                            version: row.filter(|r| r.client_no == client_no).map(|r| r.version).unwrap_or(0),
+                            version: row
+                                .filter(|r| r.client_no == client_no)
+                                .map(|r| r.version)
+                                .unwrap_or(0),
                         }
                     }
                 };
@@ -352,7 +361,10 @@ impl HubStore for SqliteStore {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
                         InvalidReason::DuplicateRow,
-                        format!("table {:?}: the same row appears twice in one batch", ch.table),
+                        format!(
+                            "table {:?}: the same row appears twice in one batch",
+                            ch.table
+                        ),
                     )
                 })
             });
