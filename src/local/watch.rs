@@ -50,8 +50,9 @@ pub fn watch(db: &Path, wake: mpsc::Sender<()>) -> notify::Result<FileWatch> {
     // waking us. The WAL exists while tether holds the database open (tether
     // switches it to WAL mode); without it, the directory is watched instead.
     let wal_path = dir.join(&wal);
-    if db.exists() && wal_path.exists() {
-        watcher.watch(&db, RecursiveMode::NonRecursive)?;
+    if wal_path.exists() {
+        // In WAL mode every commit appends to the WAL; the database file
+        // itself is only written by checkpoints, which carry no new data.
         watcher.watch(&wal_path, RecursiveMode::NonRecursive)?;
     } else {
         watcher.watch(&dir, RecursiveMode::NonRecursive)?;
