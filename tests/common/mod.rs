@@ -1,0 +1,256 @@
+//! Shared test helpers: a hub and daemons on 127.0.0.1 with temporary files,
+//! app connections, and waiting for conditions with a deadline.
+
+#![allow(dead_code)]
+
+use std::future::Future;
+use std::path::{Path, PathBuf};
+use std::time::{Duration, Instant};
+
+use rusqlite::Connection;
+use tether::config::{ConflictPolicy, DatabaseConfig};
+use tether::embedded::{database, EmbeddedDaemon, EmbeddedHub};
+use tether::session::{ConnectionState, Status};
+
+/// One overall deadline for any awaited condition in these tests.
+pub const DEADLINE: Duration = Duration::from_secs(30);
+
+/// Polls `cond` until it holds or the deadline passes. Each check is bounded
+/// and the loop ends at the deadline.
+pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
+where
+    F: FnMut() -> Fut,
+    Fut: Future<Output = bool>,
+{
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        if cond().await {
+            return;
+        }
+        assert!(
+            start.elapsed() < DEADLINE,
+            "timed out after {DEADLINE:?} waiting for {what}"
+        );
+        tick.tick().await;
+    }
+}
+
+/// Synchronous-condition variant of [`wait_for`].
+pub async fn wait_until(what: &str, mut cond: impl FnMut() -> bool) {
+    wait_for(what, || std::future::ready(cond())).await
+}
+
+pub const NOTES: &str =
+    "CREATE TABLE notes (id TEXT PRIMARY KEY, title TEXT, body TEXT, n INTEGER)";
+
+/// An app's own connection to its database.
+pub fn app(path: &Path, schema: &str) -> Connection {
+    let c = Connection::open(path).expect("open app db");
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    c.execute_batch(&format!("PRAGMA journal_mode = WAL; {schema};"))
+        .expect("create schema");
+    c
+}
+
+pub fn count(c: &Connection, table: &str) -> i64 {
+    c.query_row(&format!("SELECT count(*) FROM {table}"), [], |r| r.get(0))
+        .unwrap()
+}
+
+/// All rows of a table, ordered by its first column, as debug text with types.
+pub fn dump(c: &Connection, table: &str) -> Vec<String> {
+    let mut st = c
+        .prepare(&format!("SELECT * FROM {table} ORDER BY 1, 2"))
+        .unwrap();
+    let n = st.column_count();
+    st.query_map([], |r| {
+        let mut out = Vec::new();
+        for i in 0..n {
+            let v: rusqlite::types::Value = r.get(i)?;
+            out.push(format!("{v:?}"));
+        }
+        Ok(out.join("|"))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+/// A temporary directory with a hub.
+pub struct World {
+    pub dir: tempfile::TempDir,
+    pub hub: Option<EmbeddedHub>,
+    pub addr: String,
+    pub token: String,
+    config: tether::config::HubConfig,
+}
+
+impl World {
+    pub async fn new(datasets: &[(&str, &[&str])]) -> World {
+        let dir = tempfile::tempdir().unwrap();
+        let hub = EmbeddedHub::start(&dir.path().join("hub.db"), datasets, "127.0.0.1:0")
+            .await
+            .expect("hub starts");
+        World {
+            addr: hub.addr.to_string(),
+            token: hub.token.clone(),
+            config: hub.config.clone(),
+            hub: Some(hub),
+            dir,
+        }
+    }
+
+    pub fn url(&self) -> String {
+        format!("ws://{}/v1/sync", self.addr)
+    }
+
+    pub fn path(&self, name: &str) -> PathBuf {
+        self.dir.path().join(name)
+    }
+
+    pub fn hub(&self) -> &EmbeddedHub {
+        self.hub.as_ref().expect("hub running")
+    }
+
+    pub async fn stop_hub(&mut self) {
+        if let Some(h) = self.hub.take() {
+            h.stop().await;
+        }
+    }
+
+    /// Starts the hub again on the same port with the same store and token.
+    pub async fn start_hub(&mut self) {
+        let mut config = self.config.clone();
+        config.listen = self.addr.clone();
+        let hub = EmbeddedHub::start_with(config, self.token.clone())
+            .await
+            .expect("hub restarts on its port");
+        self.hub = Some(hub);
+    }
+
+    pub fn daemon(&self, dbs: Vec<DatabaseConfig>) -> EmbeddedDaemon {
+        EmbeddedDaemon::start(&self.url(), &self.token, dbs)
+    }
+
+    /// A daemon syncing one database file of this world.
+    pub fn daemon_for(
+        &self,
+        file: &str,
+        tables: &[&str],
+        policy: ConflictPolicy,
+    ) -> EmbeddedDaemon {
+        self.daemon(vec![database("db", self.path(file), tables, policy)])
+    }
+}
+
+pub fn status(d: &EmbeddedDaemon, name: &str) -> Status {
+    d.status(name).borrow().clone()
+}
+
+/// Waits until the session is connected, caught up and has nothing pending.
+pub async fn wait_idle(d: &EmbeddedDaemon, name: &str) {
+    let rx = d.status(name);
+    wait_until(&format!("{name} idle"), || {
+        let s = rx.borrow();
+        s.connection == ConnectionState::Connected && s.caught_up && s.pending_changes == 0
+    })
+    .await;
+}
+
+/// Waits until both apps hold the same rows of `table`.
+pub async fn wait_converged(a: &Connection, b: &Connection, table: &str) {
+    let start = Instant::now();
+    let mut tick = tokio::time::interval(Duration::from_millis(10));
+    loop {
+        let (da, db) = (dump(a, table), dump(b, table));
+        if da == db {
+            return;
+        }
+        if start.elapsed() > DEADLINE {
+            panic!(
+                "{table} did not converge within {DEADLINE:?}: A has {} rows, B has {}; first difference: {:?}",
+                da.len(),
+                db.len(),
+                da.iter().zip(&db).find(|(x, y)| x != y)
+            );
+        }
+        tick.tick().await;
+    }
+}
+
+pub type RawWs =
+    tokio_tungstenite::WebSocketStream<tokio_tungstenite::MaybeTlsStream<tokio::net::TcpStream>>;
+
+/// A hand-driven protocol client, for feeding the hub bad input.
+pub async fn raw_connect(
+    url: &str,
+    token: Option<&str>,
+    dataset: Option<&str>,
+) -> Result<RawWs, tokio_tungstenite::tungstenite::Error> {
+    use tokio_tungstenite::tungstenite::client::IntoClientRequest;
+    let mut req = url.into_client_request().unwrap();
+    if let Some(t) = token {
+        req.headers_mut()
+            .insert("authorization", format!("Bearer {t}").parse().unwrap());
+    }
+    if let Some(d) = dataset {
+        req.headers_mut()
+            .insert("tether-dataset", d.parse().unwrap());
+    }
+    tokio_tungstenite::connect_async(req)
+        .await
+        .map(|(ws, _)| ws)
+}
+
+pub async fn raw_send(ws: &mut RawWs, bytes: Vec<u8>) {
+    use futures_util::SinkExt;
+    ws.send(tokio_tungstenite::tungstenite::Message::Binary(
+        bytes.into(),
+    ))
+    .await
+    .unwrap();
+}
+
+/// The next hub frame, or None when the connection closed.
+pub async fn raw_recv(ws: &mut RawWs) -> Option<tether::proto::HubFrame> {
+    use futures_util::StreamExt;
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("hub answers within the deadline")?;
+        match m {
+            Ok(tokio_tungstenite::tungstenite::Message::Binary(b)) => {
+                return Some(tether::proto::decode(&b).expect("hub frames decode"))
+            }
+            Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// A valid hello for the notes table of [`NOTES`].
+pub fn notes_hello(dataset: &str, client: &str) -> tether::proto::ClientFrame {
+    let cols: Vec<String> = ["id", "title", "body", "n"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    let types: Vec<String> = ["TEXT", "TEXT", "TEXT", "INTEGER"]
+        .iter()
+        .map(|s| s.to_string())
+        .collect();
+    tether::proto::ClientFrame::Hello(tether::proto::Hello {
+        protocol: tether::proto::PROTOCOL_VERSION,
+        client_id: client.into(),
+        dataset: dataset.into(),
+        cursor: 0,
+        tables: vec![tether::proto::TableSchema {
+            name: "notes".into(),
+            fingerprint: tether::local::schema::fingerprint("notes", &cols, &types, &[0]),
+            columns: cols,
+            types,
+            pk: vec![0],
+        }],
+        echo_own: false,
+    })
+}
