@@ -370,6 +370,12 @@ impl Session {
             };
             match ev {
                 Event::Inbound(None) => return Ok(()),
+                Event::Inbound(Some(Err(tokio_tungstenite::tungstenite::Error::Capacity(e)))) => {
+                    return Err(Refusal::new(
+                        ErrorCode::FrameTooLarge,
+                        format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
+                    ));
+                }
                 Event::Inbound(Some(Err(e))) => {
                     tracing::info!(error = %e, "connection lost");
                     return Ok(());
