@@ -1,0 +1,240 @@
+//! Protocol test vectors: `proto/vectors.json` holds, for each frame, its
+//! MessagePack bytes (hex) beside a readable JSON form. The test decodes the
+//! bytes, checks the readable form, and re-encodes to the same bytes.
+//!
+//! `TETHER_WRITE_VECTORS=1 cargo test --test vectors` rewrites the file from
+//! the frames below (review the diff: a changed vector is a protocol change).
+
+use std::collections::BTreeMap;
+
+use serde::{Deserialize, Serialize};
+use tether::proto::*;
+
+#[derive(Serialize, Deserialize)]
+struct Vector {
+    name: String,
+    direction: String,
+    hex: String,
+    readable: serde_json::Value,
+}
+
+enum Frame {
+    Client(ClientFrame),
+    Hub(HubFrame),
+}
+
+fn frames() -> Vec<(&'static str, Frame)> {
+    let values = vec![
+        Value::Text("n1".into()),
+        Value::Integer(-42),
+        Value::Real(0.1),
+        Value::Blob(vec![0, 1, 255]),
+        Value::Null,
+    ];
+    let schema = TableSchema {
+        name: "notes".into(),
+        columns: vec!["id".into(), "n".into(), "r".into(), "b".into(), "x".into()],
+        types: vec!["TEXT".into(), "INTEGER".into(), "REAL".into(), "BLOB".into(), "".into()],
+        pk: vec![0],
+        fingerprint: tether::local::schema::fingerprint(
+            "notes",
+            &["id".into(), "n".into(), "r".into(), "b".into(), "x".into()],
+            &["TEXT".into(), "INTEGER".into(), "REAL".into(), "BLOB".into(), "".into()],
+            &[0],
+        ),
+    };
+    let server = ServerRow {
+        version: 9,
+        deleted: false,
+        values: values.clone(),
+    };
+    let results = vec![
+        ChangeResult {
+            seq: 7,
+            outcome: Outcome::Applied { version: 12 },
+        },
+        ChangeResult {
+            seq: 8,
+            outcome: Outcome::Conflict { server },
+        },
+        ChangeResult {
+            seq: 9,
+            outcome: Outcome::Invalid {
+                reason: InvalidReason::WrongColumnCount,
+                message: "table \"notes\": row has 2 values, the table has 5 columns".into(),
+            },
+        },
+    ];
+    vec![
+        (
+            "hello",
+            Frame::Client(ClientFrame::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                client_id: "6f1c0c1e-4d0a-4c59-9a3e-0c5d1b2a9f10".into(),
+                dataset: "notes".into(),
+                cursor: 41,
+                tables: vec![schema],
+                echo_own: false,
+            })),
+        ),
+        (
+            "upload",
+            Frame::Client(ClientFrame::Upload(Upload {
+                batch: 3,
+                acked: 6,
+                changes: vec![
+                    Change {
+                        seq: 7,
+                        table: "notes".into(),
+                        op: Op::Upsert,
+                        pk: vec![Value::Text("n1".into())],
+                        values: values.clone(),
+                        base: 0,
+                        mask: u64::MAX,
+                    },
+                    Change {
+                        seq: 8,
+                        table: "notes".into(),
+                        op: Op::Delete,
+                        pk: vec![Value::Text("n2".into())],
+                        values: vec![],
+                        base: 5,
+                        mask: 0,
+                    },
+                ],
+            })),
+        ),
+        (
+            "welcome",
+            Frame::Hub(HubFrame::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                head: 120,
+                access: Access::ReadWrite,
+                client_seq: 6,
+            })),
+        ),
+        (
+            "changes",
+            Frame::Hub(HubFrame::Changes(Changes {
+                changes: vec![
+                    RemoteChange {
+                        version: 42,
+                        table: "notes".into(),
+                        op: Op::Upsert,
+                        pk: vec![Value::Text("n1".into())],
+                        values,
+                    },
+                    RemoteChange {
+                        version: 44,
+                        table: "notes".into(),
+                        op: Op::Delete,
+                        pk: vec![Value::Text("n3".into())],
+                        values: vec![],
+                    },
+                ],
+                up_to: 44,
+                head: 120,
+            })),
+        ),
+        ("caught_up", Frame::Hub(HubFrame::CaughtUp(CaughtUp { head: 120 }))),
+        (
+            "upload_result",
+            Frame::Hub(HubFrame::UploadResult(UploadResult {
+                batch: 3,
+                summary: UploadSummary::of(&results),
+                results,
+            })),
+        ),
+        (
+            "upload_result_materialize_error",
+            Frame::Hub(HubFrame::UploadResult(UploadResult {
+                batch: 4,
+                results: vec![ChangeResult {
+                    seq: 10,
+                    outcome: Outcome::MaterializeError {
+                        message: "hub store: database is locked".into(),
+                    },
+                }],
+                summary: UploadSummary {
+                    total: 1,
+                    materialize_error: 1,
+                    first_error: Some("hub store: database is locked".into()),
+                    invalid_reasons: BTreeMap::new(),
+                    ..Default::default()
+                },
+            })),
+        ),
+        (
+            "error",
+            Frame::Hub(HubFrame::Error(ErrorFrame {
+                code: ErrorCode::SchemaMismatch,
+                message: "table \"notes\" of dataset \"notes\" has schema 1a2b3c4d5e6f here but 0f9e8d7c6b5a on the hub".into(),
+            })),
+        ),
+    ]
+}
+
+const PATH: &str = concat!(env!("CARGO_MANIFEST_DIR"), "/proto/vectors.json");
+
+#[test]
+fn vectors_decode_and_reencode_exactly() {
+    let built: Vec<Vector> = frames()
+        .into_iter()
+        .map(|(name, f)| {
+            let (direction, bytes, readable) = match &f {
+                Frame::Client(c) => ("client_to_hub", encode(c), serde_json::to_value(c).unwrap()),
+                Frame::Hub(h) => ("hub_to_client", encode(h), serde_json::to_value(h).unwrap()),
+            };
+            Vector {
+                name: name.into(),
+                direction: direction.into(),
+                hex: hex::encode(bytes),
+                readable,
+            }
+        })
+        .collect();
+    if std::env::var_os("TETHER_WRITE_VECTORS").is_some() {
+        std::fs::write(PATH, serde_json::to_string_pretty(&built).unwrap() + "\n").unwrap();
+    }
+    let stored: Vec<Vector> =
+        serde_json::from_str(&std::fs::read_to_string(PATH).expect("proto/vectors.json exists"))
+            .expect("vectors parse");
+    assert_eq!(stored.len(), built.len(), "one stored vector per frame kind");
+    for v in &stored {
+        let bytes = hex::decode(&v.hex).unwrap();
+        let (readable, reencoded) = match v.direction.as_str() {
+            "client_to_hub" => {
+                let f: ClientFrame = decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+                (serde_json::to_value(&f).unwrap(), encode(&f))
+            }
+            "hub_to_client" => {
+                let f: HubFrame = decode(&bytes).unwrap_or_else(|e| panic!("{}: {e}", v.name));
+                (serde_json::to_value(&f).unwrap(), encode(&f))
+            }
+            d => panic!("unknown direction {d}"),
+        };
+        assert_eq!(readable, v.readable, "{}: decoded frame differs from its readable form", v.name);
+        assert_eq!(hex::encode(reencoded), v.hex, "{}: re-encoding changed the bytes", v.name);
+        let mine = built.iter().find(|b| b.name == v.name).expect("known vector");
+        assert_eq!(mine.hex, v.hex, "{}: this build encodes the frame differently", v.name);
+    }
+}
+
+#[test]
+fn values_use_native_messagepack_types() {
+    // nil, int, float64, str, bin: the first byte gives the type.
+    let enc = |v: &Value| rmp_serde::to_vec(v).unwrap();
+    assert_eq!(enc(&Value::Null), vec![0xc0]);
+    assert_eq!(enc(&Value::Integer(1)), vec![0x01]);
+    assert_eq!(enc(&Value::Integer(i64::MIN))[0], 0xd3);
+    assert_eq!(enc(&Value::Real(1.0))[0], 0xcb);
+    assert_eq!(enc(&Value::Text("a".into())), vec![0xa1, b'a']);
+    assert_eq!(enc(&Value::Blob(vec![7])), vec![0xc4, 1, 7]);
+    // A uint64 beyond i64 is refused with a clear message, not wrapped.
+    let err = rmp_serde::from_slice::<Value>(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+        .unwrap_err()
+        .to_string();
+    assert!(err.contains("out of SQLite's 64-bit signed range"), "{err}");
+    // A boolean is not a SQLite value.
+    assert!(rmp_serde::from_slice::<Value>(&[0xc3]).is_err());
+}
