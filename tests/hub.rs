@@ -61,9 +61,13 @@ async fn wrong_missing_or_out_of_scope_tokens_are_refused() {
     let url = hub.url();
     let no_token = raw_connect(&url, None, Some("notes")).await.unwrap_err();
     assert_eq!(http_status(no_token), 401);
-    let wrong = raw_connect(&url, Some("not-a-token"), Some("notes")).await.unwrap_err();
+    let wrong = raw_connect(&url, Some("not-a-token"), Some("notes"))
+        .await
+        .unwrap_err();
     assert_eq!(http_status(wrong), 401);
-    let scoped = raw_connect(&url, Some(&other_only), Some("notes")).await.unwrap_err();
+    let scoped = raw_connect(&url, Some(&other_only), Some("notes"))
+        .await
+        .unwrap_err();
     assert_eq!(http_status(scoped), 403);
     // Without the dataset header the refusal comes as an error frame.
     let mut ws = raw_connect(&url, Some(&other_only), None).await.unwrap();
@@ -75,14 +79,25 @@ async fn wrong_missing_or_out_of_scope_tokens_are_refused() {
         }
         other => panic!("expected forbidden, got {other:?}"),
     }
-    assert!(raw_recv(&mut ws).await.is_none(), "connection closed after a fatal error");
+    assert!(
+        raw_recv(&mut ws).await.is_none(),
+        "connection closed after a fatal error"
+    );
     // A read-only token may download; its uploads are refused, never applied.
-    let mut ws = raw_connect(&url, Some(&other_only), Some("other")).await.unwrap();
+    let mut ws = raw_connect(&url, Some(&other_only), Some("other"))
+        .await
+        .unwrap();
     raw_send(&mut ws, proto::encode(&notes_hello("other", "c2"))).await;
-    let Some(HubFrame::Welcome(w)) = raw_recv(&mut ws).await else { panic!("welcome") };
+    let Some(HubFrame::Welcome(w)) = raw_recv(&mut ws).await else {
+        panic!("welcome")
+    };
     assert_eq!(w.access, proto::Access::ReadOnly);
     let _caught_up = raw_recv(&mut ws).await;
-    raw_send(&mut ws, proto::encode(&upload(1, vec![row_change(1, "x", 4)]))).await;
+    raw_send(
+        &mut ws,
+        proto::encode(&upload(1, vec![row_change(1, "x", 4)])),
+    )
+    .await;
     match raw_recv(&mut ws).await {
         Some(HubFrame::Error(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
         other => panic!("expected forbidden, got {other:?}"),
@@ -139,7 +154,9 @@ fn upload(batch: u64, changes: Vec<Change>) -> ClientFrame {
 
 /// Opens a raw session on dataset `db` and reads up to `caught_up`.
 async fn raw_session(world: &World, client: &str) -> RawWs {
-    let mut ws = raw_connect(&world.url(), Some(&world.token), Some("db")).await.unwrap();
+    let mut ws = raw_connect(&world.url(), Some(&world.token), Some("db"))
+        .await
+        .unwrap();
     raw_send(&mut ws, proto::encode(&notes_hello("db", client))).await;
     loop {
         match raw_recv(&mut ws).await {
@@ -166,7 +183,11 @@ async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     let expect_error = |f: Option<HubFrame>, code: ErrorCode, needle: &str| match f {
         Some(HubFrame::Error(e)) => {
             assert_eq!(e.code, code, "{}", e.message);
-            assert!(e.message.contains(needle), "{:?} lacks {needle:?}", e.message);
+            assert!(
+                e.message.contains(needle),
+                "{:?} lacks {needle:?}",
+                e.message
+            );
         }
         other => panic!("expected {code:?}, got {other:?}"),
     };
@@ -174,11 +195,23 @@ async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     // Garbage instead of a hello.
     let mut ws = raw_connect(&url, Some(&token), None).await.unwrap();
     raw_send(&mut ws, vec![0xc1, 0xff, 0x00, 0x13]).await;
-    expect_error(raw_recv(&mut ws).await, ErrorCode::MalformedFrame, "malformed");
+    expect_error(
+        raw_recv(&mut ws).await,
+        ErrorCode::MalformedFrame,
+        "malformed",
+    );
     // An unknown frame type.
     let mut ws = raw_connect(&url, Some(&token), None).await.unwrap();
-    raw_send(&mut ws, rmp_serde::to_vec_named(&serde_json::json!({"launch": {"x": 1}})).unwrap()).await;
-    expect_error(raw_recv(&mut ws).await, ErrorCode::MalformedFrame, "unknown variant");
+    raw_send(
+        &mut ws,
+        rmp_serde::to_vec_named(&serde_json::json!({"launch": {"x": 1}})).unwrap(),
+    )
+    .await;
+    expect_error(
+        raw_recv(&mut ws).await,
+        ErrorCode::MalformedFrame,
+        "unknown variant",
+    );
     // A wrong protocol version, an unknown dataset, an undeclared table.
     let mut hello = notes_hello("db", "c");
     if let ClientFrame::Hello(h) = &mut hello {
@@ -189,15 +222,28 @@ async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     expect_error(raw_recv(&mut ws).await, ErrorCode::UnsupportedVersion, "99");
     let mut ws = raw_connect(&url, Some(&token), None).await.unwrap();
     raw_send(&mut ws, proto::encode(&notes_hello("nope", "c"))).await;
-    expect_error(raw_recv(&mut ws).await, ErrorCode::UnknownDataset, "\"nope\"");
+    expect_error(
+        raw_recv(&mut ws).await,
+        ErrorCode::UnknownDataset,
+        "\"nope\"",
+    );
     let mut hello = notes_hello("db", "c");
     if let ClientFrame::Hello(h) = &mut hello {
         h.tables[0].name = "secrets".into();
-        h.tables[0].fingerprint = tether::local::schema::fingerprint("secrets", &h.tables[0].columns, &h.tables[0].types, &h.tables[0].pk);
+        h.tables[0].fingerprint = tether::local::schema::fingerprint(
+            "secrets",
+            &h.tables[0].columns,
+            &h.tables[0].types,
+            &h.tables[0].pk,
+        );
     }
     let mut ws = raw_connect(&url, Some(&token), None).await.unwrap();
     raw_send(&mut ws, proto::encode(&hello)).await;
-    expect_error(raw_recv(&mut ws).await, ErrorCode::UnknownTable, "\"secrets\"");
+    expect_error(
+        raw_recv(&mut ws).await,
+        ErrorCode::UnknownTable,
+        "\"secrets\"",
+    );
     // An upload before hello.
     let mut ws = raw_connect(&url, Some(&token), None).await.unwrap();
     raw_send(&mut ws, proto::encode(&upload(1, vec![]))).await;
@@ -262,7 +308,8 @@ async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     wait_until("B got the one good row", || count(&b, "notes") == 1).await;
 
     // Meanwhile the daemons kept syncing.
-    a.execute("INSERT INTO notes VALUES ('after', 't', 'b', 2)", []).unwrap();
+    a.execute("INSERT INTO notes VALUES ('after', 't', 'b', 2)", [])
+        .unwrap();
     wait_converged(&a, &b, "notes").await;
     da.stop().await;
     db.stop().await;
@@ -273,7 +320,9 @@ async fn oversized_frames_are_refused_without_hurting_the_hub() {
     let world = World::new(&[("db", &["notes"])]).await;
     let mut ws = raw_session(&world, "big").await;
     use futures_util::SinkExt;
-    let big = tokio_tungstenite::tungstenite::Message::Binary(vec![0x90; proto::MAX_FRAME_BYTES + 1].into());
+    let big = tokio_tungstenite::tungstenite::Message::Binary(
+        vec![0x90; proto::MAX_FRAME_BYTES + 1].into(),
+    );
     // The hub may cut the connection while the frame is still being written.
     if ws.send(big).await.is_ok() {
         match raw_recv(&mut ws).await {

@@ -34,12 +34,24 @@ fn frames() -> Vec<(&'static str, Frame)> {
     let schema = TableSchema {
         name: "notes".into(),
         columns: vec!["id".into(), "n".into(), "r".into(), "b".into(), "x".into()],
-        types: vec!["TEXT".into(), "INTEGER".into(), "REAL".into(), "BLOB".into(), "".into()],
+        types: vec![
+            "TEXT".into(),
+            "INTEGER".into(),
+            "REAL".into(),
+            "BLOB".into(),
+            "".into(),
+        ],
         pk: vec![0],
         fingerprint: tether::local::schema::fingerprint(
             "notes",
             &["id".into(), "n".into(), "r".into(), "b".into(), "x".into()],
-            &["TEXT".into(), "INTEGER".into(), "REAL".into(), "BLOB".into(), "".into()],
+            &[
+                "TEXT".into(),
+                "INTEGER".into(),
+                "REAL".into(),
+                "BLOB".into(),
+                "".into(),
+            ],
             &[0],
         ),
     };
@@ -199,7 +211,11 @@ fn vectors_decode_and_reencode_exactly() {
     let stored: Vec<Vector> =
         serde_json::from_str(&std::fs::read_to_string(PATH).expect("proto/vectors.json exists"))
             .expect("vectors parse");
-    assert_eq!(stored.len(), built.len(), "one stored vector per frame kind");
+    assert_eq!(
+        stored.len(),
+        built.len(),
+        "one stored vector per frame kind"
+    );
     for v in &stored {
         let bytes = hex::decode(&v.hex).unwrap();
         let (readable, reencoded) = match v.direction.as_str() {
@@ -213,10 +229,26 @@ fn vectors_decode_and_reencode_exactly() {
             }
             d => panic!("unknown direction {d}"),
         };
-        assert_eq!(readable, v.readable, "{}: decoded frame differs from its readable form", v.name);
-        assert_eq!(hex::encode(reencoded), v.hex, "{}: re-encoding changed the bytes", v.name);
-        let mine = built.iter().find(|b| b.name == v.name).expect("known vector");
-        assert_eq!(mine.hex, v.hex, "{}: this build encodes the frame differently", v.name);
+        assert_eq!(
+            readable, v.readable,
+            "{}: decoded frame differs from its readable form",
+            v.name
+        );
+        assert_eq!(
+            hex::encode(reencoded),
+            v.hex,
+            "{}: re-encoding changed the bytes",
+            v.name
+        );
+        let mine = built
+            .iter()
+            .find(|b| b.name == v.name)
+            .expect("known vector");
+        assert_eq!(
+            mine.hex, v.hex,
+            "{}: this build encodes the frame differently",
+            v.name
+        );
     }
 }
 
@@ -231,9 +263,10 @@ fn values_use_native_messagepack_types() {
     assert_eq!(enc(&Value::Text("a".into())), vec![0xa1, b'a']);
     assert_eq!(enc(&Value::Blob(vec![7])), vec![0xc4, 1, 7]);
     // A uint64 beyond i64 is refused with a clear message, not wrapped.
-    let err = rmp_serde::from_slice::<Value>(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
-        .unwrap_err()
-        .to_string();
+    let err =
+        rmp_serde::from_slice::<Value>(&[0xcf, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff, 0xff])
+            .unwrap_err()
+            .to_string();
     assert!(err.contains("out of SQLite's 64-bit signed range"), "{err}");
     // A boolean is not a SQLite value.
     assert!(rmp_serde::from_slice::<Value>(&[0xc3]).is_err());

@@ -124,6 +124,8 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut grant: Option<Grant> = None;
+    // The error type is tungstenite's HTTP response; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
         let auth = req
             .headers()

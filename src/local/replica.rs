@@ -242,15 +242,36 @@ impl Replica {
             conn.execute_batch(schema::BASE_SQL)?;
             let mut out = Vec::new();
             for (t, policy) in found {
-                conn.execute(
-                    "INSERT INTO _tether_tables (name) VALUES (?1) ON CONFLICT (name) DO NOTHING",
-                    [&t.name],
-                )?;
-                let id: i64 = conn.query_row(
-                    "SELECT id FROM _tether_tables WHERE name = ?1",
-                    [&t.name],
-                    |r| r.get(0),
-                )?;
+                let known: Option<i64> = conn
+                    .query_row(
+                        "SELECT id FROM _tether_tables WHERE name = ?1",
+                        [&t.name],
+                        |r| r.get(0),
+                    )
+                    .optional()?;
+                let id = match known {
+                    Some(id) => id,
+                    None => {
+                        conn.execute("INSERT INTO _tether_tables (name) VALUES (?1)", [&t.name])?;
+                        let id = conn.last_insert_rowid();
+                        // First time this table is synced: the rows it already
+                        // holds are captured too, in the same transaction that
+                        // installs the triggers, so no write falls between.
+                        let n = conn.execute(
+                            &format!(
+                                "INSERT INTO _tether_log (tbl, op, mask, {}) SELECT {id}, 1, -1, {} FROM {}",
+                                t.key_cols(),
+                                t.pk_cols(),
+                                ident(&t.name)
+                            ),
+                            [],
+                        )?;
+                        if n > 0 {
+                            tracing::info!(db = name, table = %t.name, rows = n, "captured the rows the table already held");
+                        }
+                        id
+                    }
+                };
                 conn.execute_batch(&t.install_sql(id))?;
                 out.push(Tbl::new(id, t, policy));
             }
