@@ -30,6 +30,8 @@ pub const BUSY_TIMEOUT: Duration = Duration::from_secs(5);
 pub enum LocalError {
     #[error(transparent)]
     Schema(#[from] SchemaError),
+    #[error("database {db}: file {path} does not exist; tether syncs the app's database and does not create it: start the app first or fix `path`")]
+    Missing { db: String, path: String },
     #[error("opening {path}: {source}")]
     Open {
         path: String,
@@ -207,9 +209,9 @@ impl Replica {
         tables: &[(String, ConflictPolicy)],
     ) -> Result<Replica, LocalError> {
         if !path.exists() {
-            return Err(LocalError::Open {
+            return Err(LocalError::Missing {
+                db: name.to_owned(),
                 path: path.display().to_string(),
-                source: rusqlite::Error::InvalidPath(path.to_path_buf()),
             });
         }
         let conn = Connection::open(path).map_err(|source| LocalError::Open {
