@@ -69,7 +69,10 @@ fn config_errors_name_the_file_and_key_and_exit_78() {
     }
     let (code, _, err) = run(tether().args(["daemon", "--config", "/nonexistent/tether.toml"]));
     assert_eq!(code, 78);
-    assert!(err.contains("cannot read config file /nonexistent/tether.toml"), "{err}");
+    assert!(
+        err.contains("cannot read config file /nonexistent/tether.toml"),
+        "{err}"
+    );
 }
 
 #[test]
@@ -98,7 +101,15 @@ fn hub_config_errors_are_precise() {
 
 #[test]
 fn new_token_prints_a_token_and_its_matching_block() {
-    let (code, out, err) = run(tether().args(["hub", "new-token", "--name", "kiosk", "--dataset", "notes", "--read-only"]));
+    let (code, out, err) = run(tether().args([
+        "hub",
+        "new-token",
+        "--name",
+        "kiosk",
+        "--dataset",
+        "notes",
+        "--read-only",
+    ]));
     assert_eq!(code, 0, "{err}");
     let token = out
         .lines()
