@@ -919,3 +919,195 @@ fn apply_deferred(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqli
     }
     set_ver(c, t, pk, dv as u64)
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn setup() -> (tempfile::TempDir, Connection, Replica) {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch(
+            "CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT, b TEXT);
+             INSERT INTO t VALUES (1, 'before', 'x');",
+        )
+        .unwrap();
+        let r = Replica::open("t", &path, &[("t".into(), ConflictPolicy::MergeColumns)]).unwrap();
+        (dir, app, r)
+    }
+
+    #[test]
+    fn rows_present_before_the_first_sync_are_captured() {
+        let (_d, _app, r) = setup();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(b.changes.len(), 1);
+        assert_eq!(b.changes[0].values[1], Value::Text("before".into()));
+    }
+
+    #[test]
+    fn writes_to_one_row_coalesce_and_the_last_value_wins() {
+        let (_d, app, mut r) = setup();
+        let first = r.read_batch(0, 100, 1 << 20).unwrap();
+        r.apply_results(
+            &first,
+            &[ChangeResult {
+                seq: first.changes[0].seq,
+                outcome: Outcome::Applied { version: 1 },
+            }],
+        )
+        .unwrap();
+        app.execute_batch(
+            "UPDATE t SET a = 'one' WHERE id = 1;
+             UPDATE t SET b = 'two' WHERE id = 1;
+             UPDATE t SET a = 'three' WHERE id = 1;
+             INSERT INTO t VALUES (2, 'new', NULL);
+             DELETE FROM t WHERE id = 2;",
+        )
+        .unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(b.changes.len(), 2);
+        let row1 = b
+            .changes
+            .iter()
+            .find(|c| c.pk == vec![Value::Integer(1)])
+            .unwrap();
+        assert_eq!(row1.op, Op::Upsert);
+        assert_eq!(row1.values[1], Value::Text("three".into()));
+        // Columns a (bit 1) and b (bit 2) were touched, the key was not.
+        assert_eq!(row1.mask, 0b110);
+        let row2 = b
+            .changes
+            .iter()
+            .find(|c| c.pk == vec![Value::Integer(2)])
+            .unwrap();
+        assert_eq!(row2.op, Op::Delete);
+        assert_eq!(r.pending().unwrap().changes, 5);
+    }
+
+    #[test]
+    fn tethers_own_writes_are_not_captured() {
+        let (_d, _app, mut r) = setup();
+        let first = r.read_batch(0, 100, 1 << 20).unwrap();
+        r.apply_results(&first, &[]).unwrap();
+        r.apply_remote(
+            &[RemoteChange {
+                version: 5,
+                table: "t".into(),
+                op: Op::Upsert,
+                pk: vec![Value::Integer(9)],
+                values: vec![Value::Integer(9), Value::Text("hub".into()), Value::Null],
+            }],
+            5,
+        )
+        .unwrap();
+        assert_eq!(r.pending().unwrap().changes, 0);
+        assert_eq!(r.cursor().unwrap(), 5);
+        // The same change again is ignored (version not newer).
+        assert_eq!(
+            r.apply_remote(
+                &[RemoteChange {
+                    version: 5,
+                    table: "t".into(),
+                    op: Op::Delete,
+                    pk: vec![Value::Integer(9)],
+                    values: vec![],
+                }],
+                5,
+            )
+            .unwrap(),
+            0
+        );
+    }
+
+    #[test]
+    fn sequence_numbers_are_never_reused() {
+        let (_d, app, mut r) = setup();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        let seq1 = b.changes[0].seq;
+        r.apply_results(&b, &[]).unwrap();
+        app.execute("UPDATE t SET a = 'again' WHERE id = 1", [])
+            .unwrap();
+        let b2 = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(b2.changes[0].seq > seq1);
+        r.apply_results(&b2, &[]).unwrap();
+        app.execute("UPDATE t SET a = 'and again' WHERE id = 1", [])
+            .unwrap();
+        let b3 = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(b3.changes[0].seq > b2.changes[0].seq);
+    }
+
+    #[test]
+    fn a_database_restored_from_a_backup_renumbers_above_the_hub() {
+        let (_d, app, mut r) = setup();
+        // The hub has seen seq 1000 from this client; the local log is at 1.
+        assert!(r.ensure_seq_above(1000).unwrap());
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(b.changes[0].seq > 1000, "pending change renumbered");
+        r.apply_results(&b, &[]).unwrap();
+        app.execute("UPDATE t SET a = 'later' WHERE id = 1", [])
+            .unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(
+            b.changes[0].seq > 1000,
+            "new writes numbered above the hub's mark"
+        );
+        assert!(
+            !r.ensure_seq_above(1000).unwrap(),
+            "nothing to do the second time"
+        );
+    }
+
+    #[test]
+    fn a_batch_cut_by_size_keeps_the_rows_it_did_not_send() {
+        let (_d, app, mut r) = setup();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        r.apply_results(&b, &[]).unwrap();
+        let big = "x".repeat(1000);
+        for i in 10..20 {
+            app.execute("INSERT INTO t VALUES (?1, ?2, NULL)", params![i, big])
+                .unwrap();
+        }
+        let b = r.read_batch(0, 100, 3000).unwrap();
+        assert!(b.changes.len() < 10 && !b.changes.is_empty());
+        r.apply_results(&b, &[]).unwrap();
+        let rest = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(b.changes.len() + rest.changes.len(), 10);
+    }
+
+    #[test]
+    fn tables_without_key_or_missing_are_refused_with_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        Connection::open(&path)
+            .unwrap()
+            .execute_batch("CREATE TABLE nokey (a, b)")
+            .unwrap();
+        let err = Replica::open(
+            "mydb",
+            &path,
+            &[("nokey".into(), ConflictPolicy::ServerWins)],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(
+            err.contains("mydb") && err.contains("\"nokey\"") && err.contains("PRIMARY KEY"),
+            "{err}"
+        );
+        let err = Replica::open(
+            "mydb",
+            &path,
+            &[("ghost".into(), ConflictPolicy::ServerWins)],
+        )
+        .err()
+        .unwrap()
+        .to_string();
+        assert!(err.contains("\"ghost\" does not exist"), "{err}");
+        let err = Replica::open("mydb", &dir.path().join("none.db"), &[])
+            .err()
+            .unwrap()
+            .to_string();
+        assert!(err.contains("does not exist"), "{err}");
+    }
+}
