@@ -99,6 +99,7 @@ struct Tbl {
     sql_set_ver_exact: String,
     sql_set_ver_if_newer: String,
     sql_log: String,
+    sql_row_and_version: String,
 }
 
 impl Tbl {
@@ -163,6 +164,15 @@ impl Tbl {
             sql_set_ver_exact: set_ver("DO UPDATE SET version = excluded.version"),
             sql_set_ver_if_newer: set_ver(
                 "DO UPDATE SET version = excluded.version WHERE excluded.version > version",
+            ),
+            sql_row_and_version: format!(
+                "SELECT COALESCE(v.version, 0), r.{first} IS NOT NULL, {rcols} FROM (SELECT {kparams}) k
+                 LEFT JOIN {name} r ON {rjoin} LEFT JOIN {ver} v ON {vjoin}",
+                first = cols[t.pk[0]],
+                rcols = cols.iter().map(|c| format!("r.{c}")).collect::<Vec<_>>().join(", "),
+                kparams = (0..nk).map(|i| format!("?{} AS k{i}", i + 1)).collect::<Vec<_>>().join(", "),
+                rjoin = t.pk.iter().enumerate().map(|(i, &c)| format!("r.{} = k.k{i}", cols[c])).collect::<Vec<_>>().join(" AND "),
+                vjoin = (0..nk).map(|i| format!("v.k{i} = k.k{i}")).collect::<Vec<_>>().join(" AND "),
             ),
             sql_log: format!(
                 "INSERT INTO _tether_log (tbl, op, mask, {keys}) VALUES ({id}, ?{}, ?{}, {})",
@@ -483,8 +493,7 @@ impl Replica {
             let name = &self.by_id[&en.key.0];
             let tbl = &self.tables[name];
             let pk = &en.key.1;
-            let values = select_row(&tx, tbl, pk).map_err(&e)?;
-            let base = get_ver(&tx, tbl, pk).map_err(&e)?;
+            let (values, base) = row_and_version(&tx, tbl, pk).map_err(&e)?;
             let (op, values) = match values {
                 Some(v) => (Op::Upsert, v),
                 None => (Op::Delete, Vec::new()),
@@ -820,6 +829,31 @@ fn set_ver_exact(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlit
     c.prepare_cached(&t.sql_set_ver_exact)?
         .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))?;
     Ok(())
+}
+
+/// The row's current values (None when absent) and its local version, in
+/// one statement.
+fn row_and_version(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+) -> rusqlite::Result<(Option<Vec<Value>>, u64)> {
+    let n = t.t.columns.len();
+    c.prepare_cached(&t.sql_row_and_version)?
+        .query_row(key_params(pk), |r| {
+            let version = r.get::<_, i64>(0)? as u64;
+            let exists: bool = r.get(1)?;
+            let values = if exists {
+                Some(
+                    (0..n)
+                        .map(|i| r.get::<_, Value>(2 + i))
+                        .collect::<Result<_, _>>()?,
+                )
+            } else {
+                None
+            };
+            Ok((values, version))
+        })
 }
 
 fn select_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<Vec<Value>>> {

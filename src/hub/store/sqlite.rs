@@ -376,45 +376,68 @@ impl HubStore for SqliteStore {
                 });
                 continue;
             }
-            let row = load_row(&tx, ds, &ch.table, &pk)?;
-            // A change conflicts when the row moved since the version it was
-            // made against, unless this client made that move itself (then
-            // the change was made on top of it).
-            let conflict = match &row {
-                None => false,
-                Some(r) => r.version != ch.base && r.client_no != client_no,
-            };
-            if conflict {
-                remember.push((ch.seq, Remembered::Conflict));
-                results.push(ChangeResult {
-                    seq: ch.seq,
-                    outcome: Outcome::Conflict {
-                        server: server_row(&tx, ds, row.as_ref())?,
-                    },
-                });
-                continue;
-            }
-            let noop = ch.op == Op::Delete && row.as_ref().map(|r| r.deleted).unwrap_or(true);
-            if noop {
-                let version = row.map(|r| r.version).unwrap_or(0);
-                remember.push((ch.seq, Remembered::Applied(version)));
-                results.push(ChangeResult {
-                    seq: ch.seq,
-                    outcome: Outcome::Applied { version },
-                });
-                continue;
-            }
-            head += 1;
+            // A change conflicts when the row exists, moved since the version
+            // the change was made against, and was last written by another
+            // client (a row this client wrote last was the base of its new
+            // change).
             let vals = encode_values(&ch.values);
             let (op, deleted) = match ch.op {
                 Op::Upsert => (1, false),
                 Op::Delete => (2, true),
             };
-            tx.prepare_cached(&format!(
-                "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = excluded.deleted, client_no = excluded.client_no"
-            ))?
-            .execute(params![ch.table, pk, head as i64, deleted, client_no])?;
+            if ch.op == Op::Upsert {
+                // Fast path: one statement writes the row unless it conflicts.
+                let written = tx
+                    .prepare_cached(&format!(
+                        "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
+                         ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = 0, client_no = excluded.client_no
+                         WHERE version = ?5 OR client_no = ?4"
+                    ))?
+                    .execute(params![ch.table, pk, (head + 1) as i64, client_no, ch.base as i64])?;
+                if written == 0 {
+                    let row = load_row(&tx, ds, &ch.table, &pk)?;
+                    remember.push((ch.seq, Remembered::Conflict));
+                    results.push(ChangeResult {
+                        seq: ch.seq,
+                        outcome: Outcome::Conflict {
+                            server: server_row(&tx, ds, row.as_ref())?,
+                        },
+                    });
+                    continue;
+                }
+                head += 1;
+            } else {
+                let row = load_row(&tx, ds, &ch.table, &pk)?;
+                let conflict = match &row {
+                    None => false,
+                    Some(r) => r.version != ch.base && r.client_no != client_no,
+                };
+                if conflict {
+                    remember.push((ch.seq, Remembered::Conflict));
+                    results.push(ChangeResult {
+                        seq: ch.seq,
+                        outcome: Outcome::Conflict {
+                            server: server_row(&tx, ds, row.as_ref())?,
+                        },
+                    });
+                    continue;
+                }
+                if row.as_ref().map(|r| r.deleted).unwrap_or(true) {
+                    // Deleting what is not there changes nothing.
+                    let version = row.map(|r| r.version).unwrap_or(0);
+                    remember.push((ch.seq, Remembered::Applied(version)));
+                    results.push(ChangeResult {
+                        seq: ch.seq,
+                        outcome: Outcome::Applied { version },
+                    });
+                    continue;
+                }
+                head += 1;
+                tx.prepare_cached(&format!(
+                    "UPDATE rows_{ds} SET version = ?3, deleted = ?4, client_no = ?5 WHERE tbl = ?1 AND pk = ?2"
+                ))?
+                .execute(params![ch.table, pk, head as i64, deleted, client_no])?;
+            }
             tx.prepare_cached(&format!(
                 "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             ))?
