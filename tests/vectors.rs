@@ -87,6 +87,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 cursor: 41,
                 tables: vec![schema],
                 echo_own: false,
+                subscribe: true,
             })),
         ),
         (

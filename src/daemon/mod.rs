@@ -5,27 +5,41 @@
 //! database never stalls another), starts the file watcher and runs the
 //! session until shutdown.
 
+use std::sync::{Arc, OnceLock};
 use std::time::Duration;
 
 use backon::BackoffBuilder;
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DaemonConfig, DatabaseConfig};
 use crate::local::{watch as fswatch, LocalDb};
-use crate::session::{Session, SessionParams, SessionState, Status, TokenSource};
+use crate::session::{
+    update_status, Control, Event, ReconnectOutcome, Session, SessionParams, SessionState, Status,
+    TokenSource,
+};
+
+/// Pending operator commands per session.
+const CONTROL_QUEUE: usize = 16;
+/// Events kept for slow watchers before they are told they lagged.
+pub const EVENT_BUFFER: usize = 1024;
 
 /// A running session as seen from outside.
 #[derive(Clone)]
 pub struct SessionHandle {
     pub name: String,
     pub status: watch::Receiver<Status>,
+    /// Operator commands (pause, resume, reconnect).
+    pub ctl: mpsc::Sender<Control>,
+    /// The database thread, once the database is open.
+    pub local: Arc<OnceLock<LocalDb>>,
 }
 
 /// The running daemon.
 pub struct Daemon {
     pub sessions: Vec<SessionHandle>,
+    events: broadcast::Sender<Event>,
     tracker: TaskTracker,
 }
 
@@ -39,6 +53,7 @@ impl Daemon {
             (None, None) => TokenSource::Inline(String::new()),
         };
         let mut sessions = Vec::new();
+        let events = broadcast::channel(EVENT_BUFFER).0;
         for db in &cfg.databases {
             let params = SessionParams {
                 name: db.name.clone(),
@@ -49,14 +64,32 @@ impl Daemon {
                 echo_own: false,
             };
             let (tx, rx) = watch::channel(Status::new(&db.name, db.dataset()));
-            tracker.spawn(supervise(db.clone(), params, tx, shutdown.clone()));
+            let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+            let local = Arc::new(OnceLock::new());
+            tracker.spawn(supervise(
+                db.clone(),
+                params,
+                Channels {
+                    status: tx,
+                    ctl: ctl_rx,
+                    events: events.clone(),
+                    local: local.clone(),
+                },
+                shutdown.clone(),
+            ));
             sessions.push(SessionHandle {
                 name: db.name.clone(),
                 status: rx,
+                ctl: ctl_tx,
+                local,
             });
         }
         tracker.close();
-        Daemon { sessions, tracker }
+        Daemon {
+            sessions,
+            events,
+            tracker,
+        }
     }
 
     /// Current status of every session.
@@ -65,6 +98,11 @@ impl Daemon {
             .iter()
             .map(|s| s.status.borrow().clone())
             .collect()
+    }
+
+    /// Events of every session, from now on.
+    pub fn subscribe(&self) -> broadcast::Receiver<Event> {
+        self.events.subscribe()
     }
 
     pub fn session(&self, name: &str) -> Option<&SessionHandle> {
@@ -77,12 +115,26 @@ impl Daemon {
     }
 }
 
+/// The channels a supervisor hands to its session.
+struct Channels {
+    status: watch::Sender<Status>,
+    ctl: mpsc::Receiver<Control>,
+    events: broadcast::Sender<Event>,
+    local: Arc<OnceLock<LocalDb>>,
+}
+
 async fn supervise(
     db: DatabaseConfig,
     params: SessionParams,
-    status: watch::Sender<Status>,
+    ch: Channels,
     shutdown: CancellationToken,
 ) {
+    let Channels {
+        status,
+        mut ctl,
+        events,
+        local: cell,
+    } = ch;
     let span = tracing::info_span!("database", db = %db.name, dataset = %db.dataset());
     let mut backoff = backon::ExponentialBuilder::default()
         .with_min_delay(params.reconnect.initial.0)
@@ -96,22 +148,44 @@ async fn supervise(
             Err(e) => {
                 let delay = backoff.next().unwrap_or(params.reconnect.max.0);
                 span.in_scope(|| tracing::error!(retry_in = ?delay, "{e}"));
-                status.send_modify(|s| {
+                let _ = events.send(Event::Error {
+                    db: db.name.clone(),
+                    message: e.to_string(),
+                });
+                update_status(&status, &events, |s| {
                     s.session = SessionState::Error;
                     s.last_error = Some(e.to_string());
                     s.backoff_ms = Some(delay.as_millis() as u64);
                 });
-                tokio::select! {
-                    _ = tokio::time::sleep(delay) => continue,
-                    _ = shutdown.cancelled() => {
-                        status.send_modify(|s| s.session = SessionState::Inactive);
-                        return;
+                let until = tokio::time::Instant::now() + delay;
+                loop {
+                    tokio::select! {
+                        _ = tokio::time::sleep_until(until) => break,
+                        _ = shutdown.cancelled() => {
+                            update_status(&status, &events, |s| s.session = SessionState::Inactive);
+                            return;
+                        }
+                        c = ctl.recv() => match c {
+                            Some(Control::Reconnect { reply }) => {
+                                let _ = reply.send(ReconnectOutcome::Woken);
+                                break;
+                            }
+                            // Remembered; the session starts with them.
+                            Some(Control::Pause { upload, download }) => {
+                                set_flags(&status, &events, true, upload, download)
+                            }
+                            Some(Control::Resume { upload, download }) => {
+                                set_flags(&status, &events, false, upload, download)
+                            }
+                            None => {}
+                        },
                     }
                 }
             }
         }
     };
-    status.send_modify(|s| {
+    let _ = cell.set(local.clone());
+    update_status(&status, &events, |s| {
         s.session = SessionState::Active;
         s.last_error = None;
         s.backoff_ms = None;
@@ -125,7 +199,25 @@ async fn supervise(
             None
         }
     };
-    Session::new(params, local, status, wake_rx, shutdown)
+    Session::new(params, local, status, wake_rx, ctl, events, shutdown)
         .run()
         .await;
+}
+
+fn set_flags(
+    status: &watch::Sender<Status>,
+    events: &broadcast::Sender<Event>,
+    pause: bool,
+    upload: bool,
+    download: bool,
+) {
+    let both = !upload && !download;
+    update_status(status, events, |s| {
+        if upload || both {
+            s.upload_paused = pause;
+        }
+        if download || both {
+            s.download_paused = pause;
+        }
+    });
 }

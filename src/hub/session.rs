@@ -351,22 +351,30 @@ impl Session {
             }),
         )
         .await?;
-        tracing::info!(cursor = self.sent_up_to, head, "session started");
-        self.catch_up(ws).await?;
-        send(
-            ws,
-            &HubFrame::CaughtUp(CaughtUp {
-                head: self.sent_up_to,
-            }),
-        )
-        .await?;
+        tracing::info!(
+            cursor = self.sent_up_to,
+            head,
+            subscribe = hello.subscribe,
+            "session started"
+        );
+        let subscribed = hello.subscribe;
+        if subscribed {
+            self.catch_up(ws).await?;
+            send(
+                ws,
+                &HubFrame::CaughtUp(CaughtUp {
+                    head: self.sent_up_to,
+                }),
+            )
+            .await?;
+        }
 
         let read_timeout = self.inner.read_timeout;
         let mut deadline = Instant::now() + read_timeout;
         loop {
             let ev = tokio::select! {
                 m = ws.next() => Event::Inbound(m),
-                p = live.recv() => Event::Published(p),
+                p = live.recv(), if subscribed => Event::Published(p),
                 _ = tokio::time::sleep_until(deadline) => Event::ReadTimeout,
                 _ = shutdown.cancelled() => Event::Shutdown,
             };

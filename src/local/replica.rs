@@ -75,8 +75,10 @@ pub struct Pending {
     pub changes: u64,
     /// Newest client seq handed out (0 = none ever).
     pub last_seq: u64,
-    /// Age of the oldest unanswered write is not tracked; this is its seq.
+    /// Seq of the oldest unanswered write.
     pub oldest_seq: Option<u64>,
+    /// The log is answered up to this seq.
+    pub consumed: u64,
 }
 
 /// One upload batch as read from the log.
@@ -391,6 +393,7 @@ impl Replica {
             changes: n as u64,
             last_seq: (max.unwrap_or(0) as u64).max(consumed),
             oldest_seq: min.map(|m| m as u64),
+            consumed,
         })
     }
 

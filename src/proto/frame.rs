@@ -54,6 +54,14 @@ pub struct Hello {
     /// Whether the hub should also push this client's own changes back.
     #[serde(default)]
     pub echo_own: bool,
+    /// Whether the hub should send changes at all (false while downloads
+    /// are paused: the session only uploads).
+    #[serde(default = "yes")]
+    pub subscribe: bool,
+}
+
+fn yes() -> bool {
+    true
 }
 
 /// The shape of one synced table, as the hub needs to validate changes.

@@ -19,7 +19,7 @@ use std::time::Duration;
 
 use backon::BackoffBuilder;
 use futures_util::{SinkExt, StreamExt};
-use tokio::sync::{mpsc, watch};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
 use tokio_tungstenite::tungstenite::protocol::CloseFrame;
@@ -32,7 +32,7 @@ use crate::proto::{
     self, Access, Change, ClientFrame, ErrorCode, Hello, HubFrame, Upload, UploadSummary,
     MAX_BATCH_BYTES, MAX_BATCH_CHANGES, PROTOCOL_VERSION,
 };
-pub use status::{ConnectionState, SessionState, Status};
+pub use status::{ConnectionState, Event, SessionState, Status};
 
 /// A connection that stayed up this long resets the backoff.
 pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
@@ -78,6 +78,38 @@ impl TokenSource {
             },
         }
     }
+}
+
+/// Commands an operator sends to a running session.
+#[derive(Debug)]
+pub enum Control {
+    /// Stop uploading and/or downloading. Local writes keep being captured.
+    Pause { upload: bool, download: bool },
+    /// Undo a pause.
+    Resume { upload: bool, download: bool },
+    /// Try to connect now if waiting in backoff; answers what it did.
+    Reconnect {
+        reply: oneshot::Sender<ReconnectOutcome>,
+    },
+}
+
+/// What a reconnect request did to one session.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ReconnectOutcome {
+    /// It was disconnected or waiting in backoff and tries now.
+    Woken,
+    /// Nothing to do: it is connected (or connecting).
+    AlreadyConnected,
+    /// Left alone: it is paused in both directions; resume it first.
+    Paused,
+}
+
+/// How a connection ended without an error.
+enum End {
+    Shutdown,
+    /// Pause flags changed in a way that needs a new connection (or none).
+    Reconfigure,
 }
 
 /// Everything a session needs to know.
@@ -131,12 +163,18 @@ pub struct Session {
     shutdown: CancellationToken,
     next_batch: u64,
     wake_open: bool,
+    ctl: mpsc::Receiver<Control>,
+    events: broadcast::Sender<Event>,
+    upload_paused: bool,
+    download_paused: bool,
 }
 
 struct Inflight {
     batch: u64,
     /// What was sent and the log range it answers.
     read: Batch,
+    /// Encoded size of the upload frame.
+    bytes: u64,
     deadline: Instant,
 }
 
@@ -146,8 +184,14 @@ impl Session {
         db: LocalDb,
         status: watch::Sender<Status>,
         wake: mpsc::Receiver<()>,
+        ctl: mpsc::Receiver<Control>,
+        events: broadcast::Sender<Event>,
         shutdown: CancellationToken,
     ) -> Session {
+        let (upload_paused, download_paused) = {
+            let s = status.borrow();
+            (s.upload_paused, s.download_paused)
+        };
         Session {
             params: Arc::new(params),
             db,
@@ -156,7 +200,35 @@ impl Session {
             shutdown,
             next_batch: 1,
             wake_open: true,
+            ctl,
+            events,
+            upload_paused,
+            download_paused,
         }
+    }
+
+    /// Changes the published status and emits events for state changes.
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        update_status(&self.status, &self.events, f);
+    }
+
+    /// Applies a pause or resume; true when the connection must be re-made.
+    fn set_pause(&mut self, pause: bool, upload: bool, download: bool) -> bool {
+        let (both, up, down) = (!upload && !download, upload, download);
+        let before = (self.upload_paused, self.download_paused);
+        if up || both {
+            self.upload_paused = pause;
+        }
+        if down || both {
+            self.download_paused = pause;
+        }
+        let (u, d) = (self.upload_paused, self.download_paused);
+        tracing::info!(db = %self.params.name, upload_paused = u, download_paused = d, "pause flags changed");
+        self.update(|s| {
+            s.upload_paused = u;
+            s.download_paused = d;
+        });
+        before.1 != d || (u && d)
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> {
@@ -180,18 +252,46 @@ impl Session {
             if self.shutdown.is_cancelled() {
                 break;
             }
-            self.status.send_modify(|s| {
+            if self.upload_paused && self.download_paused {
+                self.update(|s| {
+                    s.session = SessionState::Paused;
+                    s.connection = ConnectionState::Disconnected;
+                    s.backoff_ms = None;
+                });
+                tokio::select! {
+                    c = self.ctl.recv() => match c {
+                        Some(Control::Reconnect { reply }) => {
+                            let _ = reply.send(ReconnectOutcome::Paused);
+                        }
+                        Some(Control::Pause { upload, download }) => {
+                            self.set_pause(true, upload, download);
+                        }
+                        Some(Control::Resume { upload, download }) => {
+                            self.set_pause(false, upload, download);
+                            backoff = self.backoff();
+                        }
+                        None => std::future::pending::<()>().await,
+                    },
+                    _ = self.shutdown.cancelled() => break,
+                }
+                continue;
+            }
+            self.update(|s| {
                 s.connection = ConnectionState::Connecting;
+                if s.session == SessionState::Paused {
+                    s.session = SessionState::Active;
+                }
                 s.backoff_ms = None;
             });
             let started = Instant::now();
             let result = tracing::Instrument::instrument(self.connected(), span.clone()).await;
-            self.status.send_modify(|s| {
+            self.update(|s| {
                 s.connection = ConnectionState::Disconnected;
                 s.caught_up = false;
             });
             let err = match result {
-                Ok(()) => break,
+                Ok(End::Shutdown) => break,
+                Ok(End::Reconfigure) => continue,
                 Err(e) => e,
             };
             if started.elapsed() >= HEALTHY_AFTER {
@@ -210,30 +310,58 @@ impl Session {
                     _ => tracing::error!(retry_in = ?delay, "{err}"),
                 }
             }
-            self.status.send_modify(|s| {
+            let message = err.to_string();
+            let _ = self.events.send(Event::Error {
+                db: name.clone(),
+                message: message.clone(),
+            });
+            self.update(|s| {
                 s.session = state;
-                s.last_error = Some(err.to_string());
+                s.last_error = Some(message);
                 s.backoff_ms = Some(delay.as_millis() as u64);
             });
-            tokio::select! {
-                _ = tokio::time::sleep(delay) => {}
-                _ = self.shutdown.cancelled() => break,
+            // Wait out the backoff; an operator's reconnect or pause change
+            // ends the wait at once.
+            let until = Instant::now() + delay;
+            loop {
+                tokio::select! {
+                    _ = tokio::time::sleep_until(until) => break,
+                    _ = self.shutdown.cancelled() => break,
+                    c = self.ctl.recv() => match c {
+                        Some(Control::Reconnect { reply }) => {
+                            let _ = reply.send(ReconnectOutcome::Woken);
+                            tracing::info!(db = %name, "reconnecting now at the operator's request");
+                            backoff = self.backoff();
+                            break;
+                        }
+                        Some(Control::Pause { upload, download }) => {
+                            if self.set_pause(true, upload, download) {
+                                break;
+                            }
+                        }
+                        Some(Control::Resume { upload, download }) => {
+                            self.set_pause(false, upload, download);
+                            break;
+                        }
+                        None => std::future::pending::<()>().await,
+                    },
+                }
             }
         }
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.connection = ConnectionState::Disconnected;
             s.session = SessionState::Inactive;
             s.backoff_ms = None;
         });
     }
 
-    /// One connection, from connect to close. `Ok` means shutdown.
-    async fn connected(&mut self) -> Result<(), SessionError> {
+    /// One connection, from connect to close.
+    async fn connected(&mut self) -> Result<End, SessionError> {
         let p = self.params.clone();
         let token = p.token.read()?;
         let mut ws = tokio::select! {
             ws = connect::connect(&p.url, &token, &p.dataset) => ws?,
-            _ = self.shutdown.cancelled() => return Ok(()),
+            _ = self.shutdown.cancelled() => return Ok(End::Shutdown),
         };
         let (client_id, cursor, tables) = self
             .db
@@ -248,6 +376,7 @@ impl Session {
             cursor,
             tables,
             echo_own: p.echo_own,
+            subscribe: !self.download_paused,
         });
         ws.send(Message::Binary(proto::encode(&hello).into()))
             .await
@@ -276,7 +405,7 @@ impl Session {
             tracing::warn!(hub_seq = welcome.client_seq, "the hub has seen newer changes from this database than it holds (restored from a backup?); pending changes were renumbered and will be sent");
         }
         tracing::info!(cursor, head = welcome.head, access = ?welcome.access, "connected");
-        self.status.send_modify(|s| {
+        self.update(|s| {
             s.connection = ConnectionState::Connected;
             s.session = SessionState::Active;
             s.hub_head = welcome.head;
@@ -319,21 +448,24 @@ impl Session {
                             match frame {
                                 HubFrame::Changes(c) => {
                                     let n = c.changes.len() as u64;
+                                    let frame_bytes = b.len() as u64;
                                     let (up_to, head) = (c.up_to, c.head);
                                     let changes = c.changes;
                                     let t0 = std::time::Instant::now();
                                     self.db.call(move |r| r.apply_remote(&changes, up_to)).await??;
                                     tracing::trace!(n, took = ?t0.elapsed(), "applied remote changes");
-                                    self.status.send_modify(|s| {
+                                    self.update(|s| {
                                         s.cursor = s.cursor.max(up_to);
                                         s.hub_head = s.hub_head.max(head).max(up_to);
                                         s.downloaded += n;
+                                        s.downloaded_bytes += frame_bytes;
                                     });
+                                    let _ = self.events.send(Event::Download { db: p.name.clone(), changes: n, cursor: up_to, hub_head: head });
                                 }
                                 HubFrame::CaughtUp(c) => {
                                     let head = c.head;
                                     self.db.call(move |r| r.apply_remote(&[], head)).await??;
-                                    self.status.send_modify(|s| {
+                                    self.update(|s| {
                                         s.cursor = s.cursor.max(head);
                                         s.hub_head = s.hub_head.max(head);
                                         s.caught_up = true;
@@ -359,9 +491,13 @@ impl Session {
                                     log_summary(sent.batch, &summary, done.resent);
                                     acked = acked.max(through);
                                     let failed = (summary.materialize_error > 0).then(|| summary.first_error.clone().unwrap_or_default());
-                                    self.status.send_modify(|s| {
+                                    let _ = self.events.send(Event::Upload { db: p.name.clone(), summary: summary.clone() });
+                                    self.update(|s| {
                                         s.pending_changes = pending.changes;
+                                        s.consumed = pending.consumed;
+                                        s.last_seq = pending.last_seq;
                                         s.uploaded += summary.applied;
+                                        s.uploaded_bytes += sent.bytes;
                                         s.last_upload = Some(summary);
                                     });
                                     if let Some(why) = failed {
@@ -380,7 +516,7 @@ impl Session {
                                         inflight.clear();
                                         uploads_allowed = false;
                                         tracing::error!("{}", e.message);
-                                        self.status.send_modify(|s| s.last_error = Some(e.message.clone()));
+                                        self.update(|s| s.last_error = Some(e.message.clone()));
                                     } else {
                                         return Err(err);
                                     }
@@ -414,6 +550,27 @@ impl Session {
                     upload_due = true;
                     woken = true;
                 }
+                c = self.ctl.recv() => match c {
+                    Some(Control::Reconnect { reply }) => {
+                        let _ = reply.send(ReconnectOutcome::AlreadyConnected);
+                    }
+                    Some(Control::Pause { upload, download }) => {
+                        if self.set_pause(true, upload, download) {
+                            let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "paused".into() })).await;
+                            return Ok(End::Reconfigure);
+                        }
+                    }
+                    Some(Control::Resume { upload, download }) => {
+                        let reconnect = self.set_pause(false, upload, download);
+                        if reconnect {
+                            let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "resumed".into() })).await;
+                            return Ok(End::Reconfigure);
+                        }
+                        upload_due = true;
+                        full_read = true;
+                    }
+                    None => std::future::pending::<()>().await,
+                },
                 _ = ping.tick() => {
                     ws.send(Message::Ping(Vec::new().into())).await.map_err(ws_err)?;
                 }
@@ -425,10 +582,11 @@ impl Session {
                 }
                 _ = self.shutdown.cancelled() => {
                     let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "daemon shutting down".into() })).await;
-                    return Ok(());
+                    return Ok(End::Shutdown);
                 }
             }
-            if upload_due && inflight.len() < MAX_INFLIGHT && uploads_allowed {
+            if upload_due && inflight.len() < MAX_INFLIGHT && uploads_allowed && !self.upload_paused
+            {
                 upload_due = false;
                 let after = inflight.back().map(|i| i.read.through).unwrap_or(0);
                 let idle = inflight.is_empty();
@@ -458,8 +616,11 @@ impl Session {
                 full_read = false;
                 let (read, pending) = batch.unwrap_or_default();
                 if !only_wake || data_version != seen {
-                    self.status
-                        .send_modify(|s| s.pending_changes = pending.changes);
+                    self.update(|s| {
+                        s.pending_changes = pending.changes;
+                        s.consumed = pending.consumed;
+                        s.last_seq = pending.last_seq;
+                    });
                 }
                 let attempt = recheck.take().map(|r| r.1).unwrap_or(0);
                 if read.changes.is_empty() && woken && attempt < RECHECK_DELAYS.len() as u32 {
@@ -485,6 +646,7 @@ impl Session {
                         changes: read.changes,
                     });
                     let bytes = proto::encode(&frame);
+                    let frame_bytes = bytes.len() as u64;
                     let ClientFrame::Upload(Upload { changes, .. }) = frame else {
                         unreachable!()
                     };
@@ -493,6 +655,7 @@ impl Session {
                         .map_err(ws_err)?;
                     inflight.push_back(Inflight {
                         batch,
+                        bytes: frame_bytes,
                         read: Batch {
                             changes,
                             through: read.through,
@@ -558,5 +721,36 @@ fn frame_name(f: &HubFrame) -> &'static str {
         HubFrame::CaughtUp(_) => "caught_up",
         HubFrame::UploadResult(_) => "upload_result",
         HubFrame::Error(_) => "error",
+    }
+}
+
+/// Changes a published status and emits events for what changed.
+pub fn update_status(
+    status: &watch::Sender<Status>,
+    events: &broadcast::Sender<Event>,
+    f: impl FnOnce(&mut Status),
+) {
+    let mut emitted = Vec::new();
+    status.send_modify(|s| {
+        let (conn, sess) = (s.connection, s.session);
+        f(s);
+        if s.connection != conn {
+            emitted.push(Event::Connection {
+                db: s.name.clone(),
+                old: conn,
+                new: s.connection,
+            });
+        }
+        if s.session != sess {
+            emitted.push(Event::Session {
+                db: s.name.clone(),
+                old: sess,
+                new: s.session,
+            });
+        }
+    });
+    for e in emitted {
+        // No watcher is fine.
+        let _ = events.send(e);
     }
 }

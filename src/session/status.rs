@@ -21,6 +21,8 @@ pub enum ConnectionState {
 pub enum SessionState {
     /// Syncing, or trying to connect in order to sync.
     Active,
+    /// Paused in both directions by the operator; no connection is kept.
+    Paused,
     /// The hub refused the token; waiting for a new one.
     WaitingForAccessToken,
     /// Shutting down, still flushing.
@@ -46,6 +48,12 @@ pub struct Status {
     pub hub_head: u64,
     /// Whether the initial catch-up of the current connection is done.
     pub caught_up: bool,
+    pub upload_paused: bool,
+    pub download_paused: bool,
+    /// Capture log answered by the hub up to this client seq.
+    pub consumed: u64,
+    /// Newest client seq captured (as of the last look at the log).
+    pub last_seq: u64,
     pub last_upload: Option<UploadSummary>,
     pub last_error: Option<String>,
     /// Delay before the next connection attempt, in milliseconds.
@@ -54,6 +62,10 @@ pub struct Status {
     pub uploaded: u64,
     /// Remote changes applied locally since start.
     pub downloaded: u64,
+    /// Encoded bytes of upload frames answered since start.
+    pub uploaded_bytes: u64,
+    /// Encoded bytes of change frames received since start.
+    pub downloaded_bytes: u64,
     /// Connections established since start.
     pub connects: u64,
 }
@@ -69,12 +81,48 @@ impl Status {
             cursor: 0,
             hub_head: 0,
             caught_up: false,
+            upload_paused: false,
+            download_paused: false,
+            consumed: 0,
+            last_seq: 0,
             last_upload: None,
             last_error: None,
             backoff_ms: None,
             uploaded: 0,
             downloaded: 0,
+            uploaded_bytes: 0,
+            downloaded_bytes: 0,
             connects: 0,
         }
     }
+}
+
+/// Something that happened to a session, for `tether watch`.
+#[derive(Clone, Debug, Serialize)]
+#[serde(tag = "event", rename_all = "snake_case")]
+pub enum Event {
+    Connection {
+        db: String,
+        old: ConnectionState,
+        new: ConnectionState,
+    },
+    Session {
+        db: String,
+        old: SessionState,
+        new: SessionState,
+    },
+    Upload {
+        db: String,
+        summary: UploadSummary,
+    },
+    Download {
+        db: String,
+        changes: u64,
+        cursor: u64,
+        hub_head: u64,
+    },
+    Error {
+        db: String,
+        message: String,
+    },
 }

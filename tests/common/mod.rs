@@ -252,5 +252,6 @@ pub fn notes_hello(dataset: &str, client: &str) -> tether::proto::ClientFrame {
             pk: vec![0],
         }],
         echo_own: false,
+        subscribe: true,
     })
 }
