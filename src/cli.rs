@@ -11,20 +11,98 @@ use clap::{Args, Parser, Subcommand};
     about = "Realtime two-way sync of local SQLite databases through a hub"
 )]
 pub struct Cli {
+    /// Config file: tether.toml for `daemon` and the control commands
+    /// (they read its `control_socket`), hub.toml for `hub`.
+    #[arg(long, short, global = true)]
+    pub config: Option<PathBuf>,
+    /// The daemon's control socket (overrides --config and TETHER_SOCKET).
+    #[arg(long, global = true)]
+    pub socket: Option<PathBuf>,
     #[command(subcommand)]
     pub command: Command,
 }
 
+/// Which direction(s) a command applies to; neither flag means both.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct Dirs {
+    /// Only the upload direction.
+    #[arg(long)]
+    pub upload: bool,
+    /// Only the download direction.
+    #[arg(long)]
+    pub download: bool,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
-    /// Run the sync daemon: one session per configured database.
-    Daemon {
-        /// Path of tether.toml.
-        #[arg(long, short, default_value = "/etc/tether/tether.toml")]
-        config: PathBuf,
-    },
-    /// Run the hub, or manage its tokens.
+    /// Run the sync daemon: one session per configured database
+    /// (config: /etc/tether/tether.toml unless --config).
+    Daemon,
+    /// Run the hub, or manage its tokens (config: /etc/tether/hub.toml unless --config).
     Hub(HubArgs),
+    /// Show each database's connection and session state, pending changes,
+    /// cursor, hub head, last upload and last error.
+    Status {
+        db: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Pause syncing a database (both directions unless --upload/--download).
+    /// Local writes keep being captured.
+    Pause {
+        db: String,
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+    /// Resume a paused database.
+    Resume {
+        db: String,
+        #[command(flatten)]
+        dirs: Dirs,
+    },
+    /// Make every session that is disconnected or waiting in backoff try now.
+    Reconnect {
+        #[arg(long)]
+        json: bool,
+    },
+    /// Wait until local changes are on the hub (upload) and/or the hub's
+    /// changes are here (download). Exit 3 on timeout.
+    Wait {
+        db: String,
+        #[command(flatten)]
+        dirs: Dirs,
+        /// Give up after this long ("30s", "2m"); the transfer goes on.
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Show transfer progress until the work outstanding now is done.
+    Progress {
+        db: String,
+        #[command(flatten)]
+        dirs: Dirs,
+        /// Keep reporting until interrupted.
+        #[arg(long)]
+        follow: bool,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Print session events (connection and state changes, uploads,
+    /// downloads, errors) until interrupted.
+    Watch {
+        db: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Upload then download once and print the result.
+    Sync {
+        db: String,
+        #[arg(long, value_parser = humantime::parse_duration)]
+        timeout: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
     /// Demonstrate sync with a hub and two daemons on temporary files.
     Demo,
     /// Measure bulk throughput and single-row latency on loopback.
@@ -42,10 +120,10 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check a config file and exit (0 = valid).
+    /// Check a config file and exit (0 = valid, 78 = invalid).
     Check {
         /// tether.toml or hub.toml.
-        config: PathBuf,
+        file: PathBuf,
         /// The file is a hub config.
         #[arg(long)]
         hub: bool,
@@ -53,11 +131,7 @@ pub enum Command {
 }
 
 #[derive(Debug, Args)]
-#[command(args_conflicts_with_subcommands = true)]
 pub struct HubArgs {
-    /// Path of hub.toml.
-    #[arg(long, short, default_value = "/etc/tether/hub.toml")]
-    pub config: PathBuf,
     #[command(subcommand)]
     pub command: Option<HubCommand>,
 }

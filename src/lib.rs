@@ -21,11 +21,13 @@
 //! * [`local`]: the local database: capture, outbox, applying remote changes.
 //! * [`session`]: one database's connection to the hub: driver loop, backoff, status.
 //! * [`daemon`]: runs one session per configured database.
+//! * [`control`]: the local control socket (daemon side and CLI side).
 //! * [`hub`]: the server: auth, sessions, fan-out, store.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
 
 pub mod config;
+pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod embedded;

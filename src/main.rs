@@ -11,7 +11,10 @@ use tether::daemon::Daemon;
 use tether::hub::{auth, Hub};
 
 mod cli;
+mod commands;
 use cli::{Cli, Command, HubCommand};
+use commands::Output;
+use tether::control::{self, Request};
 
 const EX_CONFIG: u8 = 78;
 
@@ -52,10 +55,86 @@ fn main() -> ExitCode {
     rt.block_on(run(cli))
 }
 
+fn out(json: bool) -> Output {
+    if json {
+        Output::Json
+    } else {
+        Output::Human
+    }
+}
+
 async fn run(cli: Cli) -> ExitCode {
+    let socket = || control::client::socket_path(cli.socket.as_deref(), cli.config.as_deref());
+    let control_request = match &cli.command {
+        Command::Status { db, json } => Some((Request::Status { db: db.clone() }, *json)),
+        Command::Pause { db, dirs } => Some((
+            Request::Pause {
+                db: db.clone(),
+                dirs: commands::dirs(dirs.upload, dirs.download),
+            },
+            false,
+        )),
+        Command::Resume { db, dirs } => Some((
+            Request::Resume {
+                db: db.clone(),
+                dirs: commands::dirs(dirs.upload, dirs.download),
+            },
+            false,
+        )),
+        Command::Reconnect { json } => Some((Request::Reconnect {}, *json)),
+        Command::Wait {
+            db,
+            dirs,
+            timeout,
+            json,
+        } => Some((
+            Request::Wait {
+                db: db.clone(),
+                dirs: commands::dirs(dirs.upload, dirs.download),
+                timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            },
+            *json,
+        )),
+        Command::Progress {
+            db,
+            dirs,
+            follow,
+            json,
+        } => Some((
+            Request::Progress {
+                db: db.clone(),
+                dirs: commands::dirs(dirs.upload, dirs.download),
+                follow: *follow,
+            },
+            *json,
+        )),
+        Command::Watch { db, json } => Some((Request::Watch { db: db.clone() }, *json)),
+        Command::Sync { db, timeout, json } => Some((
+            Request::Sync {
+                db: db.clone(),
+                timeout_ms: timeout.map(|t| t.as_millis() as u64),
+            },
+            *json,
+        )),
+        _ => None,
+    };
+    if let Some((req, json)) = control_request {
+        let path = match socket() {
+            Ok(p) => p,
+            Err(e) => {
+                eprintln!("error: {e}");
+                return ExitCode::from(EX_CONFIG);
+            }
+        };
+        return commands::run(&path, req, out(json)).await;
+    }
     match cli.command {
-        Command::Daemon { config } => {
+        Command::Daemon => {
             init_tracing("info");
+            let config = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| "/etc/tether/tether.toml".into());
             let cfg = match DaemonConfig::load(&config) {
                 Ok(c) => c,
                 Err(e) => {
@@ -66,12 +145,26 @@ async fn run(cli: Cli) -> ExitCode {
             if cfg.databases.is_empty() {
                 tracing::warn!(config = %config.display(), "no [[database]] configured; nothing to sync");
             }
+            let listener = match control::server::bind(&cfg.control_socket).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
             let shutdown = CancellationToken::new();
             on_signals(shutdown.clone());
-            let daemon = Daemon::start(&cfg, shutdown.clone());
-            tracing::info!(databases = daemon.sessions.len(), hub = %cfg.hub.url, "daemon started");
+            let daemon = std::sync::Arc::new(Daemon::start(&cfg, shutdown.clone()));
+            let server = tokio::spawn(control::server::serve(
+                listener,
+                daemon.clone(),
+                shutdown.clone(),
+            ));
+            tracing::info!(databases = daemon.sessions.len(), hub = %cfg.hub.url, socket = %cfg.control_socket.display(), "daemon started");
             shutdown.cancelled().await;
             daemon.wait().await;
+            let _ = server.await;
+            let _ = std::fs::remove_file(&cfg.control_socket);
             tracing::info!("daemon stopped");
             ExitCode::SUCCESS
         }
@@ -90,7 +183,11 @@ async fn run(cli: Cli) -> ExitCode {
             }
             None => {
                 init_tracing("info");
-                let cfg = match HubConfig::load(&args.config) {
+                let config = cli
+                    .config
+                    .clone()
+                    .unwrap_or_else(|| "/etc/tether/hub.toml".into());
+                let cfg = match HubConfig::load(&config) {
                     Ok(c) => c,
                     Err(e) => {
                         eprintln!("error: {e}");
@@ -100,7 +197,7 @@ async fn run(cli: Cli) -> ExitCode {
                 let hub = match Hub::open(&cfg) {
                     Ok(h) => h,
                     Err(e) => {
-                        eprintln!("error: {}: store: {e}", args.config.display());
+                        eprintln!("error: {}: store: {e}", config.display());
                         return ExitCode::from(EX_CONFIG);
                     }
                 };
@@ -110,14 +207,18 @@ async fn run(cli: Cli) -> ExitCode {
                         eprintln!(
                             "error: cannot listen on {} (`listen` in {}): {e}",
                             cfg.listen,
-                            args.config.display()
+                            config.display()
                         );
                         return ExitCode::FAILURE;
                     }
                 };
                 let shutdown = CancellationToken::new();
                 on_signals(shutdown.clone());
-                tracing::info!(listen = %cfg.listen, datasets = cfg.datasets.len(), "hub started");
+                let addr = listener
+                    .local_addr()
+                    .map(|a| a.to_string())
+                    .unwrap_or_else(|_| cfg.listen.clone());
+                tracing::info!(listen = %addr, datasets = cfg.datasets.len(), "hub started");
                 hub.run(listener, shutdown).await;
                 tracing::info!("hub stopped");
                 ExitCode::SUCCESS
@@ -148,7 +249,7 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Check { config, hub } => {
+        Command::Check { file: config, hub } => {
             let r = if hub {
                 HubConfig::load(&config).map(|_| ())
             } else {
@@ -165,5 +266,6 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        _ => unreachable!("control commands are handled above"),
     }
 }

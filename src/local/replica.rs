@@ -527,6 +527,25 @@ impl Replica {
         Ok(Batch { changes, through })
     }
 
+    /// Estimated wire size of the pending changes up to `target`.
+    pub fn pending_bytes(&self, target: u64) -> Result<u64, LocalError> {
+        let mut after = 0;
+        let mut bytes = 0u64;
+        loop {
+            let b = self.read_batch(after, 4000, usize::MAX)?;
+            if b.through <= after {
+                return Ok(bytes);
+            }
+            for c in b.changes.iter().filter(|c| c.seq <= target) {
+                bytes += c.wire_size() as u64;
+            }
+            if b.through >= target {
+                return Ok(bytes);
+            }
+            after = b.through;
+        }
+    }
+
     fn tbl(&self, table: &str) -> Result<&Tbl, LocalError> {
         self.tables
             .get(table)

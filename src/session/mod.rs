@@ -94,7 +94,7 @@ pub enum Control {
 }
 
 /// What a reconnect request did to one session.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ReconnectOutcome {
     /// It was disconnected or waiting in backoff and tries now.

@@ -2,12 +2,12 @@
 //! `tokio::sync::watch` channel that the daemon, the tests and (later) the
 //! control socket read.
 
-use serde::Serialize;
+use serde::{Deserialize, Serialize};
 
 use crate::proto::UploadSummary;
 
 /// State of the WebSocket connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum ConnectionState {
     Disconnected,
@@ -16,7 +16,7 @@ pub enum ConnectionState {
 }
 
 /// State of the sync session, independent of the connection.
-#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize)]
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
 pub enum SessionState {
     /// Syncing, or trying to connect in order to sync.
@@ -34,7 +34,7 @@ pub enum SessionState {
 }
 
 /// A snapshot of one session.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
     pub name: String,
     pub dataset: String,

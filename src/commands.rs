@@ -1,0 +1,261 @@
+//! The control commands of the CLI: talk to the running daemon over its
+//! control socket and print the answers for people (or as JSON).
+
+use std::io::IsTerminal;
+use std::path::Path;
+use std::process::ExitCode;
+
+use tether::control::client::{Client, ClientError};
+use tether::control::{Direction, Directions, ErrorCode, Progress, Request, Response};
+use tether::session::Status;
+
+/// Exit status when a wait or sync timed out (the transfer goes on).
+pub const EXIT_TIMEOUT: u8 = 3;
+/// Exit status when no daemon answers (EX_UNAVAILABLE).
+pub const EXIT_NO_DAEMON: u8 = 69;
+
+fn fail(e: ClientError) -> ExitCode {
+    eprintln!("error: {e}");
+    match e {
+        ClientError::NoDaemon { .. } => ExitCode::from(EXIT_NO_DAEMON),
+        _ => ExitCode::FAILURE,
+    }
+}
+
+fn error_exit(code: ErrorCode, message: &str) -> ExitCode {
+    eprintln!("error: {message}");
+    if code == ErrorCode::Timeout {
+        ExitCode::from(EXIT_TIMEOUT)
+    } else {
+        ExitCode::FAILURE
+    }
+}
+
+/// How a command wants its answers printed.
+#[derive(Clone, Copy, PartialEq, Eq)]
+pub enum Output {
+    Json,
+    Human,
+}
+
+pub async fn run(socket: &Path, req: Request, out: Output) -> ExitCode {
+    let mut client = match Client::connect(socket).await {
+        Ok(c) => c,
+        Err(e) => return fail(e),
+    };
+    if let Err(e) = client.send(&req).await {
+        return fail(e);
+    }
+    let bars = (out == Output::Human && std::io::stderr().is_terminal()).then(Bars::new);
+    loop {
+        let resp = match client.next().await {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
+        let last = resp.is_final();
+        if out == Output::Json {
+            println!("{}", serde_json::to_string(&resp).expect("BUG: serializes"));
+        }
+        let code = match &resp {
+            Response::Error { code, message } => Some(error_exit(*code, message)),
+            _ => None,
+        };
+        if out == Output::Human {
+            print_human(&resp, bars.as_ref());
+        }
+        if let Some(code) = code {
+            return code;
+        }
+        if last {
+            if let Some(b) = &bars {
+                b.finish();
+            }
+            return ExitCode::SUCCESS;
+        }
+    }
+}
+
+fn print_human(resp: &Response, bars: Option<&Bars>) {
+    match resp {
+        Response::Status { databases } => {
+            for s in databases {
+                print_status(s);
+            }
+        }
+        Response::Ok { message } | Response::Done { message } => println!("{message}"),
+        Response::Reconnect { sessions } => {
+            if sessions.is_empty() {
+                println!("no sessions");
+            }
+            for w in sessions {
+                let what = match w.outcome {
+                    tether::session::ReconnectOutcome::Woken => "woken: connecting now",
+                    tether::session::ReconnectOutcome::AlreadyConnected => "left alone: already connected",
+                    tether::session::ReconnectOutcome::Paused => "left alone: paused (resume it first)",
+                };
+                println!("{}: {what}", w.db);
+            }
+        }
+        Response::Progress(p) => match bars {
+            Some(b) => b.update(p),
+            None => println!("{}", progress_line(p)),
+        },
+        Response::Event { event } => println!("{}", event_line(event)),
+        Response::Sync {
+            db,
+            upload,
+            uploaded,
+            downloaded,
+        } => {
+            match upload {
+                Some(u) => println!(
+                    "{db}: uploaded {uploaded} (last batch: total {}, applied {}, conflict {}, invalid {}, materialize_error {}); downloaded {downloaded}",
+                    u.total, u.applied, u.conflict, u.invalid, u.materialize_error
+                ),
+                None => println!("{db}: nothing to upload; downloaded {downloaded}"),
+            }
+        }
+        Response::Error { .. } => {}
+    }
+}
+
+fn yes_no(b: bool) -> &'static str {
+    if b {
+        "yes"
+    } else {
+        "no"
+    }
+}
+
+fn print_status(s: &Status) {
+    let state = |v: &dyn erased::Named| v.name();
+    println!("{} (dataset {})", s.name, s.dataset);
+    println!("  connection:  {}", state(&s.connection));
+    println!("  session:     {}", state(&s.session));
+    println!(
+        "  paused:      upload {}, download {}",
+        yes_no(s.upload_paused),
+        yes_no(s.download_paused)
+    );
+    println!("  pending:     {} local changes", s.pending_changes);
+    println!("  cursor:      {} of hub head {}", s.cursor, s.hub_head);
+    if let Some(u) = &s.last_upload {
+        println!(
+            "  last upload: total {}, applied {}, conflict {}, invalid {}, materialize_error {}{}",
+            u.total,
+            u.applied,
+            u.conflict,
+            u.invalid,
+            u.materialize_error,
+            u.first_error
+                .as_ref()
+                .map(|e| format!(" ({e})"))
+                .unwrap_or_default()
+        );
+    }
+    if let Some(e) = &s.last_error {
+        println!("  last error:  {e}");
+    }
+    if let Some(ms) = s.backoff_ms {
+        println!("  next try in: {} ms", ms);
+    }
+}
+
+mod erased {
+    /// The snake_case name a state serializes to.
+    pub trait Named {
+        fn name(&self) -> String;
+    }
+    impl<T: serde::Serialize> Named for T {
+        fn name(&self) -> String {
+            serde_json::to_value(self)
+                .ok()
+                .and_then(|v| v.as_str().map(str::to_owned))
+                .unwrap_or_default()
+        }
+    }
+}
+
+fn progress_line(p: &Progress) -> String {
+    let dir = match p.direction {
+        Direction::Upload => "upload",
+        Direction::Download => "download",
+    };
+    let bytes = match p.transferable_bytes {
+        Some(t) => format!("{} of about {} bytes", p.transferred_bytes, t),
+        None => format!("{} bytes", p.transferred_bytes),
+    };
+    format!(
+        "{} {dir}: {}/{} changes, {bytes}",
+        p.db, p.transferred_changes, p.transferable_changes
+    )
+}
+
+fn event_line(e: &serde_json::Value) -> String {
+    let s = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
+    match s("event").as_str() {
+        "connection" => format!("{}: connection {} -> {}", s("db"), s("old"), s("new")),
+        "session" => format!("{}: session {} -> {}", s("db"), s("old"), s("new")),
+        "upload" => format!(
+            "{}: upload {}",
+            s("db"),
+            e.get("summary").map(|v| v.to_string()).unwrap_or_default()
+        ),
+        "download" => format!(
+            "{}: downloaded {} changes, cursor {} of {}",
+            s("db"),
+            e.get("changes").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.get("cursor").and_then(|v| v.as_u64()).unwrap_or(0),
+            e.get("hub_head").and_then(|v| v.as_u64()).unwrap_or(0)
+        ),
+        "error" => format!("{}: error: {}", s("db"), s("message")),
+        _ => e.to_string(),
+    }
+}
+
+/// Progress bars on a terminal, one per direction.
+struct Bars {
+    multi: indicatif::MultiProgress,
+    up: indicatif::ProgressBar,
+    down: indicatif::ProgressBar,
+}
+
+impl Bars {
+    fn new() -> Bars {
+        let multi = indicatif::MultiProgress::new();
+        let style = indicatif::ProgressStyle::with_template(
+            "{prefix:>9} [{bar:30}] {pos}/{len} changes {msg}",
+        )
+        .expect("BUG: valid template")
+        .progress_chars("=> ");
+        let mk = |name: &str| {
+            let b = multi.add(indicatif::ProgressBar::new(0));
+            b.set_style(style.clone());
+            b.set_prefix(name.to_owned());
+            b
+        };
+        let up = mk("upload");
+        let down = mk("download");
+        Bars { multi, up, down }
+    }
+
+    fn update(&self, p: &Progress) {
+        let b = match p.direction {
+            Direction::Upload => &self.up,
+            Direction::Download => &self.down,
+        };
+        b.set_length(p.transferable_changes);
+        b.set_position(p.transferred_changes);
+        b.set_message(format!("{} bytes", p.transferred_bytes));
+    }
+
+    fn finish(&self) {
+        self.up.finish();
+        self.down.finish();
+        let _ = self.multi.clear();
+    }
+}
+
+pub fn dirs(upload: bool, download: bool) -> Directions {
+    Directions { upload, download }
+}

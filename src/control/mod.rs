@@ -1,0 +1,180 @@
+//! The local control socket: newline-delimited JSON requests from the
+//! `tether` CLI (or any process allowed to open the socket) to the daemon.
+//!
+//! [`Request`] and [`Response`] are shared by the daemon ([`server`]) and the
+//! CLI ([`client`]); `proto/CONTROL.md` documents them.
+
+pub mod client;
+pub mod server;
+
+use serde::{Deserialize, Serialize};
+
+use crate::proto::UploadSummary;
+use crate::session::{Event, ReconnectOutcome, Status};
+
+/// Longest request line accepted, in bytes.
+pub const MAX_LINE: usize = 64 * 1024;
+/// Control clients served at once; more wait for a slot.
+pub const MAX_CLIENTS: usize = 64;
+
+/// Which directions a command applies to; neither flag means both.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Directions {
+    #[serde(default)]
+    pub upload: bool,
+    #[serde(default)]
+    pub download: bool,
+}
+
+impl Directions {
+    pub fn upload(self) -> bool {
+        self.upload || !self.download
+    }
+    pub fn download(self) -> bool {
+        self.download || !self.upload
+    }
+}
+
+/// One request line.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+#[serde(tag = "cmd", rename_all = "snake_case")]
+pub enum Request {
+    /// One `status` response with all (or one) databases.
+    Status { db: Option<String> },
+    Pause {
+        db: String,
+        #[serde(flatten)]
+        dirs: Directions,
+    },
+    Resume {
+        db: String,
+        #[serde(flatten)]
+        dirs: Directions,
+    },
+    /// Wake every session waiting to reconnect.
+    Reconnect {},
+    /// Stream: `progress` lines, then `done` or `error`.
+    Wait {
+        db: String,
+        #[serde(flatten)]
+        dirs: Directions,
+        timeout_ms: Option<u64>,
+    },
+    /// Stream: `progress` lines until the work outstanding now is done
+    /// (or forever with `follow`).
+    Progress {
+        db: String,
+        #[serde(flatten)]
+        dirs: Directions,
+        #[serde(default)]
+        follow: bool,
+    },
+    /// Stream: `event` lines until the client goes away.
+    Watch { db: Option<String> },
+    /// Upload then download once; ends with `sync` or `error`.
+    Sync { db: String, timeout_ms: Option<u64> },
+}
+
+/// Transfer direction of a progress report.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum Direction {
+    Upload,
+    Download,
+}
+
+/// Progress of one direction since the request.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Progress {
+    pub db: String,
+    pub direction: Direction,
+    /// Upload: captured writes answered by the hub. Download: hub sequence
+    /// numbers covered by the local cursor (exact).
+    pub transferred_changes: u64,
+    pub transferable_changes: u64,
+    /// Encoded frame bytes moved since the request.
+    pub transferred_bytes: u64,
+    /// Upload: estimated size of the changes outstanding at the request.
+    /// Download: not known in advance (null).
+    pub transferable_bytes: Option<u64>,
+}
+
+/// What a reconnect did to one session.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Woken {
+    pub db: String,
+    pub outcome: ReconnectOutcome,
+}
+
+/// Why a request failed.
+#[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ErrorCode {
+    /// The line is not a valid request.
+    BadRequest,
+    /// No database of that name; the message lists the known ones.
+    UnknownDb,
+    /// A wait or sync ran out of time; the transfer goes on.
+    Timeout,
+    /// The session cannot make progress (bad token, schema mismatch, ...).
+    SessionFailed,
+    /// The direction waited for is paused.
+    Paused,
+    /// The daemon is shutting down.
+    ShuttingDown,
+}
+
+/// One response line.
+#[derive(Clone, Debug, Serialize, Deserialize)]
+#[serde(tag = "type", rename_all = "snake_case")]
+pub enum Response {
+    Status {
+        databases: Vec<Status>,
+    },
+    Ok {
+        message: String,
+    },
+    Reconnect {
+        sessions: Vec<Woken>,
+    },
+    Progress(Progress),
+    Event {
+        event: serde_json::Value,
+    },
+    Sync {
+        db: String,
+        upload: Option<UploadSummary>,
+        uploaded: u64,
+        downloaded: u64,
+    },
+    /// End of a stream that succeeded.
+    Done {
+        message: String,
+    },
+    Error {
+        code: ErrorCode,
+        message: String,
+    },
+}
+
+impl Response {
+    pub fn error(code: ErrorCode, message: impl Into<String>) -> Response {
+        Response::Error {
+            code,
+            message: message.into(),
+        }
+    }
+
+    /// Whether this line ends the exchange.
+    pub fn is_final(&self) -> bool {
+        !matches!(self, Response::Progress(_) | Response::Event { .. })
+    }
+}
+
+impl From<&Event> for Response {
+    fn from(e: &Event) -> Response {
+        Response::Event {
+            event: serde_json::to_value(e).expect("BUG: events serialize"),
+        }
+    }
+}
