@@ -171,17 +171,20 @@ async fn handle(
     shutdown: &CancellationToken,
 ) -> bool {
     let reply = match req {
-        Request::Status { db } => match db {
-            None => Response::Status {
-                databases: daemon.status(),
-            },
-            Some(name) => match find(daemon, &name) {
-                Ok(h) => Response::Status {
-                    databases: vec![h.status.borrow().clone()],
+        Request::Status { db } => {
+            let handles: Vec<&SessionHandle> = match &db {
+                None => daemon.sessions.iter().collect(),
+                Some(name) => match find(daemon, name) {
+                    Ok(h) => vec![h],
+                    Err(e) => return send(conn, &e).await,
                 },
-                Err(e) => e,
-            },
-        },
+            };
+            let mut databases = Vec::new();
+            for h in handles {
+                databases.push(fresh_status(h).await);
+            }
+            Response::Status { databases }
+        }
         Request::Pause { db, dirs } | Request::Resume { db, dirs }
             if find(daemon, &db).is_err() =>
         {
@@ -245,7 +248,7 @@ async fn handle(
             Err(e) => e,
             Ok(h) => {
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-                match wait(conn, h, dirs, deadline, false, shutdown).await {
+                match wait(conn, h, dirs, deadline, false, true, shutdown).await {
                     Ok(()) => Response::Done {
                         message: format!("{db}: {} complete", dirs_text(dirs)),
                     },
@@ -255,7 +258,7 @@ async fn handle(
         },
         Request::Progress { db, dirs, follow } => match find(daemon, &db) {
             Err(e) => e,
-            Ok(h) => match wait(conn, h, dirs, None, follow, shutdown).await {
+            Ok(h) => match wait(conn, h, dirs, None, follow, false, shutdown).await {
                 Ok(()) => Response::Done {
                     message: format!("{db}: {} complete", dirs_text(dirs)),
                 },
@@ -277,7 +280,7 @@ async fn handle(
                 let deadline =
                     Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(300_000));
                 let both = Directions::default();
-                match wait(conn, h, both, Some(deadline), false, shutdown).await {
+                match wait(conn, h, both, Some(deadline), false, true, shutdown).await {
                     Err(r) => r,
                     Ok(()) => {
                         let after = h.status.borrow().clone();
@@ -296,6 +299,21 @@ async fn handle(
         },
     };
     send(conn, &reply).await
+}
+
+/// A session's status with the pending counts read from the database now,
+/// so writes captured while a session is paused or busy show at once.
+async fn fresh_status(h: &SessionHandle) -> Status {
+    let mut s = h.status.borrow().clone();
+    if let Some(local) = h.local.get() {
+        let read = tokio::time::timeout(Duration::from_secs(2), local.call(|r| r.pending())).await;
+        if let Ok(Ok(Ok(p))) = read {
+            s.pending_changes = p.changes;
+            s.last_seq = p.last_seq;
+            s.consumed = p.consumed;
+        }
+    }
+    s
 }
 
 fn dirs_text(d: Directions) -> &'static str {
@@ -329,6 +347,7 @@ async fn wait(
     dirs: Directions,
     deadline: Option<Instant>,
     follow: bool,
+    is_wait: bool,
     shutdown: &CancellationToken,
 ) -> Result<(), Response> {
     let mut rx = h.status.clone();
@@ -336,7 +355,10 @@ async fn wait(
     if let Some(why) = failed(&start) {
         return Err(Response::error(ErrorCode::SessionFailed, why));
     }
-    if dirs.upload() && start.upload_paused {
+    // A wait on a paused direction would only run into its timeout; say so
+    // now. Progress just reports (it moves once resumed).
+    let check_paused = is_wait;
+    if check_paused && dirs.upload() && start.upload_paused {
         return Err(Response::error(
             ErrorCode::Paused,
             format!(
@@ -345,7 +367,7 @@ async fn wait(
             ),
         ));
     }
-    if dirs.download() && start.download_paused {
+    if check_paused && dirs.download() && start.download_paused {
         return Err(Response::error(
             ErrorCode::Paused,
             format!(

@@ -1,0 +1,155 @@
+//! Real `tether` processes for CLI tests: a hub and daemons started from
+//! config files in a temporary directory, stopped when dropped.
+
+use std::path::{Path, PathBuf};
+use std::process::{Child, Command, Stdio};
+use std::time::{Duration, Instant};
+
+use super::DEADLINE;
+
+pub fn bin() -> &'static str {
+    env!("CARGO_BIN_EXE_tether")
+}
+
+/// A child process whose stderr goes to a file; killed on drop.
+pub struct Proc {
+    pub child: Child,
+    pub log: PathBuf,
+}
+
+impl Proc {
+    pub fn spawn(args: &[&str], log: PathBuf) -> Proc {
+        let err = std::fs::File::create(&log).unwrap();
+        let child = Command::new(bin())
+            .args(args)
+            .env("RUST_LOG", "tether=debug")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(err)
+            .spawn()
+            .expect("tether starts");
+        Proc { child, log }
+    }
+
+    pub fn log_text(&self) -> String {
+        std::fs::read_to_string(&self.log).unwrap_or_default()
+    }
+
+    /// SIGTERM, then wait for the exit status.
+    pub fn terminate(mut self) -> std::process::ExitStatus {
+        let _ = Command::new("kill")
+            .args(["-TERM", &self.child.id().to_string()])
+            .status();
+        let start = Instant::now();
+        loop {
+            if let Some(s) = self.child.try_wait().unwrap() {
+                return s;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "process did not exit after SIGTERM"
+            );
+            std::thread::park_timeout(Duration::from_millis(10));
+        }
+    }
+}
+
+impl Drop for Proc {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub process on a port of its choosing (or a given one); returns it with
+/// its address, read from its log.
+pub async fn start_hub(dir: &Path, listen: &str, token_hash: &str, name: &str) -> (Proc, String) {
+    let cfg = dir.join(format!("{name}.toml"));
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"{listen}\"\nstore = \"sqlite:{}\"\nread_timeout = \"5s\"\n[[dataset]]\nname = \"notes\"\ntables = [\"notes\"]\n[[token]]\nname = \"t\"\nsha256 = \"{token_hash}\"\ndatasets = [\"*\"]\n",
+            dir.join("hub.db").display()
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn(
+        &["hub", "--config", cfg.to_str().unwrap()],
+        dir.join(format!("{name}.log")),
+    );
+    let mut addr = String::new();
+    super::wait_until("hub listening", || {
+        let log = p.log_text();
+        match log.lines().find(|l| l.contains("hub started")) {
+            Some(l) => {
+                addr = l
+                    .split("listen=")
+                    .nth(1)
+                    .and_then(|r| r.split_whitespace().next())
+                    .unwrap_or("")
+                    .to_owned();
+                true
+            }
+            None => false,
+        }
+    })
+    .await;
+    (p, addr)
+}
+
+/// Writes a tether.toml for databases `dbs` (name, file) and starts a daemon.
+pub async fn start_daemon(
+    dir: &Path,
+    name: &str,
+    hub_addr: &str,
+    token_file: &Path,
+    dbs: &[(&str, &str)],
+    reconnect: &str,
+) -> (Proc, PathBuf) {
+    let cfg = dir.join(format!("{name}.toml"));
+    let sock = dir.join(format!("{name}.sock"));
+    let mut text = format!(
+        "control_socket = \"{}\"\n[hub]\nurl = \"ws://{hub_addr}/v1/sync\"\ntoken_file = \"{}\"\n[reconnect]\n{reconnect}\n",
+        sock.display(),
+        token_file.display()
+    );
+    for (db, file) in dbs {
+        text.push_str(&format!(
+            "[[database]]\nname = \"{db}\"\npath = \"{}\"\ndataset = \"notes\"\ntables = [\"notes\"]\n",
+            dir.join(file).display()
+        ));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let p = Proc::spawn(
+        &["daemon", "--config", cfg.to_str().unwrap()],
+        dir.join(format!("{name}.log")),
+    );
+    // The daemon answers on its socket once it is up (a stale socket file
+    // may exist before that).
+    super::wait_until("control socket answers", || {
+        cli(&["status", "--socket", sock.to_str().unwrap()]).0 == 0
+    })
+    .await;
+    (p, cfg)
+}
+
+/// Runs a CLI command; returns exit code, stdout, stderr.
+pub fn cli(args: &[&str]) -> (i32, String, String) {
+    let out = Command::new(bin())
+        .args(args)
+        .output()
+        .expect("tether runs");
+    (
+        out.status.code().unwrap_or(-1),
+        String::from_utf8_lossy(&out.stdout).into_owned(),
+        String::from_utf8_lossy(&out.stderr).into_owned(),
+    )
+}
+
+/// `tether status --json` for one database, parsed.
+pub fn status_json(cfg: &Path, db: &str) -> serde_json::Value {
+    let (code, out, err) = cli(&["status", db, "--json", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status is JSON");
+    v["databases"][0].clone()
+}

@@ -1,0 +1,441 @@
+//! The control socket and CLI against real hub and daemon processes.
+
+mod common;
+
+use std::path::Path;
+
+use common::procs::*;
+use common::*;
+
+struct Setup {
+    dir: tempfile::TempDir,
+    token_file: std::path::PathBuf,
+    token_hash: String,
+}
+
+fn setup() -> Setup {
+    let dir = tempfile::tempdir().unwrap();
+    let token = tether::hub::auth::new_token();
+    let token_file = dir.path().join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    for f in ["a1.db", "a2.db", "b.db"] {
+        app(&dir.path().join(f), NOTES);
+    }
+    Setup {
+        token_hash: tether::hub::auth::hash_token(&token),
+        dir,
+        token_file,
+    }
+}
+
+const FAST: &str =
+    "initial = \"100ms\"\nmax = \"1s\"\nping_interval = \"1s\"\nread_timeout = \"10s\"";
+
+fn c(p: &Path) -> &str {
+    p.to_str().unwrap()
+}
+
+fn has_row(db: &Path, id: &str) -> bool {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.query_row("SELECT count(*) FROM notes WHERE id = ?1", [id], |r| {
+        r.get::<_, i64>(0)
+    })
+    .unwrap()
+        == 1
+}
+
+fn insert(db: &Path, id: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    c.execute("INSERT INTO notes VALUES (?1, 't', 'b', 1)", [id])
+        .unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn pause_resume_wait_sync_and_status_from_the_cli() {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (_a, acfg) = start_daemon(
+        d,
+        "a",
+        &addr,
+        &s.token_file,
+        &[("one", "a1.db"), ("two", "a2.db")],
+        FAST,
+    )
+    .await;
+    let (_b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    for (cfg, db) in [(&acfg, "one"), (&acfg, "two"), (&bcfg, "b")] {
+        wait_until("connected", || {
+            status_json(cfg, db)["connection"] == "connected"
+        })
+        .await;
+    }
+    let st = status_json(&acfg, "one");
+    for key in [
+        "name",
+        "connection",
+        "session",
+        "upload_paused",
+        "download_paused",
+        "pending_changes",
+        "cursor",
+        "hub_head",
+        "last_error",
+    ] {
+        assert!(st.get(key).is_some(), "status --json lacks {key}: {st}");
+    }
+    // Pausing one database never affects another.
+    let (code, out, err) = cli(&["pause", "one", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("one: paused upload and download"), "{out}");
+    wait_until("one paused", || {
+        status_json(&acfg, "one")["session"] == "paused"
+    })
+    .await;
+    assert_eq!(status_json(&acfg, "one")["connection"], "disconnected");
+    insert(&d.join("a1.db"), "from-one");
+    insert(&d.join("a2.db"), "from-two");
+    wait_until("two's row on b", || has_row(&d.join("b.db"), "from-two")).await;
+    assert!(
+        !has_row(&d.join("b.db"), "from-one"),
+        "a paused database sent a change"
+    );
+    wait_until("one counts its pending write", || {
+        status_json(&acfg, "one")["pending_changes"] == 1
+    })
+    .await;
+    // A wait on a paused direction fails at once with the reason.
+    let (code, _, err) = cli(&["wait", "one", "--upload", "--config", c(&acfg)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("paused") && err.contains("tether resume one"),
+        "{err}"
+    );
+    let (code, _, err) = cli(&["resume", "one", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{err}");
+    let (code, out, err) = cli(&["wait", "one", "--timeout", "20s", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{out}{err}");
+    wait_until("one's row on b", || has_row(&d.join("b.db"), "from-one")).await;
+
+    // Upload-only pause lets downloads through.
+    let (code, _, err) = cli(&["pause", "one", "--upload", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{err}");
+    wait_until("upload paused", || {
+        status_json(&acfg, "one")["upload_paused"] == true
+    })
+    .await;
+    insert(&d.join("a1.db"), "held-back");
+    insert(&d.join("b.db"), "from-b");
+    wait_until("b's row reaches one", || {
+        has_row(&d.join("a1.db"), "from-b")
+    })
+    .await;
+    wait_until("b's row reaches two", || {
+        has_row(&d.join("a2.db"), "from-b")
+    })
+    .await;
+    assert!(!has_row(&d.join("b.db"), "held-back"));
+    let (code, _, _) = cli(&["resume", "one", "--upload", "--config", c(&acfg)]);
+    assert_eq!(code, 0);
+
+    // sync uploads then downloads and says what it did.
+    insert(&d.join("a2.db"), "for-sync");
+    let (code, out, err) = cli(&["sync", "two", "--json", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["type"], "sync", "{out}");
+    wait_until("held-back row arrives after resume", || {
+        has_row(&d.join("b.db"), "held-back")
+    })
+    .await;
+
+    // Unknown database: the known ones are listed.
+    let (code, _, err) = cli(&["status", "nope", "--config", c(&acfg)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("no database named \"nope\"") && err.contains("one, two"),
+        "{err}"
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_times_out_with_its_own_exit_code_while_the_hub_is_down() {
+    let s = setup();
+    let d = s.dir.path();
+    let (hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (_a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    wait_until("connected", || {
+        status_json(&acfg, "one")["connection"] == "connected"
+    })
+    .await;
+    insert(&d.join("a1.db"), "r1");
+    let (code, _, err) = cli(&[
+        "wait",
+        "one",
+        "--upload",
+        "--timeout",
+        "20s",
+        "--config",
+        c(&acfg),
+    ]);
+    assert_eq!(code, 0, "a wait returns once the hub acknowledged: {err}");
+    assert_eq!(status_json(&acfg, "one")["pending_changes"], 0);
+    drop(hub);
+    wait_until("disconnected", || {
+        status_json(&acfg, "one")["connection"] != "connected"
+    })
+    .await;
+    insert(&d.join("a1.db"), "r2");
+    let (code, _, err) = cli(&[
+        "wait",
+        "one",
+        "--upload",
+        "--timeout",
+        "300ms",
+        "--config",
+        c(&acfg),
+    ]);
+    assert_eq!(code, 3, "{err}");
+    assert!(
+        err.contains("timed out") && err.contains("background"),
+        "{err}"
+    );
+    // The hub comes back on its port; the change goes out.
+    let (_hub, _) = start_hub(d, &addr, &s.token_hash, "hub2").await;
+    let (code, _, err) = cli(&[
+        "wait",
+        "one",
+        "--upload",
+        "--timeout",
+        "20s",
+        "--config",
+        c(&acfg),
+    ]);
+    assert_eq!(code, 0, "{err}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reconnect_wakes_a_session_in_a_long_backoff() {
+    let s = setup();
+    let d = s.dir.path();
+    // Reserve a port, then leave it closed: the daemon starts with no hub.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let slow = "initial = \"60s\"\nmax = \"120s\"";
+    let (_a, acfg) = start_daemon(d, "a", &port, &s.token_file, &[("one", "a1.db")], slow).await;
+    wait_until("in backoff", || {
+        status_json(&acfg, "one")["backoff_ms"].as_u64().is_some()
+    })
+    .await;
+    let backoff = status_json(&acfg, "one")["backoff_ms"].as_u64().unwrap();
+    assert!(backoff >= 1000, "long backoff: {backoff} ms");
+    let (_hub, _) = start_hub(d, &port, &s.token_hash, "hub").await;
+    let (code, out, err) = cli(&["reconnect", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("one: woken"), "{out}");
+    wait_until("connected after reconnect", || {
+        status_json(&acfg, "one")["connection"] == "connected"
+    })
+    .await;
+    let (_, out, _) = cli(&["reconnect", "--json", "--config", c(&acfg)]);
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(v["sessions"][0]["outcome"], "already_connected", "{out}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
+    let s = setup();
+    let d = s.dir.path();
+    let (hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (_a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    wait_until("connected", || {
+        status_json(&acfg, "one")["connection"] == "connected"
+    })
+    .await;
+    cli(&["pause", "one", "--upload", "--config", c(&acfg)]);
+    wait_until("paused", || {
+        status_json(&acfg, "one")["upload_paused"] == true
+    })
+    .await;
+    {
+        let c = rusqlite::Connection::open(d.join("a1.db")).unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..500 {
+            tx.execute(
+                "INSERT INTO notes VALUES (?1, 't', 'body', ?2)",
+                rusqlite::params![format!("p{i}"), i],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    wait_until("captured", || {
+        status_json(&acfg, "one")["pending_changes"] == 500
+    })
+    .await;
+    // Progress of the outstanding upload, started before the resume.
+    let progress = std::process::Command::new(bin())
+        .args([
+            "progress",
+            "one",
+            "--upload",
+            "--json",
+            "--config",
+            c(&acfg),
+        ])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    cli(&["resume", "one", "--config", c(&acfg)]);
+    let out = tokio::task::spawn_blocking(move || progress.wait_with_output().unwrap())
+        .await
+        .unwrap();
+    assert!(out.status.success());
+    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
+        .lines()
+        .map(|l| serde_json::from_str(l).unwrap())
+        .collect();
+    let last_progress = lines
+        .iter()
+        .rev()
+        .find(|l| l["type"] == "progress")
+        .expect("progress lines");
+    assert_eq!(
+        last_progress["transferable_changes"], 500,
+        "{last_progress}"
+    );
+    assert_eq!(last_progress["transferred_changes"], 500, "{last_progress}");
+    assert!(last_progress["transferred_bytes"].as_u64().unwrap() > 500 * 8);
+    assert_eq!(lines.last().unwrap()["type"], "done");
+
+    // watch reports the connection going down and coming back.
+    let mut watch = std::process::Command::new(bin())
+        .args(["watch", "one", "--json", "--config", c(&acfg)])
+        .stdout(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    let stdout = watch.stdout.take().unwrap();
+    let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
+    std::thread::spawn(move || {
+        use std::io::BufRead;
+        for line in std::io::BufReader::new(stdout)
+            .lines()
+            .map_while(Result::ok)
+        {
+            if tx.blocking_send(line).is_err() {
+                break;
+            }
+        }
+    });
+    // The watch is registered once the daemon answers a status after it.
+    wait_until("watch registered", || {
+        status_json(&acfg, "one")["connection"] == "connected"
+    })
+    .await;
+    drop(hub);
+    let (_hub2, _) = start_hub(d, &addr, &s.token_hash, "hub2").await;
+    let mut seen = Vec::new();
+    let want = [
+        "connected->disconnected",
+        "disconnected->connecting",
+        "connecting->connected",
+    ];
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    while !want.iter().all(|w| seen.contains(&w.to_string())) {
+        let line = tokio::time::timeout_at(deadline, rx.recv())
+            .await
+            .unwrap_or_else(|_| panic!("watch saw only {seen:?}"))
+            .expect("watch output");
+        let v: serde_json::Value = serde_json::from_str(&line).unwrap();
+        if v["event"]["event"] == "connection" {
+            seen.push(format!(
+                "{}->{}",
+                v["event"]["old"].as_str().unwrap(),
+                v["event"]["new"].as_str().unwrap()
+            ));
+        }
+    }
+    let _ = watch.kill();
+    let _ = watch.wait();
+    // The daemon carries on after the watcher went away.
+    assert_eq!(status_json(&acfg, "one")["connection"], "connected");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_control_socket_survives_garbage_and_guards_its_path() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    let sock = d.join("a.sock");
+    use std::os::unix::fs::PermissionsExt;
+    assert_eq!(
+        std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
+        0o660
+    );
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    w.write_all(b"this is not json\n{\"cmd\":\"launch\"}\n{\"cmd\":\"status\"\n")
+        .await
+        .unwrap();
+    for _ in 0..3 {
+        let l = lines.next_line().await.unwrap().unwrap();
+        assert!(l.contains("bad_request"), "{l}");
+    }
+    w.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+    let l = lines.next_line().await.unwrap().unwrap();
+    assert!(l.contains("\"databases\""), "{l}");
+    // A huge line is refused and the connection closed; others carry on.
+    w.write_all(&vec![b'x'; 200 * 1024]).await.unwrap();
+    let l = lines.next_line().await.unwrap().unwrap_or_default();
+    assert!(l.contains("longer than"), "{l}");
+    // A client that hangs up in the middle of a stream.
+    {
+        let mut s2 = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        s2.write_all(b"{\"cmd\":\"watch\"}\n").await.unwrap();
+    }
+    wait_until("still connected", || {
+        status_json(&acfg, "one")["connection"] == "connected"
+    })
+    .await;
+    // A second daemon on the same socket refuses to start.
+    let second = Proc::spawn(&["daemon", "--config", c(&acfg)], d.join("second.log"));
+    let out = tokio::task::spawn_blocking(move || {
+        let mut second = second;
+        let status = second.child.wait().unwrap();
+        (status, second.log_text())
+    })
+    .await
+    .unwrap();
+    assert!(!out.0.success());
+    assert!(
+        out.1.contains("another tether daemon is running"),
+        "{}",
+        out.1
+    );
+    // SIGTERM: clean exit, socket removed; a stale socket file is replaced.
+    assert!(a.terminate().success());
+    assert!(!sock.exists(), "socket removed on exit");
+    let stale = std::os::unix::net::UnixListener::bind(&sock).unwrap();
+    drop(stale);
+    assert!(sock.exists());
+    let (_a2, _) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    wait_until("restarted daemon connected", || {
+        status_json(&acfg, "one")["connection"] == "connected"
+    })
+    .await;
+    // No daemon: a clear message and exit 69.
+    let (code, _, err) = cli(&["status", "--socket", c(&d.join("none.sock"))]);
+    assert_eq!(code, 69);
+    assert!(
+        err.contains("no tether daemon is listening") && err.contains("tether daemon --config"),
+        "{err}"
+    );
+}
