@@ -6,9 +6,7 @@
 //! session until shutdown.
 
 use std::sync::{Arc, OnceLock};
-use std::time::Duration;
 
-use backon::BackoffBuilder;
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
@@ -136,12 +134,7 @@ async fn supervise(
         local: cell,
     } = ch;
     let span = tracing::info_span!("database", db = %db.name, dataset = %db.dataset());
-    let mut backoff = backon::ExponentialBuilder::default()
-        .with_min_delay(params.reconnect.initial.0)
-        .with_max_delay(params.reconnect.max.0.max(Duration::from_secs(1)))
-        .with_jitter()
-        .without_max_times()
-        .build();
+    let mut backoff = crate::session::backoff(&params.reconnect);
     let local = loop {
         match LocalDb::open(db.name.clone(), db.path.clone(), db.table_policies()).await {
             Ok(l) => break l,

@@ -232,14 +232,7 @@ impl Session {
     }
 
     fn backoff(&self) -> impl Iterator<Item = Duration> {
-        let r = &self.params.reconnect;
-        backon::ExponentialBuilder::default()
-            .with_min_delay(r.initial.0)
-            .with_max_delay(r.max.0)
-            .with_factor(r.multiplier)
-            .with_jitter()
-            .without_max_times()
-            .build()
+        backoff(&self.params.reconnect)
     }
 
     /// Runs until shutdown.
@@ -724,6 +717,26 @@ fn frame_name(f: &HubFrame) -> &'static str {
     }
 }
 
+/// Reconnection delays: exponential (`backon`: `initial`, times `multiplier`
+/// per attempt, capped at `max`) with full jitter, i.e. each delay is drawn
+/// uniformly between zero and the exponential value, so that many daemons
+/// cut off together do not come back together. `backon`'s own jitter adds
+/// up to one more delay on top (exceeding `max`), hence this form. A floor
+/// of 10 ms keeps a failing hub from being hammered.
+pub fn backoff(r: &Reconnect) -> impl Iterator<Item = Duration> {
+    use rand::Rng;
+    backon::ExponentialBuilder::default()
+        .with_min_delay(r.initial.0)
+        .with_max_delay(r.max.0)
+        .with_factor(r.multiplier)
+        .without_max_times()
+        .build()
+        .map(|d| {
+            let jittered = d.mul_f64(rand::thread_rng().gen_range(0.0..=1.0));
+            jittered.max(Duration::from_millis(10).min(d))
+        })
+}
+
 /// Changes a published status and emits events for what changed.
 pub fn update_status(
     status: &watch::Sender<Status>,
@@ -752,5 +765,32 @@ pub fn update_status(
     for e in emitted {
         // No watcher is fine.
         let _ = events.send(e);
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::Dur;
+
+    #[test]
+    fn backoff_grows_exponentially_with_full_jitter_and_stays_under_max() {
+        let r = Reconnect {
+            initial: Dur(Duration::from_millis(100)),
+            max: Dur(Duration::from_secs(2)),
+            multiplier: 2.0,
+            ..Reconnect::default()
+        };
+        let runs: Vec<Vec<Duration>> = (0..200).map(|_| backoff(&r).take(8).collect()).collect();
+        for run in &runs {
+            for (i, d) in run.iter().enumerate() {
+                let cap = Duration::from_millis(100 * (1 << i)).min(Duration::from_secs(2));
+                assert!(*d <= cap, "attempt {i}: {d:?} above {cap:?}");
+            }
+        }
+        // Full jitter: delays spread over the whole range, not just above it.
+        let late: Vec<Duration> = runs.iter().map(|r| r[7]).collect();
+        assert!(late.iter().any(|d| *d < Duration::from_millis(700)));
+        assert!(late.iter().any(|d| *d > Duration::from_millis(1300)));
     }
 }

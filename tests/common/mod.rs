@@ -4,6 +4,7 @@
 #![allow(dead_code)]
 
 pub mod procs;
+pub mod proxy;
 
 use std::future::Future;
 use std::path::{Path, PathBuf};
