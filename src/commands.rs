@@ -137,7 +137,14 @@ fn print_status(s: &Status) {
         yes_no(s.upload_paused),
         yes_no(s.download_paused)
     );
-    println!("  pending:     {} local changes", s.pending_changes);
+    match s.oldest_pending_ms {
+        Some(ms) if s.pending_changes > 0 => println!(
+            "  pending:     {} local changes, oldest {:.1} s old",
+            s.pending_changes,
+            ms as f64 / 1000.0
+        ),
+        _ => println!("  pending:     {} local changes", s.pending_changes),
+    }
     println!("  cursor:      {} of hub head {}", s.cursor, s.hub_head);
     if let Some(u) = &s.last_upload {
         println!(

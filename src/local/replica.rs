@@ -79,6 +79,8 @@ pub struct Pending {
     pub oldest_seq: Option<u64>,
     /// The log is answered up to this seq.
     pub consumed: u64,
+    /// When the oldest unanswered write was committed (ms since the epoch).
+    pub oldest_at_ms: Option<i64>,
 }
 
 /// One upload batch as read from the log.
@@ -177,7 +179,7 @@ impl Tbl {
                 vjoin = (0..nk).map(|i| format!("v.k{i} = k.k{i}")).collect::<Vec<_>>().join(" AND "),
             ),
             sql_log: format!(
-                "INSERT INTO _tether_log (tbl, op, mask, {keys}) VALUES ({id}, ?{}, ?{}, {})",
+                "INSERT INTO _tether_log (tbl, op, mask, at, {keys}) VALUES ({id}, ?{}, ?{}, CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER), {})",
                 nk + 1,
                 nk + 2,
                 placeholders(nk)
@@ -389,10 +391,21 @@ impl Replica {
                 st.query_row([consumed as i64], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
             })
             .map_err(&e)?;
+        let oldest_at: Option<i64> = match min {
+            None => None,
+            Some(m) => self
+                .conn
+                .prepare_cached("SELECT at FROM _tether_log WHERE seq = ?1")
+                .and_then(|mut st| st.query_row([m], |r| r.get(0)))
+                .optional()
+                .map_err(&e)?
+                .flatten(),
+        };
         Ok(Pending {
             changes: n as u64,
             last_seq: (max.unwrap_or(0) as u64).max(consumed),
             oldest_seq: min.map(|m| m as u64),
+            oldest_at_ms: oldest_at,
             consumed,
         })
     }

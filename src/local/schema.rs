@@ -211,7 +211,11 @@ impl Table {
             col_mask.join(" | ")
         };
         let guard = "NOT EXISTS (SELECT 1 FROM _tether_applying)";
-        let log = format!("INSERT INTO _tether_log (tbl, op, mask, {keys})");
+        // `at` (milliseconds since the epoch) lets status show the age of the
+        // oldest pending write; julianday() works on every SQLite an app may
+        // bring, unlike unixepoch('subsec').
+        let log = format!("INSERT INTO _tether_log (tbl, op, mask, at, {keys})");
+        let now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
         format!(
             "CREATE TABLE IF NOT EXISTS {ver} ({keys}, version INTEGER NOT NULL, PRIMARY KEY ({keys})) WITHOUT ROWID;
 DROP TRIGGER IF EXISTS {ins};
@@ -219,16 +223,16 @@ DROP TRIGGER IF EXISTS {upd};
 DROP TRIGGER IF EXISTS {updkey};
 DROP TRIGGER IF EXISTS {del};
 CREATE TRIGGER {ins} AFTER INSERT ON {t} WHEN {guard} BEGIN
-  {log} VALUES ({id}, 1, -1, {new_keys});
+  {log} VALUES ({id}, 1, -1, {now}, {new_keys});
 END;
 CREATE TRIGGER {upd} AFTER UPDATE ON {t} WHEN {guard} BEGIN
-  {log} VALUES ({id}, 1, CASE WHEN {key_changed} THEN -1 ELSE {col_mask} END, {new_keys});
+  {log} VALUES ({id}, 1, CASE WHEN {key_changed} THEN -1 ELSE {col_mask} END, {now}, {new_keys});
 END;
 CREATE TRIGGER {updkey} AFTER UPDATE ON {t} WHEN {guard} AND ({key_changed}) BEGIN
-  {log} VALUES ({id}, 2, 0, {old_keys});
+  {log} VALUES ({id}, 2, 0, {now}, {old_keys});
 END;
 CREATE TRIGGER {del} AFTER DELETE ON {t} WHEN {guard} BEGIN
-  {log} VALUES ({id}, 2, 0, {old_keys});
+  {log} VALUES ({id}, 2, 0, {now}, {old_keys});
 END;
 ",
             ins = trig("ins"),
@@ -271,7 +275,7 @@ pub const MAX_KEY_COLUMNS: usize = 8;
 pub const BASE_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _tether_meta (key TEXT PRIMARY KEY, value ANY) STRICT;
 CREATE TABLE IF NOT EXISTS _tether_tables (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
-CREATE TABLE IF NOT EXISTS _tether_log (seq INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, op INTEGER NOT NULL, mask INTEGER NOT NULL, k0, k1, k2, k3, k4, k5, k6, k7);
+CREATE TABLE IF NOT EXISTS _tether_log (seq INTEGER PRIMARY KEY, tbl INTEGER NOT NULL, op INTEGER NOT NULL, mask INTEGER NOT NULL, k0, k1, k2, k3, k4, k5, k6, k7, at INTEGER);
 CREATE TABLE IF NOT EXISTS _tether_applying (x INTEGER);
 CREATE TABLE IF NOT EXISTS _tether_deferred (tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, PRIMARY KEY (tbl, pk));
 CREATE TABLE IF NOT EXISTS _tether_rejected (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, at INTEGER NOT NULL);

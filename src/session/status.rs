@@ -54,6 +54,8 @@ pub struct Status {
     pub consumed: u64,
     /// Newest client seq captured (as of the last look at the log).
     pub last_seq: u64,
+    /// Age of the oldest pending local change, in milliseconds.
+    pub oldest_pending_ms: Option<u64>,
     pub last_upload: Option<UploadSummary>,
     pub last_error: Option<String>,
     /// Delay before the next connection attempt, in milliseconds.
@@ -85,6 +87,7 @@ impl Status {
             download_paused: false,
             consumed: 0,
             last_seq: 0,
+            oldest_pending_ms: None,
             last_upload: None,
             last_error: None,
             backoff_ms: None,
