@@ -445,3 +445,38 @@ async fn a_schema_mismatch_is_a_clear_typed_error() {
     da.stop().await;
     db.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn stopping_a_daemon_mid_upload_loses_and_duplicates_nothing() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let a = app(&world.path("a.db"), NOTES);
+    let b = app(&world.path("b.db"), NOTES);
+    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
+    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
+    da.wait_connected(DEADLINE).await.unwrap();
+    let tx = a.unchecked_transaction().unwrap();
+    for i in 0..20_000 {
+        tx.execute(
+            "INSERT INTO notes VALUES (?1, 't', 'body', ?2)",
+            params![format!("s{i}"), i],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+    let rx = da.status("db");
+    wait_until("upload under way", || rx.borrow().uploaded > 0).await;
+    da.stop().await;
+    let stopped_at = count(&b, "notes");
+    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
+    wait_converged(&a, &b, "notes").await;
+    wait_idle(&da, "db").await;
+    assert_eq!(count(&b, "notes"), 20_000);
+    let (n, distinct) = hub_log_stats(&world);
+    assert_eq!(
+        (n, distinct),
+        (20_000, 20_000),
+        "stopped after {stopped_at} rows reached B"
+    );
+    da.stop().await;
+    db.stop().await;
+}

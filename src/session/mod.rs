@@ -45,6 +45,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety-net timer: pending changes are looked at least this often, even if
 /// no file notification arrives, and a refused batch is retried.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// On shutdown, how long in-flight uploads may take to be answered.
+pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delays of the re-reads after a wake-up that found nothing.
 const RECHECK_DELAYS: [Duration; 3] = [
     Duration::from_micros(500),
@@ -414,6 +416,8 @@ impl Session {
         poll.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
         let mut read_deadline = Instant::now() + rc.read_timeout.0;
         let mut inflight: VecDeque<Inflight> = VecDeque::new();
+        // Set on shutdown while uploads are in flight: the drain deadline.
+        let mut dying: Option<Instant> = None;
         // Highest seq whose answer has been processed (sent as `acked`).
         let mut acked = 0u64;
         let mut upload_due = true;
@@ -573,10 +577,34 @@ impl Session {
                 _ = sleep_opt(ack_deadline) => {
                     return Err(SessionError::Retry(format!("upload not answered within {ACK_TIMEOUT:?}; reconnecting")));
                 }
-                _ = self.shutdown.cancelled() => {
+                _ = self.shutdown.cancelled(), if dying.is_none() => {
+                    if inflight.is_empty() {
+                        let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "daemon shutting down".into() })).await;
+                        return Ok(End::Shutdown);
+                    }
+                    // Let the batches already sent be answered, so their
+                    // log rows are cleared now rather than resent later.
+                    tracing::info!(in_flight = inflight.len(), "shutting down: waiting for the hub's answers");
+                    dying = Some(Instant::now() + DRAIN_TIMEOUT);
+                    self.update(|s| s.session = SessionState::Dying);
+                }
+                _ = sleep_opt(dying) => {
+                    tracing::warn!("shutting down with unanswered uploads; they stay captured and go out on the next start");
                     let _ = ws.close(Some(CloseFrame { code: CloseCode::Normal, reason: "daemon shutting down".into() })).await;
                     return Ok(End::Shutdown);
                 }
+            }
+            if dying.is_some() {
+                if inflight.is_empty() {
+                    let _ = ws
+                        .close(Some(CloseFrame {
+                            code: CloseCode::Normal,
+                            reason: "daemon shutting down".into(),
+                        }))
+                        .await;
+                    return Ok(End::Shutdown);
+                }
+                continue;
             }
             if upload_due && inflight.len() < MAX_INFLIGHT && uploads_allowed && !self.upload_paused
             {
