@@ -23,6 +23,7 @@
 //! * [`daemon`]: runs one session per configured database.
 //! * [`control`]: the local control socket (daemon side and CLI side).
 //! * [`hub`]: the server: auth, sessions, fan-out, store.
+//! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
 
@@ -34,4 +35,5 @@ pub mod embedded;
 pub mod hub;
 pub mod local;
 pub mod proto;
+pub mod service;
 pub mod session;

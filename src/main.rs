@@ -162,8 +162,14 @@ async fn run(cli: Cli) -> ExitCode {
                 daemon.clone(),
                 shutdown.clone(),
             ));
+            tether::service::ready(&tether::service::daemon_status(&daemon));
+            tokio::spawn(tether::service::daemon_heartbeat(
+                daemon.clone(),
+                shutdown.clone(),
+            ));
             tracing::info!(databases = daemon.sessions.len(), hub = %cfg.hub.url, socket = %cfg.control_socket.display(), "daemon started");
             shutdown.cancelled().await;
+            tether::service::stopping();
             daemon.wait().await;
             let _ = server.await;
             let _ = std::fs::remove_file(&cfg.control_socket);
@@ -221,6 +227,13 @@ async fn run(cli: Cli) -> ExitCode {
                     .map(|a| a.to_string())
                     .unwrap_or_else(|_| cfg.listen.clone());
                 tracing::info!(listen = %addr, datasets = cfg.datasets.len(), "hub started");
+                tether::service::ready(&format!("listening on {addr}"));
+                tokio::spawn(tether::service::watchdog(shutdown.clone()));
+                let stop = shutdown.clone();
+                tokio::spawn(async move {
+                    stop.cancelled().await;
+                    tether::service::stopping();
+                });
                 hub.run(listener, shutdown).await;
                 tracing::info!("hub stopped");
                 ExitCode::SUCCESS

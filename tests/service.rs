@@ -1,0 +1,122 @@
+//! Running as a system service: the unit files verify, and the daemon and hub
+//! speak systemd's notify protocol (READY, STATUS, WATCHDOG, STOPPING).
+
+mod common;
+
+use std::os::unix::net::UnixDatagram;
+use std::process::{Command, Stdio};
+
+use common::procs::*;
+use common::*;
+
+#[test]
+fn unit_files_pass_systemd_analyze_verify() {
+    let dir = tempfile::tempdir().unwrap();
+    let root = env!("CARGO_MANIFEST_DIR");
+    let mut units = Vec::new();
+    for unit in ["tether.service", "tether-hub.service"] {
+        let text = std::fs::read_to_string(format!("{root}/systemd/{unit}")).unwrap();
+        // verify checks that ExecStart exists: point it at the built binary.
+        let text = text.replace("/usr/bin/tether", bin());
+        let path = dir.path().join(unit);
+        std::fs::write(&path, text).unwrap();
+        units.push(path);
+    }
+    let out = Command::new("systemd-analyze")
+        .arg("verify")
+        .args(&units)
+        .output()
+        .expect("systemd-analyze is installed (.ci/run installs it)");
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(
+        out.status.success() && err.trim().is_empty(),
+        "systemd-analyze verify: {err}"
+    );
+}
+
+/// Collects notify datagrams sent to a socket.
+fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
+    let path = dir.join("notify.sock");
+    let sock = UnixDatagram::bind(&path).unwrap();
+    sock.set_read_timeout(Some(DEADLINE)).unwrap();
+    (sock, path)
+}
+
+fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
+    let mut seen = Vec::new();
+    let mut buf = vec![0u8; 4096];
+    while !seen.iter().any(|m: &String| m.contains(want)) {
+        let n = sock
+            .recv(&mut buf)
+            .unwrap_or_else(|e| panic!("no {want} within the deadline ({e}); got {seen:?}"));
+        seen.push(String::from_utf8_lossy(&buf[..n]).into_owned());
+        assert!(seen.len() < 1000, "too many messages without {want}");
+    }
+    seen
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = tether::hub::auth::new_token();
+    std::fs::write(d.join("token"), &token).unwrap();
+    app(&d.join("a.db"), NOTES);
+    let (_hub, addr) = start_hub(
+        d,
+        "127.0.0.1:0",
+        &tether::hub::auth::hash_token(&token),
+        "hub",
+    )
+    .await;
+    let cfg = d.join("a.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"{}\"\n[hub]\nurl = \"ws://{addr}/v1/sync\"\ntoken_file = \"{}\"\n[[database]]\nname = \"one\"\ndataset = \"notes\"\npath = \"{}\"\ntables = [\"notes\"]\n",
+            d.join("a.sock").display(),
+            d.join("token").display(),
+            d.join("a.db").display()
+        ),
+    )
+    .unwrap();
+    let (sock, path) = notify_socket(d);
+    // systemd names the watched process in WATCHDOG_PID; `exec` keeps the
+    // shell's pid for the daemon.
+    let child = Command::new("sh")
+        .args([
+            "-c",
+            "WATCHDOG_PID=$$ exec \"$0\" daemon --config \"$1\"",
+            bin(),
+            cfg.to_str().unwrap(),
+        ])
+        .env("NOTIFY_SOCKET", &path)
+        .env("WATCHDOG_USEC", "400000")
+        .stderr(Stdio::null())
+        .spawn()
+        .unwrap();
+    let proc = Proc {
+        child,
+        log: d.join("unused.log"),
+    };
+    let sock = std::sync::Arc::new(sock);
+    let s2 = sock.clone();
+    let seen = tokio::task::spawn_blocking(move || recv_until(&s2, "READY=1"))
+        .await
+        .unwrap();
+    let ready = seen.iter().find(|m| m.contains("READY=1")).unwrap();
+    assert!(ready.contains("STATUS=1 databases"), "{ready}");
+    // The control socket answers once READY was sent.
+    let (code, _, err) = cli(&["status", "--socket", d.join("a.sock").to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    let s2 = sock.clone();
+    let seen = tokio::task::spawn_blocking(move || recv_until(&s2, "WATCHDOG=1"))
+        .await
+        .unwrap();
+    assert!(seen.iter().any(|m| m.contains("connected")), "{seen:?}");
+    let s2 = sock.clone();
+    let stop = tokio::task::spawn_blocking(move || recv_until(&s2, "STOPPING=1"));
+    let status = proc.terminate();
+    stop.await.unwrap();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+}
