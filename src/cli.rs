@@ -18,8 +18,17 @@ pub struct Cli {
     /// The daemon's control socket (overrides --config and TETHER_SOCKET).
     #[arg(long, global = true)]
     pub socket: Option<PathBuf>,
+    /// Log format of `daemon`, `hub` and `once` (stderr).
+    #[arg(long, global = true, value_enum, default_value_t = LogFormat::Text)]
+    pub log_format: LogFormat,
     #[command(subcommand)]
     pub command: Command,
+}
+
+#[derive(Debug, Clone, Copy, PartialEq, Eq, clap::ValueEnum)]
+pub enum LogFormat {
+    Text,
+    Json,
 }
 
 /// Which direction(s) a command applies to; neither flag means both.
@@ -100,6 +109,18 @@ pub enum Command {
         db: String,
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Sync once without a daemon (for timers): for each database download
+    /// everything, upload everything, close and print a summary. Exits 1 if
+    /// any database failed.
+    Once {
+        /// Databases to sync (all when none given).
+        dbs: Vec<String>,
+        /// Give up after this long.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
+        timeout: std::time::Duration,
         #[arg(long)]
         json: bool,
     },

@@ -72,6 +72,10 @@ pub struct DaemonConfig {
     /// Path of the local control socket (used by the `tether` CLI).
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// On SIGTERM, how long sessions may wait for the hub to answer uploads
+    /// already sent. Whatever is not answered stays captured for next time.
+    #[serde(default = "d_shutdown")]
+    pub shutdown_timeout: Dur,
     pub hub: HubConn,
     #[serde(default)]
     pub reconnect: Reconnect,
@@ -114,6 +118,9 @@ pub struct Reconnect {
     pub read_timeout: Dur,
 }
 
+fn d_shutdown() -> Dur {
+    Dur(Duration::from_secs(10))
+}
 fn d_initial() -> Dur {
     Dur(Duration::from_millis(500))
 }

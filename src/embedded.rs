@@ -131,6 +131,7 @@ impl EmbeddedDaemon {
     pub fn start(url: &str, token: &str, databases: Vec<DatabaseConfig>) -> EmbeddedDaemon {
         let config = DaemonConfig {
             control_socket: PathBuf::from("/nonexistent/tether.sock"),
+            shutdown_timeout: Dur(Duration::from_secs(10)),
             hub: HubConn {
                 url: url.into(),
                 token: Some(token.into()),

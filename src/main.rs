@@ -18,15 +18,23 @@ use tether::control::{self, Request};
 
 const EX_CONFIG: u8 = 78;
 
-fn init_tracing(default: &str) {
+/// Logging to stderr: level from `RUST_LOG` (else `default`), text or JSON.
+/// Under journald (`JOURNAL_STREAM` set) text lines carry no timestamp of
+/// their own, since the journal records one.
+fn init_tracing(default: &str, format: cli::LogFormat) {
+    use std::io::IsTerminal;
     let filter = tracing_subscriber::EnvFilter::try_from_default_env()
         .unwrap_or_else(|_| tracing_subscriber::EnvFilter::new(default));
-    use std::io::IsTerminal;
-    tracing_subscriber::fmt()
+    let builder = tracing_subscriber::fmt()
         .with_env_filter(filter)
         .with_ansi(std::io::stderr().is_terminal())
-        .with_writer(std::io::stderr)
-        .init();
+        .with_writer(std::io::stderr);
+    let journald = std::env::var_os("JOURNAL_STREAM").is_some();
+    match (format, journald) {
+        (cli::LogFormat::Json, _) => builder.json().init(),
+        (cli::LogFormat::Text, true) => builder.without_time().init(),
+        (cli::LogFormat::Text, false) => builder.init(),
+    }
 }
 
 /// Cancels the token on SIGTERM or SIGINT.
@@ -132,7 +140,7 @@ async fn run(cli: Cli) -> ExitCode {
     }
     match cli.command {
         Command::Daemon => {
-            init_tracing("info");
+            init_tracing("info", cli.log_format);
             let config = cli
                 .config
                 .clone()
@@ -190,7 +198,7 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
             None => {
-                init_tracing("info");
+                init_tracing("info", cli.log_format);
                 let config = cli
                     .config
                     .clone()
@@ -239,8 +247,51 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
         },
+        Command::Once { dbs, timeout, json } => {
+            init_tracing("warn", cli.log_format);
+            let config = cli
+                .config
+                .clone()
+                .unwrap_or_else(|| "/etc/tether/tether.toml".into());
+            let cfg = match DaemonConfig::load(&config) {
+                Ok(c) => c,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            let results = match tether::daemon::once(cfg, &dbs, timeout).await {
+                Ok(r) => r,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            let mut ok = true;
+            for r in &results {
+                ok &= r.error.is_none();
+                if json {
+                    println!("{}", serde_json::to_string(r).expect("BUG: serializes"));
+                } else if let Some(e) = &r.error {
+                    println!(
+                        "{}: FAILED: {e} (downloaded {}, uploaded {})",
+                        r.db, r.downloaded, r.uploaded
+                    );
+                } else {
+                    println!(
+                        "{}: ok: downloaded {}, uploaded {}",
+                        r.db, r.downloaded, r.uploaded
+                    );
+                }
+            }
+            if ok {
+                ExitCode::SUCCESS
+            } else {
+                ExitCode::FAILURE
+            }
+        }
         Command::Demo => {
-            init_tracing("error");
+            init_tracing("error", cli.log_format);
             match tether::demo::demo().await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {
@@ -255,7 +306,7 @@ async fn run(cli: Cli) -> ExitCode {
             runs,
             json,
         } => {
-            init_tracing("warn");
+            init_tracing("warn", cli.log_format);
             match tether::demo::bench(rows, commits, runs.max(1), json).await {
                 Ok(()) => ExitCode::SUCCESS,
                 Err(e) => {

@@ -439,3 +439,54 @@ async fn the_control_socket_survives_garbage_and_guards_its_path() {
         "{err}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn once_syncs_without_a_daemon_and_refuses_a_database_a_daemon_owns() {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (_b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    wait_until("b connected", || {
+        status_json(&bcfg, "b")["connection"] == "connected"
+    })
+    .await;
+    insert(&d.join("b.db"), "from-b");
+    let (code, _, err) = cli(&[
+        "wait",
+        "b",
+        "--upload",
+        "--timeout",
+        "20s",
+        "--config",
+        c(&bcfg),
+    ]);
+    assert_eq!(code, 0, "{err}");
+    insert(&d.join("a1.db"), "from-a");
+    // Write a config for `once` without starting a daemon.
+    let cfg = d.join("once.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"{}\"\n[hub]\nurl = \"ws://{addr}/v1/sync\"\ntoken_file = \"{}\"\n[[database]]\nname = \"one\"\ndataset = \"notes\"\npath = \"{}\"\ntables = [\"notes\"]\n",
+            d.join("once.sock").display(),
+            c(&s.token_file),
+            d.join("a1.db").display()
+        ),
+    )
+    .unwrap();
+    let (code, out, err) = cli(&["once", "--config", c(&cfg)]);
+    assert_eq!(code, 0, "{out}{err}");
+    assert!(out.contains("one: ok: downloaded 1, uploaded 1"), "{out}");
+    assert!(has_row(&d.join("a1.db"), "from-b"));
+    wait_until("A's row reaches B", || has_row(&d.join("b.db"), "from-a")).await;
+    // A database a running daemon owns is refused, with the reason.
+    let (code, out, err) = cli(&["once", "b", "--timeout", "20s", "--config", c(&bcfg)]);
+    assert_eq!(code, 1, "{out}{err}");
+    assert!(
+        out.contains("already synced by another tether process"),
+        "{out}"
+    );
+    let (code, _, err) = cli(&["once", "nope", "--config", c(&bcfg)]);
+    assert_eq!(code, 1);
+    assert!(err.contains("known: b"), "{err}");
+}

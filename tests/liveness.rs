@@ -19,6 +19,7 @@ async fn a_half_open_connection_is_dropped_within_read_timeout_plus_a_ping() {
     let (ping, read_timeout) = (Duration::from_millis(200), Duration::from_millis(1000));
     let d = EmbeddedDaemon::start_with(DaemonConfig {
         control_socket: world.path("unused.sock"),
+        shutdown_timeout: Dur(Duration::from_secs(5)),
         hub: HubConn {
             url: format!("ws://{}/v1/sync", proxy.addr),
             token: Some(world.token.clone()),

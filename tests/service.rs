@@ -14,7 +14,12 @@ fn unit_files_pass_systemd_analyze_verify() {
     let dir = tempfile::tempdir().unwrap();
     let root = env!("CARGO_MANIFEST_DIR");
     let mut units = Vec::new();
-    for unit in ["tether.service", "tether-hub.service"] {
+    for unit in [
+        "tether.service",
+        "tether-hub.service",
+        "tether-sync.service",
+        "tether-sync.timer",
+    ] {
         let text = std::fs::read_to_string(format!("{root}/systemd/{unit}")).unwrap();
         // verify checks that ExecStart exists: point it at the built binary.
         let text = text.replace("/usr/bin/tether", bin());
@@ -119,4 +124,59 @@ async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
     let status = proc.terminate();
     stop.await.unwrap();
     assert!(status.success(), "SIGTERM exits 0: {status:?}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn json_logs_are_one_object_per_line_with_the_database_name() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    app(&d.join("a.db"), NOTES);
+    let cfg = d.join("a.toml");
+    // No hub listening: the session logs its connection errors.
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"{}\"\n[hub]\nurl = \"ws://{port}/v1/sync\"\ntoken = \"t\"\n[reconnect]\ninitial = \"50ms\"\nmax = \"100ms\"\n[[database]]\nname = \"one\"\npath = \"{}\"\ntables = [\"notes\"]\n",
+            d.join("a.sock").display(),
+            d.join("a.db").display()
+        ),
+    )
+    .unwrap();
+    let p = Proc::spawn(
+        &[
+            "daemon",
+            "--config",
+            cfg.to_str().unwrap(),
+            "--log-format",
+            "json",
+        ],
+        d.join("a.log"),
+    );
+    wait_until("a connection error is logged", || {
+        p.log_text().contains("cannot connect")
+    })
+    .await;
+    let log = p.log_text();
+    assert!(p.terminate().success());
+    let mut saw_db = false;
+    for line in log.lines() {
+        let v: serde_json::Value =
+            serde_json::from_str(line).unwrap_or_else(|e| panic!("not JSON ({e}): {line}"));
+        assert!(
+            v.get("level").is_some() && v.get("fields").is_some(),
+            "{line}"
+        );
+        if line.contains("cannot connect") {
+            saw_db = line.contains("\"db\":\"one\"") && line.contains("\"dataset\":\"one\"");
+        }
+    }
+    assert!(
+        saw_db,
+        "log lines carry the database and dataset names: {log}"
+    );
 }

@@ -5,6 +5,10 @@
 //! database never stalls another), starts the file watcher and runs the
 //! session until shutdown.
 
+mod once;
+
+pub use once::{once, OnceResult};
+
 use std::sync::{Arc, OnceLock};
 
 use tokio::sync::{broadcast, mpsc, watch};
@@ -60,6 +64,7 @@ impl Daemon {
                 token: token.clone(),
                 reconnect: cfg.reconnect.clone(),
                 echo_own: false,
+                shutdown_timeout: cfg.shutdown_timeout.0,
             };
             let (tx, rx) = watch::channel(Status::new(&db.name, db.dataset()));
             let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);

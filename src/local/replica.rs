@@ -32,6 +32,15 @@ pub enum LocalError {
     Schema(#[from] SchemaError),
     #[error("database {db}: file {path} does not exist; tether syncs the app's database and does not create it: start the app first or fix `path`")]
     Missing { db: String, path: String },
+    #[error("database {db}: already synced by another tether process (it holds {lock}); a database is synced by one process at a time: stop the other one (`systemctl stop tether`) or remove the database from one of the configs")]
+    Locked { db: String, lock: String },
+    #[error("database {db}: cannot take the lock {lock}: {source}")]
+    Lock {
+        db: String,
+        lock: String,
+        #[source]
+        source: std::io::Error,
+    },
     #[error("opening {path}: {source}")]
     Open {
         path: String,
@@ -195,6 +204,8 @@ impl Tbl {
 pub struct Replica {
     name: String,
     conn: Connection,
+    /// Held while this replica lives: one tether process per database.
+    _lock: std::fs::File,
     tables: HashMap<String, Tbl>,
     by_id: HashMap<i64, String>,
     order: Vec<String>,
@@ -228,6 +239,7 @@ impl Replica {
                 path: path.display().to_string(),
             });
         }
+        let lock = take_lock(name, path)?;
         let conn = Connection::open(path).map_err(|source| LocalError::Open {
             path: path.display().to_string(),
             source,
@@ -349,6 +361,7 @@ impl Replica {
             order,
             conn,
             client_id,
+            _lock: lock,
         })
     }
 
@@ -783,6 +796,37 @@ impl Replica {
     /// Runs a passive checkpoint; never blocks the app.
     pub fn checkpoint_passive(&self) {
         let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
+    }
+}
+
+/// Takes the per-database lock file `<database>-tether.lock` (an advisory
+/// lock, released by the OS if the process dies).
+fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
+    let mut lock_path = path.as_os_str().to_owned();
+    lock_path.push("-tether.lock");
+    let lock_path = std::path::PathBuf::from(lock_path);
+    let shown = lock_path.display().to_string();
+    let file = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .open(&lock_path)
+        .map_err(|source| LocalError::Lock {
+            db: name.to_owned(),
+            lock: shown.clone(),
+            source,
+        })?;
+    match file.try_lock() {
+        Ok(()) => Ok(file),
+        Err(std::fs::TryLockError::WouldBlock) => Err(LocalError::Locked {
+            db: name.to_owned(),
+            lock: shown,
+        }),
+        Err(std::fs::TryLockError::Error(source)) => Err(LocalError::Lock {
+            db: name.to_owned(),
+            lock: shown,
+            source,
+        }),
     }
 }
 

@@ -45,8 +45,6 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety-net timer: pending changes are looked at least this often, even if
 /// no file notification arrives, and a refused batch is retried.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
-/// On shutdown, how long in-flight uploads may take to be answered.
-pub const DRAIN_TIMEOUT: Duration = Duration::from_secs(10);
 /// Delays of the re-reads after a wake-up that found nothing.
 const RECHECK_DELAYS: [Duration; 3] = [
     Duration::from_micros(500),
@@ -124,6 +122,8 @@ pub struct SessionParams {
     pub reconnect: Reconnect,
     /// Ask the hub to push this client's own changes back too.
     pub echo_own: bool,
+    /// On shutdown, how long in-flight uploads may take to be answered.
+    pub shutdown_timeout: Duration,
 }
 
 /// Why a connection ended.
@@ -585,7 +585,7 @@ impl Session {
                     // Let the batches already sent be answered, so their
                     // log rows are cleared now rather than resent later.
                     tracing::info!(in_flight = inflight.len(), "shutting down: waiting for the hub's answers");
-                    dying = Some(Instant::now() + DRAIN_TIMEOUT);
+                    dying = Some(Instant::now() + p.shutdown_timeout);
                     self.update(|s| s.session = SessionState::Dying);
                 }
                 _ = sleep_opt(dying) => {
