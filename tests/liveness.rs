@@ -117,3 +117,48 @@ async fn the_hub_drops_a_silent_client_and_serves_the_others() {
     ));
     hub.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_refused_token_is_retried_as_soon_as_the_token_file_changes() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let _a = app(&world.path("a.db"), NOTES);
+    let token_file = world.path("token");
+    std::fs::write(&token_file, "not-the-token").unwrap();
+    let d = EmbeddedDaemon::start_with(DaemonConfig {
+        control_socket: world.path("unused.sock"),
+        shutdown_timeout: Dur(Duration::from_secs(5)),
+        hub: HubConn {
+            url: world.url(),
+            token: None,
+            token_file: Some(token_file.clone()),
+        },
+        // A backoff far longer than the test: only the file change can help.
+        reconnect: Reconnect {
+            initial: Dur(Duration::from_secs(120)),
+            max: Dur(Duration::from_secs(300)),
+            ..Reconnect::default()
+        },
+        databases: vec![database(
+            "db",
+            world.path("a.db"),
+            &["notes"],
+            ConflictPolicy::ServerWins,
+        )],
+    });
+    let mut rx = d.status("db");
+    let waiting = tokio::time::timeout(
+        DEADLINE,
+        rx.wait_for(|s| s.session == tether::session::SessionState::WaitingForAccessToken),
+    )
+    .await
+    .map(|r| r.is_ok())
+    .unwrap_or(false);
+    assert!(
+        waiting,
+        "a refused token puts the session in waiting_for_access_token"
+    );
+    assert!(rx.borrow().backoff_ms.unwrap() >= 60_000, "no hammering");
+    std::fs::write(&token_file, format!("{}\n", world.token)).unwrap();
+    d.wait_connected(DEADLINE).await.unwrap();
+    d.stop().await;
+}

@@ -45,6 +45,8 @@ pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
 /// Safety-net timer: pending changes are looked at least this often, even if
 /// no file notification arrives, and a refused batch is retried.
 pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// While the hub refuses the token, the token file is looked at this often.
+const TOKEN_POLL: Duration = Duration::from_millis(500);
 /// Delays of the re-reads after a wake-up that found nothing.
 const RECHECK_DELAYS: [Duration; 3] = [
     Duration::from_micros(500),
@@ -316,11 +318,26 @@ impl Session {
                 s.backoff_ms = Some(delay.as_millis() as u64);
             });
             // Wait out the backoff; an operator's reconnect or pause change
-            // ends the wait at once.
+            // ends the wait at once, and so does a new token in the token
+            // file after the hub refused the old one.
             let until = Instant::now() + delay;
+            let token_file = match (&err, &self.params.token) {
+                (SessionError::Unauthorized(_), TokenSource::File(f)) => Some(f.clone()),
+                _ => None,
+            };
+            let old_token = token_file.as_ref().and_then(|f| std::fs::read(f).ok());
+            let mut token_check = tokio::time::interval(TOKEN_POLL);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
+                    _ = token_check.tick(), if token_file.is_some() => {
+                        let now = token_file.as_ref().and_then(|f| std::fs::read(f).ok());
+                        if now != old_token {
+                            tracing::info!(db = %name, "token file changed; reconnecting");
+                            backoff = self.backoff();
+                            break;
+                        }
+                    }
                     _ = self.shutdown.cancelled() => break,
                     c = self.ctl.recv() => match c {
                         Some(Control::Reconnect { reply }) => {
