@@ -490,3 +490,63 @@ async fn once_syncs_without_a_daemon_and_refuses_a_database_a_daemon_owns() {
     assert_eq!(code, 1);
     assert!(err.contains("known: b"), "{err}");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
+    use rand::Rng;
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (_b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    let (mut a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    let app_a = app(&d.join("a1.db"), "SELECT 1");
+    let mut rng = rand::thread_rng();
+    let mut written = 0i64;
+    for round in 0..4 {
+        // The app writes while the daemon uploads; the daemon dies mid-way.
+        for batch in 0..rng.gen_range(5..20) {
+            let tx = app_a.unchecked_transaction().unwrap();
+            for i in 0..200 {
+                tx.execute(
+                    "INSERT INTO notes VALUES (?1, 't', 'body', ?2)",
+                    rusqlite::params![format!("k{round}-{batch}-{i}"), i],
+                )
+                .unwrap();
+                written += 1;
+            }
+            tx.commit().unwrap();
+        }
+        let _ = a.child.kill();
+        let _ = a.child.wait();
+        // Writes go on while the daemon is dead.
+        app_a
+            .execute(
+                "INSERT INTO notes VALUES (?1, 'while dead', '', 0)",
+                [format!("dead{round}")],
+            )
+            .unwrap();
+        written += 1;
+        a = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST)
+            .await
+            .0;
+    }
+    let b = rusqlite::Connection::open(d.join("b.db")).unwrap();
+    wait_converged(&app_a, &b, "notes").await;
+    assert_eq!(count(&b, "notes"), written);
+    wait_until("A idle", || {
+        status_json(&acfg, "one")["pending_changes"] == 0
+    })
+    .await;
+    let hub = rusqlite::Connection::open(d.join("hub.db")).unwrap();
+    let (n, distinct): (i64, i64) = hub
+        .query_row("SELECT count(*), count(DISTINCT pk) FROM log_1", [], |r| {
+            Ok((r.get(0)?, r.get(1)?))
+        })
+        .unwrap();
+    assert_eq!(
+        (n, distinct),
+        (written, written),
+        "each write reached the hub exactly once"
+    );
+    let _ = bcfg;
+}
