@@ -104,6 +104,13 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Re-read the daemon's config file and apply it (same as SIGHUP):
+    /// new databases start, removed ones stop, changed ones restart,
+    /// untouched ones keep their connections. An invalid file is refused.
+    Reload {
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload then download once and print the result.
     Sync {
         db: String,

@@ -96,6 +96,13 @@ fn print_human(resp: &Response, bars: Option<&Bars>) {
                 println!("{}: {what}", w.db);
             }
         }
+        Response::Reload { report } => {
+            let list = |v: &Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
+            println!("reloaded: added {}; removed {}; restarted {}; unchanged {}", list(&report.added), list(&report.removed), list(&report.restarted), list(&report.unchanged));
+            for w in &report.warnings {
+                println!("warning: {w}");
+            }
+        }
         Response::Progress(p) => match bars {
             Some(b) => b.update(p),
             None => println!("{}", progress_line(p)),

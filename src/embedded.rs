@@ -163,7 +163,7 @@ impl EmbeddedDaemon {
 
     /// Waits until every session is connected and caught up.
     pub async fn wait_connected(&self, timeout: Duration) -> anyhow::Result<()> {
-        for s in &self.daemon.sessions {
+        for s in &self.daemon.handles() {
             let mut rx = s.status.clone();
             tokio::time::timeout(
                 timeout,

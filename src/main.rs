@@ -37,6 +37,32 @@ fn init_tracing(default: &str, format: cli::LogFormat) {
     }
 }
 
+/// SIGHUP reloads the config, like `tether reload`.
+async fn reload_on_sighup(daemon: std::sync::Arc<Daemon>, shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let mut hup = match signal(SignalKind::hangup()) {
+        Ok(s) => s,
+        Err(e) => {
+            tracing::error!(error = %e, "cannot listen for SIGHUP; reload with `tether reload`");
+            return;
+        }
+    };
+    loop {
+        tokio::select! {
+            _ = hup.recv() => {}
+            _ = shutdown.cancelled() => return,
+        }
+        tether::service::reloading();
+        match daemon.reload_from_file().await {
+            Ok(r) => {
+                tracing::info!(added = ?r.added, removed = ?r.removed, restarted = ?r.restarted, warnings = ?r.warnings, "SIGHUP: config reloaded")
+            }
+            Err(e) => tracing::error!("SIGHUP: reload refused, keeping the current config: {e}"),
+        }
+        tether::service::ready(&tether::service::daemon_status(&daemon));
+    }
+}
+
 /// Cancels the token on SIGTERM or SIGINT.
 fn on_signals(shutdown: CancellationToken) {
     tokio::spawn(async move {
@@ -92,6 +118,7 @@ async fn run(cli: Cli) -> ExitCode {
             false,
         )),
         Command::Reconnect { json } => Some((Request::Reconnect {}, *json)),
+        Command::Reload { json } => Some((Request::Reload {}, *json)),
         Command::Wait {
             db,
             dirs,
@@ -164,7 +191,12 @@ async fn run(cli: Cli) -> ExitCode {
             };
             let shutdown = CancellationToken::new();
             on_signals(shutdown.clone());
-            let daemon = std::sync::Arc::new(Daemon::start(&cfg, shutdown.clone()));
+            let daemon = std::sync::Arc::new(Daemon::start_from(
+                &cfg,
+                Some(config.clone()),
+                shutdown.clone(),
+            ));
+            tokio::spawn(reload_on_sighup(daemon.clone(), shutdown.clone()));
             let server = tokio::spawn(control::server::serve(
                 listener,
                 daemon.clone(),
@@ -175,7 +207,7 @@ async fn run(cli: Cli) -> ExitCode {
                 daemon.clone(),
                 shutdown.clone(),
             ));
-            tracing::info!(databases = daemon.sessions.len(), hub = %cfg.hub.url, socket = %cfg.control_socket.display(), "daemon started");
+            tracing::info!(databases = daemon.handles().len(), hub = %cfg.hub.url, socket = %cfg.control_socket.display(), "daemon started");
             shutdown.cancelled().await;
             tether::service::stopping();
             daemon.wait().await;

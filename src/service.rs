@@ -22,6 +22,11 @@ pub fn ready(status: &str) {
     notify(&[NotifyState::Ready, NotifyState::Status(status)]);
 }
 
+/// A reload has begun (followed by [`ready`] when done).
+pub fn reloading() {
+    notify(&[NotifyState::Reloading]);
+}
+
 /// Shutdown has begun.
 pub fn stopping() {
     notify(&[NotifyState::Stopping, NotifyState::Status("stopping")]);

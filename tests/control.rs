@@ -550,3 +550,134 @@ async fn sigkill_at_random_points_loses_and_duplicates_nothing() {
     );
     let _ = bcfg;
 }
+
+fn write_cfg(path: &Path, sock: &Path, addr: &str, token_file: &Path, dbs: &[(&str, &Path, &str)]) {
+    let mut text = format!(
+        "control_socket = \"{}\"\n[hub]\nurl = \"ws://{addr}/v1/sync\"\ntoken_file = \"{}\"\n[reconnect]\n{FAST}\n",
+        sock.display(),
+        token_file.display()
+    );
+    for (name, file, conflict) in dbs {
+        text.push_str(&format!(
+            "[[database]]\nname = \"{name}\"\npath = \"{}\"\ndataset = \"notes\"\ntables = [\"notes\"]\nconflict = \"{conflict}\"\n",
+            file.display()
+        ));
+    }
+    std::fs::write(path, text).unwrap();
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn reload_adds_removes_and_restarts_while_untouched_sessions_stay_connected() {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (a, cfg) = start_daemon(
+        d,
+        "a",
+        &addr,
+        &s.token_file,
+        &[("one", "a1.db"), ("two", "a2.db")],
+        FAST,
+    )
+    .await;
+    let sock = d.join("a.sock");
+    for db in ["one", "two"] {
+        wait_until("connected", || {
+            status_json(&cfg, db)["connection"] == "connected"
+        })
+        .await;
+    }
+    let connects = status_json(&cfg, "one")["connects"].as_u64().unwrap();
+    let (a1, a2, b) = (d.join("a1.db"), d.join("a2.db"), d.join("b.db"));
+    // two goes away, three (b.db) arrives, one is untouched.
+    write_cfg(
+        &cfg,
+        &sock,
+        &addr,
+        &s.token_file,
+        &[("one", &a1, "server_wins"), ("three", &b, "server_wins")],
+    );
+    let (code, out, err) = cli(&["reload", "--config", c(&cfg)]);
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("added three; removed two; restarted -; unchanged one"),
+        "{out}"
+    );
+    wait_until("three connected", || {
+        status_json(&cfg, "three")["connection"] == "connected"
+    })
+    .await;
+    let (code, _, err) = cli(&["status", "two", "--config", c(&cfg)]);
+    assert_eq!(code, 1, "two is gone: {err}");
+    let one = status_json(&cfg, "one");
+    assert_eq!(one["connection"], "connected");
+    assert_eq!(
+        one["connects"].as_u64().unwrap(),
+        connects,
+        "one kept its connection"
+    );
+    // A changed database is restarted; the others are not.
+    write_cfg(
+        &cfg,
+        &sock,
+        &addr,
+        &s.token_file,
+        &[("one", &a1, "client_wins"), ("three", &b, "server_wins")],
+    );
+    let (code, out, err) = cli(&["reload", "--json", "--config", c(&cfg)]);
+    assert_eq!(code, 0, "{err}");
+    let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
+    assert_eq!(
+        v["report"]["restarted"],
+        serde_json::json!(["one"]),
+        "{out}"
+    );
+    assert_eq!(
+        v["report"]["unchanged"],
+        serde_json::json!(["three"]),
+        "{out}"
+    );
+    wait_until("one back", || {
+        status_json(&cfg, "one")["connection"] == "connected"
+    })
+    .await;
+    // An invalid file is refused as a whole; the old config keeps working.
+    std::fs::write(
+        &cfg,
+        std::fs::read_to_string(&cfg).unwrap() + "colour = \"red\"\n",
+    )
+    .unwrap();
+    let (code, _, err) = cli(&["reload", "--socket", c(&sock)]);
+    assert_eq!(code, 1);
+    assert!(
+        err.contains("reload refused") && err.contains("colour"),
+        "{err}"
+    );
+    insert(&a1, "after-bad-reload");
+    insert(&b, "three-still-syncs");
+    wait_until("old config still syncs", || {
+        has_row(&b, "after-bad-reload") && has_row(&a1, "three-still-syncs")
+    })
+    .await;
+    // SIGHUP does the same as `tether reload`.
+    write_cfg(
+        &cfg,
+        &sock,
+        &addr,
+        &s.token_file,
+        &[
+            ("one", &a1, "client_wins"),
+            ("two", &a2, "server_wins"),
+            ("three", &b, "server_wins"),
+        ],
+    );
+    let _ = std::process::Command::new("kill")
+        .args(["-HUP", &a.child.id().to_string()])
+        .status();
+    wait_until("two back after SIGHUP", || {
+        let (code, out, _) = cli(&["status", "two", "--json", "--socket", c(&sock)]);
+        code == 0 && out.contains("\"connection\":\"connected\"")
+    })
+    .await;
+    assert!(a.terminate().success());
+}

@@ -73,6 +73,8 @@ pub enum Request {
     Watch { db: Option<String> },
     /// Upload then download once; ends with `sync` or `error`.
     Sync { db: String, timeout_ms: Option<u64> },
+    /// Re-read the config file and apply it (like SIGHUP).
+    Reload {},
 }
 
 /// Transfer direction of a progress report.
@@ -122,6 +124,8 @@ pub enum ErrorCode {
     Paused,
     /// The daemon is shutting down.
     ShuttingDown,
+    /// A reload found the config file invalid; the old config stays.
+    InvalidConfig,
 }
 
 /// One response line.
@@ -146,6 +150,9 @@ pub enum Response {
         upload: Option<UploadSummary>,
         uploaded: u64,
         downloaded: u64,
+    },
+    Reload {
+        report: crate::daemon::ReloadReport,
     },
     /// End of a stream that succeeded.
     Done {

@@ -153,9 +153,10 @@ async fn client(stream: UnixStream, daemon: Arc<Daemon>, shutdown: CancellationT
     }
 }
 
-fn find<'a>(daemon: &'a Daemon, db: &str) -> Result<&'a SessionHandle, Response> {
+fn find(daemon: &Daemon, db: &str) -> Result<SessionHandle, Response> {
     daemon.session(db).ok_or_else(|| {
-        let known: Vec<&str> = daemon.sessions.iter().map(|s| s.name.as_str()).collect();
+        let handles = daemon.handles();
+        let known: Vec<&str> = handles.iter().map(|s| s.name.as_str()).collect();
         Response::error(
             ErrorCode::UnknownDb,
             format!("no database named {db:?}; known: {}", known.join(", ")),
@@ -172,15 +173,15 @@ async fn handle(
 ) -> bool {
     let reply = match req {
         Request::Status { db } => {
-            let handles: Vec<&SessionHandle> = match &db {
-                None => daemon.sessions.iter().collect(),
+            let handles: Vec<SessionHandle> = match &db {
+                None => daemon.handles(),
                 Some(name) => match find(daemon, name) {
                     Ok(h) => vec![h],
                     Err(e) => return send(conn, &e).await,
                 },
             };
             let mut databases = Vec::new();
-            for h in handles {
+            for h in &handles {
                 databases.push(fresh_status(h).await);
             }
             Response::Status { databases }
@@ -219,7 +220,7 @@ async fn handle(
         }
         Request::Reconnect {} => {
             let mut sessions = Vec::new();
-            for h in &daemon.sessions {
+            for h in &daemon.handles() {
                 let (tx, rx) = oneshot::channel();
                 let outcome = match h.ctl.send(Control::Reconnect { reply: tx }).await {
                     Ok(()) => tokio::time::timeout(Duration::from_secs(5), rx)
@@ -248,7 +249,7 @@ async fn handle(
             Err(e) => e,
             Ok(h) => {
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-                match wait(conn, h, dirs, deadline, false, true, shutdown).await {
+                match wait(conn, &h, dirs, deadline, false, true, shutdown).await {
                     Ok(()) => Response::Done {
                         message: format!("{db}: {} complete", dirs_text(dirs)),
                     },
@@ -258,12 +259,19 @@ async fn handle(
         },
         Request::Progress { db, dirs, follow } => match find(daemon, &db) {
             Err(e) => e,
-            Ok(h) => match wait(conn, h, dirs, None, follow, false, shutdown).await {
+            Ok(h) => match wait(conn, &h, dirs, None, follow, false, shutdown).await {
                 Ok(()) => Response::Done {
                     message: format!("{db}: {} complete", dirs_text(dirs)),
                 },
                 Err(r) => r,
             },
+        },
+        Request::Reload {} => match daemon.reload_from_file().await {
+            Ok(report) => Response::Reload { report },
+            Err(e) => Response::error(
+                ErrorCode::InvalidConfig,
+                format!("reload refused, the daemon keeps its current config: {e}"),
+            ),
         },
         Request::Watch { db } => {
             if let Some(name) = &db {
@@ -280,7 +288,7 @@ async fn handle(
                 let deadline =
                     Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(300_000));
                 let both = Directions::default();
-                match wait(conn, h, both, Some(deadline), false, true, shutdown).await {
+                match wait(conn, &h, both, Some(deadline), false, true, shutdown).await {
                     Err(r) => r,
                     Ok(()) => {
                         let after = h.status.borrow().clone();

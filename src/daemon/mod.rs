@@ -38,66 +38,164 @@ pub struct SessionHandle {
     pub local: Arc<OnceLock<LocalDb>>,
 }
 
+/// One running session and what started it.
+struct Entry {
+    handle: SessionHandle,
+    db: DatabaseConfig,
+    /// The settings outside `[[database]]` the session was started with.
+    global: Global,
+    stop: CancellationToken,
+    task: tokio::task::JoinHandle<()>,
+}
+
+/// Daemon-wide settings a session depends on.
+#[derive(Clone, Debug, PartialEq)]
+struct Global {
+    url: String,
+    token: Option<String>,
+    token_file: Option<std::path::PathBuf>,
+    reconnect: (
+        std::time::Duration,
+        std::time::Duration,
+        u32,
+        std::time::Duration,
+        std::time::Duration,
+    ),
+    shutdown_timeout: std::time::Duration,
+}
+
+impl Global {
+    fn of(cfg: &DaemonConfig) -> Global {
+        let r = &cfg.reconnect;
+        Global {
+            url: cfg.hub.url.clone(),
+            token: cfg.hub.token.clone(),
+            token_file: cfg.hub.token_file.clone(),
+            reconnect: (
+                r.initial.0,
+                r.max.0,
+                r.multiplier.to_bits(),
+                r.ping_interval.0,
+                r.read_timeout.0,
+            ),
+            shutdown_timeout: cfg.shutdown_timeout.0,
+        }
+    }
+}
+
+/// What a reload did.
+#[derive(Clone, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+pub struct ReloadReport {
+    pub added: Vec<String>,
+    pub removed: Vec<String>,
+    pub restarted: Vec<String>,
+    pub unchanged: Vec<String>,
+    /// Settings that only take effect after a restart of the daemon.
+    pub warnings: Vec<String>,
+}
+
 /// The running daemon.
 pub struct Daemon {
-    pub sessions: Vec<SessionHandle>,
+    sessions: std::sync::Mutex<Vec<Entry>>,
     events: broadcast::Sender<Event>,
     tracker: TaskTracker,
+    shutdown: CancellationToken,
+    /// Where the config came from, for reloads.
+    config_path: Option<std::path::PathBuf>,
+    config: std::sync::Mutex<DaemonConfig>,
+    /// Serializes reloads.
+    reloading: tokio::sync::Mutex<()>,
 }
 
 impl Daemon {
     /// Starts one session per database; returns at once.
     pub fn start(cfg: &DaemonConfig, shutdown: CancellationToken) -> Daemon {
+        Self::start_from(cfg, None, shutdown)
+    }
+
+    /// Like [`Daemon::start`], remembering the config file for reloads.
+    pub fn start_from(
+        cfg: &DaemonConfig,
+        config_path: Option<std::path::PathBuf>,
+        shutdown: CancellationToken,
+    ) -> Daemon {
         let tracker = TaskTracker::new();
+        tracker.close();
+        let daemon = Daemon {
+            sessions: std::sync::Mutex::new(Vec::new()),
+            events: broadcast::channel(EVENT_BUFFER).0,
+            tracker,
+            shutdown,
+            config_path,
+            config: std::sync::Mutex::new(cfg.clone()),
+            reloading: tokio::sync::Mutex::new(()),
+        };
+        let entries: Vec<Entry> = cfg
+            .databases
+            .iter()
+            .map(|db| daemon.spawn(cfg, db))
+            .collect();
+        *daemon.sessions.lock().expect("BUG: poisoned") = entries;
+        daemon
+    }
+
+    fn spawn(&self, cfg: &DaemonConfig, db: &DatabaseConfig) -> Entry {
         let token = match (&cfg.hub.token, &cfg.hub.token_file) {
             (Some(t), _) => TokenSource::Inline(t.trim().to_owned()),
             (None, Some(f)) => TokenSource::File(f.clone()),
             (None, None) => TokenSource::Inline(String::new()),
         };
-        let mut sessions = Vec::new();
-        let events = broadcast::channel(EVENT_BUFFER).0;
-        for db in &cfg.databases {
-            let params = SessionParams {
-                name: db.name.clone(),
-                dataset: db.dataset().to_owned(),
-                url: cfg.hub.url.clone(),
-                token: token.clone(),
-                reconnect: cfg.reconnect.clone(),
-                echo_own: false,
-                shutdown_timeout: cfg.shutdown_timeout.0,
-            };
-            let (tx, rx) = watch::channel(Status::new(&db.name, db.dataset()));
-            let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
-            let local = Arc::new(OnceLock::new());
-            tracker.spawn(supervise(
-                db.clone(),
-                params,
-                Channels {
-                    status: tx,
-                    ctl: ctl_rx,
-                    events: events.clone(),
-                    local: local.clone(),
-                },
-                shutdown.clone(),
-            ));
-            sessions.push(SessionHandle {
+        let params = SessionParams {
+            name: db.name.clone(),
+            dataset: db.dataset().to_owned(),
+            url: cfg.hub.url.clone(),
+            token,
+            reconnect: cfg.reconnect.clone(),
+            echo_own: false,
+            shutdown_timeout: cfg.shutdown_timeout.0,
+        };
+        let (tx, rx) = watch::channel(Status::new(&db.name, db.dataset()));
+        let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+        let local = Arc::new(OnceLock::new());
+        let stop = self.shutdown.child_token();
+        let task = self.tracker.spawn(supervise(
+            db.clone(),
+            params,
+            Channels {
+                status: tx,
+                ctl: ctl_rx,
+                events: self.events.clone(),
+                local: local.clone(),
+            },
+            stop.clone(),
+        ));
+        Entry {
+            handle: SessionHandle {
                 name: db.name.clone(),
                 status: rx,
                 ctl: ctl_tx,
                 local,
-            });
+            },
+            db: db.clone(),
+            global: Global::of(cfg),
+            stop,
+            task,
         }
-        tracker.close();
-        Daemon {
-            sessions,
-            events,
-            tracker,
-        }
+    }
+
+    /// Handles of every session, in config order.
+    pub fn handles(&self) -> Vec<SessionHandle> {
+        self.sessions
+            .lock()
+            .expect("BUG: poisoned")
+            .iter()
+            .map(|e| e.handle.clone())
+            .collect()
     }
 
     /// Current status of every session.
     pub fn status(&self) -> Vec<Status> {
-        self.sessions
+        self.handles()
             .iter()
             .map(|s| s.status.borrow().clone())
             .collect()
@@ -108,8 +206,83 @@ impl Daemon {
         self.events.subscribe()
     }
 
-    pub fn session(&self, name: &str) -> Option<&SessionHandle> {
-        self.sessions.iter().find(|s| s.name == name)
+    pub fn session(&self, name: &str) -> Option<SessionHandle> {
+        self.handles().into_iter().find(|s| s.name == name)
+    }
+
+    /// Re-reads the config file given at start and applies it.
+    pub async fn reload_from_file(&self) -> Result<ReloadReport, String> {
+        let Some(path) = &self.config_path else {
+            return Err("this daemon was not started from a config file".into());
+        };
+        let cfg = DaemonConfig::load(path).map_err(|e| e.to_string())?;
+        Ok(self.reload(cfg).await)
+    }
+
+    /// Applies a new, already validated config: starts sessions for new
+    /// databases, stops removed ones, restarts only those whose settings
+    /// changed. Untouched sessions keep their connections.
+    pub async fn reload(&self, cfg: DaemonConfig) -> ReloadReport {
+        let _one_at_a_time = self.reloading.lock().await;
+        let mut report = ReloadReport::default();
+        {
+            let old = self.config.lock().expect("BUG: poisoned");
+            if old.control_socket != cfg.control_socket {
+                report.warnings.push(format!(
+                    "control_socket changed to {}; it takes effect when the daemon restarts",
+                    cfg.control_socket.display()
+                ));
+            }
+        }
+        let global = Global::of(&cfg);
+        let old: Vec<Entry> = std::mem::take(&mut *self.sessions.lock().expect("BUG: poisoned"));
+        let mut keep: Vec<Option<Entry>> = Vec::new();
+        let mut stopping = Vec::new();
+        let mut old_by_name: std::collections::HashMap<String, Entry> =
+            old.into_iter().map(|e| (e.db.name.clone(), e)).collect();
+        for db in &cfg.databases {
+            match old_by_name.remove(&db.name) {
+                Some(e) if e.db == *db && e.global == global => {
+                    report.unchanged.push(db.name.clone());
+                    keep.push(Some(e));
+                }
+                Some(e) => {
+                    report.restarted.push(db.name.clone());
+                    e.stop.cancel();
+                    stopping.push(e.task);
+                    keep.push(None);
+                }
+                None => {
+                    report.added.push(db.name.clone());
+                    keep.push(None);
+                }
+            }
+        }
+        for (name, e) in old_by_name {
+            report.removed.push(name);
+            e.stop.cancel();
+            stopping.push(e.task);
+        }
+        // A restarted session lets go of its database before the new one
+        // opens it (one process, one session per database).
+        let limit = cfg.shutdown_timeout.0 + std::time::Duration::from_secs(5);
+        for t in stopping {
+            if tokio::time::timeout(limit, t).await.is_err() {
+                tracing::warn!("a stopped session did not finish within {limit:?}");
+            }
+        }
+        tracing::debug!("stopped sessions finished");
+        let entries: Vec<Entry> = cfg
+            .databases
+            .iter()
+            .zip(keep)
+            .map(|(db, kept)| kept.unwrap_or_else(|| self.spawn(&cfg, db)))
+            .collect();
+        *self.sessions.lock().expect("BUG: poisoned") = entries;
+        *self.config.lock().expect("BUG: poisoned") = cfg;
+        report.removed.sort();
+        tracing::info!(added = ?report.added, removed = ?report.removed, restarted = ?report.restarted, unchanged = report.unchanged.len(), "config reloaded");
+        report
     }
 
     /// Waits until every session has stopped (after shutdown).
@@ -140,6 +313,7 @@ async fn supervise(
     } = ch;
     let span = tracing::info_span!("database", db = %db.name, dataset = %db.dataset());
     let mut backoff = crate::session::backoff(&params.reconnect);
+    let mut ctl_open = true;
     let local = loop {
         match LocalDb::open(db.name.clone(), db.path.clone(), db.table_policies()).await {
             Ok(l) => break l,
@@ -163,7 +337,7 @@ async fn supervise(
                             update_status(&status, &events, |s| s.session = SessionState::Inactive);
                             return;
                         }
-                        c = ctl.recv() => match c {
+                        c = ctl.recv(), if ctl_open => match c {
                             Some(Control::Reconnect { reply }) => {
                                 let _ = reply.send(ReconnectOutcome::Woken);
                                 break;
@@ -175,7 +349,7 @@ async fn supervise(
                             Some(Control::Resume { upload, download }) => {
                                 set_flags(&status, &events, false, upload, download)
                             }
-                            None => {}
+                            None => ctl_open = false,
                         },
                     }
                 }
@@ -200,6 +374,11 @@ async fn supervise(
     Session::new(params, local, status, wake_rx, ctl, events, shutdown)
         .run()
         .await;
+    // Let go of the database and its lock now: a restarted session (reload)
+    // or `tether once` may open it next.
+    if let Some(l) = cell.get() {
+        l.close().await;
+    }
 }
 
 fn set_flags(

@@ -59,7 +59,7 @@ pub async fn once(
     let daemon = Daemon::start(&cfg, shutdown.clone());
     let deadline = tokio::time::Instant::now() + timeout;
     let mut results = Vec::new();
-    for h in &daemon.sessions {
+    for h in &daemon.handles() {
         let mut rx = h.status.clone();
         let start = rx.borrow().clone();
         let mut result = OnceResult {

@@ -19,6 +19,12 @@ const CALL_QUEUE: usize = 64;
 
 type Call = Box<dyn FnOnce(&mut Replica) + Send>;
 
+enum Msg {
+    Call(Call),
+    /// Drop the connection and the database lock now, even if handles remain.
+    Close,
+}
+
 /// Handle to the thread that owns one database's SQLite connection.
 ///
 /// SQLite calls block, so they never run on the async runtime: each database
@@ -26,7 +32,7 @@ type Call = Box<dyn FnOnce(&mut Replica) + Send>;
 /// queue, getting the result back on a oneshot channel.
 #[derive(Clone)]
 pub struct LocalDb {
-    tx: mpsc::Sender<Call>,
+    tx: mpsc::Sender<Msg>,
     name: String,
 }
 
@@ -42,7 +48,7 @@ impl LocalDb {
         path: PathBuf,
         tables: Vec<(String, ConflictPolicy)>,
     ) -> Result<LocalDb, LocalError> {
-        let (tx, mut rx) = mpsc::channel::<Call>(CALL_QUEUE);
+        let (tx, mut rx) = mpsc::channel::<Msg>(CALL_QUEUE);
         let (ready_tx, ready_rx) = oneshot::channel();
         let thread_name = format!("tether-db-{name}");
         let db_name = name.clone();
@@ -59,7 +65,7 @@ impl LocalDb {
                         return;
                     }
                 };
-                while let Some(call) = rx.blocking_recv() {
+                while let Some(Msg::Call(call)) = rx.blocking_recv() {
                     call(&mut replica);
                 }
             })
@@ -81,9 +87,17 @@ impl LocalDb {
             let _ = tx.send(f(r));
         });
         self.tx
-            .send(call)
+            .send(Msg::Call(call))
             .await
             .map_err(|_| ThreadGone(self.name.clone()))?;
         rx.await.map_err(|_| ThreadGone(self.name.clone()))
+    }
+
+    /// Closes the database (and releases its lock) once the calls queued
+    /// before are done; later calls fail with [`ThreadGone`].
+    pub async fn close(&self) {
+        let _ = self.tx.send(Msg::Close).await;
+        // Wait until the thread has let go: the channel closes with it.
+        self.tx.closed().await;
     }
 }

@@ -168,6 +168,8 @@ pub struct Session {
     next_batch: u64,
     wake_open: bool,
     ctl: mpsc::Receiver<Control>,
+    /// False once the daemon dropped the command sender.
+    ctl_open: bool,
     events: broadcast::Sender<Event>,
     upload_paused: bool,
     download_paused: bool,
@@ -205,6 +207,7 @@ impl Session {
             next_batch: 1,
             wake_open: true,
             ctl,
+            ctl_open: true,
             events,
             upload_paused,
             download_paused,
@@ -256,7 +259,7 @@ impl Session {
                     s.backoff_ms = None;
                 });
                 tokio::select! {
-                    c = self.ctl.recv() => match c {
+                    c = self.ctl.recv(), if self.ctl_open => match c {
                         Some(Control::Reconnect { reply }) => {
                             let _ = reply.send(ReconnectOutcome::Paused);
                         }
@@ -267,7 +270,8 @@ impl Session {
                             self.set_pause(false, upload, download);
                             backoff = self.backoff();
                         }
-                        None => std::future::pending::<()>().await,
+                        // The daemon dropped the handle (reload, shutdown).
+                        None => self.ctl_open = false,
                     },
                     _ = self.shutdown.cancelled() => break,
                 }
@@ -339,7 +343,7 @@ impl Session {
                         }
                     }
                     _ = self.shutdown.cancelled() => break,
-                    c = self.ctl.recv() => match c {
+                    c = self.ctl.recv(), if self.ctl_open => match c {
                         Some(Control::Reconnect { reply }) => {
                             let _ = reply.send(ReconnectOutcome::Woken);
                             tracing::info!(db = %name, "reconnecting now at the operator's request");
@@ -355,7 +359,8 @@ impl Session {
                             self.set_pause(false, upload, download);
                             break;
                         }
-                        None => std::future::pending::<()>().await,
+                        // The daemon dropped the handle (reload, shutdown).
+                        None => self.ctl_open = false,
                     },
                 }
             }
@@ -564,7 +569,7 @@ impl Session {
                     upload_due = true;
                     woken = true;
                 }
-                c = self.ctl.recv() => match c {
+                c = self.ctl.recv(), if self.ctl_open => match c {
                     Some(Control::Reconnect { reply }) => {
                         let _ = reply.send(ReconnectOutcome::AlreadyConnected);
                     }
@@ -583,7 +588,8 @@ impl Session {
                         upload_due = true;
                         full_read = true;
                     }
-                    None => std::future::pending::<()>().await,
+                    // The daemon dropped the handle (reload, shutdown).
+                        None => self.ctl_open = false,
                 },
                 _ = ping.tick() => {
                     ws.send(Message::Ping(Vec::new().into())).await.map_err(ws_err)?;
