@@ -91,6 +91,23 @@ fn main() -> ExitCode {
     rt.block_on(run(cli))
 }
 
+/// Loads tether.toml (from --config, else the default path); a bad file
+/// is reported and becomes exit status 78.
+fn load_daemon_config(
+    path: Option<&std::path::Path>,
+) -> Result<(std::path::PathBuf, DaemonConfig), ExitCode> {
+    let path = path
+        .map(std::path::Path::to_path_buf)
+        .unwrap_or_else(|| "/etc/tether/tether.toml".into());
+    match DaemonConfig::load(&path) {
+        Ok(c) => Ok((path, c)),
+        Err(e) => {
+            eprintln!("error: {e}");
+            Err(ExitCode::from(EX_CONFIG))
+        }
+    }
+}
+
 fn out(json: bool) -> Output {
     if json {
         Output::Json
@@ -168,16 +185,9 @@ async fn run(cli: Cli) -> ExitCode {
     match cli.command {
         Command::Daemon => {
             init_tracing("info", cli.log_format);
-            let config = cli
-                .config
-                .clone()
-                .unwrap_or_else(|| "/etc/tether/tether.toml".into());
-            let cfg = match DaemonConfig::load(&config) {
+            let (config, cfg) = match load_daemon_config(cli.config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EX_CONFIG);
-                }
+                Err(code) => return code,
             };
             if cfg.databases.is_empty() {
                 tracing::warn!(config = %config.display(), "no [[database]] configured; nothing to sync");
@@ -281,16 +291,9 @@ async fn run(cli: Cli) -> ExitCode {
         },
         Command::Once { dbs, timeout, json } => {
             init_tracing("warn", cli.log_format);
-            let config = cli
-                .config
-                .clone()
-                .unwrap_or_else(|| "/etc/tether/tether.toml".into());
-            let cfg = match DaemonConfig::load(&config) {
+            let (_, cfg) = match load_daemon_config(cli.config.as_deref()) {
                 Ok(c) => c,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::from(EX_CONFIG);
-                }
+                Err(code) => return code,
             };
             let results = match tether::daemon::once(cfg, &dbs, timeout).await {
                 Ok(r) => r,

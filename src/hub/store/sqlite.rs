@@ -158,6 +158,21 @@ fn server_row(c: &Connection, ds: i64, row: Option<&RowState>) -> Result<ServerR
     })
 }
 
+/// The answer to a conflicting change: the row's current state.
+fn conflict_result(
+    c: &Connection,
+    ds: i64,
+    seq: u64,
+    row: Option<&RowState>,
+) -> Result<ChangeResult, StoreError> {
+    Ok(ChangeResult {
+        seq,
+        outcome: Outcome::Conflict {
+            server: server_row(c, ds, row)?,
+        },
+    })
+}
+
 /// Checks a change against the table's declared shape.
 fn validate(
     change: &Change,
@@ -397,12 +412,7 @@ impl HubStore for SqliteStore {
                 if written == 0 {
                     let row = load_row(&tx, ds, &ch.table, &pk)?;
                     remember.push((ch.seq, Remembered::Conflict));
-                    results.push(ChangeResult {
-                        seq: ch.seq,
-                        outcome: Outcome::Conflict {
-                            server: server_row(&tx, ds, row.as_ref())?,
-                        },
-                    });
+                    results.push(conflict_result(&tx, ds, ch.seq, row.as_ref())?);
                     continue;
                 }
                 head += 1;
@@ -414,12 +424,7 @@ impl HubStore for SqliteStore {
                 };
                 if conflict {
                     remember.push((ch.seq, Remembered::Conflict));
-                    results.push(ChangeResult {
-                        seq: ch.seq,
-                        outcome: Outcome::Conflict {
-                            server: server_row(&tx, ds, row.as_ref())?,
-                        },
-                    });
+                    results.push(conflict_result(&tx, ds, ch.seq, row.as_ref())?);
                     continue;
                 }
                 if row.as_ref().map(|r| r.deleted).unwrap_or(true) {
