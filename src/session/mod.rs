@@ -170,6 +170,8 @@ pub struct Session {
     ctl: mpsc::Receiver<Control>,
     /// False once the daemon dropped the command sender.
     ctl_open: bool,
+    /// The token sent on the latest connection attempt.
+    last_token: Option<String>,
     events: broadcast::Sender<Event>,
     upload_paused: bool,
     download_paused: bool,
@@ -208,6 +210,7 @@ impl Session {
             wake_open: true,
             ctl,
             ctl_open: true,
+            last_token: None,
             events,
             upload_paused,
             download_paused,
@@ -329,13 +332,18 @@ impl Session {
                 (SessionError::Unauthorized(_), TokenSource::File(f)) => Some(f.clone()),
                 _ => None,
             };
-            let old_token = token_file.as_ref().and_then(|f| std::fs::read(f).ok());
+            // Compared with the token the refused attempt used (read at
+            // connect time), so a file written since is seen as new.
+            let old_token = self.last_token.clone();
             let mut token_check = tokio::time::interval(TOKEN_POLL);
             loop {
                 tokio::select! {
                     _ = tokio::time::sleep_until(until) => break,
                     _ = token_check.tick(), if token_file.is_some() => {
-                        let now = token_file.as_ref().and_then(|f| std::fs::read(f).ok());
+                        let now = token_file
+                            .as_ref()
+                            .and_then(|f| std::fs::read_to_string(f).ok())
+                            .map(|t| t.trim().to_owned());
                         if now != old_token {
                             tracing::info!(db = %name, "token file changed; reconnecting");
                             backoff = self.backoff();
@@ -376,6 +384,7 @@ impl Session {
     async fn connected(&mut self) -> Result<End, SessionError> {
         let p = self.params.clone();
         let token = p.token.read()?;
+        self.last_token = Some(token.clone());
         let mut ws = tokio::select! {
             ws = connect::connect(&p.url, &token, &p.dataset) => ws?,
             _ = self.shutdown.cancelled() => return Ok(End::Shutdown),
