@@ -67,10 +67,7 @@ async fn pause_resume_wait_sync_and_status_from_the_cli() {
     .await;
     let (_b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
     for (cfg, db) in [(&acfg, "one"), (&acfg, "two"), (&bcfg, "b")] {
-        wait_until("connected", || {
-            status_json(cfg, db)["connection"] == "connected"
-        })
-        .await;
+        wait_connected_cli(cfg, db).await;
     }
     let st = status_json(&acfg, "one");
     for key in [
@@ -166,10 +163,7 @@ async fn wait_times_out_with_its_own_exit_code_while_the_hub_is_down() {
     let d = s.dir.path();
     let (hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
     let (_a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
-    wait_until("connected", || {
-        status_json(&acfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&acfg, "one").await;
     insert(&d.join("a1.db"), "r1");
     let (code, _, err) = cli(&[
         "wait",
@@ -238,10 +232,7 @@ async fn reconnect_wakes_a_session_in_a_long_backoff() {
     let (code, out, err) = cli(&["reconnect", "--config", c(&acfg)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("one: woken"), "{out}");
-    wait_until("connected after reconnect", || {
-        status_json(&acfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&acfg, "one").await;
     let (_, out, _) = cli(&["reconnect", "--json", "--config", c(&acfg)]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["sessions"][0]["outcome"], "already_connected", "{out}");
@@ -253,10 +244,7 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
     let d = s.dir.path();
     let (hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
     let (_a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
-    wait_until("connected", || {
-        status_json(&acfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&acfg, "one").await;
     cli(&["pause", "one", "--upload", "--config", c(&acfg)]);
     wait_until("paused", || {
         status_json(&acfg, "one")["upload_paused"] == true
@@ -333,10 +321,7 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
         }
     });
     // The watch is registered once the daemon answers a status after it.
-    wait_until("watch registered", || {
-        status_json(&acfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&acfg, "one").await;
     drop(hub);
     let (_hub2, _) = start_hub(d, &addr, &s.token_hash, "hub2").await;
     let mut seen = Vec::new();
@@ -401,10 +386,7 @@ async fn the_control_socket_survives_garbage_and_guards_its_path() {
         let mut s2 = tokio::net::UnixStream::connect(&sock).await.unwrap();
         s2.write_all(b"{\"cmd\":\"watch\"}\n").await.unwrap();
     }
-    wait_until("still connected", || {
-        status_json(&acfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&acfg, "one").await;
     // A second daemon on the same socket refuses to start.
     let second = Proc::spawn(&["daemon", "--config", c(&acfg)], d.join("second.log"));
     let out = tokio::task::spawn_blocking(move || {
@@ -427,10 +409,7 @@ async fn the_control_socket_survives_garbage_and_guards_its_path() {
     drop(stale);
     assert!(sock.exists());
     let (_a2, _) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
-    wait_until("restarted daemon connected", || {
-        status_json(&acfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&acfg, "one").await;
     // No daemon: a clear message and exit 69.
     let (code, _, err) = cli(&["status", "--socket", c(&d.join("none.sock"))]);
     assert_eq!(code, 69);
@@ -446,10 +425,7 @@ async fn once_syncs_without_a_daemon_and_refuses_a_database_a_daemon_owns() {
     let d = s.dir.path();
     let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
     let (_b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
-    wait_until("b connected", || {
-        status_json(&bcfg, "b")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&bcfg, "b").await;
     insert(&d.join("b.db"), "from-b");
     let (code, _, err) = cli(&[
         "wait",
@@ -582,10 +558,7 @@ async fn reload_adds_removes_and_restarts_while_untouched_sessions_stay_connecte
     .await;
     let sock = d.join("a.sock");
     for db in ["one", "two"] {
-        wait_until("connected", || {
-            status_json(&cfg, db)["connection"] == "connected"
-        })
-        .await;
+        wait_connected_cli(&cfg, db).await;
     }
     let connects = status_json(&cfg, "one")["connects"].as_u64().unwrap();
     let (a1, a2, b) = (d.join("a1.db"), d.join("a2.db"), d.join("b.db"));
@@ -603,10 +576,7 @@ async fn reload_adds_removes_and_restarts_while_untouched_sessions_stay_connecte
         out.contains("added three; removed two; restarted -; unchanged one"),
         "{out}"
     );
-    wait_until("three connected", || {
-        status_json(&cfg, "three")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&cfg, "three").await;
     let (code, _, err) = cli(&["status", "two", "--config", c(&cfg)]);
     assert_eq!(code, 1, "two is gone: {err}");
     let one = status_json(&cfg, "one");
@@ -637,10 +607,7 @@ async fn reload_adds_removes_and_restarts_while_untouched_sessions_stay_connecte
         serde_json::json!(["three"]),
         "{out}"
     );
-    wait_until("one back", || {
-        status_json(&cfg, "one")["connection"] == "connected"
-    })
-    .await;
+    wait_connected_cli(&cfg, "one").await;
     // An invalid file is refused as a whole; the old config keeps working.
     std::fs::write(
         &cfg,

@@ -171,12 +171,7 @@ async fn raw_session(world: &World, client: &str) -> RawWs {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     let world = World::new(&[("db", &["notes"])]).await;
-    let a = app(&world.path("a.db"), NOTES);
-    let b = app(&world.path("b.db"), NOTES);
-    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
-    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
-    da.wait_connected(DEADLINE).await.unwrap();
-    db.wait_connected(DEADLINE).await.unwrap();
+    let (a, b, da, db) = notes_pair(&world, ConflictPolicy::ServerWins).await;
     let url = world.url();
     let token = world.token.clone();
 

@@ -120,12 +120,7 @@ async fn every_value_type_round_trips_both_ways() {
 /// Both sides edit the same rows while B is offline, then B comes back.
 async fn conflict_case(policy: ConflictPolicy) -> (Vec<String>, Vec<String>) {
     let world = World::new(&[("db", &["notes"])]).await;
-    let a = app(&world.path("a.db"), NOTES);
-    let b = app(&world.path("b.db"), NOTES);
-    let da = world.daemon_for("a.db", &["notes"], policy);
-    let mut db = world.daemon_for("b.db", &["notes"], policy);
-    da.wait_connected(DEADLINE).await.unwrap();
-    db.wait_connected(DEADLINE).await.unwrap();
+    let (a, b, da, mut db) = notes_pair(&world, policy).await;
     for r in ["r1", "r2", "r3"] {
         a.execute("INSERT INTO notes VALUES (?1, 'title', 'body', 0)", [r])
             .unwrap();
@@ -245,12 +240,7 @@ async fn concurrent_edits_of_the_same_rows_converge() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_stopped_daemon_catches_up_both_ways_after_restart() {
     let world = World::new(&[("db", &["notes"])]).await;
-    let a = app(&world.path("a.db"), NOTES);
-    let b = app(&world.path("b.db"), NOTES);
-    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
-    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
-    da.wait_connected(DEADLINE).await.unwrap();
-    db.wait_connected(DEADLINE).await.unwrap();
+    let (a, b, da, db) = notes_pair(&world, ConflictPolicy::ServerWins).await;
     da.stop().await;
     // A's app keeps writing while its daemon is down; B writes more than one
     // catch-up page meanwhile.
@@ -294,12 +284,7 @@ fn hub_log_stats(world: &World) -> (i64, i64) {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn hub_restart_mid_stream_loses_and_duplicates_nothing() {
     let mut world = World::new(&[("db", &["notes"])]).await;
-    let a = app(&world.path("a.db"), NOTES);
-    let b = app(&world.path("b.db"), NOTES);
-    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
-    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
-    da.wait_connected(DEADLINE).await.unwrap();
-    db.wait_connected(DEADLINE).await.unwrap();
+    let (a, b, da, db) = notes_pair(&world, ConflictPolicy::ServerWins).await;
     let mut written = 0;
     for round in 0..30 {
         let tx = a.unchecked_transaction().unwrap();
@@ -336,12 +321,7 @@ async fn hub_restart_mid_stream_loses_and_duplicates_nothing() {
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_batch_resent_after_a_lost_acknowledgement_is_applied_once() {
     let world = World::new(&[("db", &["notes"])]).await;
-    let a = app(&world.path("a.db"), NOTES);
-    let b = app(&world.path("b.db"), NOTES);
-    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
-    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
-    da.wait_connected(DEADLINE).await.unwrap();
-    db.wait_connected(DEADLINE).await.unwrap();
+    let (a, b, da, db) = notes_pair(&world, ConflictPolicy::ServerWins).await;
     world
         .hub()
         .hub

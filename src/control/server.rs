@@ -186,38 +186,8 @@ async fn handle(
             }
             Response::Status { databases }
         }
-        Request::Pause { db, dirs } | Request::Resume { db, dirs }
-            if find(daemon, &db).is_err() =>
-        {
-            let _ = dirs;
-            find(daemon, &db).err().expect("checked")
-        }
-        Request::Pause { db, dirs } => {
-            let h = find(daemon, &db).expect("checked");
-            let _ = h
-                .ctl
-                .send(Control::Pause {
-                    upload: dirs.upload,
-                    download: dirs.download,
-                })
-                .await;
-            Response::Ok {
-                message: format!("{db}: paused {}", dirs_text(dirs)),
-            }
-        }
-        Request::Resume { db, dirs } => {
-            let h = find(daemon, &db).expect("checked");
-            let _ = h
-                .ctl
-                .send(Control::Resume {
-                    upload: dirs.upload,
-                    download: dirs.download,
-                })
-                .await;
-            Response::Ok {
-                message: format!("{db}: resumed {}", dirs_text(dirs)),
-            }
-        }
+        Request::Pause { db, dirs } => pause(daemon, &db, dirs, true).await,
+        Request::Resume { db, dirs } => pause(daemon, &db, dirs, false).await,
         Request::Reconnect {} => {
             let mut sessions = Vec::new();
             for h in &daemon.handles() {
@@ -329,6 +299,25 @@ async fn fresh_status(h: &SessionHandle) -> Status {
         }
     }
     s
+}
+
+/// Pauses or resumes a session's directions.
+async fn pause(daemon: &Daemon, db: &str, dirs: Directions, pause: bool) -> Response {
+    let h = match find(daemon, db) {
+        Ok(h) => h,
+        Err(e) => return e,
+    };
+    let (upload, download) = (dirs.upload, dirs.download);
+    let ctl = if pause {
+        Control::Pause { upload, download }
+    } else {
+        Control::Resume { upload, download }
+    };
+    let _ = h.ctl.send(ctl).await;
+    let verb = if pause { "paused" } else { "resumed" };
+    Response::Ok {
+        message: format!("{db}: {verb} {}", dirs_text(dirs)),
+    }
 }
 
 fn dirs_text(d: Directions) -> &'static str {

@@ -365,10 +365,6 @@ impl Replica {
         })
     }
 
-    pub fn name(&self) -> &str {
-        &self.name
-    }
-
     pub fn client_id(&self) -> &str {
         &self.client_id
     }
@@ -791,11 +787,6 @@ impl Replica {
         tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
         tx.commit().map_err(&e)?;
         Ok(applied)
-    }
-
-    /// Runs a passive checkpoint; never blocks the app.
-    pub fn checkpoint_passive(&self) {
-        let _ = self.conn.execute_batch("PRAGMA wal_checkpoint(PASSIVE)");
     }
 }
 

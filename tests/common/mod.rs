@@ -258,3 +258,18 @@ pub fn notes_hello(dataset: &str, client: &str) -> tether::proto::ClientFrame {
         subscribe: true,
     })
 }
+
+/// Apps and connected daemons for `a.db` and `b.db` of dataset `db`
+/// (table [`NOTES`]).
+pub async fn notes_pair(
+    world: &World,
+    policy: ConflictPolicy,
+) -> (Connection, Connection, EmbeddedDaemon, EmbeddedDaemon) {
+    let a = app(&world.path("a.db"), NOTES);
+    let b = app(&world.path("b.db"), NOTES);
+    let da = world.daemon_for("a.db", &["notes"], policy);
+    let db = world.daemon_for("b.db", &["notes"], policy);
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+    (a, b, da, db)
+}

@@ -153,3 +153,11 @@ pub fn status_json(cfg: &Path, db: &str) -> serde_json::Value {
     let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status is JSON");
     v["databases"][0].clone()
 }
+
+/// Waits until `tether status` reports the database connected.
+pub async fn wait_connected_cli(cfg: &Path, db: &str) {
+    super::wait_until(&format!("{db} connected"), || {
+        status_json(cfg, db)["connection"] == "connected"
+    })
+    .await;
+}
