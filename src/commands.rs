@@ -9,6 +9,14 @@ use tether::control::client::{Client, ClientError};
 use tether::control::{Direction, Directions, ErrorCode, Progress, Request, Response};
 use tether::session::Status;
 
+/// Appends one line to the text a response prints as.
+macro_rules! say {
+    ($o:expr, $($t:tt)*) => {{
+        use std::fmt::Write as _;
+        let _ = writeln!($o, $($t)*);
+    }};
+}
+
 /// Exit status when a wait or sync timed out (the transfer goes on).
 pub const EXIT_TIMEOUT: u8 = 3;
 /// Exit status when no daemon answers (EX_UNAVAILABLE).
@@ -53,16 +61,24 @@ pub async fn run(socket: &Path, req: Request, out: Output) -> ExitCode {
             Err(e) => return fail(e),
         };
         let last = resp.is_final();
-        if out == Output::Json {
-            println!("{}", serde_json::to_string(&resp).expect("BUG: serializes"));
+        let mut text = String::new();
+        match out {
+            Output::Json => say!(
+                text,
+                "{}",
+                serde_json::to_string(&resp).expect("BUG: serializes")
+            ),
+            Output::Human => print_human(&mut text, &resp, bars.as_ref()),
+        }
+        if !emit(&text) {
+            // Whoever read our output went away (`tether watch | head`):
+            // there is nobody left to tell, so stop quietly.
+            return ExitCode::SUCCESS;
         }
         let code = match &resp {
             Response::Error { code, message } => Some(error_exit(*code, message)),
             _ => None,
         };
-        if out == Output::Human {
-            print_human(&resp, bars.as_ref());
-        }
         if let Some(code) = code {
             return code;
         }
@@ -75,17 +91,29 @@ pub async fn run(socket: &Path, req: Request, out: Output) -> ExitCode {
     }
 }
 
-fn print_human(resp: &Response, bars: Option<&Bars>) {
+/// Writes to stdout; false once stdout is closed.
+fn emit(text: &str) -> bool {
+    use std::io::Write as _;
+    if text.is_empty() {
+        return true;
+    }
+    let mut out = std::io::stdout().lock();
+    out.write_all(text.as_bytes())
+        .and_then(|()| out.flush())
+        .is_ok()
+}
+
+fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
     match resp {
         Response::Status { databases } => {
             for s in databases {
-                print_status(s);
+                print_status(o, s);
             }
         }
-        Response::Ok { message } | Response::Done { message } => println!("{message}"),
+        Response::Ok { message } | Response::Done { message } => say!(o, "{message}"),
         Response::Reconnect { sessions } => {
             if sessions.is_empty() {
-                println!("no sessions");
+                say!(o, "no sessions");
             }
             for w in sessions {
                 let what = match w.outcome {
@@ -93,21 +121,27 @@ fn print_human(resp: &Response, bars: Option<&Bars>) {
                     tether::session::ReconnectOutcome::AlreadyConnected => "left alone: already connected",
                     tether::session::ReconnectOutcome::Paused => "left alone: paused (resume it first)",
                 };
-                println!("{}: {what}", w.db);
+                say!(o, "{}: {what}", w.db);
             }
         }
         Response::Reload { report } => {
             let list = |v: &Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
-            println!("reloaded: added {}; removed {}; restarted {}; unchanged {}", list(&report.added), list(&report.removed), list(&report.restarted), list(&report.unchanged));
+            say!(o, "reloaded: added {}; removed {}; restarted {}; unchanged {}", list(&report.added), list(&report.removed), list(&report.restarted), list(&report.unchanged));
             for w in &report.warnings {
-                println!("warning: {w}");
+                say!(o, "warning: {w}");
             }
         }
         Response::Progress(p) => match bars {
             Some(b) => b.update(p),
-            None => println!("{}", progress_line(p)),
+            None => say!(o, "{}", progress_line(p)),
         },
-        Response::Event { event } => println!("{}", event_line(event)),
+        Response::Watching { databases } => {
+            for s in databases {
+                print_status(o, s);
+            }
+            say!(o, "watching for events (Ctrl-C to stop)");
+        }
+        Response::Event { event } => say!(o, "{}", event_line(event)),
         Response::Sync {
             db,
             upload,
@@ -115,11 +149,11 @@ fn print_human(resp: &Response, bars: Option<&Bars>) {
             downloaded,
         } => {
             match upload {
-                Some(u) => println!(
+                Some(u) => say!(o,
                     "{db}: uploaded {uploaded} (last batch: total {}, applied {}, conflict {}, invalid {}, materialize_error {}); downloaded {downloaded}",
                     u.total, u.applied, u.conflict, u.invalid, u.materialize_error
                 ),
-                None => println!("{db}: nothing to upload; downloaded {downloaded}"),
+                None => say!(o, "{db}: nothing to upload; downloaded {downloaded}"),
             }
         }
         Response::Error { .. } => {}
@@ -134,27 +168,30 @@ fn yes_no(b: bool) -> &'static str {
     }
 }
 
-fn print_status(s: &Status) {
+fn print_status(o: &mut String, s: &Status) {
     let state = |v: &dyn erased::Named| v.name();
-    println!("{} (dataset {})", s.name, s.dataset);
-    println!("  connection:  {}", state(&s.connection));
-    println!("  session:     {}", state(&s.session));
-    println!(
+    say!(o, "{} (dataset {})", s.name, s.dataset);
+    say!(o, "  connection:  {}", state(&s.connection));
+    say!(o, "  session:     {}", state(&s.session));
+    say!(
+        o,
         "  paused:      upload {}, download {}",
         yes_no(s.upload_paused),
         yes_no(s.download_paused)
     );
     match s.oldest_pending_ms {
-        Some(ms) if s.pending_changes > 0 => println!(
+        Some(ms) if s.pending_changes > 0 => say!(
+            o,
             "  pending:     {} local changes, oldest {:.1} s old",
             s.pending_changes,
             ms as f64 / 1000.0
         ),
-        _ => println!("  pending:     {} local changes", s.pending_changes),
+        _ => say!(o, "  pending:     {} local changes", s.pending_changes),
     }
-    println!("  cursor:      {} of hub head {}", s.cursor, s.hub_head);
+    say!(o, "  cursor:      {} of hub head {}", s.cursor, s.hub_head);
     if let Some(u) = &s.last_upload {
-        println!(
+        say!(
+            o,
             "  last upload: total {}, applied {}, conflict {}, invalid {}, materialize_error {}{}",
             u.total,
             u.applied,
@@ -168,10 +205,10 @@ fn print_status(s: &Status) {
         );
     }
     if let Some(e) = &s.last_error {
-        println!("  last error:  {e}");
+        say!(o, "  last error:  {e}");
     }
     if let Some(ms) = s.backoff_ms {
-        println!("  next try in: {} ms", ms);
+        say!(o, "  next try in: {} ms", ms);
     }
 }
 

@@ -320,8 +320,14 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
             }
         }
     });
-    // The watch is registered once the daemon answers a status after it.
-    wait_connected_cli(&acfg, "one").await;
+    // The watch is registered once its first line, the snapshot, arrives.
+    let first = tokio::time::timeout(DEADLINE, rx.recv())
+        .await
+        .expect("watch snapshot in time")
+        .expect("watch output");
+    let first: serde_json::Value = serde_json::from_str(&first).unwrap();
+    assert_eq!(first["type"], "watching", "{first}");
+    assert_eq!(first["databases"][0]["connection"], "connected", "{first}");
     drop(hub);
     let (_hub2, _) = start_hub(d, &addr, &s.token_hash, "hub2").await;
     let mut seen = Vec::new();
@@ -349,6 +355,35 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
     let _ = watch.wait();
     // The daemon carries on after the watcher went away.
     assert_eq!(status_json(&acfg, "one")["connection"], "connected");
+
+    // A watch whose reader hangs up (`tether watch | head -1`) ends quietly
+    // at its next line instead of panicking on the closed pipe.
+    let mut watch = std::process::Command::new(bin())
+        .args(["watch", "one", "--config", c(&acfg)])
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .unwrap();
+    {
+        use std::io::BufRead;
+        let mut first = String::new();
+        let mut stdout = std::io::BufReader::new(watch.stdout.take().unwrap());
+        stdout.read_line(&mut first).unwrap();
+        assert!(first.starts_with("one (dataset"), "{first}");
+    }
+    // Events for the watch to print into the closed pipe.
+    cli(&["pause", "one", "--config", c(&acfg)]);
+    cli(&["resume", "one", "--config", c(&acfg)]);
+    let out = tokio::time::timeout(
+        DEADLINE,
+        tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap()),
+    )
+    .await
+    .expect("the watch ends once its reader is gone")
+    .unwrap();
+    let err = String::from_utf8_lossy(&out.stderr);
+    assert!(out.status.success(), "{:?}: {err}", out.status);
+    assert!(!err.contains("panicked"), "{err}");
 }
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]

@@ -142,6 +142,10 @@ pub enum Response {
         sessions: Vec<Woken>,
     },
     Progress(Progress),
+    /// First line of a `watch`: the state the events that follow start from.
+    Watching {
+        databases: Vec<Status>,
+    },
     Event {
         event: serde_json::Value,
     },
@@ -174,7 +178,10 @@ impl Response {
 
     /// Whether this line ends the exchange.
     pub fn is_final(&self) -> bool {
-        !matches!(self, Response::Progress(_) | Response::Event { .. })
+        !matches!(
+            self,
+            Response::Progress(_) | Response::Watching { .. } | Response::Event { .. }
+        )
     }
 }
 

@@ -249,7 +249,19 @@ async fn handle(
                     return send(conn, &e).await;
                 }
             }
-            return watch(conn, daemon.subscribe(), db, shutdown).await;
+            // Subscribe before taking the snapshot: an event that happens
+            // in between is then sent after it, never lost.
+            let events = daemon.subscribe();
+            let mut databases = Vec::new();
+            for h in daemon.handles() {
+                if db.as_deref().is_none_or(|d| h.name == d) {
+                    databases.push(fresh_status(&h).await);
+                }
+            }
+            if !send(conn, &Response::Watching { databases }).await {
+                return false;
+            }
+            return watch(conn, events, db, shutdown).await;
         }
         Request::Sync { db, timeout_ms } => match find(daemon, &db) {
             Err(e) => e,
