@@ -111,6 +111,12 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Print the daemon's metrics (Prometheus / OpenMetrics text): the
+    /// same figures `metrics_listen` serves over HTTP.
+    Metrics {
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload then download once and print the result.
     Sync {
         db: String,

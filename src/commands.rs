@@ -135,6 +135,7 @@ fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
             Some(b) => b.update(p),
             None => say!(o, "{}", progress_line(p)),
         },
+        Response::Metrics { text } => o.push_str(text),
         Response::Watching { databases } => {
             for s in databases {
                 print_status(o, s);

@@ -76,6 +76,11 @@ pub struct DaemonConfig {
     /// already sent. Whatever is not answered stays captured for next time.
     #[serde(default = "d_shutdown")]
     pub shutdown_timeout: Dur,
+    /// Serve Prometheus metrics over HTTP at `/metrics` (and `/healthz`) on
+    /// this address, for example `127.0.0.1:9464`. Off when absent; `tether
+    /// metrics` prints the same figures either way.
+    #[serde(default)]
+    pub metrics_listen: Option<std::net::SocketAddr>,
     pub hub: HubConn,
     #[serde(default)]
     pub reconnect: Reconnect,
@@ -133,6 +138,10 @@ fn d_multiplier() -> f32 {
 fn d_ping() -> Dur {
     Dur(Duration::from_secs(30))
 }
+fn d_true() -> bool {
+    true
+}
+
 fn d_read_timeout() -> Dur {
     Dur(Duration::from_secs(120))
 }
@@ -335,6 +344,11 @@ pub struct HubConfig {
     /// A client that sent nothing for this long is disconnected.
     #[serde(default = "d_read_timeout")]
     pub read_timeout: Dur,
+    /// Serve Prometheus metrics at `/metrics` on the listener. Turn off when
+    /// the listener is reachable by people who should not see dataset names
+    /// and traffic figures (or filter the path in a reverse proxy).
+    #[serde(default = "d_true")]
+    pub metrics: bool,
 }
 
 #[derive(Clone, Debug, Deserialize)]

@@ -55,6 +55,7 @@ impl EmbeddedHub {
                 datasets: vec!["*".into()],
                 access: TokenAccess::ReadWrite,
             }],
+            metrics: true,
             read_timeout: Dur(Duration::from_secs(120)),
         };
         Self::start_with(config, token).await
@@ -132,6 +133,7 @@ impl EmbeddedDaemon {
         let config = DaemonConfig {
             control_socket: PathBuf::from("/nonexistent/tether.sock"),
             shutdown_timeout: Dur(Duration::from_secs(10)),
+            metrics_listen: None,
             hub: HubConn {
                 url: url.into(),
                 token: Some(token.into()),

@@ -23,6 +23,8 @@
 //! * [`daemon`]: runs one session per configured database.
 //! * [`control`]: the local control socket (daemon side and CLI side).
 //! * [`hub`]: the server: auth, sessions, fan-out, store.
+//! * [`metrics`]: Prometheus metrics of the daemon and the hub.
+//! * [`http`]: the few plain HTTP answers (`/metrics`, `/healthz`).
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
@@ -32,8 +34,10 @@ pub mod control;
 pub mod daemon;
 pub mod demo;
 pub mod embedded;
+pub mod http;
 pub mod hub;
 pub mod local;
+pub mod metrics;
 pub mod proto;
 pub mod service;
 pub mod session;

@@ -136,6 +136,7 @@ async fn run(cli: Cli) -> ExitCode {
         )),
         Command::Reconnect { json } => Some((Request::Reconnect {}, *json)),
         Command::Reload { json } => Some((Request::Reload {}, *json)),
+        Command::Metrics { json } => Some((Request::Metrics {}, *json)),
         Command::Wait {
             db,
             dirs,
@@ -199,6 +200,16 @@ async fn run(cli: Cli) -> ExitCode {
                     return ExitCode::FAILURE;
                 }
             };
+            let metrics_listener = match cfg.metrics_listen {
+                None => None,
+                Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+                    Ok(l) => Some(l),
+                    Err(e) => {
+                        eprintln!("error: cannot serve metrics on {addr} (metrics_listen in {}): {e}; pick a free address or remove metrics_listen", config.display());
+                        return ExitCode::FAILURE;
+                    }
+                },
+            };
             let shutdown = CancellationToken::new();
             on_signals(shutdown.clone());
             let daemon = std::sync::Arc::new(Daemon::start_from(
@@ -212,6 +223,9 @@ async fn run(cli: Cli) -> ExitCode {
                 daemon.clone(),
                 shutdown.clone(),
             ));
+            let metrics_server = metrics_listener.map(|l| {
+                tokio::spawn(serve_daemon_metrics(l, daemon.clone(), shutdown.clone()))
+            });
             tether::service::ready(&tether::service::daemon_status(&daemon));
             tokio::spawn(tether::service::daemon_heartbeat(
                 daemon.clone(),
@@ -222,6 +236,9 @@ async fn run(cli: Cli) -> ExitCode {
             tether::service::stopping();
             daemon.wait().await;
             let _ = server.await;
+            if let Some(m) = metrics_server {
+                let _ = m.await;
+            }
             let _ = std::fs::remove_file(&cfg.control_socket);
             tracing::info!("daemon stopped");
             ExitCode::SUCCESS
@@ -369,4 +386,31 @@ async fn run(cli: Cli) -> ExitCode {
         }
         _ => unreachable!("control commands are handled above"),
     }
+}
+
+/// The daemon's `metrics_listen`: `/metrics` and `/healthz` over plain HTTP.
+async fn serve_daemon_metrics(
+    listener: tokio::net::TcpListener,
+    daemon: std::sync::Arc<Daemon>,
+    shutdown: CancellationToken,
+) {
+    use tether::http::{self, Reply};
+    if let Ok(addr) = listener.local_addr() {
+        tracing::info!(%addr, "serving metrics at /metrics");
+    }
+    http::serve(listener, shutdown, move |head| {
+        let daemon = daemon.clone();
+        async move {
+            match head.path.as_str() {
+                "/metrics" => Reply {
+                    status: 200,
+                    content_type: tether::metrics::CONTENT_TYPE,
+                    body: daemon.metrics_text().await,
+                },
+                "/healthz" => Reply::text(200, "ok\n"),
+                p => Reply::text(404, format!("nothing at {p}; try /metrics\n")),
+            }
+        }
+    })
+    .await;
 }

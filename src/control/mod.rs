@@ -75,6 +75,8 @@ pub enum Request {
     Sync { db: String, timeout_ms: Option<u64> },
     /// Re-read the config file and apply it (like SIGHUP).
     Reload {},
+    /// The daemon's Prometheus metrics.
+    Metrics {},
 }
 
 /// Transfer direction of a progress report.
@@ -157,6 +159,10 @@ pub enum Response {
     },
     Reload {
         report: crate::daemon::ReloadReport,
+    },
+    /// The metrics in the OpenMetrics text format.
+    Metrics {
+        text: String,
     },
     /// End of a stream that succeeded.
     Done {

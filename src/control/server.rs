@@ -182,7 +182,7 @@ async fn handle(
             };
             let mut databases = Vec::new();
             for h in &handles {
-                databases.push(fresh_status(h).await);
+                databases.push(h.fresh_status().await);
             }
             Response::Status { databases }
         }
@@ -236,6 +236,9 @@ async fn handle(
                 Err(r) => r,
             },
         },
+        Request::Metrics {} => Response::Metrics {
+            text: daemon.metrics_text().await,
+        },
         Request::Reload {} => match daemon.reload_from_file().await {
             Ok(report) => Response::Reload { report },
             Err(e) => Response::error(
@@ -255,7 +258,7 @@ async fn handle(
             let mut databases = Vec::new();
             for h in daemon.handles() {
                 if db.as_deref().is_none_or(|d| h.name == d) {
-                    databases.push(fresh_status(&h).await);
+                    databases.push(h.fresh_status().await);
                 }
             }
             if !send(conn, &Response::Watching { databases }).await {
@@ -293,26 +296,6 @@ async fn handle(
 
 /// A session's status with the pending counts read from the database now,
 /// so writes captured while a session is paused or busy show at once.
-async fn fresh_status(h: &SessionHandle) -> Status {
-    let mut s = h.status.borrow().clone();
-    if let Some(local) = h.local.get() {
-        let read = tokio::time::timeout(Duration::from_secs(2), local.call(|r| r.pending())).await;
-        if let Ok(Ok(Ok(p))) = read {
-            s.pending_changes = p.changes;
-            s.last_seq = p.last_seq;
-            s.consumed = p.consumed;
-            s.oldest_pending_ms = p.oldest_at_ms.map(|at| {
-                let now = std::time::SystemTime::now()
-                    .duration_since(std::time::UNIX_EPOCH)
-                    .map(|d| d.as_millis() as i64)
-                    .unwrap_or(at);
-                (now - at).max(0) as u64
-            });
-        }
-    }
-    s
-}
-
 /// Pauses or resumes a session's directions.
 async fn pause(daemon: &Daemon, db: &str, dirs: Directions, pause: bool) -> Response {
     let h = match find(daemon, db) {

@@ -10,12 +10,14 @@ mod once;
 pub use once::{once, OnceResult};
 
 use std::sync::{Arc, OnceLock};
+use std::time::Duration;
 
 use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DaemonConfig, DatabaseConfig};
+use crate::metrics::DaemonMetrics;
 use crate::local::{watch as fswatch, LocalDb};
 use crate::session::{
     update_status, Control, Event, ReconnectOutcome, Session, SessionParams, SessionState, Status,
@@ -36,6 +38,32 @@ pub struct SessionHandle {
     pub ctl: mpsc::Sender<Control>,
     /// The database thread, once the database is open.
     pub local: Arc<OnceLock<LocalDb>>,
+}
+
+impl SessionHandle {
+    /// The session's status, with the pending changes read from the database
+    /// now rather than as of the session's last look at its log (which may
+    /// be a while ago when paused or disconnected).
+    pub async fn fresh_status(&self) -> Status {
+        let mut s = self.status.borrow().clone();
+        if let Some(local) = self.local.get() {
+            let read =
+                tokio::time::timeout(Duration::from_secs(2), local.call(|r| r.pending())).await;
+            if let Ok(Ok(Ok(p))) = read {
+                s.pending_changes = p.changes;
+                s.last_seq = p.last_seq;
+                s.consumed = p.consumed;
+                s.oldest_pending_ms = p.oldest_at_ms.map(|at| {
+                    let now = std::time::SystemTime::now()
+                        .duration_since(std::time::UNIX_EPOCH)
+                        .map(|d| d.as_millis() as i64)
+                        .unwrap_or(at);
+                    (now - at).max(0) as u64
+                });
+            }
+        }
+        s
+    }
 }
 
 /// One running session and what started it.
@@ -105,6 +133,8 @@ pub struct Daemon {
     config: std::sync::Mutex<DaemonConfig>,
     /// Serializes reloads.
     reloading: tokio::sync::Mutex<()>,
+    /// Counters of every session, kept across reloads.
+    metrics: DaemonMetrics,
 }
 
 impl Daemon {
@@ -129,6 +159,7 @@ impl Daemon {
             config_path,
             config: std::sync::Mutex::new(cfg.clone()),
             reloading: tokio::sync::Mutex::new(()),
+            metrics: DaemonMetrics::new(),
         };
         let entries: Vec<Entry> = cfg
             .databases
@@ -153,6 +184,7 @@ impl Daemon {
             reconnect: cfg.reconnect.clone(),
             echo_own: false,
             shutdown_timeout: cfg.shutdown_timeout.0,
+            metrics: self.metrics.session(&db.name),
         };
         let (tx, rx) = watch::channel(Status::new(&db.name, db.dataset()));
         let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
@@ -201,6 +233,22 @@ impl Daemon {
             .collect()
     }
 
+    /// Status of every session with the pending figures read from each
+    /// database now (see [`SessionHandle::fresh_status`]).
+    pub async fn fresh_status(&self) -> Vec<Status> {
+        let mut out = Vec::new();
+        for h in self.handles() {
+            out.push(h.fresh_status().await);
+        }
+        out
+    }
+
+    /// The daemon's metrics in the OpenMetrics text format.
+    pub async fn metrics_text(&self) -> String {
+        let statuses = self.fresh_status().await;
+        self.metrics.render(&statuses)
+    }
+
     /// Events of every session, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -227,6 +275,11 @@ impl Daemon {
         let mut report = ReloadReport::default();
         {
             let old = self.config.lock().expect("BUG: poisoned");
+            if old.metrics_listen != cfg.metrics_listen {
+                report.warnings.push(
+                    "metrics_listen changed; it takes effect when the daemon restarts".into(),
+                );
+            }
             if old.control_socket != cfg.control_socket {
                 report.warnings.push(format!(
                     "control_socket changed to {}; it takes effect when the daemon restarts",

@@ -24,6 +24,8 @@ pub struct Published {
     /// Last sequence number of this batch.
     pub last: u64,
     pub entries: Vec<LogEntry>,
+    /// When the batch was stored (for the fan-out latency).
+    pub stored: std::time::Instant,
 }
 
 pub struct DatasetFanout {

@@ -3,7 +3,8 @@
 //! the dataset.
 //!
 //! Tasks: one accept loop ([`Hub::run`]) and one task per connection
-//! ([`session::serve`]). A connection's task waits on its socket, on the
+//! ([`session::serve`], or a plain HTTP answer for `/metrics` and
+//! `/healthz`). A connection's task waits on its socket, on the
 //! dataset's broadcast of applied batches, on its read deadline and on
 //! shutdown. Store calls run on blocking threads.
 
@@ -23,6 +24,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{HubConfig, StoreUrl};
+use crate::http::{self, Head, Prefixed, Reply};
+use crate::metrics::HubMetrics;
 use auth::Tokens;
 use fanout::Fanout;
 use store::{sqlite::SqliteStore, HubStore, StoreError};
@@ -47,6 +50,9 @@ pub(crate) struct HubInner {
     fanout: Fanout,
     read_timeout: Duration,
     faults: Arc<Faults>,
+    metrics: Arc<HubMetrics>,
+    /// Whether `/metrics` is served.
+    expose_metrics: bool,
 }
 
 /// A configured hub, ready to serve a listener.
@@ -77,6 +83,8 @@ impl Hub {
                 fanout: Fanout::default(),
                 read_timeout: cfg.read_timeout.0,
                 faults: Arc::new(Faults::default()),
+                metrics: Arc::new(HubMetrics::new()),
+                expose_metrics: cfg.metrics,
             }),
         }
     }
@@ -84,6 +92,11 @@ impl Hub {
     #[doc(hidden)]
     pub fn faults(&self) -> Arc<Faults> {
         self.inner.faults.clone()
+    }
+
+    /// The hub's metrics (what `/metrics` shows).
+    pub fn metrics(&self) -> Arc<HubMetrics> {
+        self.inner.metrics.clone()
     }
 
     /// Serves `listener` until `shutdown` is cancelled, then closes every
@@ -101,12 +114,32 @@ impl Hub {
                 _ = shutdown.cancelled() => break,
             };
             match accepted {
-                Ok((stream, peer)) => {
+                Ok((mut stream, peer)) => {
                     let _ = stream.set_nodelay(true);
                     let inner = self.inner.clone();
                     let shutdown = shutdown.clone();
                     tracker.spawn(async move {
-                        session::serve(inner, stream, peer, shutdown).await;
+                        let read = tokio::time::timeout(http::HEAD_TIMEOUT, http::read_head(&mut stream));
+                        let head = tokio::select! {
+                            h = read => h,
+                            _ = shutdown.cancelled() => return,
+                        };
+                        match head {
+                            Ok(Ok(head)) if head.websocket => {
+                                let stream = Prefixed::new(head.raw, stream);
+                                session::serve(inner, stream, peer, shutdown).await;
+                            }
+                            Ok(Ok(head)) => {
+                                let head_only = head.method == "HEAD";
+                                let reply = plain(&inner, &head).await;
+                                http::respond(&mut stream, head_only, &reply).await;
+                            }
+                            Ok(Err(e)) => {
+                                tracing::info!(%peer, error = %e, "unreadable request");
+                                http::respond(&mut stream, false, &Reply::text(400, format!("{e}\n"))).await;
+                            }
+                            Err(_) => tracing::info!(%peer, "no request within {:?}", http::HEAD_TIMEOUT),
+                        }
                         drop(permit);
                     });
                 }
@@ -119,5 +152,41 @@ impl Hub {
         }
         tracker.close();
         tracker.wait().await;
+    }
+}
+
+/// How long `/healthz` waits for the store to answer.
+const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// Answers a request that is not a WebSocket upgrade.
+async fn plain(inner: &Arc<HubInner>, head: &Head) -> Reply {
+    if let Some(r) = Reply::check_method(head) {
+        return r;
+    }
+    match head.path.as_str() {
+        "/metrics" if inner.expose_metrics => Reply {
+            status: 200,
+            content_type: crate::metrics::CONTENT_TYPE,
+            body: inner.metrics.render(),
+        },
+        "/healthz" => {
+            let store = inner.store.clone();
+            let probe = inner.datasets.keys().next().cloned().unwrap_or_default();
+            let read = tokio::task::spawn_blocking(move || store.head(&probe));
+            match tokio::time::timeout(HEALTH_TIMEOUT, read).await {
+                Ok(Ok(Ok(_))) => Reply::text(200, "ok\n"),
+                Ok(Ok(Err(e))) => Reply::text(503, format!("store unavailable: {e}\n")),
+                Ok(Err(e)) => Reply::text(503, format!("store check failed: {e}\n")),
+                Err(_) => Reply::text(
+                    503,
+                    format!("store did not answer within {HEALTH_TIMEOUT:?}\n"),
+                ),
+            }
+        }
+        "/" => Reply::text(
+            426,
+            "this is a tether hub: daemons connect here with WebSocket; /healthz and /metrics answer plain GETs\n",
+        ),
+        _ => Reply::text(404, format!("nothing at {}\n", head.path)),
     }
 }

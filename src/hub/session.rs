@@ -9,6 +9,9 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::TcpStream;
+
+use crate::http::Prefixed;
+use crate::metrics::{HubSessionMetrics, StoreOp};
 use tokio::sync::broadcast::error::RecvError;
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
@@ -33,7 +36,7 @@ use crate::proto::{
 /// Time allowed for the WebSocket upgrade and for the `hello` frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Ws = WebSocketStream<TcpStream>;
+type Ws = WebSocketStream<Prefixed<TcpStream>>;
 
 pub fn ws_config() -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
@@ -78,11 +81,15 @@ fn close_code(code: ErrorCode) -> CloseCode {
     }
 }
 
+/// Sends one frame; returns its size.
 async fn send_frame(
     ws: &mut Ws,
     frame: &HubFrame,
-) -> Result<(), tokio_tungstenite::tungstenite::Error> {
-    ws.send(Message::Binary(proto::encode(frame).into())).await
+) -> Result<u64, tokio_tungstenite::tungstenite::Error> {
+    let bytes = proto::encode(frame);
+    let n = bytes.len() as u64;
+    ws.send(Message::Binary(bytes.into())).await?;
+    Ok(n)
 }
 
 async fn refuse(ws: &mut Ws, r: Refusal) {
@@ -119,7 +126,7 @@ async fn blocking<T: Send + 'static>(
 
 pub async fn serve(
     inner: Arc<HubInner>,
-    stream: TcpStream,
+    stream: Prefixed<TcpStream>,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
@@ -132,6 +139,7 @@ pub async fn serve(
             .get("authorization")
             .and_then(|v| v.to_str().ok());
         let Some(g) = inner.tokens.check(auth) else {
+            inner.metrics.refused("unauthorized");
             return Err(http_error(
                 StatusCode::UNAUTHORIZED,
                 "unauthorized: missing or unknown bearer token",
@@ -143,6 +151,7 @@ pub async fn serve(
             .and_then(|v| v.to_str().ok())
         {
             if !g.allows(ds) {
+                inner.metrics.refused("forbidden");
                 return Err(http_error(
                     StatusCode::FORBIDDEN,
                     &format!(
@@ -173,10 +182,12 @@ pub async fn serve(
         Ok(Ok(h)) => h,
         Ok(Err(r)) => {
             tracing::warn!(%peer, token = %grant.name, code = r.code.as_str(), "{}", r.message);
+            inner.metrics.refused(r.code.as_str());
             refuse(&mut ws, r).await;
             return;
         }
         Err(_) => {
+            inner.metrics.refused(ErrorCode::UnexpectedFrame.as_str());
             refuse(
                 &mut ws,
                 Refusal::new(ErrorCode::UnexpectedFrame, "no hello within 10s"),
@@ -195,6 +206,7 @@ pub async fn serve(
         echo_own: hello.echo_own,
         tables: HashMap::new(),
         sent_up_to: hello.cursor,
+        metrics: None,
     };
     let result = tracing::Instrument::instrument(
         session.run(&mut ws, hello, &grant, shutdown),
@@ -207,6 +219,7 @@ pub async fn serve(
             tracing::debug!("closing: hub shutting down");
         } else {
             tracing::warn!(code = r.code.as_str(), "{}", r.message);
+            inner.metrics.refused(r.code.as_str());
         }
         refuse(&mut ws, r).await;
     }
@@ -252,6 +265,8 @@ struct Session {
     tables: HashMap<String, TableSchema>,
     /// Every change up to here was sent (or skipped as our own).
     sent_up_to: u64,
+    /// Set once `hello` is accepted: the dataset is then a known label.
+    metrics: Option<HubSessionMetrics>,
 }
 
 enum Event {
@@ -325,11 +340,16 @@ impl Session {
             hello.tables.clone(),
             self.client.clone(),
         );
+        let t0 = std::time::Instant::now();
         let (head, client_seq) = blocking(move || {
             store.register_schema(&ds, &tables)?;
             Ok((store.head(&ds)?, store.client_seq(&ds, &client)?))
         })
         .await?;
+        self.inner
+            .metrics
+            .store_time(StoreOp::open_session, t0.elapsed());
+        self.metrics = Some(self.inner.metrics.session(&self.dataset));
         self.tables = hello
             .tables
             .into_iter()
@@ -341,7 +361,7 @@ impl Session {
         }
         // Subscribe before catching up so no batch falls between the two.
         let mut live = self.inner.fanout.dataset(&self.dataset).tx.subscribe();
-        send(
+        self.send(
             ws,
             &HubFrame::Welcome(Welcome {
                 protocol: PROTOCOL_VERSION,
@@ -360,7 +380,7 @@ impl Session {
         let subscribed = hello.subscribe;
         if subscribed {
             self.catch_up(ws).await?;
-            send(
+            self.send(
                 ws,
                 &HubFrame::CaughtUp(CaughtUp {
                     head: self.sent_up_to,
@@ -392,6 +412,9 @@ impl Session {
                 }
                 Event::Inbound(Some(Ok(msg))) => {
                     deadline = Instant::now() + read_timeout;
+                    if let (Some(m), Message::Binary(b)) = (&self.metrics, &msg) {
+                        m.bytes_in.inc_by(b.len() as u64);
+                    }
                     match msg {
                         Message::Binary(b) => match proto::decode::<ClientFrame>(&b) {
                             Ok(ClientFrame::Upload(up)) => {
@@ -450,6 +473,7 @@ impl Session {
             let store = self.inner.store.clone();
             let (ds, after) = (self.dataset.clone(), self.sent_up_to);
             let exclude = (!self.echo_own).then(|| self.client.clone());
+            let t0 = std::time::Instant::now();
             let (page, head) = blocking(move || {
                 let head = store.head(&ds)?;
                 let page = store.changes_since(
@@ -462,12 +486,15 @@ impl Session {
                 Ok((page, head))
             })
             .await?;
+            self.inner
+                .metrics
+                .store_time(StoreOp::read_changes, t0.elapsed());
             if page.up_to <= self.sent_up_to {
                 return Ok(());
             }
             self.sent_up_to = page.up_to;
             if !page.changes.is_empty() || page.up_to >= head {
-                send(
+                self.send(
                     ws,
                     &HubFrame::Changes(Changes {
                         changes: page.changes,
@@ -506,7 +533,7 @@ impl Session {
             } else {
                 chunk.last().map(|c| c.version).unwrap_or(p.last)
             };
-            send(
+            self.send(
                 ws,
                 &HubFrame::Changes(Changes {
                     changes: chunk.to_vec(),
@@ -516,6 +543,9 @@ impl Session {
             )
             .await?;
         }
+        if let Some(m) = &self.metrics {
+            m.fanned_out(p.stored);
+        }
         Ok(())
     }
 
@@ -523,7 +553,7 @@ impl Session {
     /// the connection.
     async fn upload(&mut self, ws: &mut Ws, up: Upload) -> Result<bool, Refusal> {
         if self.access == Access::ReadOnly {
-            send(ws, &HubFrame::Error(ErrorFrame {
+            self.send(ws, &HubFrame::Error(ErrorFrame {
                 code: ErrorCode::Forbidden,
                 message: "token is read_only: uploads are refused; use a read_write token to send local changes".into(),
             }))
@@ -543,12 +573,14 @@ impl Session {
             let applied = inner
                 .store
                 .apply_batch(&ds, &client, &tables, &changes, acked)?;
+            inner.metrics.store_time(StoreOp::apply_batch, t0.elapsed());
             tracing::trace!(n = changes.len(), took = ?t0.elapsed(), "store applied batch");
             if let (Some(first), Some(last)) = (applied.logged.first(), applied.logged.last()) {
                 let p = Published {
                     after: first.change.version - 1,
                     last: last.change.version,
                     entries: applied.logged.clone(),
+                    stored: std::time::Instant::now(),
                 };
                 // No receiver is fine: nobody else is connected.
                 let _ = fan.tx.send(Arc::new(p));
@@ -560,6 +592,9 @@ impl Session {
         let results = match applied {
             Ok(Ok((a, _))) => {
                 let s = UploadSummary::of(&a.results);
+                if let Some(m) = &self.metrics {
+                    m.applied(&s);
+                }
                 tracing::debug!(
                     batch = up.batch,
                     total = s.total,
@@ -576,11 +611,11 @@ impl Session {
             }
             Ok(Err(e)) | Err(e) => {
                 tracing::error!(batch = up.batch, error = %e, "could not apply batch");
-                send(
-                    ws,
-                    &HubFrame::UploadResult(materialize_error(up.batch, &seqs, e.to_string())),
-                )
-                .await?;
+                let answer = materialize_error(up.batch, &seqs, e.to_string());
+                if let Some(m) = &self.metrics {
+                    m.applied(&answer.summary);
+                }
+                self.send(ws, &HubFrame::UploadResult(answer)).await?;
                 // Later batches of this client may already be queued on the
                 // socket; none may be applied past the failed one.
                 return Err(Refusal::new(
@@ -603,7 +638,7 @@ impl Session {
             return Ok(false);
         }
         let summary = UploadSummary::of(&results);
-        send(
+        self.send(
             ws,
             &HubFrame::UploadResult(UploadResult {
                 batch: up.batch,
@@ -633,8 +668,14 @@ fn materialize_error(batch: u64, seqs: &[u64], message: String) -> UploadResult 
     }
 }
 
-async fn send(ws: &mut Ws, frame: &HubFrame) -> Result<(), Refusal> {
-    send_frame(ws, frame)
-        .await
-        .map_err(|e| Refusal::new(ErrorCode::Internal, format!("sending to client: {e}")))
+impl Session {
+    async fn send(&self, ws: &mut Ws, frame: &HubFrame) -> Result<(), Refusal> {
+        let n = send_frame(ws, frame)
+            .await
+            .map_err(|e| Refusal::new(ErrorCode::Internal, format!("sending to client: {e}")))?;
+        if let Some(m) = &self.metrics {
+            m.bytes_out.inc_by(n);
+        }
+        Ok(())
+    }
 }

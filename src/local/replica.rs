@@ -98,6 +98,9 @@ pub struct Batch {
     pub changes: Vec<Change>,
     /// Log rows with a seq up to here are answered by this batch.
     pub through: u64,
+    /// Per change (same order): when its oldest log row in the batch was
+    /// committed, in milliseconds since the epoch.
+    pub captured_ms: Vec<i64>,
 }
 
 struct Tbl {
@@ -222,7 +225,9 @@ fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
 /// A row's identity inside one database: table id and key values.
 type Key = (i64, Vec<Value>);
 
-const LOG_COLS: &str = "seq, tbl, op, mask, k0, k1, k2, k3, k4, k5, k6, k7";
+const LOG_COLS: &str = "seq, tbl, op, mask, k0, k1, k2, k3, k4, k5, k6, k7, at";
+/// Position of `at` in [`LOG_COLS`].
+const LOG_AT: usize = 12;
 
 impl Replica {
     /// Opens the database, checks the tables and installs capture.
@@ -468,6 +473,7 @@ impl Replica {
             first: u64,
             last: u64,
             mask: u64,
+            at: i64,
         }
         let mut entries: Vec<Entry> = Vec::new();
         let mut index: HashMap<Key, usize> = HashMap::new();
@@ -492,6 +498,7 @@ impl Replica {
                     key.push(r.get::<_, Value>(4 + i).map_err(&e)?);
                 }
                 let mask = r.get::<_, i64>(3).map_err(&e)? as u64;
+                let at = r.get::<_, Option<i64>>(LOG_AT).map_err(&e)?.unwrap_or(0);
                 let key = (tbl, key);
                 match index.get(&key) {
                     Some(&i) => {
@@ -505,6 +512,7 @@ impl Replica {
                             first: seq,
                             last: seq,
                             mask,
+                            at,
                         });
                     }
                 }
@@ -512,6 +520,7 @@ impl Replica {
         }
         entries.sort_by_key(|en| en.last);
         let mut changes = Vec::with_capacity(entries.len());
+        let mut captured_ms = Vec::with_capacity(entries.len());
         let mut bytes = 0;
         let mut cut_at = entries.len();
         for (i, en) in entries.iter().enumerate() {
@@ -538,6 +547,7 @@ impl Replica {
                 break;
             }
             changes.push(change);
+            captured_ms.push(en.at);
         }
         if cut_at < entries.len() {
             // Keys left out must keep all their log rows, or the columns
@@ -546,7 +556,11 @@ impl Replica {
             let last_sent = changes.last().map(|c| c.seq).unwrap_or(from);
             through = kept_min.map(|m| m - 1).unwrap_or(last_sent).min(last_sent);
         }
-        Ok(Batch { changes, through })
+        Ok(Batch {
+            changes,
+            through,
+            captured_ms,
+        })
     }
 
     /// Estimated wire size of the pending changes up to `target`.

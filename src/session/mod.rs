@@ -126,6 +126,9 @@ pub struct SessionParams {
     pub echo_own: bool,
     /// On shutdown, how long in-flight uploads may take to be answered.
     pub shutdown_timeout: Duration,
+    /// Where the session counts what it does (shared with the daemon's
+    /// registry; a default value counts into nothing anyone reads).
+    pub metrics: crate::metrics::SessionMetrics,
 }
 
 /// Why a connection ended.
@@ -251,6 +254,7 @@ impl Session {
         let name = self.params.name.clone();
         let dataset = self.params.dataset.clone();
         let span = tracing::info_span!("sync", db = %name, dataset = %dataset);
+        let mut attempts = 0u64;
         loop {
             if self.shutdown.is_cancelled() {
                 break;
@@ -280,6 +284,10 @@ impl Session {
                 }
                 continue;
             }
+            if attempts > 0 {
+                self.params.metrics.reconnects.inc();
+            }
+            attempts += 1;
             self.update(|s| {
                 s.connection = ConnectionState::Connecting;
                 if s.session == SessionState::Paused {
@@ -439,6 +447,7 @@ impl Session {
             s.connects += 1;
             s.last_error = None;
         });
+        p.metrics.connects.inc();
         let mut uploads_allowed = welcome.access == Access::ReadWrite;
         let rc = &p.reconnect;
         let mut ping =
@@ -481,6 +490,7 @@ impl Session {
                                     let changes = c.changes;
                                     let t0 = std::time::Instant::now();
                                     self.db.call(move |r| r.apply_remote(&changes, up_to)).await??;
+                                    p.metrics.downloaded(n, frame_bytes);
                                     tracing::trace!(n, took = ?t0.elapsed(), "applied remote changes");
                                     self.update(|s| {
                                         s.cursor = s.cursor.max(up_to);
@@ -507,6 +517,7 @@ impl Session {
                                         return Err(SessionError::Retry(format!("hub answered batch {} while {} was in flight", res.batch, sent.batch)));
                                     }
                                     let summary = UploadSummary::of(&res.results);
+                                    p.metrics.uploaded(&summary, sent.bytes, &sent.read.captured_ms);
                                     let results = res.results;
                                     let read = sent.read;
                                     let through = read.through;
@@ -703,6 +714,7 @@ impl Session {
                     let ClientFrame::Upload(Upload { changes, .. }) = frame else {
                         unreachable!()
                     };
+                    let captured_ms = read.captured_ms;
                     ws.send(Message::Binary(bytes.into()))
                         .await
                         .map_err(ws_err)?;
@@ -712,6 +724,7 @@ impl Session {
                         read: Batch {
                             changes,
                             through: read.through,
+                            captured_ms,
                         },
                         deadline: Instant::now() + ACK_TIMEOUT,
                     });

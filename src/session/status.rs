@@ -33,6 +33,46 @@ pub enum SessionState {
     Error,
 }
 
+impl ConnectionState {
+    pub const ALL: [ConnectionState; 3] = [
+        ConnectionState::Disconnected,
+        ConnectionState::Connecting,
+        ConnectionState::Connected,
+    ];
+
+    /// The name it serializes to.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            ConnectionState::Disconnected => "disconnected",
+            ConnectionState::Connecting => "connecting",
+            ConnectionState::Connected => "connected",
+        }
+    }
+}
+
+impl SessionState {
+    pub const ALL: [SessionState; 6] = [
+        SessionState::Active,
+        SessionState::Paused,
+        SessionState::WaitingForAccessToken,
+        SessionState::Dying,
+        SessionState::Inactive,
+        SessionState::Error,
+    ];
+
+    /// The name it serializes to.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            SessionState::Active => "active",
+            SessionState::Paused => "paused",
+            SessionState::WaitingForAccessToken => "waiting_for_access_token",
+            SessionState::Dying => "dying",
+            SessionState::Inactive => "inactive",
+            SessionState::Error => "error",
+        }
+    }
+}
+
 /// A snapshot of one session.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct Status {
@@ -128,4 +168,19 @@ pub enum Event {
         db: String,
         message: String,
     },
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn state_names_are_their_serialized_names() {
+        for s in SessionState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+        for c in ConnectionState::ALL {
+            assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
+        }
+    }
 }
