@@ -223,9 +223,8 @@ async fn run(cli: Cli) -> ExitCode {
                 daemon.clone(),
                 shutdown.clone(),
             ));
-            let metrics_server = metrics_listener.map(|l| {
-                tokio::spawn(serve_daemon_metrics(l, daemon.clone(), shutdown.clone()))
-            });
+            let metrics_server = metrics_listener
+                .map(|l| tokio::spawn(serve_daemon_metrics(l, daemon.clone(), shutdown.clone())));
             tether::service::ready(&tether::service::daemon_status(&daemon));
             tokio::spawn(tether::service::daemon_heartbeat(
                 daemon.clone(),

@@ -236,9 +236,7 @@ impl DaemonMetrics {
         self.cursor_lag.clear();
         for s in statuses {
             let l = DbLabel { db: s.name.clone() };
-            self.pending
-                .get_or_create(&l)
-                .set(s.pending_changes as i64);
+            self.pending.get_or_create(&l).set(s.pending_changes as i64);
             let age = match s.oldest_pending_ms {
                 Some(ms) if s.pending_changes > 0 => ms as f64 / 1000.0,
                 _ => 0.0,
@@ -406,16 +404,29 @@ impl HubMetrics {
             "From a batch being stored to its changes being sent to another session",
             m.fanout.clone(),
         );
-        r.register(
-            "store_seconds",
-            "Time of store operations",
-            m.store.clone(),
-        );
+        r.register("store_seconds", "Time of store operations", m.store.clone());
         m
     }
 
     pub fn render(&self) -> String {
         encode(&self.registry)
+    }
+
+    /// Shows a configured dataset's figures (at zero) before any session.
+    pub fn declare_dataset(&self, dataset: &str) {
+        let l = DatasetLabel {
+            dataset: dataset.to_owned(),
+        };
+        let _ = self.sessions.get_or_create(&l);
+        let _ = self.batches.get_or_create(&l);
+        let _ = self.bytes_in.get_or_create(&l);
+        let _ = self.bytes_out.get_or_create(&l);
+        for outcome in Outcome::ALL {
+            let _ = self.changes.get_or_create(&DatasetOutcome {
+                dataset: dataset.to_owned(),
+                outcome,
+            });
+        }
     }
 
     /// A connection or session refused with `code`.

@@ -17,8 +17,8 @@ use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
 use crate::config::{DaemonConfig, DatabaseConfig};
-use crate::metrics::DaemonMetrics;
 use crate::local::{watch as fswatch, LocalDb};
+use crate::metrics::DaemonMetrics;
 use crate::session::{
     update_status, Control, Event, ReconnectOutcome, Session, SessionParams, SessionState, Status,
     TokenSource,

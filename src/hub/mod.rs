@@ -71,6 +71,10 @@ impl Hub {
     }
 
     pub fn with_store(cfg: &HubConfig, store: Arc<dyn HubStore>) -> Hub {
+        let metrics = Arc::new(HubMetrics::new());
+        for d in &cfg.datasets {
+            metrics.declare_dataset(&d.name);
+        }
         Hub {
             inner: Arc::new(HubInner {
                 datasets: cfg
@@ -83,7 +87,7 @@ impl Hub {
                 fanout: Fanout::default(),
                 read_timeout: cfg.read_timeout.0,
                 faults: Arc::new(Faults::default()),
-                metrics: Arc::new(HubMetrics::new()),
+                metrics,
                 expose_metrics: cfg.metrics,
             }),
         }
@@ -119,7 +123,8 @@ impl Hub {
                     let inner = self.inner.clone();
                     let shutdown = shutdown.clone();
                     tracker.spawn(async move {
-                        let read = tokio::time::timeout(http::HEAD_TIMEOUT, http::read_head(&mut stream));
+                        let read =
+                            tokio::time::timeout(http::HEAD_TIMEOUT, http::read_head(&mut stream));
                         let head = tokio::select! {
                             h = read => h,
                             _ = shutdown.cancelled() => return,
@@ -136,9 +141,16 @@ impl Hub {
                             }
                             Ok(Err(e)) => {
                                 tracing::info!(%peer, error = %e, "unreadable request");
-                                http::respond(&mut stream, false, &Reply::text(400, format!("{e}\n"))).await;
+                                http::respond(
+                                    &mut stream,
+                                    false,
+                                    &Reply::text(400, format!("{e}\n")),
+                                )
+                                .await;
                             }
-                            Err(_) => tracing::info!(%peer, "no request within {:?}", http::HEAD_TIMEOUT),
+                            Err(_) => {
+                                tracing::info!(%peer, "no request within {:?}", http::HEAD_TIMEOUT)
+                            }
                         }
                         drop(permit);
                     });

@@ -106,10 +106,23 @@ pub async fn start_daemon(
     dbs: &[(&str, &str)],
     reconnect: &str,
 ) -> (Proc, PathBuf) {
+    start_daemon_with(dir, name, hub_addr, token_file, dbs, reconnect, "").await
+}
+
+/// [`start_daemon`] with `top` (top-level settings) added to the config.
+pub async fn start_daemon_with(
+    dir: &Path,
+    name: &str,
+    hub_addr: &str,
+    token_file: &Path,
+    dbs: &[(&str, &str)],
+    reconnect: &str,
+    top: &str,
+) -> (Proc, PathBuf) {
     let cfg = dir.join(format!("{name}.toml"));
     let sock = dir.join(format!("{name}.sock"));
     let mut text = format!(
-        "control_socket = \"{}\"\n[hub]\nurl = \"ws://{hub_addr}/v1/sync\"\ntoken_file = \"{}\"\n[reconnect]\n{reconnect}\n",
+        "{top}\ncontrol_socket = \"{}\"\n[hub]\nurl = \"ws://{hub_addr}/v1/sync\"\ntoken_file = \"{}\"\n[reconnect]\n{reconnect}\n",
         sock.display(),
         token_file.display()
     );
