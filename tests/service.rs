@@ -180,3 +180,70 @@ async fn json_logs_are_one_object_per_line_with_the_database_name() {
         "log lines carry the database and dataset names: {log}"
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sigterm_during_a_bulk_upload_exits_0_and_a_restart_sends_the_rest() {
+    const ROWS: i64 = 40_000;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = tether::hub::auth::new_token();
+    let token_file = d.join("token");
+    std::fs::write(&token_file, &token).unwrap();
+    let a_db = app(&d.join("a.db"), NOTES);
+    app(&d.join("b.db"), NOTES);
+    let fast = "initial = \"100ms\"\nmax = \"1s\"";
+    let hash = tether::hub::auth::hash_token(&token);
+    let (hub, addr) = start_hub(d, "127.0.0.1:0", &hash, "hub").await;
+    let (_b, bcfg) = start_daemon(d, "b", &addr, &token_file, &[("one", "b.db")], fast).await;
+    let (a, acfg) = start_daemon(d, "a", &addr, &token_file, &[("one", "a.db")], fast).await;
+    wait_connected_cli(&acfg, "one").await;
+    wait_connected_cli(&bcfg, "one").await;
+    {
+        let tx = a_db.unchecked_transaction().unwrap();
+        for i in 0..ROWS {
+            tx.execute(
+                "INSERT INTO notes VALUES (?1, 't', 'body', ?2)",
+                rusqlite::params![format!("bulk{i}"), i],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let hub_db = rusqlite::Connection::open(d.join("hub.db")).unwrap();
+    let hub_rows = || -> (i64, i64) {
+        hub_db
+            .query_row("SELECT count(*), count(DISTINCT pk) FROM log_1", [], |r| {
+                Ok((r.get(0)?, r.get(1)?))
+            })
+            .unwrap_or((0, 0))
+    };
+    // SIGTERM once the upload is under way.
+    wait_until("the upload is under way", || {
+        status_json(&acfg, "one")["consumed"].as_u64().unwrap_or(0) > 0
+    })
+    .await;
+    let status = a.terminate();
+    assert!(status.success(), "SIGTERM exits 0: {status:?}");
+    let (stored, _) = hub_rows();
+    assert!(
+        stored > 0 && stored < ROWS,
+        "stopped mid-upload: {stored} of {ROWS} on the hub"
+    );
+    // The daemon closed its connection with a close frame, not a reset.
+    assert!(
+        !hub.log_text().contains("connection lost"),
+        "{}",
+        hub.log_text()
+    );
+
+    // The rest goes out on the next start, each write exactly once.
+    let (_a, acfg) = start_daemon(d, "a", &addr, &token_file, &[("one", "a.db")], fast).await;
+    let b_db = rusqlite::Connection::open(d.join("b.db")).unwrap();
+    wait_converged(&a_db, &b_db, "notes").await;
+    assert_eq!(count(&b_db, "notes"), ROWS);
+    wait_until("A idle", || {
+        status_json(&acfg, "one")["pending_changes"] == 0
+    })
+    .await;
+    assert_eq!(hub_rows(), (ROWS, ROWS), "each write reached the hub once");
+}
