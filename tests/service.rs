@@ -39,6 +39,42 @@ fn unit_files_pass_systemd_analyze_verify() {
     );
 }
 
+#[test]
+fn sysusers_file_creates_the_users_the_units_run_as() {
+    let root = tempfile::tempdir().unwrap();
+    std::fs::create_dir(root.path().join("etc")).unwrap();
+    let conf = concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/tether.sysusers");
+    let out = Command::new("systemd-sysusers")
+        .arg(format!("--root={}", root.path().display()))
+        .arg(conf)
+        .output()
+        .expect("systemd-sysusers is installed (.ci/run installs it)");
+    assert!(
+        out.status.success(),
+        "{}",
+        String::from_utf8_lossy(&out.stderr)
+    );
+    let passwd = std::fs::read_to_string(root.path().join("etc/passwd")).unwrap();
+    for unit in [
+        "tether.service",
+        "tether-hub.service",
+        "tether-sync.service",
+    ] {
+        let text =
+            std::fs::read_to_string(format!("{}/systemd/{unit}", env!("CARGO_MANIFEST_DIR")))
+                .unwrap();
+        let user = text
+            .lines()
+            .find_map(|l| l.strip_prefix("User="))
+            .unwrap_or_else(|| panic!("{unit} names its User="));
+        let entry = passwd
+            .lines()
+            .find(|l| l.starts_with(&format!("{user}:")))
+            .unwrap_or_else(|| panic!("{user} of {unit} is created: {passwd}"));
+        assert!(entry.ends_with(":/usr/sbin/nologin"), "{entry}");
+    }
+}
+
 /// Collects notify datagrams sent to a socket.
 fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
     let path = dir.join("notify.sock");
