@@ -272,3 +272,22 @@ fn values_use_native_messagepack_types() {
     // A boolean is not a SQLite value.
     assert!(rmp_serde::from_slice::<Value>(&[0xc3]).is_err());
 }
+
+#[test]
+fn the_borrowed_changes_frame_encodes_like_the_owned_one() {
+    let stored: Vec<Vector> =
+        serde_json::from_str(&std::fs::read_to_string(PATH).unwrap()).unwrap();
+    let v = stored.iter().find(|v| v.name == "changes").unwrap();
+    let bytes = hex::decode(&v.hex).unwrap();
+    let HubFrame::Changes(c) = decode::<HubFrame>(&bytes).unwrap() else {
+        panic!("the changes vector holds a changes frame")
+    };
+    assert!(c.changes.len() > 1);
+    let refs: Vec<&RemoteChange> = c.changes.iter().collect();
+    let borrowed = ChangesRef::Changes {
+        changes: &refs,
+        up_to: c.up_to,
+        head: c.head,
+    };
+    assert_eq!(hex::encode(encode(&borrowed)), v.hex);
+}

@@ -28,9 +28,9 @@ use super::store::StoreError;
 use super::HubInner;
 use crate::local::schema::fingerprint;
 use crate::proto::{
-    self, Access, CaughtUp, ChangeResult, Changes, ClientFrame, ErrorCode, ErrorFrame, Hello,
-    HubFrame, Outcome, TableSchema, Upload, UploadResult, UploadSummary, Welcome, DATASET_HEADER,
-    MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES, PROTOCOL_VERSION,
+    self, Access, CaughtUp, ChangeResult, Changes, ChangesRef, ClientFrame, ErrorCode, ErrorFrame,
+    Hello, HubFrame, Outcome, RemoteChange, TableSchema, Upload, UploadResult, UploadSummary,
+    Welcome, DATASET_HEADER, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES, PROTOCOL_VERSION,
 };
 
 /// Time allowed for the WebSocket upgrade and for the `hello` frame.
@@ -81,15 +81,11 @@ fn close_code(code: ErrorCode) -> CloseCode {
     }
 }
 
-/// Sends one frame; returns its size.
 async fn send_frame(
     ws: &mut Ws,
     frame: &HubFrame,
-) -> Result<u64, tokio_tungstenite::tungstenite::Error> {
-    let bytes = proto::encode(frame);
-    let n = bytes.len() as u64;
-    ws.send(Message::Binary(bytes.into())).await?;
-    Ok(n)
+) -> Result<(), tokio_tungstenite::tungstenite::Error> {
+    ws.send(Message::Binary(proto::encode(frame).into())).await
 }
 
 async fn refuse(ws: &mut Ws, r: Refusal) {
@@ -515,11 +511,12 @@ impl Session {
         if p.after != self.sent_up_to {
             return self.catch_up(ws).await;
         }
-        let changes: Vec<_> = p
+        // Borrowed: every session encodes straight from the shared batch.
+        let changes: Vec<&RemoteChange> = p
             .entries
             .iter()
             .filter(|e| self.echo_own || *e.client != *self.client)
-            .map(|e| e.change.clone())
+            .map(|e| &e.change)
             .collect();
         self.sent_up_to = p.last;
         if changes.is_empty() {
@@ -533,15 +530,12 @@ impl Session {
             } else {
                 chunk.last().map(|c| c.version).unwrap_or(p.last)
             };
-            self.send(
-                ws,
-                &HubFrame::Changes(Changes {
-                    changes: chunk.to_vec(),
-                    up_to,
-                    head: p.last,
-                }),
-            )
-            .await?;
+            let frame = proto::encode(&ChangesRef::Changes {
+                changes: chunk,
+                up_to,
+                head: p.last,
+            });
+            self.send_encoded(ws, frame).await?;
         }
         if let Some(m) = &self.metrics {
             m.fanned_out(p.stored);
@@ -570,7 +564,7 @@ impl Session {
             let fan = inner.fanout.dataset(&ds);
             let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
             let t0 = std::time::Instant::now();
-            let applied = inner
+            let mut applied = inner
                 .store
                 .apply_batch(&ds, &client, &tables, &changes, acked)?;
             inner.metrics.store_time(StoreOp::apply_batch, t0.elapsed());
@@ -579,7 +573,7 @@ impl Session {
                 let p = Published {
                     after: first.change.version - 1,
                     last: last.change.version,
-                    entries: applied.logged.clone(),
+                    entries: std::mem::take(&mut applied.logged),
                     stored: std::time::Instant::now(),
                 };
                 // No receiver is fine: nobody else is connected.
@@ -670,7 +664,12 @@ fn materialize_error(batch: u64, seqs: &[u64], message: String) -> UploadResult 
 
 impl Session {
     async fn send(&self, ws: &mut Ws, frame: &HubFrame) -> Result<(), Refusal> {
-        let n = send_frame(ws, frame)
+        self.send_encoded(ws, proto::encode(frame)).await
+    }
+
+    async fn send_encoded(&self, ws: &mut Ws, bytes: Vec<u8>) -> Result<(), Refusal> {
+        let n = bytes.len() as u64;
+        ws.send(Message::Binary(bytes.into()))
             .await
             .map_err(|e| Refusal::new(ErrorCode::Internal, format!("sending to client: {e}")))?;
         if let Some(m) = &self.metrics {

@@ -158,6 +158,19 @@ pub struct Changes {
     pub head: u64,
 }
 
+/// A `changes` frame over borrowed changes. It encodes to the same bytes as
+/// [`HubFrame::Changes`]; the hub uses it to send one live batch to many
+/// sessions without copying the batch for each of them.
+#[derive(Debug, Serialize)]
+#[serde(rename_all = "snake_case")]
+pub enum ChangesRef<'a> {
+    Changes {
+        changes: &'a [&'a RemoteChange],
+        up_to: u64,
+        head: u64,
+    },
+}
+
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
 pub struct CaughtUp {
     pub head: u64,
