@@ -81,6 +81,10 @@ pub struct DaemonConfig {
     /// metrics` prints the same figures either way.
     #[serde(default)]
     pub metrics_listen: Option<std::net::SocketAddr>,
+    /// Log filter when `RUST_LOG` is not set: `error`, `warn`, `info`,
+    /// `debug`, `trace`, or directives such as `"info,tether::session=debug"`.
+    #[serde(default)]
+    pub log_level: Option<String>,
     pub hub: HubConn,
     #[serde(default)]
     pub reconnect: Reconnect,
@@ -194,6 +198,30 @@ impl DatabaseConfig {
     }
 }
 
+/// A `log_level` must be a filter `tracing` understands.
+fn check_log_level(level: Option<&str>) -> Result<(), String> {
+    match level {
+        None => Ok(()),
+        Some(l) => {
+            let help = "use error, warn, info, debug or trace, or directives like \"info,tether::session=debug\"";
+            // A bare word is a target name to `tracing` ("inof" would turn
+            // every other log line off); here it must be a level.
+            const LEVELS: [&str; 6] = ["off", "error", "warn", "info", "debug", "trace"];
+            if let Some(d) = l
+                .split(',')
+                .map(str::trim)
+                .find(|d| !d.contains('=') && !LEVELS.contains(&d.to_ascii_lowercase().as_str()))
+            {
+                return Err(format!("{d:?} in {l:?} is not a log level; {help}"));
+            }
+            tracing_subscriber::EnvFilter::builder()
+                .parse(l)
+                .map(|_| ())
+                .map_err(|e| format!("{l:?} is not a log filter ({e}); {help}"))
+        }
+    }
+}
+
 fn read(path: &Path) -> Result<String, ConfigError> {
     std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
         path: path.display().to_string(),
@@ -221,6 +249,7 @@ impl DaemonConfig {
             key,
             message,
         };
+        check_log_level(cfg.log_level.as_deref()).map_err(|m| bad("log_level".into(), m))?;
         if !(cfg.hub.url.starts_with("ws://") || cfg.hub.url.starts_with("wss://")) {
             return Err(bad(
                 "hub.url".into(),
@@ -349,6 +378,9 @@ pub struct HubConfig {
     /// and traffic figures (or filter the path in a reverse proxy).
     #[serde(default = "d_true")]
     pub metrics: bool,
+    /// Log filter when `RUST_LOG` is not set (as in `tether.toml`).
+    #[serde(default)]
+    pub log_level: Option<String>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -400,6 +432,7 @@ impl HubConfig {
             key,
             message,
         };
+        check_log_level(cfg.log_level.as_deref()).map_err(|m| bad("log_level".into(), m))?;
         if cfg.listen.parse::<std::net::SocketAddr>().is_err() {
             return Err(bad(
                 "listen".into(),

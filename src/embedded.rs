@@ -56,6 +56,7 @@ impl EmbeddedHub {
                 access: TokenAccess::ReadWrite,
             }],
             metrics: true,
+            log_level: None,
             read_timeout: Dur(Duration::from_secs(120)),
         };
         Self::start_with(config, token).await
@@ -134,6 +135,7 @@ impl EmbeddedDaemon {
             control_socket: PathBuf::from("/nonexistent/tether.sock"),
             shutdown_timeout: Dur(Duration::from_secs(10)),
             metrics_listen: None,
+            log_level: None,
             hub: HubConn {
                 url: url.into(),
                 token: Some(token.into()),

@@ -18,7 +18,8 @@ use tether::control::{self, Request};
 
 const EX_CONFIG: u8 = 78;
 
-/// Logging to stderr: level from `RUST_LOG` (else `default`), text or JSON.
+/// Logging to stderr: level from `RUST_LOG` (else `default`, which is the
+/// config's `log_level` where there is one), text or JSON.
 /// Under journald (`JOURNAL_STREAM` set) text lines carry no timestamp of
 /// their own, since the journal records one.
 fn init_tracing(default: &str, format: cli::LogFormat) {
@@ -185,11 +186,11 @@ async fn run(cli: Cli) -> ExitCode {
     }
     match cli.command {
         Command::Daemon => {
-            init_tracing("info", cli.log_format);
             let (config, cfg) = match load_daemon_config(cli.config.as_deref()) {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            init_tracing(cfg.log_level.as_deref().unwrap_or("info"), cli.log_format);
             if cfg.databases.is_empty() {
                 tracing::warn!(config = %config.display(), "no [[database]] configured; nothing to sync");
             }
@@ -256,7 +257,6 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
             None => {
-                init_tracing("info", cli.log_format);
                 let config = cli
                     .config
                     .clone()
@@ -268,6 +268,7 @@ async fn run(cli: Cli) -> ExitCode {
                         return ExitCode::from(EX_CONFIG);
                     }
                 };
+                init_tracing(cfg.log_level.as_deref().unwrap_or("info"), cli.log_format);
                 let hub = match Hub::open(&cfg) {
                     Ok(h) => h,
                     Err(e) => {

@@ -57,6 +57,18 @@ fn config_errors_name_the_file_and_key_and_exit_78() {
             "[hub]\nurl = \"ws://h\"\ntoken = \"t\"\n[[database]]\nname = \"a\"\npath = \"/x.db\"\ntables = [\"t\"]\n[[database]]\nname = \"a\"\npath = \"/y.db\"\ntables = [\"t\"]\n",
             &["database[1].name", "used twice"],
         ),
+        (
+            "log_level = \"inof\"\n[hub]\nurl = \"ws://h\"\ntoken = \"t\"\n",
+            &["log_level", "\"inof\" in \"inof\" is not a log level", "debug"],
+        ),
+        (
+            "log_level = \"info,tether=loud\"\n[hub]\nurl = \"ws://h\"\ntoken = \"t\"\n",
+            &["log_level", "not a log filter"],
+        ),
+        (
+            "metrics_listen = \"localhost\"\n[hub]\nurl = \"ws://h\"\ntoken = \"t\"\n",
+            &["metrics_listen", "invalid socket address"],
+        ),
     ];
     let path = dir.path().join("tether.toml");
     for (text, needles) in cases {
@@ -89,6 +101,10 @@ fn hub_config_errors_are_precise() {
         (
             "listen = \"127.0.0.1:1\"\nstore = \"sqlite:/x\"\n[[token]]\nname = \"t\"\nsha256 = \"0000000000000000000000000000000000000000000000000000000000000000\"\ndatasets = [\"ghost\"]\n",
             "no [[dataset]] declares",
+        ),
+        (
+            "listen = \"127.0.0.1:1\"\nstore = \"sqlite:/x\"\nlog_level = \"tether=verbose\"\n",
+            "log_level",
         ),
     ];
     for (text, needle) in cases {

@@ -49,6 +49,7 @@ async fn hub_with_scoped_tokens(dir: &std::path::Path) -> (EmbeddedHub, String, 
             },
         ],
         metrics: true,
+        log_level: None,
         read_timeout: Dur(std::time::Duration::from_secs(60)),
     };
     let hub = EmbeddedHub::start_with(config, full.clone()).await.unwrap();

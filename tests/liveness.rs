@@ -21,6 +21,7 @@ async fn a_half_open_connection_is_dropped_within_read_timeout_plus_a_ping() {
         control_socket: world.path("unused.sock"),
         shutdown_timeout: Dur(Duration::from_secs(5)),
         metrics_listen: None,
+        log_level: None,
         hub: HubConn {
             url: format!("ws://{}/v1/sync", proxy.addr),
             token: Some(world.token.clone()),
@@ -129,6 +130,7 @@ async fn a_refused_token_is_retried_as_soon_as_the_token_file_changes() {
         control_socket: world.path("unused.sock"),
         shutdown_timeout: Dur(Duration::from_secs(5)),
         metrics_listen: None,
+        log_level: None,
         hub: HubConn {
             url: world.url(),
             token: None,

@@ -283,3 +283,52 @@ async fn sigterm_during_a_bulk_upload_exits_0_and_a_restart_sends_the_rest() {
     .await;
     assert_eq!(hub_rows(), (ROWS, ROWS), "each write reached the hub once");
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_log_level_comes_from_the_config_unless_rust_log_is_set() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    app(&d.join("a.db"), NOTES);
+    let cfg = d.join("a.toml");
+    let sock = d.join("a.sock");
+    std::fs::write(
+        &cfg,
+        format!(
+            "log_level = \"warn\"\ncontrol_socket = \"{}\"\n[hub]\nurl = \"ws://127.0.0.1:9/v1/sync\"\ntoken = \"t\"\n[[database]]\nname = \"one\"\npath = \"{}\"\ntables = [\"notes\"]\n",
+            sock.display(),
+            d.join("a.db").display()
+        ),
+    )
+    .unwrap();
+    let run = |rust_log: Option<&str>, log: &str| {
+        let mut cmd = Command::new(bin());
+        cmd.args(["daemon", "--config", cfg.to_str().unwrap()])
+            .env_remove("RUST_LOG")
+            .stdin(Stdio::null())
+            .stdout(Stdio::null())
+            .stderr(std::fs::File::create(d.join(log)).unwrap());
+        if let Some(l) = rust_log {
+            cmd.env("RUST_LOG", l);
+        }
+        Proc {
+            child: cmd.spawn().unwrap(),
+            log: d.join(log),
+        }
+    };
+    for (rust_log, log, started_shown) in
+        [(None, "quiet.log", false), (Some("info"), "loud.log", true)]
+    {
+        let p = run(rust_log, log);
+        wait_until("control socket answers", || {
+            cli(&["status", "--socket", sock.to_str().unwrap()]).0 == 0
+        })
+        .await;
+        assert!(p.terminate().success());
+        let text = std::fs::read_to_string(d.join(log)).unwrap();
+        assert_eq!(
+            text.contains("daemon started"),
+            started_shown,
+            "RUST_LOG={rust_log:?}: {text}"
+        );
+    }
+}

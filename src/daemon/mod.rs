@@ -275,6 +275,11 @@ impl Daemon {
         let mut report = ReloadReport::default();
         {
             let old = self.config.lock().expect("BUG: poisoned");
+            if old.log_level != cfg.log_level {
+                report
+                    .warnings
+                    .push("log_level changed; it takes effect when the daemon restarts".into());
+            }
             if old.metrics_listen != cfg.metrics_listen {
                 report.warnings.push(
                     "metrics_listen changed; it takes effect when the daemon restarts".into(),
