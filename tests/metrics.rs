@@ -189,23 +189,7 @@ async fn metrics_parse_and_follow_what_the_hub_and_daemons_do() {
     let (b, bcfg) = start_daemon(d, "b", &addr, &d.join("token"), &[("one", "b.db")], FAST).await;
     wait_connected_cli(&acfg, "one").await;
     wait_connected_cli(&bcfg, "one").await;
-    let mut a_metrics = String::new();
-    wait_until("daemon metrics address in the log", || {
-        let log = a.log_text();
-        match log.lines().find(|l| l.contains("serving metrics")) {
-            Some(l) => {
-                a_metrics = l
-                    .split("addr=")
-                    .nth(1)
-                    .and_then(|r| r.split_whitespace().next())
-                    .unwrap_or("")
-                    .to_owned();
-                true
-            }
-            None => false,
-        }
-    })
-    .await;
+    let a_metrics = wait_log_field(&a, "serving metrics", "addr").await;
 
     insert_rows(&d.join("a.db"), "r", 50);
     let bdb = rusqlite::Connection::open(d.join("b.db")).unwrap();

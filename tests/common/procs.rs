@@ -77,13 +77,20 @@ pub async fn start_hub(dir: &Path, listen: &str, token_hash: &str, name: &str) -
         &["hub", "--config", cfg.to_str().unwrap()],
         dir.join(format!("{name}.log")),
     );
-    let mut addr = String::new();
-    super::wait_until("hub listening", || {
+    let addr = wait_log_field(&p, "hub started", "listen").await;
+    (p, addr)
+}
+
+/// Waits for a log line containing `marker` and returns its `key=` field.
+pub async fn wait_log_field(p: &Proc, marker: &str, key: &str) -> String {
+    let mut value = String::new();
+    let prefix = format!("{key}=");
+    super::wait_until(marker, || {
         let log = p.log_text();
-        match log.lines().find(|l| l.contains("hub started")) {
+        match log.lines().find(|l| l.contains(marker)) {
             Some(l) => {
-                addr = l
-                    .split("listen=")
+                value = l
+                    .split(prefix.as_str())
                     .nth(1)
                     .and_then(|r| r.split_whitespace().next())
                     .unwrap_or("")
@@ -94,7 +101,7 @@ pub async fn start_hub(dir: &Path, listen: &str, token_hash: &str, name: &str) -
         }
     })
     .await;
-    (p, addr)
+    value
 }
 
 /// Writes a tether.toml for databases `dbs` (name, file) and starts a daemon.
