@@ -54,7 +54,7 @@ async fn wait_on(
 }
 
 struct Pair {
-    _dir: tempfile::TempDir,
+    dir: tempfile::TempDir,
     hub: EmbeddedHub,
     a: EmbeddedDaemon,
     b: EmbeddedDaemon,
@@ -88,7 +88,7 @@ async fn start_pair() -> anyhow::Result<Pair> {
     a.wait_connected(WAIT).await?;
     b.wait_connected(WAIT).await?;
     Ok(Pair {
-        _dir: dir,
+        dir,
         hub,
         a,
         b,
@@ -127,7 +127,7 @@ pub async fn demo() -> anyhow::Result<()> {
 
     println!("\n2. a conflict: B goes offline, both sides edit note-1, B comes back");
     let Pair {
-        _dir,
+        dir: _dir,
         hub,
         a,
         b,
@@ -209,6 +209,9 @@ pub struct BenchRun {
     pub bulk_seconds: f64,
     /// Of which the app's own insert transaction (with capture triggers).
     pub bulk_insert_seconds: f64,
+    /// The same rows inserted the same way into a database tether does not
+    /// sync (no capture triggers): what this machine's SQLite does alone.
+    pub baseline_insert_seconds: f64,
     pub bulk_rows_per_sec: f64,
     pub latency_commits: usize,
     pub latency_p50_ms: f64,
@@ -238,9 +241,8 @@ pub async fn bench_once(rows: usize, commits: usize) -> anyhow::Result<BenchRun>
             )
         })
         .collect();
-    let start = Instant::now();
-    {
-        let tx = p.app_a.unchecked_transaction()?;
+    let insert_all = |c: &Connection| -> rusqlite::Result<()> {
+        let tx = c.unchecked_transaction()?;
         {
             let mut ins =
                 tx.prepare("INSERT INTO notes (id, title, body, updated) VALUES (?1, ?2, ?3, ?4)")?;
@@ -248,8 +250,10 @@ pub async fn bench_once(rows: usize, commits: usize) -> anyhow::Result<BenchRun>
                 ins.execute(params![id, t, b, u])?;
             }
         }
-        tx.commit()?;
-    }
+        tx.commit()
+    };
+    let start = Instant::now();
+    insert_all(&p.app_a)?;
     let insert = start.elapsed();
     let mut count = p.app_b.prepare("SELECT count(*) FROM notes")?;
     let mut rx = p.b.status("notes");
@@ -295,6 +299,13 @@ pub async fn bench_once(rows: usize, commits: usize) -> anyhow::Result<BenchRun>
         hist.record(t0.elapsed().as_micros() as u64)?;
     }
     drop(check);
+    // Last, so that its writes do not disturb the measurements above.
+    let baseline = {
+        let c = app(&p.dir.path().join("baseline.db"))?;
+        let t0 = Instant::now();
+        insert_all(&c)?;
+        t0.elapsed()
+    };
     let Pair { hub, a, b, .. } = p;
     a.stop().await;
     b.stop().await;
@@ -303,6 +314,7 @@ pub async fn bench_once(rows: usize, commits: usize) -> anyhow::Result<BenchRun>
         bulk_rows: rows,
         bulk_seconds: bulk.as_secs_f64(),
         bulk_insert_seconds: insert.as_secs_f64(),
+        baseline_insert_seconds: baseline.as_secs_f64(),
         bulk_rows_per_sec: rows as f64 / bulk.as_secs_f64(),
         latency_commits: commits,
         latency_p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
@@ -320,8 +332,8 @@ pub async fn bench(rows: usize, commits: usize, runs: usize, json: bool) -> anyh
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "run {i}: bulk {} rows in {:.3} s (app insert {:.3} s) = {:.0} rows/s; latency over {} commits: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-                r.bulk_rows, r.bulk_seconds, r.bulk_insert_seconds, r.bulk_rows_per_sec, r.latency_commits, r.latency_p50_ms, r.latency_p99_ms, r.latency_max_ms
+                "run {i}: bulk {} rows in {:.3} s (app insert {:.3} s; the same insert without tether {:.3} s) = {:.0} rows/s; latency over {} commits: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
+                r.bulk_rows, r.bulk_seconds, r.bulk_insert_seconds, r.baseline_insert_seconds, r.bulk_rows_per_sec, r.latency_commits, r.latency_p50_ms, r.latency_p99_ms, r.latency_max_ms
             );
         }
         all.push(r);
