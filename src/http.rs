@@ -100,7 +100,7 @@ impl Reply {
         }
     }
 
-    /// Answers for paths nobody serves and for methods other than GET/HEAD.
+    /// The answer to a method other than GET or HEAD (none is served).
     pub fn check_method(head: &Head) -> Option<Reply> {
         (head.method != "GET" && head.method != "HEAD")
             .then(|| Reply::text(405, "only GET and HEAD are served here\n"))
