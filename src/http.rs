@@ -9,14 +9,14 @@
 
 use std::future::Future;
 use std::io;
+use std::net::SocketAddr;
 use std::pin::Pin;
 use std::task::{Context, Poll};
 use std::time::Duration;
 
 use tokio::io::{AsyncRead, AsyncReadExt, AsyncWrite, AsyncWriteExt, ReadBuf};
-use tokio::net::TcpListener;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 /// Largest request head accepted (request line plus headers).
 pub const MAX_HEAD_BYTES: usize = 16 * 1024;
@@ -99,12 +99,6 @@ impl Reply {
             body: body.into(),
         }
     }
-
-    /// The answer to a method other than GET or HEAD (none is served).
-    pub fn check_method(head: &Head) -> Option<Reply> {
-        (head.method != "GET" && head.method != "HEAD")
-            .then(|| Reply::text(405, "only GET and HEAD are served here\n"))
-    }
 }
 
 fn reason(status: u16) -> &'static str {
@@ -137,49 +131,61 @@ pub async fn respond<S: AsyncWrite + Unpin>(s: &mut S, head_only: bool, reply: &
     let _ = s.shutdown().await;
 }
 
-/// Serves plain HTTP on `listener` until `shutdown`: every request goes to
-/// `route`. Used for the daemon's `metrics_listen`.
+/// Reads a request head within [`HEAD_TIMEOUT`]. A head that does not parse
+/// is answered with 400 here; `None` then, or when the client sent nothing.
+pub async fn read_request<S>(s: &mut S, peer: impl std::fmt::Display) -> Option<Head>
+where
+    S: AsyncRead + AsyncWrite + Unpin,
+{
+    match tokio::time::timeout(HEAD_TIMEOUT, read_head(s)).await {
+        Ok(Ok(h)) => Some(h),
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "unreadable request");
+            respond(s, false, &Reply::text(400, format!("{e}\n"))).await;
+            None
+        }
+        Err(_) => {
+            tracing::info!(%peer, "no request within {HEAD_TIMEOUT:?}");
+            None
+        }
+    }
+}
+
+/// Answers a plain request with `reply` (left unpolled for a method other
+/// than GET or HEAD, which gets 405), then closes the connection.
+pub async fn answer<S: AsyncWrite + Unpin>(
+    s: &mut S,
+    head: &Head,
+    reply: impl Future<Output = Reply>,
+) {
+    let reply = if head.method == "GET" || head.method == "HEAD" {
+        reply.await
+    } else {
+        Reply::text(405, "only GET and HEAD are served here\n")
+    };
+    respond(s, head.method == "HEAD", &reply).await;
+}
+
+/// Most metrics clients served at once.
+const MAX_CLIENTS: usize = 64;
+
+/// Serves plain HTTP on `listener` until `shutdown`: `route` answers each
+/// request by its path. Used for the daemon's `metrics_listen`.
 pub async fn serve<F, Fut>(listener: TcpListener, shutdown: CancellationToken, route: F)
 where
-    F: Fn(Head) -> Fut + Clone + Send + 'static,
+    F: Fn(String) -> Fut + Clone + Send + 'static,
     Fut: Future<Output = Reply> + Send,
 {
-    let tracker = TaskTracker::new();
-    loop {
-        let (mut stream, peer) = tokio::select! {
-            a = listener.accept() => match a {
-                Ok(a) => a,
-                Err(e) => {
-                    tracing::warn!(error = %e, "metrics listener: accept failed");
-                    tokio::select! {
-                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
-                        _ = shutdown.cancelled() => break,
-                    }
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
+    let accept = |mut stream: TcpStream, peer: SocketAddr| {
         let route = route.clone();
-        tracker.spawn(async move {
-            let head = match tokio::time::timeout(HEAD_TIMEOUT, read_head(&mut stream)).await {
-                Ok(Ok(h)) => h,
-                Ok(Err(e)) => {
-                    tracing::debug!(%peer, error = %e, "metrics listener: bad request");
-                    respond(&mut stream, false, &Reply::text(400, format!("{e}\n"))).await;
-                    return;
-                }
-                Err(_) => return,
-            };
-            let head_only = head.method == "HEAD";
-            let reply = match Reply::check_method(&head) {
-                Some(r) => r,
-                None => route(head).await,
-            };
-            respond(&mut stream, head_only, &reply).await;
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+        async move {
+            if let Some(head) = read_request(&mut stream, peer).await {
+                let reply = route(head.path.clone());
+                answer(&mut stream, &head, reply).await;
+            }
+        }
+    };
+    crate::listen::serve(listener, MAX_CLIENTS, "metrics listener", &shutdown, accept).await;
 }
 
 /// A stream that first yields bytes already read from it.

@@ -25,6 +25,7 @@
 //! * [`hub`]: the server: auth, sessions, fan-out, store.
 //! * [`metrics`]: Prometheus metrics of the daemon and the hub.
 //! * [`http`]: the few plain HTTP answers (`/metrics`, `/healthz`).
+//! * [`listen`]: the accept loop every listener shares.
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
@@ -36,6 +37,7 @@ pub mod demo;
 pub mod embedded;
 pub mod http;
 pub mod hub;
+pub mod listen;
 pub mod local;
 pub mod metrics;
 pub mod proto;

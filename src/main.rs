@@ -398,10 +398,10 @@ async fn serve_daemon_metrics(
     if let Ok(addr) = listener.local_addr() {
         tracing::info!(%addr, "serving metrics at /metrics");
     }
-    http::serve(listener, shutdown, move |head| {
+    http::serve(listener, shutdown, move |path| {
         let daemon = daemon.clone();
         async move {
-            match head.path.as_str() {
+            match path.as_str() {
                 "/metrics" => Reply {
                     status: 200,
                     content_type: tether::metrics::CONTENT_TYPE,

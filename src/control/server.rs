@@ -12,11 +12,10 @@ use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, oneshot, Semaphore};
+use tokio::sync::{broadcast, oneshot};
 use tokio::time::Instant;
 use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use super::{
     Direction, Directions, ErrorCode, Progress, Request, Response, Woken, MAX_CLIENTS, MAX_LINE,
@@ -71,33 +70,8 @@ pub async fn bind(path: &Path) -> Result<UnixListener, BindError> {
 
 /// Serves control clients until `shutdown`.
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let tracker = TaskTracker::new();
-    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
-    loop {
-        let permit = tokio::select! {
-            p = slots.clone().acquire_owned() => p.expect("BUG: semaphore closed"),
-            _ = shutdown.cancelled() => break,
-        };
-        let stream = tokio::select! {
-            a = listener.accept() => match a {
-                Ok((s, _)) => s,
-                Err(e) => {
-                    tracing::warn!(error = %e, "control socket accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
-                    continue;
-                }
-            },
-            _ = shutdown.cancelled() => break,
-        };
-        let daemon = daemon.clone();
-        let shutdown = shutdown.clone();
-        tracker.spawn(async move {
-            client(stream, daemon, shutdown).await;
-            drop(permit);
-        });
-    }
-    tracker.close();
-    tracker.wait().await;
+    let accept = |stream, _peer| client(stream, daemon.clone(), shutdown.clone());
+    crate::listen::serve(listener, MAX_CLIENTS, "control socket", &shutdown, accept).await;
 }
 
 type Conn = Framed<UnixStream, LinesCodec>;

@@ -14,17 +14,17 @@ mod session;
 pub mod store;
 
 use std::collections::{HashMap, HashSet};
+use std::net::SocketAddr;
 use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
-use tokio::net::TcpListener;
-use tokio::sync::Semaphore;
+use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
-use tokio_util::task::TaskTracker;
 
 use crate::config::{HubConfig, StoreUrl};
 use crate::http::{self, Head, Prefixed, Reply};
+use crate::listen;
 use crate::metrics::HubMetrics;
 use auth::Tokens;
 use fanout::Fanout;
@@ -106,64 +106,25 @@ impl Hub {
     /// Serves `listener` until `shutdown` is cancelled, then closes every
     /// session with a "going away" close frame and waits for them.
     pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) {
-        let tracker = TaskTracker::new();
-        let limit = Arc::new(Semaphore::new(MAX_CONNECTIONS));
-        loop {
-            let permit = tokio::select! {
-                p = limit.clone().acquire_owned() => p.expect("BUG: semaphore closed"),
-                _ = shutdown.cancelled() => break,
-            };
-            let accepted = tokio::select! {
-                a = listener.accept() => a,
-                _ = shutdown.cancelled() => break,
-            };
-            match accepted {
-                Ok((mut stream, peer)) => {
-                    let _ = stream.set_nodelay(true);
-                    let inner = self.inner.clone();
-                    let shutdown = shutdown.clone();
-                    tracker.spawn(async move {
-                        let read =
-                            tokio::time::timeout(http::HEAD_TIMEOUT, http::read_head(&mut stream));
-                        let head = tokio::select! {
-                            h = read => h,
-                            _ = shutdown.cancelled() => return,
-                        };
-                        match head {
-                            Ok(Ok(head)) if head.websocket => {
-                                let stream = Prefixed::new(head.raw, stream);
-                                session::serve(inner, stream, peer, shutdown).await;
-                            }
-                            Ok(Ok(head)) => {
-                                let head_only = head.method == "HEAD";
-                                let reply = plain(&inner, &head).await;
-                                http::respond(&mut stream, head_only, &reply).await;
-                            }
-                            Ok(Err(e)) => {
-                                tracing::info!(%peer, error = %e, "unreadable request");
-                                http::respond(
-                                    &mut stream,
-                                    false,
-                                    &Reply::text(400, format!("{e}\n")),
-                                )
-                                .await;
-                            }
-                            Err(_) => {
-                                tracing::info!(%peer, "no request within {:?}", http::HEAD_TIMEOUT)
-                            }
-                        }
-                        drop(permit);
-                    });
-                }
-                Err(e) => {
-                    // Out of file descriptors and the like: keep serving.
-                    tracing::warn!(error = %e, "accept failed");
-                    tokio::time::sleep(Duration::from_millis(50)).await;
+        let accept = |mut stream: TcpStream, peer: SocketAddr| {
+            let inner = self.inner.clone();
+            let shutdown = shutdown.clone();
+            async move {
+                let head = tokio::select! {
+                    h = http::read_request(&mut stream, peer) => h,
+                    _ = shutdown.cancelled() => return,
+                };
+                match head {
+                    Some(head) if head.websocket => {
+                        let stream = Prefixed::new(head.raw, stream);
+                        session::serve(inner, stream, peer, shutdown).await;
+                    }
+                    Some(head) => http::answer(&mut stream, &head, plain(&inner, &head)).await,
+                    None => {}
                 }
             }
-        }
-        tracker.close();
-        tracker.wait().await;
+        };
+        listen::serve(listener, MAX_CONNECTIONS, "hub", &shutdown, accept).await;
     }
 }
 
@@ -172,9 +133,6 @@ const HEALTH_TIMEOUT: Duration = Duration::from_secs(2);
 
 /// Answers a request that is not a WebSocket upgrade.
 async fn plain(inner: &Arc<HubInner>, head: &Head) -> Reply {
-    if let Some(r) = Reply::check_method(head) {
-        return r;
-    }
     match head.path.as_str() {
         "/metrics" if inner.expose_metrics => Reply {
             status: 200,
