@@ -6,6 +6,7 @@ use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
 
+use crate::clock::now_ms;
 use crate::config::ConflictPolicy;
 use crate::embedded::{database, EmbeddedDaemon, EmbeddedHub};
 
@@ -21,13 +22,6 @@ fn app(path: &Path) -> anyhow::Result<Connection> {
     c.execute_batch("PRAGMA journal_mode = WAL; PRAGMA synchronous = NORMAL;")?;
     c.execute_batch(SCHEMA)?;
     Ok(c)
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 /// Waits until `cond` holds on B, re-checking whenever B's session reports

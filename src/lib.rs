@@ -16,6 +16,7 @@
 //!
 //! Modules:
 //!
+//! * [`clock`]: wall-clock milliseconds and optional deadlines.
 //! * [`config`]: `tether.toml` and `hub.toml`.
 //! * [`proto`]: frames of the wire protocol, codec, limits. No I/O.
 //! * [`local`]: the local database: capture, outbox, applying remote changes.
@@ -30,6 +31,7 @@
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
 
+pub mod clock;
 pub mod config;
 pub mod control;
 pub mod daemon;

@@ -21,6 +21,7 @@ use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
 use prometheus_client::registry::Registry;
 
+use crate::clock::now_ms;
 use crate::proto::UploadSummary;
 use crate::session::{ConnectionState, SessionState, Status};
 
@@ -286,13 +287,6 @@ impl SessionMetrics {
         self.downloaded.inc_by(changes);
         self.downloaded_bytes.inc_by(bytes);
     }
-}
-
-fn now_ms() -> i64 {
-    std::time::SystemTime::now()
-        .duration_since(std::time::UNIX_EPOCH)
-        .map(|d| d.as_millis() as i64)
-        .unwrap_or(0)
 }
 
 fn encode(r: &Registry) -> String {

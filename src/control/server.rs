@@ -20,6 +20,7 @@ use tokio_util::sync::CancellationToken;
 use super::{
     Direction, Directions, ErrorCode, Progress, Request, Response, Woken, MAX_CLIENTS, MAX_LINE,
 };
+use crate::clock::sleep_opt;
 use crate::daemon::{Daemon, SessionHandle};
 use crate::session::{ConnectionState, Control, Event, SessionState, Status};
 
@@ -449,13 +450,6 @@ async fn wait(
             _ = sleep_opt(deadline) => {}
             _ = shutdown.cancelled() => return Err(Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down")),
         }
-    }
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 

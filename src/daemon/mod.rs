@@ -53,13 +53,9 @@ impl SessionHandle {
                 s.pending_changes = p.changes;
                 s.last_seq = p.last_seq;
                 s.consumed = p.consumed;
-                s.oldest_pending_ms = p.oldest_at_ms.map(|at| {
-                    let now = std::time::SystemTime::now()
-                        .duration_since(std::time::UNIX_EPOCH)
-                        .map(|d| d.as_millis() as i64)
-                        .unwrap_or(at);
-                    (now - at).max(0) as u64
-                });
+                s.oldest_pending_ms = p
+                    .oldest_at_ms
+                    .map(|at| (crate::clock::now_ms() - at).max(0) as u64);
             }
         }
         s

@@ -26,6 +26,7 @@ use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
+use crate::clock::sleep_opt;
 use crate::config::Reconnect;
 use crate::local::{Batch, LocalDb, LocalError, ThreadGone};
 use crate::proto::{
@@ -731,13 +732,6 @@ impl Session {
                 }
             }
         }
-    }
-}
-
-async fn sleep_opt(at: Option<Instant>) {
-    match at {
-        Some(t) => tokio::time::sleep_until(t).await,
-        None => std::future::pending().await,
     }
 }
 
