@@ -139,6 +139,14 @@ fn find(daemon: &Daemon, db: &str) -> Result<SessionHandle, Response> {
     })
 }
 
+/// Fresh status of one database, or of all of them.
+async fn statuses(daemon: &Daemon, db: Option<&str>) -> Result<Vec<Status>, Response> {
+    match db {
+        None => Ok(daemon.fresh_status().await),
+        Some(name) => Ok(vec![find(daemon, name)?.fresh_status().await]),
+    }
+}
+
 /// Handles one request; false when the client is gone.
 async fn handle(
     conn: &mut Conn,
@@ -147,20 +155,10 @@ async fn handle(
     shutdown: &CancellationToken,
 ) -> bool {
     let reply = match req {
-        Request::Status { db } => {
-            let handles: Vec<SessionHandle> = match &db {
-                None => daemon.handles(),
-                Some(name) => match find(daemon, name) {
-                    Ok(h) => vec![h],
-                    Err(e) => return send(conn, &e).await,
-                },
-            };
-            let mut databases = Vec::new();
-            for h in &handles {
-                databases.push(h.fresh_status().await);
-            }
-            Response::Status { databases }
-        }
+        Request::Status { db } => match statuses(daemon, db.as_deref()).await {
+            Ok(databases) => Response::Status { databases },
+            Err(e) => e,
+        },
         Request::Pause { db, dirs } => pause(daemon, &db, dirs, true).await,
         Request::Resume { db, dirs } => pause(daemon, &db, dirs, false).await,
         Request::Reconnect {} => {
@@ -194,7 +192,7 @@ async fn handle(
             Err(e) => e,
             Ok(h) => {
                 let deadline = timeout_ms.map(|ms| Instant::now() + Duration::from_millis(ms));
-                match wait(conn, &h, dirs, deadline, false, true, shutdown).await {
+                match wait(conn, &h, dirs, deadline, Until::Done, shutdown).await {
                     Ok(()) => Response::Done {
                         message: format!("{db}: {} complete", dirs_text(dirs)),
                     },
@@ -204,12 +202,19 @@ async fn handle(
         },
         Request::Progress { db, dirs, follow } => match find(daemon, &db) {
             Err(e) => e,
-            Ok(h) => match wait(conn, &h, dirs, None, follow, false, shutdown).await {
-                Ok(()) => Response::Done {
-                    message: format!("{db}: {} complete", dirs_text(dirs)),
-                },
-                Err(r) => r,
-            },
+            Ok(h) => {
+                let until = if follow {
+                    Until::Forever
+                } else {
+                    Until::Reported
+                };
+                match wait(conn, &h, dirs, None, until, shutdown).await {
+                    Ok(()) => Response::Done {
+                        message: format!("{db}: {} complete", dirs_text(dirs)),
+                    },
+                    Err(r) => r,
+                }
+            }
         },
         Request::Metrics {} => Response::Metrics {
             text: daemon.metrics_text().await,
@@ -222,20 +227,13 @@ async fn handle(
             ),
         },
         Request::Watch { db } => {
-            if let Some(name) = &db {
-                if let Err(e) = find(daemon, name) {
-                    return send(conn, &e).await;
-                }
-            }
             // Subscribe before taking the snapshot: an event that happens
             // in between is then sent after it, never lost.
             let events = daemon.subscribe();
-            let mut databases = Vec::new();
-            for h in daemon.handles() {
-                if db.as_deref().is_none_or(|d| h.name == d) {
-                    databases.push(h.fresh_status().await);
-                }
-            }
+            let databases = match statuses(daemon, db.as_deref()).await {
+                Ok(d) => d,
+                Err(e) => return send(conn, &e).await,
+            };
             if !send(conn, &Response::Watching { databases }).await {
                 return false;
             }
@@ -248,7 +246,7 @@ async fn handle(
                 let deadline =
                     Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(300_000));
                 let both = Directions::default();
-                match wait(conn, &h, both, Some(deadline), false, true, shutdown).await {
+                match wait(conn, &h, both, Some(deadline), Until::Done, shutdown).await {
                     Err(r) => r,
                     Ok(()) => {
                         let after = h.status.borrow().clone();
@@ -269,8 +267,6 @@ async fn handle(
     send(conn, &reply).await
 }
 
-/// A session's status with the pending counts read from the database now,
-/// so writes captured while a session is paused or busy show at once.
 /// Pauses or resumes a session's directions.
 async fn pause(daemon: &Daemon, db: &str, dirs: Directions, pause: bool) -> Response {
     let h = match find(daemon, db) {
@@ -313,15 +309,26 @@ fn failed(s: &Status) -> Option<String> {
     }
 }
 
-/// Follows a session until the work outstanding now is done (or forever
-/// with `follow`), streaming progress. Used by wait, progress and sync.
+/// How long [`wait`] follows a session.
+#[derive(Clone, Copy, PartialEq, Eq)]
+enum Until {
+    /// Until the work outstanding now is done; a paused direction is an
+    /// error at once, since it would only run into the timeout (wait, sync).
+    Done,
+    /// Until the work outstanding now is done, reporting a paused direction
+    /// as not moving (progress).
+    Reported,
+    /// Never: report until the client goes away (progress --follow).
+    Forever,
+}
+
+/// Follows a session, streaming progress. Used by wait, progress and sync.
 async fn wait(
     conn: &mut Conn,
     h: &SessionHandle,
     dirs: Directions,
     deadline: Option<Instant>,
-    follow: bool,
-    is_wait: bool,
+    until: Until,
     shutdown: &CancellationToken,
 ) -> Result<(), Response> {
     let mut rx = h.status.clone();
@@ -329,30 +336,24 @@ async fn wait(
     if let Some(why) = failed(&start) {
         return Err(Response::error(ErrorCode::SessionFailed, why));
     }
-    // A wait on a paused direction would only run into its timeout; say so
-    // now. Progress just reports (it moves once resumed).
-    let check_paused = is_wait;
-    if check_paused && dirs.upload() && start.upload_paused {
-        return Err(Response::error(
-            ErrorCode::Paused,
-            format!(
-                "{}: uploads are paused; `tether resume {} --upload` first",
-                h.name, h.name
-            ),
-        ));
-    }
-    if check_paused && dirs.download() && start.download_paused {
-        return Err(Response::error(
-            ErrorCode::Paused,
-            format!(
-                "{}: downloads are paused; `tether resume {} --download` first",
-                h.name, h.name
-            ),
-        ));
+    if until == Until::Done {
+        let paused = [
+            (dirs.upload() && start.upload_paused, "upload"),
+            (dirs.download() && start.download_paused, "download"),
+        ];
+        if let Some((_, dir)) = paused.iter().find(|(p, _)| *p) {
+            return Err(Response::error(
+                ErrorCode::Paused,
+                format!(
+                    "{}: {dir}s are paused; `tether resume {} --{dir}` first",
+                    h.name, h.name
+                ),
+            ));
+        }
     }
     // Upload target: everything captured up to now.
-    // (target seq, rows pending, estimated bytes)
-    let mut up: Option<(u64, u64, u64)> = None;
+    // (target seq, estimated bytes)
+    let mut up: Option<(u64, u64)> = None;
     if dirs.upload() {
         let Some(local) = h.local.get() else {
             return Err(Response::error(
@@ -367,7 +368,7 @@ async fn wait(
         let est = local
             .call(|r| -> Result<_, crate::local::LocalError> {
                 let p = r.pending()?;
-                Ok((p.last_seq, p.changes, r.pending_bytes(p.last_seq)?))
+                Ok((p.last_seq, r.pending_bytes(p.last_seq)?))
             })
             .await
             .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?
@@ -393,7 +394,7 @@ async fn wait(
             down_from = down_from.min(s.cursor);
         }
         // Upload progress in captured writes (log sequence numbers).
-        let up_progress = up.map(|(target, _, bytes)| {
+        let up_progress = up.map(|(target, bytes)| {
             let from = start.consumed.min(target);
             Progress {
                 db: h.name.clone(),
@@ -415,11 +416,9 @@ async fn wait(
                 transferable_bytes: None,
             }
         });
-        let up_done = up
-            .map(|(target, _, _)| s.consumed >= target)
-            .unwrap_or(true);
+        let up_done = up.map(|(target, _)| s.consumed >= target).unwrap_or(true);
         let down_done = !dirs.download() || down_target.map(|t| s.cursor >= t).unwrap_or(false);
-        let now = (up_progress.clone(), down_progress.clone());
+        let now = (up_progress, down_progress);
         if last_sent.as_ref() != Some(&now) {
             for p in [now.0.clone(), now.1.clone()].into_iter().flatten() {
                 if !send(conn, &Response::Progress(p)).await {
@@ -428,7 +427,7 @@ async fn wait(
             }
             last_sent = Some(now);
         }
-        if up_done && down_done && !follow {
+        if up_done && down_done && until != Until::Forever {
             return Ok(());
         }
         if let Some(d) = deadline {
