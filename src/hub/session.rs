@@ -28,9 +28,10 @@ use super::store::StoreError;
 use super::HubInner;
 use crate::local::schema::fingerprint;
 use crate::proto::{
-    self, Access, CaughtUp, ChangeResult, Changes, ChangesRef, ClientFrame, ErrorCode, ErrorFrame,
-    Hello, HubFrame, Outcome, RemoteChange, TableSchema, Upload, UploadResult, UploadSummary,
-    Welcome, DATASET_HEADER, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES, PROTOCOL_VERSION,
+    self, Access, CaughtUp, Change, ChangeResult, Changes, ChangesRef, ClientFrame, ErrorCode,
+    ErrorFrame, Hello, HubFrame, Outcome, RemoteChange, TableSchema, Upload, UploadResult,
+    UploadSummary, Welcome, DATASET_HEADER, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES,
+    PROTOCOL_VERSION,
 };
 
 /// Time allowed for the WebSocket upgrade and for the `hello` frame.
@@ -200,7 +201,7 @@ pub async fn serve(
         dataset: hello.dataset.clone(),
         client: hello.client_id.clone(),
         echo_own: hello.echo_own,
-        tables: HashMap::new(),
+        tables: Arc::default(),
         sent_up_to: hello.cursor,
         metrics: None,
     };
@@ -258,7 +259,8 @@ struct Session {
     dataset: String,
     client: String,
     echo_own: bool,
-    tables: HashMap<String, TableSchema>,
+    /// Declared by `hello`; shared with every store task of the session.
+    tables: Arc<HashMap<String, TableSchema>>,
     /// Every change up to here was sent (or skipped as our own).
     sent_up_to: u64,
     /// Set once `hello` is accepted: the dataset is then a known label.
@@ -346,11 +348,13 @@ impl Session {
             .metrics
             .store_time(StoreOp::open_session, t0.elapsed());
         self.metrics = Some(self.inner.metrics.session(&self.dataset));
-        self.tables = hello
-            .tables
-            .into_iter()
-            .map(|t| (t.name.clone(), t))
-            .collect();
+        self.tables = Arc::new(
+            hello
+                .tables
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect(),
+        );
         if self.sent_up_to > head {
             tracing::warn!(cursor = self.sent_up_to, head, "client cursor is ahead of the hub (was the hub store restored?); sending from the hub's head");
             self.sent_up_to = head;
@@ -557,10 +561,12 @@ impl Session {
         let inner = self.inner.clone();
         let (ds, client) = (self.dataset.clone(), self.client.clone());
         let tables = self.tables.clone();
-        let changes = up.changes;
+        // Shared with the store task; read again only to answer a failure.
+        let changes = Arc::new(up.changes);
         let acked = up.acked;
-        let seqs: Vec<u64> = changes.iter().map(|c| c.seq).collect();
-        let applied = tokio::task::spawn_blocking(move || {
+        let batch = changes.clone();
+        let applied = blocking(move || {
+            let changes = batch;
             let fan = inner.fanout.dataset(&ds);
             let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
             let t0 = std::time::Instant::now();
@@ -579,12 +585,11 @@ impl Session {
                 // No receiver is fine: nobody else is connected.
                 let _ = fan.tx.send(Arc::new(p));
             }
-            Ok::<_, StoreError>((applied, changes.len()))
+            Ok(applied)
         })
-        .await
-        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")));
-        let results = match applied {
-            Ok(Ok((a, _))) => {
+        .await;
+        let (results, summary) = match applied {
+            Ok(a) => {
                 let s = UploadSummary::of(&a.results);
                 if let Some(m) = &self.metrics {
                     m.applied(&s);
@@ -601,11 +606,11 @@ impl Session {
                 if s.invalid > 0 {
                     tracing::warn!(batch = up.batch, invalid = s.invalid, first_error = ?s.first_error, "batch had invalid changes");
                 }
-                a.results
+                (a.results, s)
             }
-            Ok(Err(e)) | Err(e) => {
+            Err(e) => {
                 tracing::error!(batch = up.batch, error = %e, "could not apply batch");
-                let answer = materialize_error(up.batch, &seqs, e.to_string());
+                let answer = materialize_error(up.batch, &changes, e.to_string());
                 if let Some(m) = &self.metrics {
                     m.applied(&answer.summary);
                 }
@@ -631,7 +636,6 @@ impl Session {
             );
             return Ok(false);
         }
-        let summary = UploadSummary::of(&results);
         self.send(
             ws,
             &HubFrame::UploadResult(UploadResult {
@@ -645,11 +649,11 @@ impl Session {
     }
 }
 
-fn materialize_error(batch: u64, seqs: &[u64], message: String) -> UploadResult {
-    let results: Vec<ChangeResult> = seqs
+fn materialize_error(batch: u64, changes: &[Change], message: String) -> UploadResult {
+    let results: Vec<ChangeResult> = changes
         .iter()
-        .map(|&seq| ChangeResult {
-            seq,
+        .map(|c| ChangeResult {
+            seq: c.seq,
             outcome: Outcome::MaterializeError {
                 message: message.clone(),
             },
