@@ -12,14 +12,13 @@
 //! counters being declared without their `_total` suffix.
 
 use std::sync::atomic::AtomicU64;
-use std::sync::Arc;
 
 use prometheus_client::encoding::{EncodeLabelSet, EncodeLabelValue};
 use prometheus_client::metrics::counter::Counter;
 use prometheus_client::metrics::family::Family;
 use prometheus_client::metrics::gauge::Gauge;
 use prometheus_client::metrics::histogram::{exponential_buckets, Histogram};
-use prometheus_client::registry::Registry;
+use prometheus_client::registry::{Metric, Registry};
 
 use crate::clock::now_ms;
 use crate::proto::UploadSummary;
@@ -107,89 +106,88 @@ impl Default for DaemonMetrics {
 
 impl DaemonMetrics {
     pub fn new() -> DaemonMetrics {
-        let mut m = DaemonMetrics {
-            registry: Registry::with_prefix("tether"),
-            sessions: Family::default(),
-            connections: Family::default(),
-            pending: Family::default(),
-            oldest_pending: Family::default(),
-            cursor_lag: Family::default(),
-            upload_batches: Family::default(),
-            uploaded: Family::default(),
-            uploaded_bytes: Family::default(),
-            downloaded: Family::default(),
-            downloaded_bytes: Family::default(),
-            connects: Family::default(),
-            reconnects: Family::default(),
-            upload_latency: Family::new_with_constructor(latency as fn() -> Histogram),
-        };
-        let r = &mut m.registry;
-        r.register(
-            "sessions",
-            "Sync sessions by state (active, paused, waiting_for_access_token, dying, inactive, error)",
-            m.sessions.clone(),
-        );
-        r.register(
-            "connections",
-            "Sync sessions by connection state (disconnected, connecting, connected)",
-            m.connections.clone(),
-        );
-        r.register(
-            "pending_changes",
-            "Captured local writes not yet answered by the hub",
-            m.pending.clone(),
-        );
-        r.register(
-            "oldest_pending_seconds",
-            "Age of the oldest captured local write not yet answered by the hub (0 when none)",
-            m.oldest_pending.clone(),
-        );
-        r.register(
-            "download_lag_changes",
-            "Hub sequence numbers the local database has not applied yet (hub head minus cursor)",
-            m.cursor_lag.clone(),
-        );
-        r.register(
-            "upload_batches",
-            "Upload batches answered by the hub",
-            m.upload_batches.clone(),
-        );
-        r.register(
-            "uploaded_changes",
-            "Uploaded changes by the hub's answer",
-            m.uploaded.clone(),
-        );
-        r.register(
-            "uploaded_bytes",
-            "Bytes of upload frames answered by the hub",
-            m.uploaded_bytes.clone(),
-        );
-        r.register(
-            "downloaded_changes",
-            "Changes received from the hub and applied locally",
-            m.downloaded.clone(),
-        );
-        r.register(
-            "downloaded_bytes",
-            "Bytes of change frames received from the hub",
-            m.downloaded_bytes.clone(),
-        );
-        r.register(
-            "connects",
-            "Connections the hub welcomed",
-            m.connects.clone(),
-        );
-        r.register(
-            "reconnects",
-            "Connection attempts after a connection ended or failed",
-            m.reconnects.clone(),
-        );
-        r.register(
-            "upload_latency_seconds",
-            "From the local commit of a write to the hub's answer for it",
-            m.upload_latency.clone(),
-        );
-        m
+        let mut r = Registry::with_prefix("tether");
+        DaemonMetrics {
+            sessions: add(
+                &mut r,
+                "sessions",
+                "Sync sessions by state (active, paused, waiting_for_access_token, dying, inactive, error)",
+                Family::default(),
+            ),
+            connections: add(
+                &mut r,
+                "connections",
+                "Sync sessions by connection state (disconnected, connecting, connected)",
+                Family::default(),
+            ),
+            pending: add(
+                &mut r,
+                "pending_changes",
+                "Captured local writes not yet answered by the hub",
+                Family::default(),
+            ),
+            oldest_pending: add(
+                &mut r,
+                "oldest_pending_seconds",
+                "Age of the oldest captured local write not yet answered by the hub (0 when none)",
+                Family::default(),
+            ),
+            cursor_lag: add(
+                &mut r,
+                "download_lag_changes",
+                "Hub sequence numbers the local database has not applied yet (hub head minus cursor)",
+                Family::default(),
+            ),
+            upload_batches: add(
+                &mut r,
+                "upload_batches",
+                "Upload batches answered by the hub",
+                Family::default(),
+            ),
+            uploaded: add(
+                &mut r,
+                "uploaded_changes",
+                "Uploaded changes by the hub's answer",
+                Family::default(),
+            ),
+            uploaded_bytes: add(
+                &mut r,
+                "uploaded_bytes",
+                "Bytes of upload frames answered by the hub",
+                Family::default(),
+            ),
+            downloaded: add(
+                &mut r,
+                "downloaded_changes",
+                "Changes received from the hub and applied locally",
+                Family::default(),
+            ),
+            downloaded_bytes: add(
+                &mut r,
+                "downloaded_bytes",
+                "Bytes of change frames received from the hub",
+                Family::default(),
+            ),
+            connects: add(
+                &mut r,
+                "connects",
+                "Connections the hub welcomed",
+                Family::default(),
+            ),
+            reconnects: add(
+                &mut r,
+                "reconnects",
+                "Connection attempts after a connection ended or failed",
+                Family::default(),
+            ),
+            upload_latency: add(
+                &mut r,
+                "upload_latency_seconds",
+                "From the local commit of a write to the hub's answer for it",
+                Family::new_with_constructor(latency as fn() -> Histogram),
+            ),
+            registry: r,
+        }
     }
 
     /// The counters of one database's session.
@@ -289,6 +287,12 @@ impl SessionMetrics {
     }
 }
 
+/// Registers `metric` under `name` and returns it (clones share the figures).
+fn add<M: Metric + Clone>(r: &mut Registry, name: &str, help: &str, metric: M) -> M {
+    r.register(name, help, metric.clone());
+    metric
+}
+
 fn encode(r: &Registry) -> String {
     let mut out = String::new();
     prometheus_client::encoding::text::encode(&mut out, r)
@@ -351,55 +355,58 @@ impl Default for HubMetrics {
 
 impl HubMetrics {
     pub fn new() -> HubMetrics {
-        let mut m = HubMetrics {
-            registry: Registry::with_prefix("tether_hub"),
-            sessions: Family::default(),
-            refused: Family::default(),
-            batches: Family::default(),
-            changes: Family::default(),
-            bytes_in: Family::default(),
-            bytes_out: Family::default(),
-            fanout: Family::new_with_constructor(latency as fn() -> Histogram),
-            store: Family::new_with_constructor(latency as fn() -> Histogram),
-        };
-        let r = &mut m.registry;
-        r.register(
-            "sessions",
-            "Daemon sessions connected, by dataset",
-            m.sessions.clone(),
-        );
-        r.register(
-            "refused",
-            "Connections or sessions refused, by error code (unauthorized, forbidden, schema_mismatch, ...)",
-            m.refused.clone(),
-        );
-        r.register(
-            "upload_batches",
-            "Upload batches applied",
-            m.batches.clone(),
-        );
-        r.register(
-            "changes",
-            "Uploaded changes by outcome (applied, conflict, invalid, materialize_error)",
-            m.changes.clone(),
-        );
-        r.register(
-            "received_bytes",
-            "Bytes of frames received from daemons",
-            m.bytes_in.clone(),
-        );
-        r.register(
-            "sent_bytes",
-            "Bytes of frames sent to daemons",
-            m.bytes_out.clone(),
-        );
-        r.register(
-            "fanout_latency_seconds",
-            "From a batch being stored to its changes being sent to another session",
-            m.fanout.clone(),
-        );
-        r.register("store_seconds", "Time of store operations", m.store.clone());
-        m
+        let mut r = Registry::with_prefix("tether_hub");
+        HubMetrics {
+            sessions: add(
+                &mut r,
+                "sessions",
+                "Daemon sessions connected, by dataset",
+                Family::default(),
+            ),
+            refused: add(
+                &mut r,
+                "refused",
+                "Connections or sessions refused, by error code (unauthorized, forbidden, schema_mismatch, ...)",
+                Family::default(),
+            ),
+            batches: add(
+                &mut r,
+                "upload_batches",
+                "Upload batches applied",
+                Family::default(),
+            ),
+            changes: add(
+                &mut r,
+                "changes",
+                "Uploaded changes by outcome (applied, conflict, invalid, materialize_error)",
+                Family::default(),
+            ),
+            bytes_in: add(
+                &mut r,
+                "received_bytes",
+                "Bytes of frames received from daemons",
+                Family::default(),
+            ),
+            bytes_out: add(
+                &mut r,
+                "sent_bytes",
+                "Bytes of frames sent to daemons",
+                Family::default(),
+            ),
+            fanout: add(
+                &mut r,
+                "fanout_latency_seconds",
+                "From a batch being stored to its changes being sent to another session",
+                Family::new_with_constructor(latency as fn() -> Histogram),
+            ),
+            store: add(
+                &mut r,
+                "store_seconds",
+                "Time of store operations",
+                Family::new_with_constructor(latency as fn() -> Histogram),
+            ),
+            registry: r,
+        }
     }
 
     pub fn render(&self) -> String {
@@ -440,7 +447,7 @@ impl HubMetrics {
 
     /// The figures of one session of `dataset`; counts it as connected
     /// until the returned value is dropped.
-    pub fn session(self: &Arc<Self>, dataset: &str) -> HubSessionMetrics {
+    pub fn session(&self, dataset: &str) -> HubSessionMetrics {
         let l = DatasetLabel {
             dataset: dataset.to_owned(),
         };
@@ -458,7 +465,6 @@ impl HubMetrics {
             bytes_out: self.bytes_out.get_or_create_owned(&l),
             fanout: self.fanout.get_or_create_owned(&l),
             connected,
-            hub: self.clone(),
         }
     }
 }
@@ -471,7 +477,6 @@ pub struct HubSessionMetrics {
     pub bytes_out: Counter,
     fanout: Histogram,
     connected: Gauge,
-    pub hub: Arc<HubMetrics>,
 }
 
 impl HubSessionMetrics {
