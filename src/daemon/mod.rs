@@ -50,9 +50,7 @@ impl SessionHandle {
             let read =
                 tokio::time::timeout(Duration::from_secs(2), local.call(|r| r.pending())).await;
             if let Ok(Ok(Ok(p))) = read {
-                s.pending_changes = p.changes;
-                s.last_seq = p.last_seq;
-                s.consumed = p.consumed;
+                s.set_pending(&p);
                 s.oldest_pending_ms = p
                     .oldest_at_ms
                     .map(|at| (crate::clock::now_ms() - at).max(0) as u64);

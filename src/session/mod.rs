@@ -533,9 +533,7 @@ impl Session {
                                     let failed = (summary.materialize_error > 0).then(|| summary.first_error.clone().unwrap_or_default());
                                     let _ = self.events.send(Event::Upload { db: p.name.clone(), summary: summary.clone() });
                                     self.update(|s| {
-                                        s.pending_changes = pending.changes;
-                                        s.consumed = pending.consumed;
-                                        s.last_seq = pending.last_seq;
+                                        s.set_pending(&pending);
                                         s.uploaded += summary.applied;
                                         s.uploaded_bytes += sent.bytes;
                                         s.last_upload = Some(summary);
@@ -681,11 +679,7 @@ impl Session {
                 full_read = false;
                 let (read, pending) = batch.unwrap_or_default();
                 if !only_wake || data_version != seen {
-                    self.update(|s| {
-                        s.pending_changes = pending.changes;
-                        s.consumed = pending.consumed;
-                        s.last_seq = pending.last_seq;
-                    });
+                    self.update(|s| s.set_pending(&pending));
                 }
                 let attempt = recheck.take().map(|r| r.1).unwrap_or(0);
                 if read.changes.is_empty() && woken && attempt < RECHECK_DELAYS.len() as u32 {

@@ -33,6 +33,15 @@ pub enum SessionState {
     Error,
 }
 
+impl Status {
+    /// Takes the counts of a look at the capture log.
+    pub fn set_pending(&mut self, p: &crate::local::Pending) {
+        self.pending_changes = p.changes;
+        self.consumed = p.consumed;
+        self.last_seq = p.last_seq;
+    }
+}
+
 impl ConnectionState {
     pub const ALL: [ConnectionState; 3] = [
         ConnectionState::Disconnected,
