@@ -97,7 +97,7 @@ pub fn default_control_socket() -> PathBuf {
 }
 
 /// `[hub]` of `tether.toml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct HubConn {
     /// Full WebSocket URL, for example `ws://127.0.0.1:7420/v1/sync`.
@@ -109,7 +109,7 @@ pub struct HubConn {
 }
 
 /// `[reconnect]` of `tether.toml`.
-#[derive(Clone, Debug, Deserialize)]
+#[derive(Clone, Debug, Deserialize, PartialEq)]
 #[serde(deny_unknown_fields)]
 pub struct Reconnect {
     #[serde(default = "d_initial")]

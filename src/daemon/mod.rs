@@ -16,7 +16,7 @@ use tokio::sync::{broadcast, mpsc, watch};
 use tokio_util::sync::CancellationToken;
 use tokio_util::task::TaskTracker;
 
-use crate::config::{DaemonConfig, DatabaseConfig};
+use crate::config::{DaemonConfig, DatabaseConfig, Dur, HubConn, Reconnect};
 use crate::local::{watch as fswatch, LocalDb};
 use crate::metrics::DaemonMetrics;
 use crate::session::{
@@ -73,34 +73,17 @@ struct Entry {
 /// Daemon-wide settings a session depends on.
 #[derive(Clone, Debug, PartialEq)]
 struct Global {
-    url: String,
-    token: Option<String>,
-    token_file: Option<std::path::PathBuf>,
-    reconnect: (
-        std::time::Duration,
-        std::time::Duration,
-        u32,
-        std::time::Duration,
-        std::time::Duration,
-    ),
-    shutdown_timeout: std::time::Duration,
+    hub: HubConn,
+    reconnect: Reconnect,
+    shutdown_timeout: Dur,
 }
 
 impl Global {
     fn of(cfg: &DaemonConfig) -> Global {
-        let r = &cfg.reconnect;
         Global {
-            url: cfg.hub.url.clone(),
-            token: cfg.hub.token.clone(),
-            token_file: cfg.hub.token_file.clone(),
-            reconnect: (
-                r.initial.0,
-                r.max.0,
-                r.multiplier.to_bits(),
-                r.ping_interval.0,
-                r.read_timeout.0,
-            ),
-            shutdown_timeout: cfg.shutdown_timeout.0,
+            hub: cfg.hub.clone(),
+            reconnect: cfg.reconnect.clone(),
+            shutdown_timeout: cfg.shutdown_timeout,
         }
     }
 }
@@ -269,20 +252,14 @@ impl Daemon {
         let mut report = ReloadReport::default();
         {
             let old = self.config.lock().expect("BUG: poisoned");
-            if old.log_level != cfg.log_level {
-                report
-                    .warnings
-                    .push("log_level changed; it takes effect when the daemon restarts".into());
-            }
-            if old.metrics_listen != cfg.metrics_listen {
-                report.warnings.push(
-                    "metrics_listen changed; it takes effect when the daemon restarts".into(),
-                );
-            }
-            if old.control_socket != cfg.control_socket {
+            let restart_only = [
+                ("log_level", old.log_level != cfg.log_level),
+                ("metrics_listen", old.metrics_listen != cfg.metrics_listen),
+                ("control_socket", old.control_socket != cfg.control_socket),
+            ];
+            for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
                 report.warnings.push(format!(
-                    "control_socket changed to {}; it takes effect when the daemon restarts",
-                    cfg.control_socket.display()
+                    "{key} changed; it takes effect when the daemon restarts"
                 ));
             }
         }
