@@ -22,7 +22,7 @@ use super::{
 };
 use crate::clock::sleep_opt;
 use crate::daemon::{Daemon, SessionHandle};
-use crate::session::{ConnectionState, Control, Event, SessionState, Status};
+use crate::session::{ConnectionState, Control, Event, Status};
 
 /// Why the control socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -131,11 +131,8 @@ async fn client(stream: UnixStream, daemon: Arc<Daemon>, shutdown: CancellationT
 fn find(daemon: &Daemon, db: &str) -> Result<SessionHandle, Response> {
     daemon.session(db).ok_or_else(|| {
         let handles = daemon.handles();
-        let known: Vec<&str> = handles.iter().map(|s| s.name.as_str()).collect();
-        Response::error(
-            ErrorCode::UnknownDb,
-            format!("no database named {db:?}; known: {}", known.join(", ")),
-        )
+        let known = handles.iter().map(|s| s.name.as_str());
+        Response::error(ErrorCode::UnknownDb, crate::daemon::unknown_db(db, known))
     })
 }
 
@@ -296,17 +293,7 @@ fn dirs_text(d: Directions) -> &'static str {
 
 /// Why a session cannot make progress, if it cannot.
 fn failed(s: &Status) -> Option<String> {
-    match s.session {
-        SessionState::Error | SessionState::WaitingForAccessToken => Some(format!(
-            "{}: {}",
-            s.name,
-            s.last_error
-                .clone()
-                .unwrap_or_else(|| "session failed".into())
-        )),
-        SessionState::Inactive => Some(format!("{}: session stopped", s.name)),
-        _ => None,
-    }
+    s.failure().map(|why| format!("{}: {why}", s.name))
 }
 
 /// How long [`wait`] follows a session.

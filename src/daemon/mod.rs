@@ -60,6 +60,12 @@ impl SessionHandle {
     }
 }
 
+/// The message for a database name that is not configured.
+pub fn unknown_db<'a>(name: &str, known: impl Iterator<Item = &'a str>) -> String {
+    let known: Vec<&str> = known.collect();
+    format!("no database named {name:?}; known: {}", known.join(", "))
+}
+
 /// One running session and what started it.
 struct Entry {
     handle: SessionHandle,

@@ -10,7 +10,7 @@ use tokio_util::sync::CancellationToken;
 use super::Daemon;
 use crate::config::DaemonConfig;
 use crate::proto::UploadSummary;
-use crate::session::{ConnectionState, SessionState, Status};
+use crate::session::ConnectionState;
 
 /// The outcome of one database's round.
 #[derive(Clone, Debug, Serialize)]
@@ -25,18 +25,6 @@ pub struct OnceResult {
     pub pending: u64,
 }
 
-/// Why a round cannot succeed now.
-fn failed(s: &Status) -> Option<String> {
-    match s.session {
-        SessionState::Error | SessionState::WaitingForAccessToken => Some(
-            s.last_error
-                .clone()
-                .unwrap_or_else(|| "session failed".into()),
-        ),
-        _ => None,
-    }
-}
-
 /// Runs one round for the databases named in `only` (all when empty).
 pub async fn once(
     mut cfg: DaemonConfig,
@@ -45,10 +33,9 @@ pub async fn once(
 ) -> Result<Vec<OnceResult>, String> {
     for name in only {
         if !cfg.databases.iter().any(|d| &d.name == name) {
-            let known: Vec<&str> = cfg.databases.iter().map(|d| d.name.as_str()).collect();
-            return Err(format!(
-                "no database named {name:?}; known: {}",
-                known.join(", ")
+            return Err(super::unknown_db(
+                name,
+                cfg.databases.iter().map(|d| d.name.as_str()),
             ));
         }
     }
@@ -75,7 +62,7 @@ pub async fn once(
         let outcome = tokio::time::timeout_at(deadline, async {
             loop {
                 let s = rx.borrow_and_update().clone();
-                if let Some(why) = failed(&s) {
+                if let Some(why) = s.failure() {
                     return Err(why);
                 }
                 if s.connection == ConnectionState::Connected && s.caught_up {

@@ -34,6 +34,20 @@ pub enum SessionState {
 }
 
 impl Status {
+    /// Why the session cannot make progress now, if it cannot (what a wait
+    /// or a one-shot round reports instead of running into its timeout).
+    pub fn failure(&self) -> Option<String> {
+        match self.session {
+            SessionState::Error | SessionState::WaitingForAccessToken => Some(
+                self.last_error
+                    .clone()
+                    .unwrap_or_else(|| "session failed".into()),
+            ),
+            SessionState::Inactive => Some("session stopped".into()),
+            _ => None,
+        }
+    }
+
     /// Takes the counts of a look at the capture log.
     pub fn set_pending(&mut self, p: &crate::local::Pending) {
         self.pending_changes = p.changes;
