@@ -94,19 +94,27 @@ fn main() -> ExitCode {
 
 /// Loads tether.toml (from --config, else the default path); a bad file
 /// is reported and becomes exit status 78.
-fn load_daemon_config(
+/// Loads a config from `path` (else `default`); on error prints it and
+/// gives the exit status for a bad config.
+fn load_config<T>(
     path: Option<&std::path::Path>,
-) -> Result<(std::path::PathBuf, DaemonConfig), ExitCode> {
-    let path = path
-        .map(std::path::Path::to_path_buf)
-        .unwrap_or_else(|| "/etc/tether/tether.toml".into());
-    match DaemonConfig::load(&path) {
+    default: &str,
+    load: fn(&std::path::Path) -> Result<T, tether::config::ConfigError>,
+) -> Result<(std::path::PathBuf, T), ExitCode> {
+    let path = path.map_or_else(|| default.into(), std::path::Path::to_path_buf);
+    match load(&path) {
         Ok(c) => Ok((path, c)),
         Err(e) => {
             eprintln!("error: {e}");
             Err(ExitCode::from(EX_CONFIG))
         }
     }
+}
+
+fn load_daemon_config(
+    path: Option<&std::path::Path>,
+) -> Result<(std::path::PathBuf, DaemonConfig), ExitCode> {
+    load_config(path, "/etc/tether/tether.toml", DaemonConfig::load)
 }
 
 fn out(json: bool) -> Output {
@@ -257,16 +265,13 @@ async fn run(cli: Cli) -> ExitCode {
                 ExitCode::SUCCESS
             }
             None => {
-                let config = cli
-                    .config
-                    .clone()
-                    .unwrap_or_else(|| "/etc/tether/hub.toml".into());
-                let cfg = match HubConfig::load(&config) {
+                let (config, cfg) = match load_config(
+                    cli.config.as_deref(),
+                    "/etc/tether/hub.toml",
+                    HubConfig::load,
+                ) {
                     Ok(c) => c,
-                    Err(e) => {
-                        eprintln!("error: {e}");
-                        return ExitCode::from(EX_CONFIG);
-                    }
+                    Err(code) => return code,
                 };
                 init_tracing(cfg.log_level.as_deref().unwrap_or("info"), cli.log_format);
                 let hub = match Hub::open(&cfg) {
