@@ -7,7 +7,7 @@ use std::process::ExitCode;
 
 use tether::control::client::{Client, ClientError};
 use tether::control::{Direction, Directions, ErrorCode, Progress, Request, Response};
-use tether::session::Status;
+use tether::session::{Event, Status};
 
 /// Appends one line to the text a response prints as.
 macro_rules! say {
@@ -170,10 +170,9 @@ fn yes_no(b: bool) -> &'static str {
 }
 
 fn print_status(o: &mut String, s: &Status) {
-    let state = |v: &dyn erased::Named| v.name();
     say!(o, "{} (dataset {})", s.name, s.dataset);
-    say!(o, "  connection:  {}", state(&s.connection));
-    say!(o, "  session:     {}", state(&s.session));
+    say!(o, "  connection:  {}", s.connection.as_str());
+    say!(o, "  session:     {}", s.session.as_str());
     say!(
         o,
         "  paused:      upload {}, download {}",
@@ -213,21 +212,6 @@ fn print_status(o: &mut String, s: &Status) {
     }
 }
 
-mod erased {
-    /// The snake_case name a state serializes to.
-    pub trait Named {
-        fn name(&self) -> String;
-    }
-    impl<T: serde::Serialize> Named for T {
-        fn name(&self) -> String {
-            serde_json::to_value(self)
-                .ok()
-                .and_then(|v| v.as_str().map(str::to_owned))
-                .unwrap_or_default()
-        }
-    }
-}
-
 fn progress_line(p: &Progress) -> String {
     let dir = match p.direction {
         Direction::Upload => "upload",
@@ -243,25 +227,25 @@ fn progress_line(p: &Progress) -> String {
     )
 }
 
-fn event_line(e: &serde_json::Value) -> String {
-    let s = |k: &str| e.get(k).and_then(|v| v.as_str()).unwrap_or("").to_owned();
-    match s("event").as_str() {
-        "connection" => format!("{}: connection {} -> {}", s("db"), s("old"), s("new")),
-        "session" => format!("{}: session {} -> {}", s("db"), s("old"), s("new")),
-        "upload" => format!(
-            "{}: upload {}",
-            s("db"),
-            e.get("summary").map(|v| v.to_string()).unwrap_or_default()
+fn event_line(e: &Event) -> String {
+    match e {
+        Event::Connection { db, old, new } => {
+            format!("{db}: connection {} -> {}", old.as_str(), new.as_str())
+        }
+        Event::Session { db, old, new } => {
+            format!("{db}: session {} -> {}", old.as_str(), new.as_str())
+        }
+        Event::Upload { db, summary } => format!(
+            "{db}: upload {}",
+            serde_json::to_string(summary).expect("BUG: serializes")
         ),
-        "download" => format!(
-            "{}: downloaded {} changes, cursor {} of {}",
-            s("db"),
-            e.get("changes").and_then(|v| v.as_u64()).unwrap_or(0),
-            e.get("cursor").and_then(|v| v.as_u64()).unwrap_or(0),
-            e.get("hub_head").and_then(|v| v.as_u64()).unwrap_or(0)
-        ),
-        "error" => format!("{}: error: {}", s("db"), s("message")),
-        _ => e.to_string(),
+        Event::Download {
+            db,
+            changes,
+            cursor,
+            hub_head,
+        } => format!("{db}: downloaded {changes} changes, cursor {cursor} of {hub_head}"),
+        Event::Error { db, message } => format!("{db}: error: {message}"),
     }
 }
 

@@ -149,7 +149,7 @@ pub enum Response {
         databases: Vec<Status>,
     },
     Event {
-        event: serde_json::Value,
+        event: Event,
     },
     Sync {
         db: String,
@@ -191,10 +191,8 @@ impl Response {
     }
 }
 
-impl From<&Event> for Response {
-    fn from(e: &Event) -> Response {
-        Response::Event {
-            event: serde_json::to_value(e).expect("BUG: events serialize"),
-        }
+impl From<Event> for Response {
+    fn from(event: Event) -> Response {
+        Response::Event { event }
     }
 }

@@ -453,13 +453,13 @@ async fn watch(
                     if db.as_deref().is_some_and(|d| event_db(&e) != d) {
                         continue;
                     }
-                    if !send(conn, &Response::from(&e)).await {
+                    if !send(conn, &Response::from(e)).await {
                         return false;
                     }
                 }
                 Err(broadcast::error::RecvError::Lagged(n)) => {
                     let lagged = Event::Error { db: db.clone().unwrap_or_default(), message: format!("watch fell behind: {n} events were dropped") };
-                    if !send(conn, &Response::from(&lagged)).await {
+                    if !send(conn, &Response::from(lagged)).await {
                         return false;
                     }
                 }

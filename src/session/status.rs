@@ -164,7 +164,7 @@ impl Status {
 }
 
 /// Something that happened to a session, for `tether watch`.
-#[derive(Clone, Debug, Serialize)]
+#[derive(Clone, Debug, Serialize, Deserialize)]
 #[serde(tag = "event", rename_all = "snake_case")]
 pub enum Event {
     Connection {
