@@ -890,29 +890,27 @@ fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
         .unwrap_or(0) as u64)
 }
 
+/// Runs one of a table's version statements, bound to the key then `version`;
+/// returns the number of rows it wrote.
+fn exec_ver(c: &Connection, sql: &str, pk: &[Value], version: u64) -> rusqlite::Result<usize> {
+    let v = Value::Integer(version as i64);
+    c.prepare_cached(sql)?
+        .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))
+}
+
 /// Moves a row's version forward; false when it already was at or past it.
 fn set_ver_if_newer(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<bool> {
-    let v = Value::Integer(version as i64);
-    let n = c
-        .prepare_cached(&t.sql_set_ver_if_newer)?
-        .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))?;
-    Ok(n == 1)
+    Ok(exec_ver(c, &t.sql_set_ver_if_newer, pk, version)? == 1)
 }
 
 fn set_ver(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
-    let v = Value::Integer(version as i64);
-    c.prepare_cached(&t.sql_set_ver)?
-        .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))?;
-    Ok(())
+    exec_ver(c, &t.sql_set_ver, pk, version).map(drop)
 }
 
 /// Sets the version even if lower than the stored one: after a conflict the
 /// hub's answer is authoritative for what the next upload is based on.
 fn set_ver_exact(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
-    let v = Value::Integer(version as i64);
-    c.prepare_cached(&t.sql_set_ver_exact)?
-        .execute(params_from_iter(pk.iter().chain(std::iter::once(&v))))?;
-    Ok(())
+    exec_ver(c, &t.sql_set_ver_exact, pk, version).map(drop)
 }
 
 /// The row's current values (None when absent) and its local version, in
@@ -1201,31 +1199,24 @@ mod tests {
             .unwrap()
             .execute_batch("CREATE TABLE nokey (a, b)")
             .unwrap();
-        let err = Replica::open(
-            "mydb",
-            &path,
-            &[("nokey".into(), ConflictPolicy::ServerWins)],
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let refusal = |path: &Path, table: Option<&str>| {
+            let tables: Vec<(String, ConflictPolicy)> = table
+                .map(|t| (t.to_owned(), ConflictPolicy::ServerWins))
+                .into_iter()
+                .collect();
+            Replica::open("mydb", path, &tables)
+                .err()
+                .unwrap()
+                .to_string()
+        };
+        let err = refusal(&path, Some("nokey"));
         assert!(
             err.contains("mydb") && err.contains("\"nokey\"") && err.contains("PRIMARY KEY"),
             "{err}"
         );
-        let err = Replica::open(
-            "mydb",
-            &path,
-            &[("ghost".into(), ConflictPolicy::ServerWins)],
-        )
-        .err()
-        .unwrap()
-        .to_string();
+        let err = refusal(&path, Some("ghost"));
         assert!(err.contains("\"ghost\" does not exist"), "{err}");
-        let err = Replica::open("mydb", &dir.path().join("none.db"), &[])
-            .err()
-            .unwrap()
-            .to_string();
+        let err = refusal(&dir.path().join("none.db"), None);
         assert!(err.contains("does not exist"), "{err}");
     }
 }
