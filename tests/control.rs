@@ -35,6 +35,19 @@ fn c(p: &Path) -> &str {
     p.to_str().unwrap()
 }
 
+/// `tether wait DB --upload --timeout T`.
+fn wait_upload(cfg: &Path, db: &str, timeout: &str) -> (i32, String, String) {
+    cli(&[
+        "wait",
+        db,
+        "--upload",
+        "--timeout",
+        timeout,
+        "--config",
+        c(cfg),
+    ])
+}
+
 fn has_row(db: &Path, id: &str) -> bool {
     let c = rusqlite::Connection::open(db).unwrap();
     c.query_row("SELECT count(*) FROM notes WHERE id = ?1", [id], |r| {
@@ -165,15 +178,7 @@ async fn wait_times_out_with_its_own_exit_code_while_the_hub_is_down() {
     let (_a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
     wait_connected_cli(&acfg, "one").await;
     insert(&d.join("a1.db"), "r1");
-    let (code, _, err) = cli(&[
-        "wait",
-        "one",
-        "--upload",
-        "--timeout",
-        "20s",
-        "--config",
-        c(&acfg),
-    ]);
+    let (code, _, err) = wait_upload(&acfg, "one", "20s");
     assert_eq!(code, 0, "a wait returns once the hub acknowledged: {err}");
     assert_eq!(status_json(&acfg, "one")["pending_changes"], 0);
     drop(hub);
@@ -182,15 +187,7 @@ async fn wait_times_out_with_its_own_exit_code_while_the_hub_is_down() {
     })
     .await;
     insert(&d.join("a1.db"), "r2");
-    let (code, _, err) = cli(&[
-        "wait",
-        "one",
-        "--upload",
-        "--timeout",
-        "300ms",
-        "--config",
-        c(&acfg),
-    ]);
+    let (code, _, err) = wait_upload(&acfg, "one", "300ms");
     assert_eq!(code, 3, "{err}");
     assert!(
         err.contains("timed out") && err.contains("background"),
@@ -198,15 +195,7 @@ async fn wait_times_out_with_its_own_exit_code_while_the_hub_is_down() {
     );
     // The hub comes back on its port; the change goes out.
     let (_hub, _) = start_hub(d, &addr, &s.token_hash, "hub2").await;
-    let (code, _, err) = cli(&[
-        "wait",
-        "one",
-        "--upload",
-        "--timeout",
-        "20s",
-        "--config",
-        c(&acfg),
-    ]);
+    let (code, _, err) = wait_upload(&acfg, "one", "20s");
     assert_eq!(code, 0, "{err}");
 }
 
@@ -464,15 +453,7 @@ async fn once_syncs_without_a_daemon_and_refuses_a_database_a_daemon_owns() {
     let (_b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
     wait_connected_cli(&bcfg, "b").await;
     insert(&d.join("b.db"), "from-b");
-    let (code, _, err) = cli(&[
-        "wait",
-        "b",
-        "--upload",
-        "--timeout",
-        "20s",
-        "--config",
-        c(&bcfg),
-    ]);
+    let (code, _, err) = wait_upload(&bcfg, "b", "20s");
     assert_eq!(code, 0, "{err}");
     insert(&d.join("a1.db"), "from-a");
     // Write a config for `once` without starting a daemon.

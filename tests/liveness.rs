@@ -11,36 +11,45 @@ use tether::embedded::{database, EmbeddedDaemon};
 use tether::proto;
 use tether::session::ConnectionState;
 
-#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
-async fn a_half_open_connection_is_dropped_within_read_timeout_plus_a_ping() {
-    let world = World::new(&[("db", &["notes"])]).await;
-    let a = app(&world.path("a.db"), NOTES);
-    let proxy = Proxy::start(world.hub().addr.to_string()).await;
-    let (ping, read_timeout) = (Duration::from_millis(250), Duration::from_millis(2000));
-    let d = EmbeddedDaemon::start_with(DaemonConfig {
+/// A daemon syncing the world's `a.db` as database "db".
+fn daemon_on_a_db(world: &World, hub: HubConn, reconnect: Reconnect) -> EmbeddedDaemon {
+    EmbeddedDaemon::start_with(DaemonConfig {
         control_socket: world.path("unused.sock"),
         shutdown_timeout: Dur(Duration::from_secs(5)),
         metrics_listen: None,
         log_level: None,
-        hub: HubConn {
-            url: format!("ws://{}/v1/sync", proxy.addr),
-            token: Some(world.token.clone()),
-            token_file: None,
-        },
-        reconnect: Reconnect {
-            initial: Dur(Duration::from_millis(50)),
-            max: Dur(Duration::from_millis(200)),
-            multiplier: 2.0,
-            ping_interval: Dur(ping),
-            read_timeout: Dur(read_timeout),
-        },
+        hub,
+        reconnect,
         databases: vec![database(
             "db",
             world.path("a.db"),
             &["notes"],
             ConflictPolicy::ServerWins,
         )],
-    });
+    })
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_half_open_connection_is_dropped_within_read_timeout_plus_a_ping() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let a = app(&world.path("a.db"), NOTES);
+    let proxy = Proxy::start(world.hub().addr.to_string()).await;
+    let (ping, read_timeout) = (Duration::from_millis(250), Duration::from_millis(2000));
+    let d = daemon_on_a_db(
+        &world,
+        HubConn {
+            url: format!("ws://{}/v1/sync", proxy.addr),
+            token: Some(world.token.clone()),
+            token_file: None,
+        },
+        Reconnect {
+            initial: Dur(Duration::from_millis(50)),
+            max: Dur(Duration::from_millis(200)),
+            multiplier: 2.0,
+            ping_interval: Dur(ping),
+            read_timeout: Dur(read_timeout),
+        },
+    );
     d.wait_connected(DEADLINE).await.unwrap();
     a.execute("INSERT INTO notes VALUES ('x', 't', 'b', 1)", [])
         .unwrap();
@@ -126,29 +135,20 @@ async fn a_refused_token_is_retried_as_soon_as_the_token_file_changes() {
     let _a = app(&world.path("a.db"), NOTES);
     let token_file = world.path("token");
     std::fs::write(&token_file, "not-the-token").unwrap();
-    let d = EmbeddedDaemon::start_with(DaemonConfig {
-        control_socket: world.path("unused.sock"),
-        shutdown_timeout: Dur(Duration::from_secs(5)),
-        metrics_listen: None,
-        log_level: None,
-        hub: HubConn {
+    let d = daemon_on_a_db(
+        &world,
+        HubConn {
             url: world.url(),
             token: None,
             token_file: Some(token_file.clone()),
         },
         // A backoff far longer than the test: only the file change can help.
-        reconnect: Reconnect {
+        Reconnect {
             initial: Dur(Duration::from_secs(120)),
             max: Dur(Duration::from_secs(300)),
             ..Reconnect::default()
         },
-        databases: vec![database(
-            "db",
-            world.path("a.db"),
-            &["notes"],
-            ConflictPolicy::ServerWins,
-        )],
-    });
+    );
     let mut rx = d.status("db");
     let waiting = tokio::time::timeout(
         DEADLINE,
