@@ -337,6 +337,18 @@ impl HubStore for SqliteStore {
                 }
             }
         }
+        // The dataset's statements, named once per batch rather than per row.
+        let sql_upsert_row = format!(
+            "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
+             ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = 0, client_no = excluded.client_no
+             WHERE version = ?5 OR client_no = ?4"
+        );
+        let sql_update_row = format!(
+            "UPDATE rows_{ds} SET version = ?3, deleted = ?4, client_no = ?5 WHERE tbl = ?1 AND pk = ?2"
+        );
+        let sql_log = format!(
+            "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+        );
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());
@@ -406,13 +418,13 @@ impl HubStore for SqliteStore {
             };
             if ch.op == Op::Upsert {
                 // Fast path: one statement writes the row unless it conflicts.
-                let written = tx
-                    .prepare_cached(&format!(
-                        "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
-                         ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = 0, client_no = excluded.client_no
-                         WHERE version = ?5 OR client_no = ?4"
-                    ))?
-                    .execute(params![ch.table, pk, (head + 1) as i64, client_no, ch.base as i64])?;
+                let written = tx.prepare_cached(&sql_upsert_row)?.execute(params![
+                    ch.table,
+                    pk,
+                    (head + 1) as i64,
+                    client_no,
+                    ch.base as i64
+                ])?;
                 if written == 0 {
                     let row = load_row(&tx, ds, &ch.table, &pk)?;
                     remember.push((ch.seq, Remembered::Conflict));
@@ -442,15 +454,22 @@ impl HubStore for SqliteStore {
                     continue;
                 }
                 head += 1;
-                tx.prepare_cached(&format!(
-                    "UPDATE rows_{ds} SET version = ?3, deleted = ?4, client_no = ?5 WHERE tbl = ?1 AND pk = ?2"
-                ))?
-                .execute(params![ch.table, pk, head as i64, deleted, client_no])?;
+                tx.prepare_cached(&sql_update_row)?.execute(params![
+                    ch.table,
+                    pk,
+                    head as i64,
+                    deleted,
+                    client_no
+                ])?;
             }
-            tx.prepare_cached(&format!(
-                "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-            ))?
-            .execute(params![head as i64, ch.table, pk, op, vals, client_no])?;
+            tx.prepare_cached(&sql_log)?.execute(params![
+                head as i64,
+                ch.table,
+                pk,
+                op,
+                vals,
+                client_no
+            ])?;
             remember.push((ch.seq, Remembered::Applied(head)));
             results.push(ChangeResult {
                 seq: ch.seq,
