@@ -156,6 +156,28 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 batch: 3,
                 summary: UploadSummary::of(&results),
                 results,
+                more: false,
+            })),
+        ),
+        (
+            "upload_result_part",
+            Frame::Hub(HubFrame::UploadResult(UploadResult {
+                batch: 5,
+                results: vec![ChangeResult {
+                    seq: 11,
+                    outcome: Outcome::Invalid {
+                        reason: InvalidReason::TooLarge,
+                        message: "change of 9000000 bytes exceeds the limit of 8388608 bytes".into(),
+                    },
+                }],
+                summary: UploadSummary::of(&[ChangeResult {
+                    seq: 11,
+                    outcome: Outcome::Invalid {
+                        reason: InvalidReason::TooLarge,
+                        message: "change of 9000000 bytes exceeds the limit of 8388608 bytes".into(),
+                    },
+                }]),
+                more: true,
             })),
         ),
         (
@@ -175,6 +197,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
                     invalid_reasons: BTreeMap::new(),
                     ..Default::default()
                 },
+                more: false,
             })),
         ),
         (

@@ -642,6 +642,7 @@ impl Session {
                 batch: up.batch,
                 results,
                 summary,
+                more: false,
             }),
         )
         .await?;
@@ -663,6 +664,7 @@ fn materialize_error(batch: u64, changes: &[Change], message: String) -> UploadR
         batch,
         summary: UploadSummary::of(&results),
         results,
+        more: false,
     }
 }
 

@@ -197,6 +197,9 @@ pub enum InvalidReason {
     WrongKey,
     /// The same row appears twice in one batch.
     DuplicateRow,
+    /// The change is larger than [`super::MAX_CHANGE_BYTES`]: no frame could
+    /// carry it to the other devices.
+    TooLarge,
 }
 
 impl InvalidReason {
@@ -206,6 +209,7 @@ impl InvalidReason {
             InvalidReason::WrongColumnCount => "wrong_column_count",
             InvalidReason::WrongKey => "wrong_key",
             InvalidReason::DuplicateRow => "duplicate_row",
+            InvalidReason::TooLarge => "too_large",
         }
     }
 }
@@ -277,7 +281,15 @@ impl UploadSummary {
 pub struct UploadResult {
     pub batch: u64,
     pub results: Vec<ChangeResult>,
+    /// Counts of this frame's `results`.
     pub summary: UploadSummary,
+    /// True when more `upload_result` frames for the same batch follow: an
+    /// answer is split by bytes so that no frame exceeds the limit (conflicts
+    /// carry the hub's rows, which can be much larger than the upload). The
+    /// batch is answered when a frame with `more = false` arrives. Absent
+    /// means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub more: bool,
 }
 
 /// Error classes, split into fatal (retrying cannot help until something is

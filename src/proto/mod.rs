@@ -20,7 +20,14 @@ pub const MAX_BATCH_CHANGES: usize = 4000;
 /// ... or at about this many bytes of values.
 pub const MAX_BATCH_BYTES: usize = 4 << 20;
 
-/// Catch-up pages stop growing at this many changes or bytes.
+/// Largest single change (its [`Change::wire_size`]) the hub accepts; a
+/// larger one is answered `invalid` / `too_large` and a daemon does not even
+/// send it. With pages and answers cut at [`MAX_PAGE_BYTES`], a frame holds at
+/// most one page plus one change, which stays under [`MAX_FRAME_BYTES`].
+pub const MAX_CHANGE_BYTES: usize = 8 << 20;
+
+/// Catch-up pages, live pushes and upload answers stop growing at this many
+/// changes or bytes (a frame always carries at least one change).
 pub const MAX_PAGE_CHANGES: usize = 4000;
 pub const MAX_PAGE_BYTES: usize = 4 << 20;
 
