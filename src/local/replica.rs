@@ -90,6 +90,8 @@ pub struct Pending {
     pub consumed: u64,
     /// When the oldest unanswered write was committed (ms since the epoch).
     pub oldest_at_ms: Option<i64>,
+    /// Changes from the hub that the local database refused, set aside.
+    pub held: u64,
 }
 
 /// One upload batch as read from the log.
@@ -421,6 +423,7 @@ impl Replica {
             oldest_seq: min.map(|m| m as u64),
             oldest_at_ms: oldest_at,
             consumed,
+            held: 0,
         })
     }
 

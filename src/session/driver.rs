@@ -1,0 +1,651 @@
+//! The session driver: performs what the [`Machine`] decides.
+//!
+//! Tasks per connection:
+//!
+//! * the **reader** owns the socket's read half and forwards every message,
+//!   decoded, into a bounded channel ([`INBOUND_BUFFER`]); it never sends;
+//! * the **writer** owns the write half and sends what the driver queues
+//!   ([`OUTBOUND_BUFFER`] frames; the machine keeps at most
+//!   [`super::machine::MAX_INFLIGHT`] uploads in flight plus pings, so the
+//!   queue does not fill unless the hub stopped reading). Every send has a
+//!   deadline of `read_timeout`: a hub that takes nothing for that long while
+//!   data waits is dropped and the session reconnects;
+//! * the **driver** (this loop) selects the next input (inbound frame, writer
+//!   failure, file wake-up, operator command, timer, shutdown), feeds it to
+//!   the machine and performs the actions. Database calls run on the
+//!   database's own thread ([`LocalDb`]); while one runs, the reader keeps
+//!   reading into its channel.
+//!
+//! No task ever waits to send on a socket while it is the only one reading
+//! it, so two busy peers cannot end up each waiting for the other to read.
+
+use std::collections::VecDeque;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::{SplitSink, SplitStream};
+use futures_util::{SinkExt, StreamExt};
+use tokio::sync::{broadcast, mpsc, oneshot, watch};
+use tokio::task::JoinHandle;
+use tokio::time::Instant;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::CloseFrame;
+use tokio_tungstenite::tungstenite::Message;
+use tokio_util::sync::CancellationToken;
+
+use super::connect::{self, Ws};
+use super::machine::{self, Action, Command, FailureClass, Input, LocalInfo, Machine, Note};
+use super::{
+    update_status, Control, ConnectionState, Event, ReconnectOutcome, SessionError,
+    SessionParams, SessionState, Status, TokenSource,
+};
+use crate::clock::sleep_opt;
+use crate::local::{LocalDb, LocalError};
+use crate::proto::{self, HubFrame};
+
+/// Frames read ahead of the driver.
+pub const INBOUND_BUFFER: usize = 8;
+/// Frames queued for the writer.
+pub const OUTBOUND_BUFFER: usize = 16;
+/// While the hub refuses the token, the token file is looked at this often.
+const TOKEN_POLL: Duration = Duration::from_millis(500);
+/// Time the writer gets to send a close frame.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
+
+/// One open connection: its two tasks and their channels.
+struct Conn {
+    out: mpsc::Sender<Message>,
+    inbound: mpsc::Receiver<Input>,
+    /// Taken once the writer has ended.
+    writer_failed: Option<oneshot::Receiver<SessionError>>,
+    reader: JoinHandle<()>,
+    writer: JoinHandle<()>,
+}
+
+impl Conn {
+    fn start(ws: Ws, send_timeout: Duration) -> Conn {
+        let (sink, stream) = ws.split();
+        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_BUFFER);
+        let (in_tx, in_rx) = mpsc::channel(INBOUND_BUFFER);
+        let (fail_tx, fail_rx) = oneshot::channel();
+        Conn {
+            out: out_tx,
+            inbound: in_rx,
+            writer_failed: Some(fail_rx),
+            reader: tokio::spawn(read_loop(stream, in_tx)),
+            writer: tokio::spawn(write_loop(sink, out_rx, fail_tx, send_timeout)),
+        }
+    }
+
+    /// Sends a close frame (best effort, bounded) and ends both tasks.
+    async fn close(self, reason: &'static str) {
+        let Conn {
+            out,
+            reader,
+            mut writer,
+            ..
+        } = self;
+        reader.abort();
+        let _ = out.try_send(Message::Close(Some(CloseFrame {
+            code: CloseCode::Normal,
+            reason: reason.into(),
+        })));
+        drop(out);
+        if tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)
+            .await
+            .is_err()
+        {
+            writer.abort();
+        }
+    }
+}
+
+/// Reads messages until the connection ends; the last input is `Lost`.
+async fn read_loop(mut stream: SplitStream<Ws>, tx: mpsc::Sender<Input>) {
+    loop {
+        let input = match stream.next().await {
+            None => Input::Lost(SessionError::Retry("hub closed the connection".into())),
+            Some(Err(e)) => Input::Lost(SessionError::Retry(format!("connection lost: {e}"))),
+            Some(Ok(Message::Binary(b))) => match proto::decode::<HubFrame>(&b) {
+                Ok(f) => Input::Frame(f, b.len()),
+                Err(e) => Input::Lost(SessionError::Retry(format!(
+                    "hub sent a frame this daemon cannot read ({e}); reconnecting"
+                ))),
+            },
+            Some(Ok(Message::Close(f))) => {
+                let why = f
+                    .map(|f| format!(" ({} {})", u16::from(f.code), f.reason))
+                    .unwrap_or_default();
+                Input::Lost(SessionError::Retry(format!(
+                    "hub closed the connection{why}"
+                )))
+            }
+            Some(Ok(Message::Text(_))) => Input::Lost(SessionError::Retry(
+                "hub sent a text message; frames are binary MessagePack".into(),
+            )),
+            Some(Ok(_)) => Input::Alive,
+        };
+        let last = matches!(input, Input::Lost(_));
+        if tx.send(input).await.is_err() || last {
+            return;
+        }
+    }
+}
+
+/// Sends queued messages, each within `send_timeout`.
+async fn write_loop(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Message>,
+    failed: oneshot::Sender<SessionError>,
+    send_timeout: Duration,
+) {
+    while let Some(m) = rx.recv().await {
+        let closing = matches!(m, Message::Close(_));
+        let err = match tokio::time::timeout(send_timeout, sink.send(m)).await {
+            Ok(Ok(())) => None,
+            Ok(Err(e)) => Some(SessionError::Retry(format!("connection lost: {e}"))),
+            Err(_) => Some(SessionError::Retry(format!(
+                "the hub took nothing for {send_timeout:?} while data waited for it; reconnecting"
+            ))),
+        };
+        if let Some(e) = err {
+            let _ = failed.send(e);
+            return;
+        }
+        if closing {
+            return;
+        }
+    }
+    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
+}
+
+/// A running session; see the module docs.
+pub struct Session {
+    params: Arc<SessionParams>,
+    db: LocalDb,
+    status: watch::Sender<Status>,
+    wake: mpsc::Receiver<()>,
+    shutdown: CancellationToken,
+    ctl: mpsc::Receiver<Control>,
+    events: broadcast::Sender<Event>,
+    /// The token sent on the latest connection attempt.
+    last_token: Option<String>,
+    /// Replies to operator reconnects, answered by the machine.
+    reconnect_replies: VecDeque<oneshot::Sender<ReconnectOutcome>>,
+    conn: Option<Conn>,
+    machine: Machine,
+}
+
+impl Session {
+    pub fn new(
+        params: SessionParams,
+        db: LocalDb,
+        status: watch::Sender<Status>,
+        wake: mpsc::Receiver<()>,
+        ctl: mpsc::Receiver<Control>,
+        events: broadcast::Sender<Event>,
+        shutdown: CancellationToken,
+    ) -> Session {
+        let (upload_paused, download_paused) = {
+            let s = status.borrow();
+            (s.upload_paused, s.download_paused)
+        };
+        let rc = params.reconnect.clone();
+        let cfg = machine::Config {
+            dataset: params.dataset.clone(),
+            echo_own: params.echo_own,
+            ping_interval: rc.ping_interval.0,
+            read_timeout: rc.read_timeout.0,
+            max_backoff: rc.max.0,
+            shutdown_timeout: params.shutdown_timeout,
+        };
+        let machine = Machine::new(
+            cfg,
+            upload_paused,
+            download_paused,
+            Box::new(move || Box::new(super::backoff(&rc))),
+        );
+        Session {
+            params: Arc::new(params),
+            db,
+            status,
+            wake,
+            shutdown,
+            ctl,
+            events,
+            last_token: None,
+            reconnect_replies: VecDeque::new(),
+            conn: None,
+            machine,
+        }
+    }
+
+    fn update(&self, f: impl FnOnce(&mut Status)) {
+        update_status(&self.status, &self.events, f);
+    }
+
+    /// Runs until shutdown.
+    pub async fn run(mut self) {
+        let span = tracing::info_span!("sync", db = %self.params.name, dataset = %self.params.dataset);
+        tracing::Instrument::instrument(self.drive(), span).await;
+        self.update(|s| {
+            s.connection = ConnectionState::Disconnected;
+            s.session = SessionState::Inactive;
+            s.backoff_ms = None;
+        });
+    }
+
+    async fn drive(&mut self) {
+        let mut queue: VecDeque<Input> = VecDeque::from([Input::Tick]);
+        let (mut wake_open, mut ctl_open, mut shutdown_seen) = (true, true, false);
+        let mut token_check = tokio::time::interval(TOKEN_POLL);
+        loop {
+            while let Some(input) = queue.pop_front() {
+                for action in self.machine.handle(input, Instant::now()) {
+                    match self.perform(action).await {
+                        Step::Next(Some(i)) => queue.push_back(i),
+                        Step::Next(None) => {}
+                        Step::Stop => return,
+                    }
+                }
+            }
+            let deadline = self.machine.next_deadline();
+            let waiting_for_token = self.machine.waiting_for_token();
+            let input = tokio::select! {
+                biased;
+                _ = self.shutdown.cancelled(), if !shutdown_seen => {
+                    shutdown_seen = true;
+                    Input::Shutdown
+                }
+                i = recv_conn(&mut self.conn) => i,
+                c = self.ctl.recv(), if ctl_open => match c {
+                    Some(Control::Reconnect { reply }) => {
+                        self.reconnect_replies.push_back(reply);
+                        Input::Command(Command::Reconnect)
+                    }
+                    Some(Control::Pause { upload, download }) => Input::Command(Command::Pause { upload, download }),
+                    Some(Control::Resume { upload, download }) => Input::Command(Command::Resume { upload, download }),
+                    // The daemon dropped the handle (reload, shutdown).
+                    None => { ctl_open = false; continue; }
+                },
+                w = self.wake.recv(), if wake_open => match w {
+                    Some(()) => Input::Wake,
+                    // The watcher is gone; the poll timer takes over.
+                    None => { wake_open = false; continue; }
+                },
+                _ = sleep_opt(deadline) => Input::Tick,
+                _ = token_check.tick(), if waiting_for_token => {
+                    if !self.token_changed() { continue; }
+                    Input::TokenChanged
+                }
+            };
+            queue.push_back(input);
+        }
+    }
+
+    /// Whether the token file now holds another token than the refused one.
+    fn token_changed(&self) -> bool {
+        let TokenSource::File(_) = &self.params.token else {
+            return false;
+        };
+        match self.params.token.read() {
+            Ok(t) => self.last_token.as_deref() != Some(t.as_str()),
+            Err(_) => false,
+        }
+    }
+
+    async fn perform(&mut self, action: Action) -> Step {
+        match action {
+            Action::Connect => return Step::Next(Some(self.open().await)),
+            Action::Send(bytes) => return self.send(Message::Binary(bytes.into())),
+            Action::Ping => return self.send(Message::Ping(Vec::new().into())),
+            Action::Close(reason) => {
+                if let Some(c) = self.conn.take() {
+                    c.close(reason).await;
+                }
+                self.update(|s| {
+                    s.connection = ConnectionState::Disconnected;
+                    s.caught_up = false;
+                });
+            }
+            Action::EnsureSeqAbove(hub_seq) => {
+                match self.db.call(move |r| r.ensure_seq_above(hub_seq)).await {
+                    Ok(Ok(true)) => tracing::warn!(hub_seq, "the hub has seen newer changes from this database than it holds (restored from a backup?); pending changes were renumbered and will be sent"),
+                    Ok(Ok(false)) => {}
+                    Ok(Err(e)) => return local_failed(e.into()),
+                    Err(e) => return local_failed(e.into()),
+                }
+            }
+            Action::ReadBatch {
+                after,
+                skip_if_version,
+                idle,
+            } => return Step::Next(Some(self.read_batch(after, skip_if_version, idle).await)),
+            Action::ApplyRemote {
+                changes,
+                up_to,
+                head,
+                bytes,
+            } => return self.apply_remote(changes, up_to, head, bytes).await,
+            Action::ApplyResults {
+                sent,
+                results,
+                summary,
+            } => return self.apply_results(*sent, results, summary).await,
+            Action::RetryHeld => {
+                // HELDAPI retry_held
+                self.machine.held_remaining(0, Instant::now());
+            }
+            Action::ReconnectAnswer(outcome) => {
+                if outcome == ReconnectOutcome::Woken {
+                    tracing::info!("reconnecting now at the operator's request");
+                }
+                if let Some(reply) = self.reconnect_replies.pop_front() {
+                    let _ = reply.send(outcome);
+                }
+            }
+            Action::Note(n) => self.note(n),
+            Action::Stop => return Step::Stop,
+        }
+        Step::Next(None)
+    }
+
+    fn send(&mut self, m: Message) -> Step {
+        let Some(c) = &self.conn else {
+            return Step::Next(None);
+        };
+        match c.out.try_send(m) {
+            Ok(()) => Step::Next(None),
+            Err(mpsc::error::TrySendError::Full(_)) => {
+                Step::Next(Some(Input::Lost(SessionError::Retry(format!(
+                    "the hub is not taking frames ({OUTBOUND_BUFFER} queued); reconnecting"
+                )))))
+            }
+            // The writer ended; its failure is reported separately.
+            Err(mpsc::error::TrySendError::Closed(_)) => Step::Next(None),
+        }
+    }
+
+    /// Opens the connection: token, WebSocket, local position.
+    async fn open(&mut self) -> Input {
+        let p = self.params.clone();
+        let token = match p.token.read() {
+            Ok(t) => t,
+            Err(e) => return Input::OpenFailed(e),
+        };
+        self.last_token = Some(token.clone());
+        let ws = tokio::select! {
+            ws = connect::connect(&p.url, &token, &p.dataset) => ws,
+            _ = self.shutdown.cancelled() => return Input::Shutdown,
+        };
+        let ws = match ws {
+            Ok(ws) => ws,
+            Err(e) => return Input::OpenFailed(e),
+        };
+        let info = self
+            .db
+            .call(|r| -> Result<_, LocalError> {
+                Ok(LocalInfo {
+                    client_id: r.client_id().to_owned(),
+                    cursor: r.cursor()?,
+                    tables: r.wire_schemas(),
+                })
+            })
+            .await;
+        let info = match info {
+            Ok(Ok(i)) => i,
+            Ok(Err(e)) => return Input::OpenFailed(e.into()),
+            Err(e) => return Input::OpenFailed(e.into()),
+        };
+        self.conn = Some(Conn::start(ws, p.reconnect.read_timeout.0));
+        Input::Opened(info)
+    }
+
+    async fn read_batch(&mut self, after: u64, skip_if: Option<i64>, idle: bool) -> Input {
+        let read = self
+            .db
+            .call(move |r| -> Result<_, LocalError> {
+                let v = r.data_version()?;
+                if skip_if == Some(v) {
+                    return Ok((None, None, v));
+                }
+                let batch = r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
+                if batch.changes.is_empty() && batch.through > after && idle {
+                    // Only rows that are not sent (tables no longer synced,
+                    // changes too large): mark them answered.
+                    r.apply_results(&batch, &[])?;
+                }
+                Ok((Some(batch), Some(r.pending()?), v))
+            })
+            .await;
+        match read {
+            Ok(Ok((batch, pending, data_version))) => Input::BatchRead {
+                batch,
+                pending,
+                data_version,
+            },
+            Ok(Err(e)) => Input::LocalFailed(e.into()),
+            Err(e) => Input::LocalFailed(e.into()),
+        }
+    }
+
+    async fn apply_remote(
+        &mut self,
+        changes: Vec<crate::proto::RemoteChange>,
+        up_to: u64,
+        head: u64,
+        bytes: u64,
+    ) -> Step {
+        let n = changes.len() as u64;
+        let t0 = std::time::Instant::now();
+        let applied = self
+            .db
+            .call(move |r| r.apply_remote(&changes, up_to))
+            .await;
+        let held = match applied {
+            Ok(Ok(_a)) => 0u64, // HELDAPI
+            Ok(Err(e)) => return local_failed(e.into()),
+            Err(e) => return local_failed(e.into()),
+        };
+        tracing::trace!(n, took = ?t0.elapsed(), "applied remote changes");
+        if held > 0 {
+            tracing::warn!(held, "the local database refused some of the hub's changes; they are held (see `tether held`)");
+            self.machine.held_remaining(held, Instant::now());
+        }
+        if n > 0 {
+            self.params.metrics.downloaded(n, bytes);
+            let _ = self.events.send(Event::Download {
+                db: self.params.name.clone(),
+                changes: n,
+                cursor: up_to,
+                hub_head: head,
+            });
+        }
+        self.update(|s| {
+            s.cursor = s.cursor.max(up_to);
+            s.hub_head = s.hub_head.max(head).max(up_to);
+            s.downloaded += n;
+            s.downloaded_bytes += bytes;
+            // HELDAPI s.held_changes
+        });
+        Step::Next(Some(Input::RemoteApplied {
+            changes: n,
+            up_to,
+            head,
+        }))
+    }
+
+    async fn apply_results(
+        &mut self,
+        sent: machine::Inflight,
+        results: Vec<crate::proto::ChangeResult>,
+        summary: crate::proto::UploadSummary,
+    ) -> Step {
+        self.params
+            .metrics
+            .uploaded(&summary, sent.bytes, &sent.read.captured_ms);
+        let (batch, bytes) = (sent.batch, sent.bytes);
+        let read = sent.read;
+        let t0 = std::time::Instant::now();
+        let done = self
+            .db
+            .call(move |r| -> Result<_, LocalError> {
+                let done = r.apply_results(&read, &results)?;
+                Ok((done, r.pending()?))
+            })
+            .await;
+        let (done, pending) = match done {
+            Ok(Ok(d)) => d,
+            Ok(Err(e)) => return local_failed(e.into()),
+            Err(e) => return local_failed(e.into()),
+        };
+        tracing::trace!(took = ?t0.elapsed(), "applied upload results");
+        log_summary(batch, &summary, done.resent);
+        let _ = self.events.send(Event::Upload {
+            db: self.params.name.clone(),
+            summary: summary.clone(),
+        });
+        self.update(|s| {
+            s.uploaded += summary.applied;
+            s.uploaded_bytes += bytes;
+            s.last_upload = Some(summary);
+        });
+        Step::Next(Some(Input::ResultsApplied { pending }))
+    }
+
+    /// Reports a note in the status, the events, the metrics and the log.
+    fn note(&mut self, n: Note) {
+        match n {
+            Note::Connecting { reconnect } => {
+                if reconnect {
+                    self.params.metrics.reconnects.inc();
+                }
+                self.update(|s| {
+                    s.connection = ConnectionState::Connecting;
+                    if s.session == SessionState::Paused {
+                        s.session = SessionState::Active;
+                    }
+                    s.backoff_ms = None;
+                });
+            }
+            Note::Connected {
+                cursor,
+                head,
+                access,
+            } => {
+                tracing::info!(cursor, head, access = ?access, "connected");
+                self.params.metrics.connects.inc();
+                self.update(|s| {
+                    s.connection = ConnectionState::Connected;
+                    s.session = SessionState::Active;
+                    s.hub_head = head;
+                    s.cursor = cursor;
+                    s.connects += 1;
+                    s.last_error = None;
+                });
+            }
+            Note::CaughtUp => self.update(|s| s.caught_up = true),
+            Note::Pending(p) => self.update(|s| s.set_pending(&p)),
+            Note::PauseFlags { upload, download } => {
+                tracing::info!(
+                    upload_paused = upload,
+                    download_paused = download,
+                    "pause flags changed"
+                );
+                self.update(|s| {
+                    s.upload_paused = upload;
+                    s.download_paused = download;
+                });
+            }
+            Note::Paused => self.update(|s| {
+                s.session = SessionState::Paused;
+                s.connection = ConnectionState::Disconnected;
+                s.backoff_ms = None;
+            }),
+            Note::Failed {
+                error,
+                class,
+                delay,
+            } => {
+                match class {
+                    FailureClass::Retry => tracing::info!(retry_in = ?delay, "{error}"),
+                    _ => tracing::error!(retry_in = ?delay, "{error}"),
+                }
+                let _ = self.events.send(Event::Error {
+                    db: self.params.name.clone(),
+                    message: error.clone(),
+                });
+                let state = match class {
+                    FailureClass::Retry => SessionState::Active,
+                    FailureClass::Unauthorized => SessionState::WaitingForAccessToken,
+                    FailureClass::Fatal => SessionState::Error,
+                };
+                self.update(|s| {
+                    s.connection = ConnectionState::Disconnected;
+                    s.caught_up = false;
+                    s.session = state;
+                    s.last_error = Some(error);
+                    s.backoff_ms = Some(delay.as_millis() as u64);
+                });
+            }
+            Note::ReadOnly(message) => {
+                tracing::error!("{message}");
+                self.update(|s| s.last_error = Some(message));
+            }
+            Note::Dying { in_flight } => {
+                tracing::info!(in_flight, "shutting down: waiting for the hub's answers");
+                self.update(|s| s.session = SessionState::Dying);
+            }
+            Note::DrainTimedOut => tracing::warn!(
+                "shutting down with unanswered uploads; they stay captured and go out on the next start"
+            ),
+        }
+    }
+}
+
+/// What performing an action leads to.
+enum Step {
+    /// Go on, feeding this input to the machine next.
+    Next(Option<Input>),
+    /// The session is over.
+    Stop,
+}
+
+fn local_failed(e: SessionError) -> Step {
+    Step::Next(Some(Input::LocalFailed(e)))
+}
+
+/// The next input from the open connection: a frame from the reader, or
+/// the writer's failure. Pending while no connection is open.
+async fn recv_conn(conn: &mut Option<Conn>) -> Input {
+    let Some(c) = conn else {
+        return std::future::pending().await;
+    };
+    let failed = async {
+        if let Some(rx) = &mut c.writer_failed {
+            let r = rx.await;
+            c.writer_failed = None;
+            if let Ok(e) = r {
+                return e;
+            }
+        }
+        std::future::pending().await
+    };
+    tokio::select! {
+        e = failed => Input::Lost(e),
+        // After its last input the reader ends: wait for the driver to
+        // close this connection.
+        i = c.inbound.recv() => match i {
+            Some(i) => i,
+            None => std::future::pending().await,
+        },
+    }
+}
+
+fn log_summary(batch: u64, s: &crate::proto::UploadSummary, resent: u64) {
+    if s.conflict + s.invalid + s.materialize_error > 0 {
+        tracing::warn!(batch, total = s.total, applied = s.applied, conflict = s.conflict, invalid = s.invalid, invalid_reasons = ?s.invalid_reasons, materialize_error = s.materialize_error, resent, first_error = ?s.first_error, "upload result");
+    } else {
+        tracing::debug!(batch, total = s.total, applied = s.applied, "upload result");
+    }
+}

@@ -1,0 +1,868 @@
+//! The daemon's session protocol as a state machine without I/O.
+//!
+//! [`Machine::handle`] takes one [`Input`] (a frame from the hub, the result
+//! of a local read or write, a file wake-up, a timer tick, an operator
+//! command, shutdown) with the current time and returns the [`Action`]s the
+//! driver ([`super::driver`]) performs: open a connection, send a frame, read
+//! or write the local database, close, report. Nothing here touches a socket,
+//! a file or a clock, so every transition is covered by table tests below.
+//!
+//! The states ([`State`]) carry their data: a connection's in-flight uploads
+//! live inside [`State::Live`], the cause of a failure inside
+//! [`State::Backoff`]. What the control socket reports is the plain
+//! [`super::Status`], fed by [`Note`]s.
+
+use std::collections::VecDeque;
+use std::time::Duration;
+
+use tokio::time::Instant;
+
+use super::SessionError;
+use crate::local::{Batch, Pending};
+use crate::proto::{
+    self, Access, Change, ChangeResult, ClientFrame, ErrorCode, Hello, HubFrame, RemoteChange,
+    TableSchema, Upload, UploadSummary, MAX_BATCH_BYTES, MAX_BATCH_CHANGES, PROTOCOL_VERSION,
+};
+
+/// Upload batches sent before the first is answered. The hub answers in
+/// order and keeps the answers of unacknowledged batches, so a resend after a
+/// lost connection is answered exactly as the first time.
+pub const MAX_INFLIGHT: usize = 4;
+/// An upload not answered within this time is taken as a dead connection.
+pub const ACK_TIMEOUT: Duration = Duration::from_secs(60);
+/// Safety-net timer: pending changes are looked at least this often, even if
+/// no file notification arrives.
+pub const POLL_INTERVAL: Duration = Duration::from_millis(500);
+/// Time allowed for the hub's `welcome` after `hello`.
+pub const WELCOME_TIMEOUT: Duration = Duration::from_secs(10);
+/// A connection that stayed up this long resets the backoff.
+pub const HEALTHY_AFTER: Duration = Duration::from_secs(30);
+/// Changes the local database refused are tried again this often.
+pub const HELD_RETRY: Duration = Duration::from_secs(30);
+/// Delays of the re-reads after a wake-up that found nothing: a file
+/// notification can arrive a few microseconds before the app's commit is
+/// visible (the WAL is written before its index is updated).
+const RECHECK_DELAYS: [Duration; 3] = [
+    Duration::from_micros(500),
+    Duration::from_millis(2),
+    Duration::from_millis(10),
+];
+
+/// Settings the machine needs; everything else stays in the driver.
+#[derive(Clone, Debug)]
+pub struct Config {
+    pub dataset: String,
+    pub echo_own: bool,
+    pub ping_interval: Duration,
+    pub read_timeout: Duration,
+    /// Backoff after a fatal error or a refused token.
+    pub max_backoff: Duration,
+    /// On shutdown, how long in-flight uploads may take to be answered.
+    pub shutdown_timeout: Duration,
+}
+
+/// Where the local database stands, read by the driver before `hello`.
+#[derive(Clone, Debug, PartialEq)]
+pub struct LocalInfo {
+    pub client_id: String,
+    pub cursor: u64,
+    pub tables: Vec<TableSchema>,
+}
+
+/// What the operator asked for.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Command {
+    Pause { upload: bool, download: bool },
+    Resume { upload: bool, download: bool },
+    Reconnect,
+}
+
+/// Everything the machine reacts to.
+#[derive(Debug)]
+pub enum Input {
+    /// The connection is open and the local position read; `hello` may go.
+    Opened(LocalInfo),
+    /// Opening the connection failed.
+    OpenFailed(SessionError),
+    /// A frame from the hub, with its encoded size.
+    Frame(HubFrame, usize),
+    /// Any other message from the hub (ping, pong): the connection is alive.
+    Alive,
+    /// The connection broke (read error, close, a send that timed out).
+    Lost(SessionError),
+    /// Result of [`Action::ReadBatch`]; `None` when the read was skipped
+    /// because nothing changed.
+    BatchRead {
+        batch: Option<Batch>,
+        pending: Option<Pending>,
+        data_version: i64,
+    },
+    /// Result of [`Action::ApplyRemote`].
+    RemoteApplied { changes: u64, up_to: u64, head: u64 },
+    /// Result of [`Action::ApplyResults`]: the log after the answer.
+    ResultsApplied { pending: Pending },
+    /// A local database call failed for the whole database.
+    LocalFailed(SessionError),
+    /// The database file changed.
+    Wake,
+    /// A deadline from [`Machine::next_deadline`] may have passed.
+    Tick,
+    /// The token file changed while the hub refused the old token.
+    TokenChanged,
+    Command(Command),
+    Shutdown,
+}
+
+/// What the driver does for the machine, in order.
+#[derive(Debug)]
+pub enum Action {
+    /// Read the token, open the WebSocket, read [`LocalInfo`]; answer with
+    /// [`Input::Opened`] or [`Input::OpenFailed`].
+    Connect,
+    /// Queue an encoded frame for the writer.
+    Send(Vec<u8>),
+    /// Queue a WebSocket ping.
+    Ping,
+    /// Close the connection with this reason (a close frame if possible).
+    Close(&'static str),
+    /// Renumber the local log above the hub's mark for this client.
+    EnsureSeqAbove(u64),
+    /// Read the next upload batch after `after`; skip the read when
+    /// `skip_if_version` equals the database's `data_version`. When `idle`
+    /// (nothing in flight), a batch with no changes is marked answered.
+    ReadBatch {
+        after: u64,
+        skip_if_version: Option<i64>,
+        idle: bool,
+    },
+    /// Apply the hub's changes and move the cursor, in one transaction.
+    ApplyRemote {
+        changes: Vec<RemoteChange>,
+        up_to: u64,
+        head: u64,
+        bytes: u64,
+    },
+    /// Apply the hub's answer to one batch.
+    ApplyResults {
+        sent: Box<Inflight>,
+        results: Vec<ChangeResult>,
+        summary: UploadSummary,
+    },
+    /// Try the changes the local database refused again.
+    RetryHeld,
+    /// Answer the operator's reconnect request.
+    ReconnectAnswer(super::ReconnectOutcome),
+    /// Report a change of state or progress.
+    Note(Note),
+    /// The session is over.
+    Stop,
+}
+
+/// What changed, for status, events, metrics and logs.
+#[derive(Debug, PartialEq)]
+pub enum Note {
+    Connecting { reconnect: bool },
+    Connected { cursor: u64, head: u64, access: Access },
+    CaughtUp,
+    Pending(Pending),
+    PauseFlags { upload: bool, download: bool },
+    Paused,
+    /// The connection ended; the session tries again after `delay`.
+    Failed { error: String, class: FailureClass, delay: Duration },
+    /// Uploads stay captured: the token is read-only.
+    ReadOnly(String),
+    Dying { in_flight: usize },
+    /// Shutdown gave up waiting for answers.
+    DrainTimedOut,
+}
+
+/// How bad a failure is.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum FailureClass {
+    /// Network, hub busy: retried with exponential backoff.
+    Retry,
+    /// The hub refused the token: retried when the token file changes or
+    /// after the longest backoff.
+    Unauthorized,
+    /// Nothing changes until an operator fixes something.
+    Fatal,
+}
+
+impl FailureClass {
+    pub fn of(e: &SessionError) -> FailureClass {
+        match e {
+            SessionError::Retry(_) => FailureClass::Retry,
+            SessionError::Unauthorized(_) => FailureClass::Unauthorized,
+            SessionError::Fatal(_) => FailureClass::Fatal,
+        }
+    }
+}
+
+/// One upload batch sent and not yet answered.
+#[derive(Debug)]
+pub struct Inflight {
+    pub batch: u64,
+    /// What was sent and the log range it answers.
+    pub read: Batch,
+    /// Encoded size of the upload frame.
+    pub bytes: u64,
+    deadline: Instant,
+    /// Parts of a split answer received so far.
+    results: Vec<ChangeResult>,
+}
+
+/// When the next local read happens and how thorough it is.
+#[derive(Debug, Default, PartialEq)]
+struct ReadPlan {
+    /// A read is due.
+    due: bool,
+    /// The read may be skipped if `data_version` did not move (a file
+    /// wake-up is often tether's own write).
+    only_wake: bool,
+    /// A re-read after an empty wake-up: when, and which attempt.
+    recheck: Option<(Instant, usize)>,
+    /// `data_version` at the last read.
+    data_version: Option<i64>,
+}
+
+impl ReadPlan {
+    fn wake(&mut self) {
+        if !self.due {
+            self.only_wake = true;
+        }
+        self.due = true;
+        self.recheck = None;
+    }
+    fn full(&mut self) {
+        self.due = true;
+        self.only_wake = false;
+    }
+}
+
+/// A connection past its handshake.
+#[derive(Debug)]
+pub struct Live {
+    /// Uploads sent, oldest first, at most [`MAX_INFLIGHT`].
+    inflight: VecDeque<Inflight>,
+    /// Whether a local read is being performed (its result not yet in).
+    reading: bool,
+    read: ReadPlan,
+    /// Highest seq whose answer has been processed (sent as `acked`).
+    acked: u64,
+    next_batch: u64,
+    uploads_allowed: bool,
+    caught_up: bool,
+    read_deadline: Instant,
+    next_ping: Instant,
+    next_poll: Instant,
+    connected_at: Instant,
+    /// Set while shutting down: answers are awaited until then.
+    draining: Option<Instant>,
+}
+
+/// The session's states.
+#[derive(Debug)]
+pub enum State {
+    /// Not started yet.
+    Start,
+    /// Paused in both directions: no connection is kept.
+    Paused,
+    /// Opening the WebSocket.
+    Connecting,
+    /// `hello` sent, waiting for `welcome` until the deadline.
+    Handshaking { deadline: Instant, cursor: u64 },
+    /// Syncing: catching up, then live.
+    Live(Box<Live>),
+    /// Waiting before the next attempt; `cause` says why.
+    Backoff {
+        until: Instant,
+        cause: FailureClass,
+    },
+    /// Over.
+    Stopped,
+}
+
+/// The session protocol of one database; see the module docs.
+pub struct Machine {
+    cfg: Config,
+    state: State,
+    upload_paused: bool,
+    download_paused: bool,
+    /// Next reconnect delay; replaced by a fresh sequence after a healthy
+    /// connection.
+    backoff: Box<dyn Iterator<Item = Duration> + Send>,
+    new_backoff: Box<dyn Fn() -> Box<dyn Iterator<Item = Duration> + Send> + Send>,
+    attempts: u64,
+    /// Held changes are retried at this time (set while any may be held).
+    next_held_retry: Option<Instant>,
+}
+
+impl Machine {
+    pub fn new(
+        cfg: Config,
+        upload_paused: bool,
+        download_paused: bool,
+        new_backoff: Box<dyn Fn() -> Box<dyn Iterator<Item = Duration> + Send> + Send>,
+    ) -> Machine {
+        Machine {
+            cfg,
+            state: State::Start,
+            upload_paused,
+            download_paused,
+            backoff: new_backoff(),
+            new_backoff,
+            attempts: 0,
+            next_held_retry: None,
+        }
+    }
+
+    pub fn state(&self) -> &State {
+        &self.state
+    }
+
+    /// Whether the driver should watch the token file for a new token.
+    pub fn waiting_for_token(&self) -> bool {
+        matches!(
+            self.state,
+            State::Backoff {
+                cause: FailureClass::Unauthorized,
+                ..
+            }
+        )
+    }
+
+    /// Whether a connection is open (the driver's reader and writer run).
+    pub fn connected(&self) -> bool {
+        matches!(self.state, State::Handshaking { .. } | State::Live(_))
+    }
+
+    /// The earliest time at which [`Input::Tick`] has something to do.
+    pub fn next_deadline(&self) -> Option<Instant> {
+        let state = match &self.state {
+            State::Handshaking { deadline, .. } => Some(*deadline),
+            State::Backoff { until, .. } => Some(*until),
+            State::Live(l) => {
+                let mut d = l.read_deadline.min(l.next_ping).min(l.next_poll);
+                if let Some(f) = l.inflight.front() {
+                    d = d.min(f.deadline);
+                }
+                if let Some((r, _)) = l.read.recheck {
+                    d = d.min(r);
+                }
+                if let Some(dr) = l.draining {
+                    d = d.min(dr);
+                }
+                Some(d)
+            }
+            _ => None,
+        };
+        match (state, self.next_held_retry) {
+            (Some(a), Some(b)) => Some(a.min(b)),
+            (a, b) => a.or(b),
+        }
+    }
+
+    /// Feeds one input; returns what to do, in order.
+    pub fn handle(&mut self, input: Input, now: Instant) -> Vec<Action> {
+        let mut out = Vec::new();
+        match input {
+            Input::Shutdown => self.shutdown(now, &mut out),
+            Input::Command(c) => self.command(c, now, &mut out),
+            Input::Tick => self.tick(now, &mut out),
+            Input::TokenChanged => {
+                if self.waiting_for_token() {
+                    self.connect(&mut out);
+                }
+            }
+            Input::Opened(info) => self.opened(info, now, &mut out),
+            Input::OpenFailed(e) | Input::Lost(e) | Input::LocalFailed(e) => {
+                if !matches!(self.state, State::Stopped | State::Backoff { .. }) {
+                    self.fail(e, now, &mut out)
+                }
+            }
+            Input::Frame(f, bytes) => self.frame(f, bytes, now, &mut out),
+            Input::Alive => {
+                if let State::Live(l) = &mut self.state {
+                    l.read_deadline = now + self.cfg.read_timeout;
+                }
+            }
+            Input::Wake => {
+                if let State::Live(l) = &mut self.state {
+                    l.read.wake();
+                }
+            }
+            Input::BatchRead {
+                batch,
+                pending,
+                data_version,
+            } => self.batch_read(batch, pending, data_version, now, &mut out),
+            Input::RemoteApplied { .. } => {}
+            Input::ResultsApplied { pending } => {
+                out.push(Action::Note(Note::Pending(pending)));
+                if let State::Live(l) = &mut self.state {
+                    l.read.full();
+                }
+            }
+        }
+        if let State::Live(_) = self.state {
+            self.after_live_input(now, &mut out);
+        }
+        out
+    }
+
+    fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        match &mut self.state {
+            State::Live(l) if !l.inflight.is_empty() => {
+                if l.draining.is_none() {
+                    l.draining = Some(now + self.cfg.shutdown_timeout);
+                    out.push(Action::Note(Note::Dying {
+                        in_flight: l.inflight.len(),
+                    }));
+                }
+            }
+            State::Live(_) | State::Handshaking { .. } => {
+                out.push(Action::Close("daemon shutting down"));
+                self.stop(out);
+            }
+            State::Stopped => {}
+            _ => self.stop(out),
+        }
+    }
+
+    fn stop(&mut self, out: &mut Vec<Action>) {
+        self.state = State::Stopped;
+        out.push(Action::Stop);
+    }
+
+    fn command(&mut self, c: Command, now: Instant, out: &mut Vec<Action>) {
+        match c {
+            Command::Reconnect => {
+                let answer = match self.state {
+                    State::Paused => super::ReconnectOutcome::Paused,
+                    State::Backoff { .. } | State::Start => {
+                        self.backoff = (self.new_backoff)();
+                        self.connect(out);
+                        super::ReconnectOutcome::Woken
+                    }
+                    _ => super::ReconnectOutcome::AlreadyConnected,
+                };
+                out.push(Action::ReconnectAnswer(answer));
+            }
+            Command::Pause { upload, download } => self.set_pause(true, upload, download, now, out),
+            Command::Resume { upload, download } => {
+                self.set_pause(false, upload, download, now, out)
+            }
+        }
+    }
+
+    /// Applies a pause or resume; reconnects when the download flag changed
+    /// (it is part of `hello`), drops the connection when both are paused.
+    fn set_pause(
+        &mut self,
+        pause: bool,
+        upload: bool,
+        download: bool,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let both = !upload && !download;
+        let before_down = self.download_paused;
+        if upload || both {
+            self.upload_paused = pause;
+        }
+        if download || both {
+            self.download_paused = pause;
+        }
+        out.push(Action::Note(Note::PauseFlags {
+            upload: self.upload_paused,
+            download: self.download_paused,
+        }));
+        let all_paused = self.upload_paused && self.download_paused;
+        match &mut self.state {
+            State::Stopped => {}
+            State::Live(_) | State::Handshaking { .. }
+                if all_paused || before_down != self.download_paused =>
+            {
+                out.push(Action::Close(if pause { "paused" } else { "resumed" }));
+                self.after_close(now, out);
+            }
+            State::Live(l) => l.read.full(),
+            State::Paused if !all_paused => {
+                self.backoff = (self.new_backoff)();
+                self.connect(out);
+            }
+            State::Backoff { .. } | State::Connecting if all_paused => self.to_paused(out),
+            // A resume ends the wait.
+            State::Backoff { .. } if !pause => self.connect(out),
+            _ => {}
+        }
+    }
+
+    /// After closing on purpose: paused, or connect again at once.
+    fn after_close(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        if self.upload_paused && self.download_paused {
+            self.to_paused(out);
+        } else {
+            self.connect(out);
+        }
+    }
+
+    fn to_paused(&mut self, out: &mut Vec<Action>) {
+        self.state = State::Paused;
+        out.push(Action::Note(Note::Paused));
+    }
+
+    fn connect(&mut self, out: &mut Vec<Action>) {
+        if self.upload_paused && self.download_paused {
+            return self.to_paused(out);
+        }
+        out.push(Action::Note(Note::Connecting {
+            reconnect: self.attempts > 0,
+        }));
+        self.attempts += 1;
+        self.state = State::Connecting;
+        out.push(Action::Connect);
+    }
+
+    fn tick(&mut self, now: Instant, out: &mut Vec<Action>) {
+        if self.next_held_retry.is_some_and(|t| t <= now) {
+            self.next_held_retry = Some(now + HELD_RETRY);
+            out.push(Action::RetryHeld);
+        }
+        match &mut self.state {
+            State::Start => self.connect(out),
+            State::Backoff { until, .. } if *until <= now => self.connect(out),
+            State::Handshaking { deadline, .. } if *deadline <= now => self.fail(
+                SessionError::Retry(format!(
+                    "no welcome from the hub within {WELCOME_TIMEOUT:?}"
+                )),
+                now,
+                out,
+            ),
+            State::Live(l) => {
+                if l.draining.is_some_and(|d| d <= now) {
+                    out.push(Action::Note(Note::DrainTimedOut));
+                    out.push(Action::Close("daemon shutting down"));
+                    return self.stop(out);
+                }
+                if l.read_deadline <= now {
+                    let e = SessionError::Retry(format!(
+                        "nothing received from the hub for {:?}; reconnecting",
+                        self.cfg.read_timeout
+                    ));
+                    return self.fail(e, now, out);
+                }
+                if l.inflight.front().is_some_and(|f| f.deadline <= now) {
+                    let e = SessionError::Retry(format!(
+                        "upload not answered within {ACK_TIMEOUT:?}; reconnecting"
+                    ));
+                    return self.fail(e, now, out);
+                }
+                if l.next_ping <= now {
+                    l.next_ping = now + self.cfg.ping_interval;
+                    out.push(Action::Ping);
+                }
+                if l.next_poll <= now {
+                    l.next_poll = now + POLL_INTERVAL;
+                    l.read.full();
+                }
+                if l.read.recheck.is_some_and(|(t, _)| t <= now) {
+                    l.read.due = true;
+                    l.read.only_wake = true;
+                }
+            }
+            _ => {}
+        }
+    }
+
+    fn opened(&mut self, info: LocalInfo, now: Instant, out: &mut Vec<Action>) {
+        if !matches!(self.state, State::Connecting) {
+            // Shut down or paused meanwhile.
+            out.push(Action::Close("daemon shutting down"));
+            return;
+        }
+        let hello = ClientFrame::Hello(Hello {
+            protocol: PROTOCOL_VERSION,
+            client_id: info.client_id,
+            dataset: self.cfg.dataset.clone(),
+            cursor: info.cursor,
+            tables: info.tables,
+            echo_own: self.cfg.echo_own,
+            subscribe: !self.download_paused,
+        });
+        out.push(Action::Send(proto::encode(&hello)));
+        self.state = State::Handshaking {
+            deadline: now + WELCOME_TIMEOUT,
+            cursor: info.cursor,
+        };
+    }
+
+    /// Ends the connection after an error and schedules the next attempt.
+    fn fail(&mut self, e: SessionError, now: Instant, out: &mut Vec<Action>) {
+        let class = FailureClass::of(&e);
+        let was_connected = self.connected();
+        if let State::Live(l) = &self.state {
+            if l.draining.is_some() {
+                // Shutting down anyway: what is unanswered goes out next start.
+                out.push(Action::Close("daemon shutting down"));
+                out.push(Action::Note(Note::DrainTimedOut));
+                return self.stop(out);
+            }
+            if now.duration_since(l.connected_at) >= HEALTHY_AFTER {
+                self.backoff = (self.new_backoff)();
+            }
+        }
+        if was_connected {
+            out.push(Action::Close("reconnecting"));
+        }
+        let delay = match class {
+            FailureClass::Retry => self.backoff.next().unwrap_or(self.cfg.max_backoff),
+            _ => self.cfg.max_backoff,
+        };
+        out.push(Action::Note(Note::Failed {
+            error: e.to_string(),
+            class,
+            delay,
+        }));
+        self.state = State::Backoff {
+            until: now + delay,
+            cause: class,
+        };
+    }
+
+    fn frame(&mut self, f: HubFrame, bytes: usize, now: Instant, out: &mut Vec<Action>) {
+        if let State::Handshaking { cursor, .. } = self.state {
+            return match f {
+                HubFrame::Welcome(w) => {
+                    out.push(Action::EnsureSeqAbove(w.client_seq));
+                    out.push(Action::Note(Note::Connected {
+                        cursor,
+                        head: w.head,
+                        access: w.access,
+                    }));
+                    let mut read = ReadPlan::default();
+                    read.full();
+                    self.state = State::Live(Box::new(Live {
+                        inflight: VecDeque::new(),
+                        reading: false,
+                        read,
+                        acked: 0,
+                        next_batch: 1,
+                        uploads_allowed: w.access == Access::ReadWrite,
+                        caught_up: false,
+                        read_deadline: now + self.cfg.read_timeout,
+                        next_ping: now + self.cfg.ping_interval,
+                        next_poll: now + POLL_INTERVAL,
+                        connected_at: now,
+                        draining: None,
+                    }));
+                }
+                HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
+                other => self.fail(
+                    SessionError::Retry(format!("expected welcome, got {}", frame_name(&other))),
+                    now,
+                    out,
+                ),
+            };
+        }
+        let State::Live(l) = &mut self.state else {
+            return;
+        };
+        l.read_deadline = now + self.cfg.read_timeout;
+        match f {
+            HubFrame::Changes(c) => out.push(Action::ApplyRemote {
+                changes: c.changes,
+                up_to: c.up_to,
+                head: c.head,
+                bytes: bytes as u64,
+            }),
+            HubFrame::CaughtUp(c) => {
+                out.push(Action::ApplyRemote {
+                    changes: Vec::new(),
+                    up_to: c.head,
+                    head: c.head,
+                    bytes: 0,
+                });
+                if !l.caught_up {
+                    l.caught_up = true;
+                    out.push(Action::Note(Note::CaughtUp));
+                }
+            }
+            HubFrame::UploadResult(res) => {
+                let Some(front) = l.inflight.front_mut() else {
+                    return self.fail(
+                        SessionError::Retry("hub answered an upload that was not sent".into()),
+                        now,
+                        out,
+                    );
+                };
+                if res.batch != front.batch {
+                    let e = format!(
+                        "hub answered batch {} while {} was in flight",
+                        res.batch, front.batch
+                    );
+                    return self.fail(SessionError::Retry(e), now, out);
+                }
+                front.results.extend(res.results);
+                if res.more {
+                    // The rest of a split answer follows; it is still alive.
+                    front.deadline = now + ACK_TIMEOUT;
+                    return;
+                }
+                let mut sent = l.inflight.pop_front().expect("BUG: front was just seen");
+                let results = std::mem::take(&mut sent.results);
+                let summary = UploadSummary::of(&results);
+                l.acked = l.acked.max(sent.read.through);
+                let failed = summary.materialize_error > 0;
+                let why = summary.first_error.clone().unwrap_or_default();
+                out.push(Action::ApplyResults {
+                    sent: Box::new(sent),
+                    results,
+                    summary,
+                });
+                if failed {
+                    // The hub closes after a failed batch; everything
+                    // unanswered goes again after backoff.
+                    let e = SessionError::Retry(format!("hub could not store a batch: {why}"));
+                    return self.fail(e, now, out);
+                }
+            }
+            HubFrame::Error(e) if e.code == ErrorCode::Forbidden && !l.inflight.is_empty() => {
+                // Read-only token: keep the changes, stop uploading.
+                l.inflight.clear();
+                l.uploads_allowed = false;
+                out.push(Action::Note(Note::ReadOnly(e.message)));
+            }
+            HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
+            HubFrame::Welcome(_) => {
+                self.fail(SessionError::Retry("hub sent welcome twice".into()), now, out)
+            }
+        }
+    }
+
+    fn batch_read(
+        &mut self,
+        batch: Option<Batch>,
+        pending: Option<Pending>,
+        data_version: i64,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        let State::Live(l) = &mut self.state else {
+            return;
+        };
+        l.reading = false;
+        let skipped = batch.is_none();
+        let was_wake = l.read.only_wake;
+        let seen = l.read.data_version.replace(data_version);
+        if let Some(p) = pending {
+            if p.held > 0 && self.next_held_retry.is_none() {
+                self.next_held_retry = Some(now + HELD_RETRY);
+            }
+            if !skipped || seen != Some(data_version) {
+                out.push(Action::Note(Note::Pending(p)));
+            }
+        }
+        let read = batch.unwrap_or_default();
+        let attempt = l.read.recheck.take().map(|r| r.1).unwrap_or(0);
+        if read.changes.is_empty() && was_wake && attempt < RECHECK_DELAYS.len() {
+            l.read.recheck = Some((now + RECHECK_DELAYS[attempt], attempt + 1));
+        }
+        l.read.only_wake = false;
+        if read.changes.is_empty() {
+            return;
+        }
+        // A full batch means more may be waiting: read on, up to the window.
+        let full = read.changes.len() >= MAX_BATCH_CHANGES / 2
+            || read.changes.iter().map(Change::wire_size).sum::<usize>() >= MAX_BATCH_BYTES / 2;
+        if full {
+            l.read.full();
+        }
+        let batch = l.next_batch;
+        l.next_batch += 1;
+        let frame = ClientFrame::Upload(Upload {
+            batch,
+            acked: l.acked,
+            changes: read.changes,
+        });
+        let bytes = proto::encode(&frame);
+        let ClientFrame::Upload(Upload { changes, .. }) = frame else {
+            unreachable!("built as an upload above")
+        };
+        l.inflight.push_back(Inflight {
+            batch,
+            bytes: bytes.len() as u64,
+            read: Batch {
+                changes,
+                through: read.through,
+                captured_ms: read.captured_ms,
+            },
+            deadline: now + ACK_TIMEOUT,
+            results: Vec::new(),
+        });
+        out.push(Action::Send(bytes));
+    }
+
+    /// Decides the next local read and finishes a drain.
+    fn after_live_input(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        let State::Live(l) = &mut self.state else {
+            return;
+        };
+        if l.draining.is_some() {
+            if l.inflight.is_empty() {
+                out.push(Action::Close("daemon shutting down"));
+                self.stop(out);
+            }
+            return;
+        }
+        // Only one read at a time, and none after the connection ended in
+        // this same step.
+        if out.iter().any(|a| matches!(a, Action::Close(_))) {
+            return;
+        }
+        if l.read.due
+            && !l.reading
+            && l.inflight.len() < MAX_INFLIGHT
+            && l.uploads_allowed
+            && !self.upload_paused
+        {
+            l.read.due = false;
+            l.reading = true;
+            out.push(Action::ReadBatch {
+                after: l.inflight.back().map(|i| i.read.through).unwrap_or(0),
+                skip_if_version: if l.read.only_wake {
+                    l.read.data_version
+                } else {
+                    None
+                },
+                idle: l.inflight.is_empty(),
+            });
+        }
+    }
+
+    /// Called by the driver after a held-change retry: stop the timer when
+    /// nothing is held any more.
+    pub fn held_remaining(&mut self, held: u64, now: Instant) {
+        self.next_held_retry = (held > 0).then(|| now + HELD_RETRY);
+    }
+}
+
+/// Classifies an `error` frame from the hub.
+pub fn hub_error(code: ErrorCode, message: &str) -> SessionError {
+    let text = format!("hub error {}: {message}", code.as_str());
+    match code {
+        ErrorCode::Unauthorized => SessionError::Unauthorized(text),
+        c if c.is_fatal() => SessionError::Fatal(text),
+        _ => SessionError::Retry(text),
+    }
+}
+
+fn frame_name(f: &HubFrame) -> &'static str {
+    match f {
+        HubFrame::Welcome(_) => "welcome",
+        HubFrame::Changes(_) => "changes",
+        HubFrame::CaughtUp(_) => "caught_up",
+        HubFrame::UploadResult(_) => "upload_result",
+        HubFrame::Error(_) => "error",
+    }
+}
