@@ -866,3 +866,664 @@ fn frame_name(f: &HubFrame) -> &'static str {
         HubFrame::Error(_) => "error",
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::proto::{
+        CaughtUp, Changes, ErrorFrame, Op, Outcome, ServerRow, UploadResult, Value, Welcome,
+    };
+    use crate::session::ReconnectOutcome;
+
+    const MAX: Duration = Duration::from_secs(60);
+
+    /// A machine whose backoff delays are 1 s, 2 s, 3 s, ... (fresh after a
+    /// healthy connection).
+    fn machine(upload_paused: bool, download_paused: bool) -> Machine {
+        let cfg = Config {
+            dataset: "notes".into(),
+            echo_own: false,
+            ping_interval: Duration::from_secs(30),
+            read_timeout: Duration::from_secs(120),
+            max_backoff: MAX,
+            shutdown_timeout: Duration::from_secs(5),
+        };
+        Machine::new(
+            cfg,
+            upload_paused,
+            download_paused,
+            Box::new(|| Box::new((1..).map(Duration::from_secs))),
+        )
+    }
+
+    fn info() -> LocalInfo {
+        LocalInfo {
+            client_id: "c1".into(),
+            cursor: 7,
+            tables: Vec::new(),
+        }
+    }
+
+    fn welcome(access: Access) -> Input {
+        Input::Frame(
+            HubFrame::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                head: 9,
+                access,
+                client_seq: 3,
+            }),
+            10,
+        )
+    }
+
+    fn change(seq: u64) -> Change {
+        Change {
+            seq,
+            table: "notes".into(),
+            op: Op::Upsert,
+            pk: vec![Value::Integer(seq as i64)],
+            values: vec![Value::Integer(seq as i64)],
+            base: 0,
+            mask: 1,
+        }
+    }
+
+    fn batch(seqs: std::ops::RangeInclusive<u64>) -> Batch {
+        let changes: Vec<Change> = seqs.clone().map(change).collect();
+        Batch {
+            captured_ms: vec![0; changes.len()],
+            through: *seqs.end(),
+            changes,
+        }
+    }
+
+    fn read(b: Batch, version: i64) -> Input {
+        Input::BatchRead {
+            batch: Some(b),
+            pending: Some(Pending::default()),
+            data_version: version,
+        }
+    }
+
+    fn answer(batch: u64, seqs: &[u64], more: bool) -> Input {
+        let results: Vec<ChangeResult> = seqs
+            .iter()
+            .map(|&seq| ChangeResult {
+                seq,
+                outcome: Outcome::Applied { version: seq },
+            })
+            .collect();
+        Input::Frame(
+            HubFrame::UploadResult(UploadResult {
+                batch,
+                summary: UploadSummary::of(&results),
+                results,
+                more,
+            }),
+            100,
+        )
+    }
+
+    /// A machine that is live with nothing in flight, and the time.
+    fn live() -> (Machine, Instant) {
+        let mut m = machine(false, false);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        m.handle(Input::Opened(info()), t);
+        let a = m.handle(welcome(Access::ReadWrite), t);
+        assert!(matches!(a.last(), Some(Action::ReadBatch { .. })), "{a:?}");
+        m.handle(
+            Input::BatchRead {
+                batch: Some(Batch::default()),
+                pending: Some(Pending::default()),
+                data_version: 1,
+            },
+            t,
+        );
+        (m, t)
+    }
+
+    fn sends(a: &[Action]) -> Vec<ClientFrame> {
+        a.iter()
+            .filter_map(|a| match a {
+                Action::Send(b) => Some(proto::decode(b).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn failed(a: &[Action]) -> Option<(FailureClass, Duration)> {
+        a.iter().find_map(|a| match a {
+            Action::Note(Note::Failed { class, delay, .. }) => Some((*class, *delay)),
+            _ => None,
+        })
+    }
+
+    fn has_close(a: &[Action]) -> bool {
+        a.iter().any(|a| matches!(a, Action::Close(_)))
+    }
+
+    fn reads(a: &[Action]) -> usize {
+        a.iter()
+            .filter(|a| matches!(a, Action::ReadBatch { .. }))
+            .count()
+    }
+
+    #[test]
+    fn start_connects_unless_paused_both_ways() {
+        let mut m = machine(false, false);
+        let a = m.handle(Input::Tick, Instant::now());
+        assert!(matches!(
+            a[..],
+            [
+                Action::Note(Note::Connecting { reconnect: false }),
+                Action::Connect
+            ]
+        ));
+        assert!(matches!(m.state(), State::Connecting));
+
+        let mut m = machine(true, true);
+        let a = m.handle(Input::Tick, Instant::now());
+        assert!(matches!(a[..], [Action::Note(Note::Paused)]), "{a:?}");
+        assert!(matches!(m.state(), State::Paused));
+        assert_eq!(m.next_deadline(), None);
+    }
+
+    #[test]
+    fn hello_carries_cursor_and_subscription_then_welcome_goes_live() {
+        let mut m = machine(false, true);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        let a = m.handle(Input::Opened(info()), t);
+        let [ClientFrame::Hello(h)] = &sends(&a)[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!((h.cursor, h.subscribe, h.dataset.as_str()), (7, false, "notes"));
+        assert_eq!(m.next_deadline(), Some(t + WELCOME_TIMEOUT));
+        let a = m.handle(welcome(Access::ReadWrite), t);
+        assert!(matches!(a[0], Action::EnsureSeqAbove(3)), "{a:?}");
+        assert!(matches!(
+            a[1],
+            Action::Note(Note::Connected {
+                cursor: 7,
+                head: 9,
+                ..
+            })
+        ));
+        assert!(matches!(
+            a[2],
+            Action::ReadBatch {
+                after: 0,
+                skip_if_version: None,
+                idle: true
+            }
+        ));
+        assert!(matches!(m.state(), State::Live(_)));
+    }
+
+    #[test]
+    fn no_welcome_in_time_is_retried_with_backoff() {
+        let mut m = machine(false, false);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        m.handle(Input::Opened(info()), t);
+        assert!(m.handle(Input::Tick, t + Duration::from_secs(9)).is_empty());
+        let a = m.handle(Input::Tick, t + WELCOME_TIMEOUT);
+        assert!(has_close(&a));
+        assert_eq!(failed(&a), Some((FailureClass::Retry, Duration::from_secs(1))));
+        // The backoff ends with a new attempt.
+        let a = m.handle(Input::Tick, t + WELCOME_TIMEOUT + Duration::from_secs(1));
+        assert!(matches!(
+            a[..],
+            [
+                Action::Note(Note::Connecting { reconnect: true }),
+                Action::Connect
+            ]
+        ));
+    }
+
+    #[test]
+    fn a_refused_token_waits_the_longest_backoff_or_a_new_token() {
+        let mut m = machine(false, false);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        m.handle(Input::Opened(info()), t);
+        let refusal = Input::Frame(
+            HubFrame::Error(ErrorFrame {
+                code: ErrorCode::Unauthorized,
+                message: "no".into(),
+            }),
+            5,
+        );
+        let a = m.handle(refusal, t);
+        assert_eq!(failed(&a), Some((FailureClass::Unauthorized, MAX)));
+        assert!(m.waiting_for_token());
+        let a = m.handle(Input::TokenChanged, t + Duration::from_secs(1));
+        assert!(matches!(a.last(), Some(Action::Connect)));
+        // A fatal error waits the longest backoff too.
+        m.handle(Input::Opened(info()), t);
+        let fatal = Input::Frame(
+            HubFrame::Error(ErrorFrame {
+                code: ErrorCode::SchemaMismatch,
+                message: "x".into(),
+            }),
+            5,
+        );
+        assert_eq!(failed(&m.handle(fatal, t)), Some((FailureClass::Fatal, MAX)));
+        assert!(!m.waiting_for_token());
+    }
+
+    #[test]
+    fn uploads_fill_the_window_and_answers_open_it_again() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        // Full batches: every read leads to the next until the window is full.
+        let mut sent = 0;
+        let mut next = read(batch(1..=2000), 2);
+        for _ in 0..MAX_INFLIGHT {
+            let a = m.handle(next, t);
+            let frames = sends(&a);
+            let [ClientFrame::Upload(up)] = &frames[..] else {
+                panic!("{a:?}")
+            };
+            sent += 1;
+            assert_eq!(up.batch, sent);
+            let more = reads(&a);
+            assert_eq!(more, usize::from(sent < MAX_INFLIGHT as u64), "{a:?}");
+            let from = sent * 2000 + 1;
+            next = read(batch(from..=from + 1999), 2);
+        }
+        // Window full: a wake-up reads nothing more.
+        assert_eq!(reads(&m.handle(Input::Wake, t)), 0);
+        // The answer to batch 1 frees a slot and acks its changes.
+        let seqs: Vec<u64> = (1..=2000).collect();
+        let a = m.handle(answer(1, &seqs, false), t);
+        let Some(Action::ApplyResults { sent, summary, .. }) = a.first() else {
+            panic!("{a:?}")
+        };
+        assert_eq!((sent.batch, summary.applied), (1, 2000));
+        // The freed slot is used at once (the read was due), after the
+        // answer is applied: actions run in order.
+        let Some(Action::ReadBatch { after, idle, .. }) = a.last() else {
+            panic!("{a:?}")
+        };
+        assert_eq!((*after, *idle), (8000, false));
+        // The applied answer does not start a second read while one runs.
+        let a = m.handle(
+            Input::ResultsApplied {
+                pending: Pending::default(),
+            },
+            t,
+        );
+        assert_eq!(reads(&a), 0, "{a:?}");
+        let a = m.handle(read(batch(8001..=8001), 3), t);
+        let [ClientFrame::Upload(up)] = &sends(&a)[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!((up.batch, up.acked), (5, 2000));
+    }
+
+    #[test]
+    fn a_split_answer_is_applied_once_whole() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=3), 2), t);
+        let a = m.handle(answer(1, &[1, 2], true), t);
+        assert!(a.is_empty(), "{a:?}");
+        let a = m.handle(answer(1, &[3], false), t);
+        let Some(Action::ApplyResults {
+            results, summary, ..
+        }) = a.first()
+        else {
+            panic!("{a:?}")
+        };
+        assert_eq!(results.iter().map(|r| r.seq).collect::<Vec<_>>(), [1, 2, 3]);
+        assert_eq!(summary.total, 3);
+    }
+
+    #[test]
+    fn answers_that_do_not_match_what_was_sent_end_the_connection() {
+        let (mut m, t) = live();
+        let a = m.handle(answer(1, &[1], false), t);
+        assert!(has_close(&a));
+        assert_eq!(failed(&a).map(|f| f.0), Some(FailureClass::Retry));
+
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        let a = m.handle(answer(2, &[1], false), t);
+        assert!(has_close(&a), "{a:?}");
+    }
+
+    #[test]
+    fn a_batch_the_hub_could_not_store_is_kept_and_the_connection_retried() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        let results = vec![ChangeResult {
+            seq: 1,
+            outcome: Outcome::MaterializeError {
+                message: "disk full".into(),
+            },
+        }];
+        let f = HubFrame::UploadResult(UploadResult {
+            batch: 1,
+            summary: UploadSummary::of(&results),
+            results,
+            more: false,
+        });
+        let a = m.handle(Input::Frame(f, 10), t);
+        assert!(matches!(a[0], Action::ApplyResults { .. }));
+        assert!(has_close(&a));
+        assert!(matches!(m.state(), State::Backoff { .. }));
+    }
+
+    #[test]
+    fn changes_and_caught_up_are_applied_in_order() {
+        let (mut m, t) = live();
+        let page = HubFrame::Changes(Changes {
+            changes: vec![],
+            up_to: 12,
+            head: 20,
+        });
+        let a = m.handle(Input::Frame(page, 30), t);
+        assert!(matches!(
+            a[..],
+            [Action::ApplyRemote {
+                up_to: 12,
+                head: 20,
+                bytes: 30,
+                ..
+            }]
+        ));
+        let a = m.handle(Input::Frame(HubFrame::CaughtUp(CaughtUp { head: 20 }), 5), t);
+        assert!(matches!(
+            a[..],
+            [
+                Action::ApplyRemote { up_to: 20, .. },
+                Action::Note(Note::CaughtUp)
+            ]
+        ));
+    }
+
+    #[test]
+    fn timers_ping_poll_and_drop_a_silent_hub() {
+        let (mut m, t) = live();
+        let a = m.handle(Input::Tick, t + Duration::from_secs(30));
+        assert!(a.iter().any(|a| matches!(a, Action::Ping)), "{a:?}");
+        // The poll timer made a full read due.
+        assert!(matches!(
+            a.last(),
+            Some(Action::ReadBatch {
+                skip_if_version: None,
+                ..
+            })
+        ));
+        m.handle(
+            Input::BatchRead {
+                batch: Some(Batch::default()),
+                pending: None,
+                data_version: 1,
+            },
+            t,
+        );
+        // Anything received pushes the read deadline on.
+        m.handle(Input::Alive, t + Duration::from_secs(100));
+        let a = m.handle(Input::Tick, t + Duration::from_secs(121));
+        assert!(failed(&a).is_none(), "{a:?}");
+        let a = m.handle(Input::Tick, t + Duration::from_secs(221));
+        assert!(has_close(&a));
+        assert_eq!(failed(&a).map(|f| f.0), Some(FailureClass::Retry));
+    }
+
+    #[test]
+    fn an_unanswered_upload_ends_the_connection() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        m.handle(Input::Alive, t + ACK_TIMEOUT - Duration::from_secs(1));
+        let a = m.handle(Input::Tick, t + ACK_TIMEOUT);
+        assert!(has_close(&a), "{a:?}");
+    }
+
+    #[test]
+    fn a_wake_up_with_nothing_new_skips_the_read_then_rechecks() {
+        let (mut m, t) = live();
+        let a = m.handle(Input::Wake, t);
+        assert!(matches!(
+            a[..],
+            [Action::ReadBatch {
+                skip_if_version: Some(1),
+                ..
+            }]
+        ));
+        let a = m.handle(
+            Input::BatchRead {
+                batch: None,
+                pending: None,
+                data_version: 1,
+            },
+            t,
+        );
+        assert!(a.is_empty(), "{a:?}");
+        assert_eq!(m.next_deadline(), Some(t + RECHECK_DELAYS[0]));
+        let a = m.handle(Input::Tick, t + RECHECK_DELAYS[0]);
+        assert_eq!(reads(&a), 1);
+    }
+
+    #[test]
+    fn a_read_only_token_keeps_changes_captured_and_stops_uploading() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        let f = HubFrame::Error(ErrorFrame {
+            code: ErrorCode::Forbidden,
+            message: "token is read_only".into(),
+        });
+        let a = m.handle(Input::Frame(f, 5), t);
+        assert!(matches!(a[..], [Action::Note(Note::ReadOnly(_))]), "{a:?}");
+        assert_eq!(reads(&m.handle(Input::Wake, t)), 0);
+        assert!(matches!(m.state(), State::Live(_)));
+    }
+
+    #[test]
+    fn shutdown_waits_for_answers_in_flight_then_closes() {
+        let (mut m, t) = live();
+        assert!(matches!(
+            m.handle(Input::Shutdown, t)[..],
+            [Action::Close(_), Action::Stop]
+        ));
+
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        let a = m.handle(Input::Shutdown, t);
+        assert!(matches!(a[..], [Action::Note(Note::Dying { in_flight: 1 })]));
+        // No new reads while draining.
+        assert_eq!(reads(&m.handle(Input::Wake, t)), 0);
+        let a = m.handle(answer(1, &[1], false), t);
+        assert!(matches!(
+            a[..],
+            [Action::ApplyResults { .. }, Action::Close(_), Action::Stop]
+        ));
+
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        m.handle(Input::Shutdown, t);
+        let a = m.handle(Input::Tick, t + Duration::from_secs(5));
+        assert!(matches!(
+            a[..],
+            [Action::Note(Note::DrainTimedOut), Action::Close(_), Action::Stop]
+        ));
+    }
+
+    #[test]
+    fn pausing_downloads_reconnects_without_subscription_and_both_disconnects() {
+        let (mut m, t) = live();
+        let a = m.handle(
+            Input::Command(Command::Pause {
+                upload: false,
+                download: true,
+            }),
+            t,
+        );
+        assert!(has_close(&a));
+        assert!(matches!(a.last(), Some(Action::Connect)));
+        let a = m.handle(Input::Opened(info()), t);
+        let [ClientFrame::Hello(h)] = &sends(&a)[..] else {
+            panic!("{a:?}")
+        };
+        assert!(!h.subscribe);
+        m.handle(welcome(Access::ReadWrite), t);
+        let a = m.handle(
+            Input::Command(Command::Pause {
+                upload: true,
+                download: false,
+            }),
+            t,
+        );
+        assert!(has_close(&a));
+        assert!(matches!(a.last(), Some(Action::Note(Note::Paused))));
+        let a = m.handle(Input::Command(Command::Reconnect), t);
+        assert!(matches!(
+            a[..],
+            [Action::ReconnectAnswer(ReconnectOutcome::Paused)]
+        ));
+        let a = m.handle(
+            Input::Command(Command::Resume {
+                upload: false,
+                download: false,
+            }),
+            t,
+        );
+        assert!(matches!(a.last(), Some(Action::Connect)), "{a:?}");
+    }
+
+    #[test]
+    fn pausing_uploads_only_stops_reading_the_log() {
+        let (mut m, t) = live();
+        let a = m.handle(
+            Input::Command(Command::Pause {
+                upload: true,
+                download: false,
+            }),
+            t,
+        );
+        assert!(!has_close(&a));
+        assert_eq!(reads(&m.handle(Input::Wake, t)), 0);
+        let a = m.handle(
+            Input::Command(Command::Resume {
+                upload: true,
+                download: false,
+            }),
+            t,
+        );
+        assert_eq!(reads(&a), 1, "{a:?}");
+    }
+
+    #[test]
+    fn reconnect_ends_a_backoff_and_leaves_a_live_session_alone() {
+        let (mut m, t) = live();
+        let a = m.handle(Input::Command(Command::Reconnect), t);
+        assert!(matches!(
+            a[..],
+            [Action::ReconnectAnswer(ReconnectOutcome::AlreadyConnected)]
+        ));
+        m.handle(Input::Lost(SessionError::Retry("cut".into())), t);
+        assert!(matches!(m.state(), State::Backoff { .. }));
+        let a = m.handle(Input::Command(Command::Reconnect), t);
+        assert!(matches!(
+            a[..],
+            [
+                Action::Note(Note::Connecting { reconnect: true }),
+                Action::Connect,
+                Action::ReconnectAnswer(ReconnectOutcome::Woken)
+            ]
+        ));
+    }
+
+    #[test]
+    fn backoff_grows_per_failure_and_resets_after_a_healthy_connection() {
+        let mut m = machine(false, false);
+        let mut t = Instant::now();
+        m.handle(Input::Tick, t);
+        let mut delays = Vec::new();
+        for _ in 0..3 {
+            let a = m.handle(Input::OpenFailed(SessionError::Retry("refused".into())), t);
+            let (_, d) = failed(&a).unwrap();
+            delays.push(d.as_secs());
+            t += d;
+            m.handle(Input::Tick, t);
+        }
+        assert_eq!(delays, [1, 2, 3]);
+        // A connection that stays up long enough starts the sequence again.
+        m.handle(Input::Opened(info()), t);
+        m.handle(welcome(Access::ReadWrite), t);
+        t += HEALTHY_AFTER;
+        m.handle(Input::Alive, t);
+        let a = m.handle(Input::Lost(SessionError::Retry("cut".into())), t);
+        assert_eq!(failed(&a).map(|f| f.1), Some(Duration::from_secs(1)));
+    }
+
+    #[test]
+    fn a_lost_connection_is_closed_and_retried() {
+        let (mut m, t) = live();
+        let a = m.handle(Input::Lost(SessionError::Retry("reset".into())), t);
+        assert!(has_close(&a));
+        assert!(matches!(m.state(), State::Backoff { .. }));
+        // Frames still queued from the dead connection change nothing.
+        let late = HubFrame::CaughtUp(CaughtUp { head: 3 });
+        assert!(m.handle(Input::Frame(late, 3), t).is_empty());
+    }
+
+    #[test]
+    fn held_changes_are_retried_on_a_timer_while_any_remain() {
+        let (mut m, t) = live();
+        m.handle(
+            Input::BatchRead {
+                batch: None,
+                pending: Some(Pending {
+                    held: 2,
+                    ..Pending::default()
+                }),
+                data_version: 4,
+            },
+            t,
+        );
+        let a = m.handle(Input::Tick, t + HELD_RETRY);
+        assert!(a.iter().any(|a| matches!(a, Action::RetryHeld)), "{a:?}");
+        m.held_remaining(0, t + HELD_RETRY);
+        let a = m.handle(Input::Tick, t + HELD_RETRY * 2);
+        assert!(!a.iter().any(|a| matches!(a, Action::RetryHeld)), "{a:?}");
+    }
+
+    #[test]
+    fn conflict_answers_reach_the_database_with_the_batch_that_was_sent() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(5..=5), 2), t);
+        let results = vec![ChangeResult {
+            seq: 5,
+            outcome: Outcome::Conflict {
+                server: ServerRow {
+                    version: 3,
+                    deleted: false,
+                    values: vec![Value::Integer(1)],
+                },
+            },
+        }];
+        let f = HubFrame::UploadResult(UploadResult {
+            batch: 1,
+            summary: UploadSummary::of(&results),
+            results,
+            more: false,
+        });
+        let a = m.handle(Input::Frame(f, 10), t);
+        let Some(Action::ApplyResults { sent, summary, .. }) = a.first() else {
+            panic!("{a:?}")
+        };
+        assert_eq!(sent.read.changes[0].seq, 5);
+        assert_eq!(summary.conflict, 1);
+    }
+}
