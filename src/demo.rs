@@ -1,7 +1,7 @@
 //! `tether demo` and `tether bench`: a hub and two daemons in this process,
 //! on temporary SQLite files and a loopback port.
 
-use std::path::Path;
+use std::path::{Path, PathBuf};
 use std::time::{Duration, Instant};
 
 use rusqlite::{params, Connection};
@@ -211,6 +211,12 @@ pub struct BenchRun {
     pub latency_p50_ms: f64,
     pub latency_p99_ms: f64,
     pub latency_max_ms: f64,
+    /// Two-way: rows each side inserted at the same moment.
+    pub two_way_rows_per_side: usize,
+    /// Until both sides held every row of both.
+    pub two_way_seconds: f64,
+    /// Rows moved (both directions) per second.
+    pub two_way_rows_per_sec: f64,
 }
 
 fn random_text(rng: &mut impl rand::Rng, len: usize) -> String {
@@ -293,6 +299,7 @@ pub async fn bench_once(rows: usize, commits: usize) -> anyhow::Result<BenchRun>
         hist.record(t0.elapsed().as_micros() as u64)?;
     }
     drop(check);
+    let two_way = two_way(&p, rows).await?;
     // Last, so that its writes do not disturb the measurements above.
     let baseline = {
         let c = app(&p.dir.path().join("baseline.db"))?;
@@ -314,7 +321,60 @@ pub async fn bench_once(rows: usize, commits: usize) -> anyhow::Result<BenchRun>
         latency_p50_ms: hist.value_at_quantile(0.5) as f64 / 1000.0,
         latency_p99_ms: hist.value_at_quantile(0.99) as f64 / 1000.0,
         latency_max_ms: hist.max() as f64 / 1000.0,
+        two_way_rows_per_side: rows,
+        two_way_seconds: two_way.as_secs_f64(),
+        two_way_rows_per_sec: (2 * rows) as f64 / two_way.as_secs_f64(),
     })
+}
+
+/// Both apps insert `rows` rows in one transaction each at the same moment;
+/// returns the time until both hold every row of both.
+async fn two_way(p: &Pair, rows: usize) -> anyhow::Result<Duration> {
+    let count = |c: &Connection| -> rusqlite::Result<usize> {
+        c.query_row("SELECT count(*) FROM notes", [], |r| r.get::<_, i64>(0))
+            .map(|n| n as usize)
+    };
+    let target = count(&p.app_a)?.max(count(&p.app_b)?) + 2 * rows;
+    let insert = |path: PathBuf, side: &'static str| {
+        tokio::task::spawn_blocking(move || -> anyhow::Result<()> {
+            let mut rng = rand::thread_rng();
+            let c = app(&path)?;
+            let tx = c.unchecked_transaction()?;
+            {
+                let mut ins = tx.prepare(
+                    "INSERT INTO notes (id, title, body, updated) VALUES (?1, ?2, ?3, ?4)",
+                )?;
+                for i in 0..rows {
+                    ins.execute(params![
+                        format!("{side}-{}", uuid::Uuid::new_v4()),
+                        random_text(&mut rng, 40),
+                        random_text(&mut rng, 200),
+                        i as i64
+                    ])?;
+                }
+            }
+            tx.commit()?;
+            Ok(())
+        })
+    };
+    let start = Instant::now();
+    let (ia, ib) = (
+        insert(p.dir.path().join("a.db"), "a"),
+        insert(p.path_b.clone(), "b"),
+    );
+    ia.await??;
+    ib.await??;
+    let (mut ra, mut rb) = (p.a.status("notes"), p.b.status("notes"));
+    loop {
+        if count(&p.app_a)? >= target && count(&p.app_b)? >= target {
+            return Ok(start.elapsed());
+        }
+        tokio::select! {
+            r = ra.changed() => r?,
+            r = rb.changed() => r?,
+            _ = tokio::time::sleep(WAIT) => anyhow::bail!("two-way transfer stalled"),
+        }
+    }
 }
 
 /// `tether bench`: several runs, each printed, then the medians.
@@ -326,8 +386,8 @@ pub async fn bench(rows: usize, commits: usize, runs: usize, json: bool) -> anyh
             println!("{}", serde_json::to_string(&r)?);
         } else {
             println!(
-                "run {i}: bulk {} rows in {:.3} s (app insert {:.3} s; the same insert without tether {:.3} s) = {:.0} rows/s; latency over {} commits: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms",
-                r.bulk_rows, r.bulk_seconds, r.bulk_insert_seconds, r.baseline_insert_seconds, r.bulk_rows_per_sec, r.latency_commits, r.latency_p50_ms, r.latency_p99_ms, r.latency_max_ms
+                "run {i}: bulk {} rows in {:.3} s (app insert {:.3} s; the same insert without tether {:.3} s) = {:.0} rows/s; latency over {} commits: p50 {:.3} ms, p99 {:.3} ms, max {:.3} ms; two-way {} rows per side in {:.3} s = {:.0} rows/s",
+                r.bulk_rows, r.bulk_seconds, r.bulk_insert_seconds, r.baseline_insert_seconds, r.bulk_rows_per_sec, r.latency_commits, r.latency_p50_ms, r.latency_p99_ms, r.latency_max_ms, r.two_way_rows_per_side, r.two_way_seconds, r.two_way_rows_per_sec
             );
         }
         all.push(r);
@@ -339,10 +399,11 @@ pub async fn bench(rows: usize, commits: usize, runs: usize, json: bool) -> anyh
     };
     if !json {
         println!(
-            "median of {runs}: bulk {:.0} rows/s; latency p50 {:.3} ms, p99 {:.3} ms",
+            "median of {runs}: bulk {:.0} rows/s; latency p50 {:.3} ms, p99 {:.3} ms; two-way {:.0} rows/s",
             median(|r| r.bulk_rows_per_sec),
             median(|r| r.latency_p50_ms),
-            median(|r| r.latency_p99_ms)
+            median(|r| r.latency_p99_ms),
+            median(|r| r.two_way_rows_per_sec)
         );
     }
     Ok(())
