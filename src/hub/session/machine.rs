@@ -647,3 +647,466 @@ pub fn split_answer(batch: u64, results: Vec<ChangeResult>) -> Vec<UploadResult>
         })
         .collect()
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::hub::store::LogEntry;
+    use crate::proto::{Changes, Op, ServerRow};
+
+    const T: Duration = Duration::from_secs(10);
+
+    fn params(tables: &[&str]) -> Params {
+        Params {
+            client: Arc::from("me"),
+            access: Access::ReadWrite,
+            echo_own: false,
+            subscribe: true,
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+            read_timeout: T,
+        }
+    }
+
+    fn welcome() -> Welcome {
+        Welcome {
+            protocol: 1,
+            head: 0,
+            access: Access::ReadWrite,
+            client_seq: 0,
+        }
+    }
+
+    fn rc(version: u64, table: &str, bytes: usize) -> RemoteChange {
+        RemoteChange {
+            version,
+            table: table.into(),
+            op: Op::Upsert,
+            pk: vec![Value::Integer(version as i64)],
+            values: vec![Value::Integer(version as i64), Value::Blob(vec![0; bytes])],
+        }
+    }
+
+    fn published(after: u64, entries: &[(&str, &str)], bytes: usize) -> Input {
+        let entries: Vec<LogEntry> = entries
+            .iter()
+            .enumerate()
+            .map(|(i, (table, client))| LogEntry {
+                change: rc(after + 1 + i as u64, table, bytes),
+                client: Arc::from(*client),
+            })
+            .collect();
+        Input::Published(Arc::new(Published {
+            after,
+            last: after + entries.len() as u64,
+            entries,
+            stored: Instant::now(),
+        }))
+    }
+
+    fn page(changes: Vec<RemoteChange>, up_to: u64, head: u64) -> Input {
+        Input::PageRead {
+            page: Page { changes, up_to },
+            head,
+        }
+    }
+
+    fn upload(batch: u64) -> Input {
+        Input::Frame(ClientFrame::Upload(Upload {
+            batch,
+            acked: 0,
+            changes: Vec::new(),
+        }))
+    }
+
+    fn applied(n: u64) -> Input {
+        Input::Applied {
+            results: (1..=n)
+                .map(|seq| ChangeResult {
+                    seq,
+                    outcome: Outcome::Applied { version: seq },
+                })
+                .collect(),
+            failed: false,
+        }
+    }
+
+    /// The frames of the `Send` actions, decoded.
+    fn sent(actions: &[Action]) -> Vec<HubFrame> {
+        actions
+            .iter()
+            .filter_map(|a| match a {
+                Action::Send(f) => Some(proto::decode(f).unwrap()),
+                _ => None,
+            })
+            .collect()
+    }
+
+    fn changes(f: &HubFrame) -> (Vec<u64>, u64) {
+        match f {
+            HubFrame::Changes(Changes { changes, up_to, .. }) => {
+                (changes.iter().map(|c| c.version).collect(), *up_to)
+            }
+            other => panic!("expected changes, got {other:?}"),
+        }
+    }
+
+    /// A live session at `cursor` with everything written.
+    fn live(p: Params, cursor: u64, now: Instant) -> Machine {
+        let (mut m, _) = Machine::start(p, welcome(), cursor, now);
+        m.handle(page(vec![], cursor, cursor), now);
+        let total = m.sent_total;
+        m.handle(Input::Written { total }, now);
+        assert_eq!(m.state, State::Live);
+        m
+    }
+
+    fn write_all(m: &mut Machine, now: Instant) -> Vec<Action> {
+        let total = m.sent_total;
+        m.handle(Input::Written { total }, now)
+    }
+
+    #[test]
+    fn catch_up_pages_until_the_store_has_nothing_newer_then_caught_up() {
+        let now = Instant::now();
+        let (mut m, a) = Machine::start(params(&["a"]), welcome(), 0, now);
+        assert!(matches!(sent(&a)[..], [HubFrame::Welcome(_)]));
+        assert_eq!(a.last(), Some(&Action::ReadPage { after: 0 }));
+        // Nothing is taken from the live stream while catching up.
+        assert!(!m.wants_live());
+        let a = m.handle(page(vec![rc(1, "a", 1), rc(2, "a", 1)], 2, 3), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![1, 2], 2));
+        assert_eq!(a.last(), Some(&Action::ReadPage { after: 2 }));
+        let a = m.handle(page(vec![rc(3, "a", 1)], 3, 3), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![3], 3));
+        let a = m.handle(page(vec![], 3, 3), now);
+        assert_eq!(sent(&a), vec![HubFrame::CaughtUp(CaughtUp { head: 3 })]);
+        assert_eq!(m.state, State::Live);
+        // Four frames wait for the writer: no live batch until it takes them.
+        assert!(!m.wants_live());
+        write_all(&mut m, now);
+        assert!(m.wants_live());
+    }
+
+    #[test]
+    fn a_session_that_did_not_subscribe_only_uploads() {
+        let now = Instant::now();
+        let mut p = params(&["a"]);
+        p.subscribe = false;
+        let (m, a) = Machine::start(p, welcome(), 0, now);
+        assert_eq!(a.len(), 1);
+        assert!(!m.wants_live() && m.wants_inbound());
+    }
+
+    #[test]
+    fn live_batches_follow_the_cursor_and_a_gap_or_lag_reads_the_store() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 3, now);
+        // Already sent: ignored.
+        assert!(m
+            .handle(published(1, &[("a", "x"), ("a", "x")], 1), now)
+            .is_empty());
+        let a = m.handle(published(3, &[("a", "x")], 1), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![4], 4));
+        assert!(a.iter().any(|a| matches!(a, Action::FannedOut(_))));
+        // A gap: read from the store.
+        let a = m.handle(published(6, &[("a", "x")], 1), now);
+        assert_eq!(a, vec![Action::ReadPage { after: 4 }]);
+        assert!(!m.wants_live());
+        let a = m.handle(page(vec![rc(5, "a", 1)], 5, 7), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![5], 5));
+        m.handle(page(vec![], 5, 7), now);
+        assert_eq!(m.state, State::Live);
+        // A lag: the same.
+        let a = m.handle(Input::Lagged, now);
+        assert_eq!(a, vec![Action::ReadPage { after: 5 }]);
+    }
+
+    #[test]
+    fn own_changes_are_skipped_unless_echo_own() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        let a = m.handle(published(0, &[("a", "me"), ("a", "x")], 1), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![2], 2));
+        let a = m.handle(published(2, &[("a", "me")], 1), now);
+        assert!(sent(&a).is_empty());
+        assert_eq!(m.cursor(), 3);
+        let mut p = params(&["a"]);
+        p.echo_own = true;
+        let mut m = live(p, 0, now);
+        let a = m.handle(published(0, &[("a", "me")], 1), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![1], 1));
+    }
+
+    #[test]
+    fn only_subscribed_tables_are_sent_and_the_cursor_moves_past_the_others() {
+        let now = Instant::now();
+        let (mut m, _) = Machine::start(params(&["a"]), welcome(), 0, now);
+        let a = m.handle(
+            page(vec![rc(1, "b", 1), rc(2, "a", 1), rc(3, "b", 1)], 3, 5),
+            now,
+        );
+        assert_eq!(changes(&sent(&a)[0]), (vec![2], 3));
+        // A page of other tables only: nothing to send before the head ...
+        let a = m.handle(page(vec![rc(4, "b", 1)], 4, 5), now);
+        assert!(sent(&a).is_empty());
+        // ... and an empty frame at the head, so the cursor reaches it.
+        let a = m.handle(page(vec![rc(5, "b", 1)], 5, 5), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![], 5));
+        m.handle(page(vec![], 5, 5), now);
+        write_all(&mut m, now);
+        // Live: a batch of other tables moves the cursor with an empty frame.
+        let a = m.handle(published(5, &[("b", "x"), ("b", "x")], 1), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![], 7));
+        let a = m.handle(published(7, &[("b", "x"), ("a", "x")], 1), now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![9], 9));
+    }
+
+    #[test]
+    fn uploads_are_applied_one_at_a_time_and_answered_in_order() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        let a = m.handle(upload(1), now);
+        assert!(matches!(&a[..], [Action::Apply(u)] if u.batch == 1));
+        assert!(m.handle(upload(2), now).is_empty());
+        let a = m.handle(applied(2), now);
+        let HubFrame::UploadResult(r) = &sent(&a)[0] else {
+            panic!("{a:?}")
+        };
+        assert_eq!((r.batch, r.summary.applied, r.more), (1, 2, false));
+        assert!(a
+            .iter()
+            .any(|a| matches!(a, Action::Apply(u) if u.batch == 2)));
+        let a = m.handle(applied(1), now);
+        assert!(matches!(&sent(&a)[..], [HubFrame::UploadResult(r)] if r.batch == 2));
+    }
+
+    #[test]
+    fn a_read_only_upload_is_answered_forbidden_and_not_applied() {
+        let now = Instant::now();
+        let mut p = params(&["a"]);
+        p.access = Access::ReadOnly;
+        let mut m = live(p, 0, now);
+        let a = m.handle(upload(1), now);
+        assert!(matches!(&sent(&a)[..], [HubFrame::Error(e)] if e.code == ErrorCode::Forbidden));
+        assert!(!a.iter().any(|a| matches!(a, Action::Apply(_))));
+    }
+
+    #[test]
+    fn answers_are_split_by_bytes_with_more_on_all_parts_but_the_last() {
+        let conflict = |seq| ChangeResult {
+            seq,
+            outcome: Outcome::Conflict {
+                server: ServerRow {
+                    version: 1,
+                    deleted: false,
+                    values: vec![Value::Text("x".repeat(5000))],
+                },
+            },
+        };
+        let parts = split_answer(9, (1..=4000).map(conflict).collect());
+        assert!(parts.len() >= 4, "{}", parts.len());
+        let mut seqs = Vec::new();
+        for (i, p) in parts.iter().enumerate() {
+            assert_eq!(p.more, i + 1 < parts.len());
+            assert_eq!(p.summary.total as usize, p.results.len());
+            assert_eq!(p.summary.conflict as usize, p.results.len());
+            let size = proto::encode(&HubFrame::UploadResult(p.clone())).len();
+            assert!(size <= MAX_PAGE_BYTES + 6000, "{size}");
+            seqs.extend(p.results.iter().map(|r| r.seq));
+        }
+        assert_eq!(seqs, (1..=4000).collect::<Vec<_>>());
+        // Small answers stay whole; an empty batch still gets an answer.
+        assert_eq!(split_answer(1, Vec::new()).len(), 1);
+    }
+
+    #[test]
+    fn a_full_writer_stops_pages_and_live_but_not_reading_and_answers_queue() {
+        let now = Instant::now();
+        let (mut m, _) = Machine::start(params(&["a"]), welcome(), 0, now);
+        // Four frames unwritten: the queue is full.
+        for v in 1..=3 {
+            let a = m.handle(page(vec![rc(v, "a", 1)], v, 9), now);
+            assert_eq!(sent(&a).len(), 1);
+        }
+        let a = m.handle(page(vec![rc(4, "a", 1)], 4, 9), now);
+        assert!(sent(&a).is_empty(), "queued, not sent: {a:?}");
+        assert!(!a.iter().any(|a| matches!(a, Action::ReadPage { .. })));
+        // Uploads are still read, applied and their answers queued in order.
+        assert!(m.wants_inbound());
+        m.handle(upload(1), now);
+        assert!(sent(&m.handle(applied(1), now)).is_empty());
+        m.handle(upload(2), now);
+        m.handle(applied(1), now);
+        // Room: answers first (in order), then the page, then the next read.
+        let a = m.handle(Input::Written { total: 4 }, now);
+        let f = sent(&a);
+        assert!(matches!(&f[0], HubFrame::UploadResult(r) if r.batch == 1));
+        assert!(matches!(&f[1], HubFrame::UploadResult(r) if r.batch == 2));
+        assert_eq!(changes(&f[2]), (vec![4], 4));
+        assert_eq!(a.last(), Some(&Action::ReadPage { after: 4 }));
+    }
+
+    #[test]
+    fn a_live_batch_is_cut_by_bytes_one_frame_per_room() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        let big = MAX_PAGE_BYTES / 2 + 1;
+        let a = m.handle(published(0, &[("a", "x"); 6], big), now);
+        // Two changes make a page; the queue's bytes stop the second frame.
+        let f = sent(&a);
+        assert_eq!(f.len(), 1);
+        assert_eq!(changes(&f[0]), (vec![1, 2], 2));
+        assert!(!m.wants_live());
+        let a = write_all(&mut m, now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![3, 4], 4));
+        let a = write_all(&mut m, now);
+        assert_eq!(changes(&sent(&a)[0]), (vec![5, 6], 6));
+        assert!(a.iter().any(|a| matches!(a, Action::FannedOut(_))));
+        write_all(&mut m, now);
+        assert!(m.wants_live());
+    }
+
+    #[test]
+    fn a_client_with_too_many_unanswered_uploads_is_not_read() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        for b in 0..MAX_PENDING_BATCHES as u64 {
+            assert!(m.wants_inbound());
+            m.handle(upload(b), now);
+        }
+        assert!(!m.wants_inbound());
+        m.handle(applied(1), now);
+        assert!(m.wants_inbound());
+    }
+
+    #[test]
+    fn silence_for_the_read_timeout_closes() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        assert_eq!(m.deadline(), Some(now + T));
+        assert!(m.handle(Input::Tick, now + T / 2).is_empty());
+        m.handle(Input::Heard, now + T / 2);
+        assert!(m.handle(Input::Tick, now + T).is_empty());
+        let a = m.handle(Input::Tick, now + T / 2 + T);
+        assert_eq!(
+            a,
+            vec![Action::Close {
+                flush: vec![],
+                ending: Ending::Silent(T)
+            }]
+        );
+        assert!(m.handle(upload(1), now + 2 * T).is_empty(), "closed");
+    }
+
+    #[test]
+    fn a_client_that_takes_nothing_for_the_read_timeout_is_dropped() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(published(0, &[("a", "x")], 1), now);
+        // It keeps sending (pings), but takes nothing.
+        m.handle(Input::Heard, now + T / 2);
+        m.handle(Input::Heard, now + T - Duration::from_millis(1));
+        assert_eq!(m.deadline(), Some(now + T));
+        let a = m.handle(Input::Tick, now + T);
+        assert!(matches!(
+            &a[..],
+            [Action::Close {
+                ending: Ending::Stalled { waiting: 1, .. },
+                ..
+            }]
+        ));
+        // A writer that makes progress is not stalled.
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(published(0, &[("a", "x")], 1), now);
+        m.handle(published(1, &[("a", "x")], 1), now);
+        m.handle(
+            Input::Written {
+                total: m.written_total + 1,
+            },
+            now + T / 2,
+        );
+        m.handle(Input::Heard, now + T);
+        assert!(m.handle(Input::Tick, now + T).is_empty());
+    }
+
+    #[test]
+    fn shutdown_answers_the_upload_being_applied_then_refuses() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        assert_eq!(
+            m.handle(Input::Shutdown, now),
+            vec![Action::Close {
+                flush: vec![],
+                ending: Ending::Refuse(Refusal::new(
+                    ErrorCode::ShuttingDown,
+                    "hub is shutting down; reconnect later"
+                )),
+            }]
+        );
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(upload(1), now);
+        m.handle(upload(2), now);
+        assert!(m.handle(Input::Shutdown, now).is_empty());
+        assert!(!m.wants_inbound());
+        let a = m.handle(applied(1), now);
+        let [Action::Close { flush, ending }] = &a[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(flush.len(), 1, "the answer of batch 1; batch 2 is dropped");
+        assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::ShuttingDown));
+    }
+
+    #[test]
+    fn a_failed_apply_is_answered_then_the_session_ends() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(upload(1), now);
+        m.handle(upload(2), now);
+        let results = vec![ChangeResult {
+            seq: 1,
+            outcome: Outcome::MaterializeError {
+                message: "disk full".into(),
+            },
+        }];
+        let a = m.handle(
+            Input::Applied {
+                results,
+                failed: true,
+            },
+            now,
+        );
+        let [Action::Close { flush, ending }] = &a[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(flush.len(), 1);
+        assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Internal));
+    }
+
+    #[test]
+    fn bad_frames_and_a_second_hello_refuse_and_a_gone_client_just_ends() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        let hello = crate::proto::Hello {
+            protocol: 1,
+            client_id: "me".into(),
+            dataset: "d".into(),
+            cursor: 0,
+            tables: vec![],
+            echo_own: false,
+            subscribe: true,
+        };
+        let a = m.handle(Input::Frame(ClientFrame::Hello(hello)), now);
+        assert!(
+            matches!(&a[..], [Action::Close { ending: Ending::Refuse(r), .. }] if r.code == ErrorCode::UnexpectedFrame)
+        );
+        let mut m = live(params(&["a"]), 0, now);
+        let a = m.handle(Input::Gone, now);
+        assert_eq!(
+            a,
+            vec![Action::Close {
+                flush: vec![],
+                ending: Ending::Gone
+            }]
+        );
+    }
+}
