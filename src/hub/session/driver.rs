@@ -48,6 +48,14 @@ enum Out {
 
 type Pending<T> = Option<JoinHandle<T>>;
 
+/// The upload being applied: its batch number, its changes (to answer a
+/// failure) and the store task.
+type Applying = Option<(
+    u64,
+    Arc<Vec<Change>>,
+    JoinHandle<Result<Applied, StoreError>>,
+)>;
+
 /// A session's I/O and what its store tasks need.
 struct Driver {
     inner: Arc<HubInner>,
@@ -59,13 +67,7 @@ struct Driver {
     tx: mpsc::Sender<Out>,
     /// The page being read: the page and the head.
     read: Pending<Result<(Page, u64), StoreError>>,
-    /// The upload being applied: its batch number, its changes (to answer a
-    /// failure) and the store task.
-    apply: Option<(
-        u64,
-        Arc<Vec<Change>>,
-        JoinHandle<Result<Applied, StoreError>>,
-    )>,
+    apply: Applying,
 }
 
 /// Runs an opened session until it ends; never returns while a send waits on
@@ -384,13 +386,7 @@ async fn join<T>(h: &mut Pending<Result<T, StoreError>>) -> Result<T, StoreError
     }
 }
 
-async fn join_apply(
-    h: &mut Option<(
-        u64,
-        Arc<Vec<Change>>,
-        JoinHandle<Result<Applied, StoreError>>,
-    )>,
-) -> Result<Applied, StoreError> {
+async fn join_apply(h: &mut Applying) -> Result<Applied, StoreError> {
     match h {
         Some((_, _, h)) => h
             .await
