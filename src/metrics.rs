@@ -339,6 +339,7 @@ pub struct HubMetrics {
     registry: Registry,
     sessions: Family<DatasetLabel, Gauge>,
     refused: Family<CodeLabel, Counter>,
+    stalled: Family<DatasetLabel, Counter>,
     batches: Family<DatasetLabel, Counter>,
     changes: Family<DatasetOutcome, Counter>,
     bytes_in: Family<DatasetLabel, Counter>,
@@ -367,6 +368,12 @@ impl HubMetrics {
                 &mut r,
                 "refused",
                 "Connections or sessions refused, by error code (unauthorized, forbidden, schema_mismatch, ...)",
+                Family::default(),
+            ),
+            stalled: add(
+                &mut r,
+                "stalled_sessions",
+                "Sessions dropped because the daemon took no data for the read timeout while frames waited for it",
                 Family::default(),
             ),
             batches: add(
@@ -419,6 +426,7 @@ impl HubMetrics {
             dataset: dataset.to_owned(),
         };
         let _ = self.sessions.get_or_create(&l);
+        let _ = self.stalled.get_or_create(&l);
         let _ = self.batches.get_or_create(&l);
         let _ = self.bytes_in.get_or_create(&l);
         let _ = self.bytes_out.get_or_create(&l);
@@ -435,6 +443,15 @@ impl HubMetrics {
         self.refused
             .get_or_create(&CodeLabel {
                 code: code.to_owned(),
+            })
+            .inc();
+    }
+
+    /// A session of `dataset` dropped because its daemon took nothing.
+    pub fn stalled(&self, dataset: &str) {
+        self.stalled
+            .get_or_create(&DatasetLabel {
+                dataset: dataset.to_owned(),
             })
             .inc();
     }

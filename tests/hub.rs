@@ -331,3 +331,314 @@ async fn oversized_frames_are_refused_without_hurting_the_hub() {
     // The hub still serves new sessions.
     let _ws = raw_session(&world, "next").await;
 }
+
+/// A hub with dataset `db` (tables `notes` and `other`), a read-write and a
+/// read-only token, and the given read timeout.
+async fn hub_for_limits(
+    dir: &std::path::Path,
+    read_timeout: std::time::Duration,
+) -> (EmbeddedHub, String, String) {
+    let (rw, ro) = (new_token(), new_token());
+    let config = HubConfig {
+        listen: "127.0.0.1:0".into(),
+        store: format!("sqlite:{}", dir.join("hub.db").display()),
+        datasets: vec![tether::config::DatasetConfig {
+            name: "db".into(),
+            tables: vec!["notes".into(), "other".into()],
+        }],
+        tokens: vec![
+            TokenConfig {
+                name: "rw".into(),
+                sha256: hash_token(&rw),
+                datasets: vec!["*".into()],
+                access: TokenAccess::ReadWrite,
+            },
+            TokenConfig {
+                name: "ro".into(),
+                sha256: hash_token(&ro),
+                datasets: vec!["*".into()],
+                access: TokenAccess::ReadOnly,
+            },
+        ],
+        metrics: true,
+        log_level: None,
+        read_timeout: Dur(read_timeout),
+    };
+    let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
+    (hub, rw, ro)
+}
+
+/// A hello for `notes`, and for `other` (same columns) when `both`.
+fn hello(client: &str, both: bool) -> ClientFrame {
+    let mut h = notes_hello("db", client);
+    if let ClientFrame::Hello(h) = &mut h {
+        if both {
+            let mut t = h.tables[0].clone();
+            t.name = "other".into();
+            t.fingerprint =
+                tether::local::schema::fingerprint("other", &t.columns, &t.types, &t.pk);
+            h.tables.push(t);
+        }
+    }
+    h
+}
+
+/// A notes-shaped row of `table` with a body of `body` bytes.
+fn big_change(seq: u64, table: &str, id: &str, body: usize) -> Change {
+    Change {
+        seq,
+        table: table.into(),
+        op: Op::Upsert,
+        pk: vec![Value::Text(id.into())],
+        values: vec![
+            Value::Text(id.into()),
+            Value::Text("t".into()),
+            Value::Text("b".repeat(body)),
+            Value::Integer(seq as i64),
+        ],
+        base: 0,
+        mask: u64::MAX,
+    }
+}
+
+/// Connects, says hello and reads up to `caught_up`.
+async fn session_at(url: &str, token: &str, hello: &ClientFrame) -> RawWs {
+    let mut ws = raw_connect(url, Some(token), Some("db")).await.unwrap();
+    raw_send(&mut ws, proto::encode(hello)).await;
+    loop {
+        match recv_sized(&mut ws).await {
+            Some((HubFrame::CaughtUp(_), _)) => return ws,
+            Some((HubFrame::Error(e), _)) => panic!("refused: {e:?}"),
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    }
+}
+
+/// The next hub frame and its size in bytes; None once closed.
+async fn recv_sized(ws: &mut RawWs) -> Option<(HubFrame, usize)> {
+    use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::Message;
+    loop {
+        let m = tokio::time::timeout(DEADLINE, ws.next())
+            .await
+            .expect("hub answers within the deadline")?;
+        match m {
+            Ok(Message::Binary(b)) => {
+                assert!(b.len() <= proto::MAX_FRAME_BYTES, "frame of {}", b.len());
+                return Some((proto::decode(&b).expect("hub frames decode"), b.len()));
+            }
+            Ok(Message::Close(_)) | Err(_) => return None,
+            Ok(_) => continue,
+        }
+    }
+}
+
+/// Reads the whole answer of `batch` (every part up to `more == false`),
+/// skipping other frames; returns the results and the parts' sizes.
+async fn answer(ws: &mut RawWs, batch: u64) -> (Vec<proto::ChangeResult>, Vec<usize>) {
+    let (mut results, mut sizes) = (Vec::new(), Vec::new());
+    loop {
+        match recv_sized(ws).await {
+            Some((HubFrame::UploadResult(r), n)) => {
+                assert_eq!(r.batch, batch);
+                assert_eq!(r.summary.total as usize, r.results.len());
+                results.extend(r.results);
+                sizes.push(n);
+                if !r.more {
+                    return (results, sizes);
+                }
+            }
+            Some((HubFrame::Error(e), _)) => panic!("error: {e:?}"),
+            Some(_) => continue,
+            None => panic!("closed before the answer of batch {batch}"),
+        }
+    }
+}
+
+fn stalled(hub: &EmbeddedHub) -> bool {
+    hub.hub
+        .metrics()
+        .render()
+        .lines()
+        .any(|l| l == "tether_hub_stalled_sessions_total{dataset=\"db\"} 1")
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_that_never_reads_is_dropped_while_others_keep_being_served() {
+    let dir = tempfile::tempdir().unwrap();
+    let read_timeout = std::time::Duration::from_secs(2);
+    let (hub, rw, ro) = hub_for_limits(dir.path(), read_timeout).await;
+    let url = hub.url();
+    // The reader that never reads: hello, then only pings (it is alive).
+    let mut idle = raw_connect(&url, Some(&ro), Some("db")).await.unwrap();
+    raw_send(&mut idle, proto::encode(&hello("idle", false))).await;
+    let pinger = tokio::spawn(async move {
+        use futures_util::SinkExt;
+        let ping = tokio_tungstenite::tungstenite::Message::Ping(vec![1].into());
+        let mut tick = tokio::time::interval(std::time::Duration::from_millis(200));
+        for _ in 0..(DEADLINE.as_millis() / 200) {
+            tick.tick().await;
+            if idle.send(ping.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    // The writer uploads about 24 MB, far more than the socket buffers hold.
+    let mut w = session_at(&url, &rw, &hello("writer", false)).await;
+    let mut seq = 0;
+    for batch in 1..=24u64 {
+        let changes = (0..1000)
+            .map(|_| {
+                seq += 1;
+                big_change(seq, "notes", &format!("r{seq}"), 1000)
+            })
+            .collect();
+        raw_send(&mut w, proto::encode(&upload(batch, changes))).await;
+        let (results, _) = answer(&mut w, batch).await;
+        assert_eq!(results.len(), 1000);
+    }
+    let uploaded = std::time::Instant::now();
+    wait_until("the idle reader is dropped as stalled", || stalled(&hub)).await;
+    assert!(uploaded.elapsed() < read_timeout * 10);
+    // The writer is still served.
+    raw_send(
+        &mut w,
+        proto::encode(&upload(25, vec![big_change(seq + 1, "notes", "last", 1)])),
+    )
+    .await;
+    let (results, _) = answer(&mut w, 25).await;
+    assert!(matches!(results[0].outcome, Outcome::Applied { .. }));
+    tokio::time::timeout(DEADLINE, pinger)
+        .await
+        .expect("the pinger ends once dropped")
+        .unwrap();
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn conflicts_with_large_rows_are_answered_in_parts_under_the_frame_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, _) = hub_for_limits(dir.path(), std::time::Duration::from_secs(60)).await;
+    let url = hub.url();
+    let mut a = session_at(&url, &rw, &hello("a", false)).await;
+    for batch in 0..4u64 {
+        let changes = (1..=1000)
+            .map(|i| {
+                let n = batch * 1000 + i;
+                big_change(n, "notes", &format!("k{n}"), 5000)
+            })
+            .collect();
+        raw_send(&mut a, proto::encode(&upload(batch + 1, changes))).await;
+        answer(&mut a, batch + 1).await;
+    }
+    let mut b = session_at(&url, &rw, &hello("b", false)).await;
+    let changes = (1..=4000)
+        .map(|n| big_change(n, "notes", &format!("k{n}"), 1))
+        .collect();
+    raw_send(&mut b, proto::encode(&upload(1, changes))).await;
+    let (results, sizes) = answer(&mut b, 1).await;
+    assert!(sizes.len() >= 2, "one answer of {sizes:?}");
+    let seqs: Vec<u64> = results.iter().map(|r| r.seq).collect();
+    assert_eq!(seqs, (1..=4000).collect::<Vec<_>>(), "each answered once");
+    assert!(results
+        .iter()
+        .all(|r| matches!(r.outcome, Outcome::Conflict { .. })));
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_too_large_change_is_refused_and_a_16_mb_batch_fans_out_in_frames_under_the_limit() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, _) = hub_for_limits(dir.path(), std::time::Duration::from_secs(60)).await;
+    let url = hub.url();
+    let mut watcher = session_at(&url, &rw, &hello("watcher", false)).await;
+    let mut a = session_at(&url, &rw, &hello("a", false)).await;
+    let huge = big_change(1, "notes", "huge", proto::MAX_CHANGE_BYTES);
+    raw_send(&mut a, proto::encode(&upload(1, vec![huge]))).await;
+    let (results, _) = answer(&mut a, 1).await;
+    match &results[0].outcome {
+        Outcome::Invalid { reason, message } => {
+            assert_eq!(*reason, InvalidReason::TooLarge);
+            assert!(message.contains("notes"), "{message}");
+        }
+        other => panic!("expected too_large, got {other:?}"),
+    }
+    // Nothing was stored: the next change is the dataset's first.
+    raw_send(
+        &mut a,
+        proto::encode(&upload(2, vec![big_change(2, "notes", "small", 1)])),
+    )
+    .await;
+    let (results, _) = answer(&mut a, 2).await;
+    assert_eq!(results[0].outcome, Outcome::Applied { version: 1 });
+    // About 15 MB in one batch.
+    let changes: Vec<Change> = (3..3003)
+        .map(|n| big_change(n, "notes", &format!("k{n}"), 5000))
+        .collect();
+    let frame = proto::encode(&upload(3, changes));
+    assert!(frame.len() > 15_000_000 && frame.len() < proto::MAX_FRAME_BYTES);
+    raw_send(&mut a, frame).await;
+    let (results, _) = answer(&mut a, 3).await;
+    assert_eq!(results.len(), 3000);
+    let (mut got, mut frames, mut up_to) = (0, 0, 0);
+    while up_to < 3001 {
+        match recv_sized(&mut watcher).await {
+            Some((HubFrame::Changes(c), _)) => {
+                got += c.changes.len();
+                frames += 1;
+                up_to = c.up_to;
+            }
+            Some(_) => continue,
+            None => panic!("watcher closed"),
+        }
+    }
+    assert_eq!(got, 3001);
+    assert!(frames >= 4, "{frames} frames");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_client_subscribed_to_one_table_gets_only_its_changes_and_reaches_the_head() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, _) = hub_for_limits(dir.path(), std::time::Duration::from_secs(60)).await;
+    let url = hub.url();
+    let mut partial = session_at(&url, &rw, &hello("partial", false)).await;
+    let mut a = session_at(&url, &rw, &hello("a", true)).await;
+    // Batch 1 mixes both tables; batch 2 holds only the other table.
+    let mixed = (1..=10)
+        .map(|n| {
+            let t = if n % 2 == 0 { "notes" } else { "other" };
+            big_change(n, t, &format!("k{n}"), 10)
+        })
+        .collect();
+    raw_send(&mut a, proto::encode(&upload(1, mixed))).await;
+    answer(&mut a, 1).await;
+    let others = (11..=15)
+        .map(|n| big_change(n, "other", &format!("k{n}"), 10))
+        .collect();
+    raw_send(&mut a, proto::encode(&upload(2, others))).await;
+    answer(&mut a, 2).await;
+    let read_to_head = |mut ws: RawWs| async move {
+        let mut versions = Vec::new();
+        let mut up_to = 0;
+        while up_to < 15 {
+            match recv_sized(&mut ws).await {
+                Some((HubFrame::Changes(c), _)) => {
+                    assert!(c.changes.iter().all(|c| c.table == "notes"), "{c:?}");
+                    versions.extend(c.changes.iter().map(|c| c.version));
+                    up_to = c.up_to;
+                }
+                Some(_) => continue,
+                None => panic!("closed"),
+            }
+        }
+        versions
+    };
+    // Live, then by catch-up.
+    assert_eq!(read_to_head(partial).await, vec![2, 4, 6, 8, 10]);
+    partial = raw_connect(&url, Some(&rw), Some("db")).await.unwrap();
+    raw_send(&mut partial, proto::encode(&hello("partial-2", false))).await;
+    assert_eq!(read_to_head(partial).await, vec![2, 4, 6, 8, 10]);
+    hub.stop().await;
+}

@@ -12,7 +12,7 @@ use serde::{Deserialize, Serialize};
 use super::{Applied, HubStore, LogEntry, Page, StoreError};
 use crate::proto::{
     decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
-    Outcome, RemoteChange, ServerRow, TableSchema, Value,
+    Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES,
 };
 
 /// Shared tables. Each dataset also gets `log_<id>` (the change log; its
@@ -191,6 +191,16 @@ fn validate(
             ),
         ));
     };
+    let size = change.wire_size();
+    if size > MAX_CHANGE_BYTES {
+        return Err((
+            InvalidReason::TooLarge,
+            format!(
+                "table {:?}: change of {size} bytes exceeds the limit of {MAX_CHANGE_BYTES} bytes per change; no frame could carry it to the other devices",
+                change.table
+            ),
+        ));
+    }
     if change.pk.len() != t.pk.len() {
         return Err((
             InvalidReason::WrongKey,
@@ -566,5 +576,56 @@ impl HubStore for SqliteStore {
             }
         }
         Ok(Page { changes, up_to })
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn notes() -> HashMap<String, TableSchema> {
+        let t = TableSchema {
+            name: "notes".into(),
+            columns: vec!["id".into(), "body".into()],
+            types: vec!["TEXT".into(), "BLOB".into()],
+            pk: vec![0],
+            fingerprint: String::new(),
+        };
+        HashMap::from([(t.name.clone(), t)])
+    }
+
+    fn change(seq: u64, id: &str, body: usize) -> Change {
+        Change {
+            seq,
+            table: "notes".into(),
+            op: Op::Upsert,
+            pk: vec![Value::Text(id.into())],
+            values: vec![Value::Text(id.into()), Value::Blob(vec![7; body])],
+            base: 0,
+            mask: u64::MAX,
+        }
+    }
+
+    #[test]
+    fn a_change_over_the_limit_is_too_large_never_stored_and_remembered() {
+        let dir = tempfile::tempdir().unwrap();
+        let store = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let batch = [change(1, "big", MAX_CHANGE_BYTES), change(2, "small", 10)];
+        let first = store.apply_batch("ds", "c", &notes(), &batch, 0).unwrap();
+        let Outcome::Invalid { reason, message } = &first.results[0].outcome else {
+            panic!("{:?}", first.results[0]);
+        };
+        assert_eq!(*reason, InvalidReason::TooLarge);
+        assert!(message.contains("\"notes\"") && message.contains(&MAX_CHANGE_BYTES.to_string()));
+        assert!(matches!(
+            first.results[1].outcome,
+            Outcome::Applied { version: 1 }
+        ));
+        assert_eq!(first.logged.len(), 1);
+        assert_eq!(store.head("ds").unwrap(), 1);
+        // A resend is answered the same, from memory.
+        let again = store.apply_batch("ds", "c", &notes(), &batch, 0).unwrap();
+        assert_eq!(again.results, first.results);
+        assert_eq!(store.head("ds").unwrap(), 1);
     }
 }

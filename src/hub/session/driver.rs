@@ -1,0 +1,415 @@
+//! Performs a session's [`Machine`](super::machine::Machine): one loop selects the next input (socket
+//! frame, live batch, writer progress, store task done, deadline, shutdown),
+//! feeds it to the machine and carries out the actions.
+//!
+//! The socket is split: this loop only ever reads it, and a writer task
+//! sends the frames it is given through a bounded channel. The machine keeps
+//! at most [`WRITE_QUEUE_FRAMES`] frames unwritten, so queueing a frame never
+//! waits; the writer reports each frame written through a watch counter, and
+//! a client that takes nothing for the read timeout while frames wait is
+//! dropped. Store calls run on blocking threads, one read and one apply at a
+//! time.
+
+use std::collections::HashMap;
+use std::sync::atomic::Ordering;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::stream::SplitSink;
+use futures_util::{SinkExt, StreamExt};
+use prometheus_client::metrics::counter::Counter;
+use tokio::sync::broadcast::error::RecvError;
+use tokio::sync::{mpsc, watch};
+use tokio::task::JoinHandle;
+use tokio_tungstenite::tungstenite::{Error as WsError, Message};
+use tokio_util::sync::CancellationToken;
+
+use super::machine::{Action, Ending, Input, Refusal, WRITE_QUEUE_FRAMES};
+use super::{refusal_messages, Opened, Ws};
+use crate::hub::fanout::Published;
+use crate::hub::store::{Applied, Page, StoreError};
+use crate::hub::HubInner;
+use crate::metrics::{HubSessionMetrics, StoreOp};
+use crate::proto::{
+    self, Change, ChangeResult, ClientFrame, ErrorCode, Outcome, TableSchema, Upload,
+    UploadSummary, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES,
+};
+
+/// Longest time a refused session's last frames (answers, error, close) may
+/// take to be written before the connection is dropped anyway.
+const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// What the writer task is given; its channel holds the machine's
+/// [`WRITE_QUEUE_FRAMES`] plus the error and close frames of a refusal.
+enum Out {
+    Frame(Vec<u8>),
+    Raw(Message),
+}
+
+type Pending<T> = Option<JoinHandle<T>>;
+
+/// The upload being applied: its batch number, its changes (to answer a
+/// failure) and the store task.
+type Applying = Option<(
+    u64,
+    Arc<Vec<Change>>,
+    JoinHandle<Result<Applied, StoreError>>,
+)>;
+
+/// A session's I/O and what its store tasks need.
+struct Driver {
+    inner: Arc<HubInner>,
+    dataset: String,
+    client: String,
+    tables: Arc<HashMap<String, TableSchema>>,
+    echo_own: bool,
+    metrics: HubSessionMetrics,
+    tx: mpsc::Sender<Out>,
+    /// The page being read: the page and the head.
+    read: Pending<Result<(Page, u64), StoreError>>,
+    apply: Applying,
+}
+
+/// Runs an opened session until it ends; never returns while a send waits on
+/// a client that reads nothing for longer than the read timeout.
+pub(super) async fn run(inner: Arc<HubInner>, ws: Ws, opened: Opened, shutdown: CancellationToken) {
+    let Opened {
+        dataset,
+        client,
+        echo_own,
+        tables,
+        mut machine,
+        start,
+        mut live,
+    } = opened;
+    let metrics = inner.metrics.session(&dataset);
+    let (sink, mut reader) = ws.split();
+    let (tx, rx) = mpsc::channel(WRITE_QUEUE_FRAMES + 2);
+    let (written_tx, mut written) = watch::channel(0u64);
+    let writer = tokio::spawn(write(sink, rx, written_tx, metrics.bytes_out.clone()));
+    let mut d = Driver {
+        client,
+        echo_own,
+        inner,
+        dataset,
+        tables,
+        metrics,
+        tx,
+        read: None,
+        apply: None,
+    };
+    let mut actions = start;
+    let mut writer_alive = true;
+    let mut shutting = false;
+    loop {
+        for a in actions.drain(..) {
+            if let Some(ending) = d.perform(a) {
+                return d.finish(ending, writer).await;
+            }
+        }
+        let deadline = machine.deadline().map(tokio::time::Instant::from_std);
+        let input = tokio::select! {
+            m = reader.next(), if machine.wants_inbound() => inbound(m, &d.metrics),
+            p = live.recv(), if machine.wants_live() => match p {
+                Ok(p) => Input::Published(p),
+                Err(RecvError::Lagged(n)) => {
+                    tracing::debug!(missed = n, "fell behind the live stream; reading from the store");
+                    Input::Lagged
+                }
+                Err(RecvError::Closed) => {
+                    Input::StoreFailed(Refusal::new(ErrorCode::Internal, "fan-out closed"))
+                }
+            },
+            r = written.changed(), if writer_alive => match r {
+                Ok(()) => Input::Written { total: *written.borrow_and_update() },
+                Err(_) => {
+                    writer_alive = false;
+                    Input::Gone
+                }
+            },
+            r = join(&mut d.read), if d.read.is_some() => {
+                d.read = None;
+                match r {
+                    Ok((page, head)) => Input::PageRead { page, head },
+                    Err(e) => Input::StoreFailed(e.into()),
+                }
+            }
+            r = join_apply(&mut d.apply), if d.apply.is_some() => {
+                let (batch, changes, _) = d.apply.take().expect("BUG: apply polled while none");
+                d.applied(batch, &changes, r)
+            }
+            _ = sleep_until(deadline), if deadline.is_some() => Input::Tick,
+            _ = shutdown.cancelled(), if !shutting => {
+                shutting = true;
+                Input::Shutdown
+            }
+        };
+        actions = machine.handle(input, std::time::Instant::now());
+    }
+}
+
+impl Driver {
+    /// Carries out one action; returns how the session ends on `Close`.
+    fn perform(&mut self, action: Action) -> Option<(Vec<Vec<u8>>, Ending)> {
+        match action {
+            Action::Send(frame) => match self.tx.try_send(Out::Frame(frame)) {
+                Ok(()) => {}
+                // The writer ended: its watch reports it and the loop ends.
+                Err(mpsc::error::TrySendError::Closed(_)) => {}
+                Err(mpsc::error::TrySendError::Full(_)) => {
+                    unreachable!("BUG: the machine queued more than {WRITE_QUEUE_FRAMES} frames")
+                }
+            },
+            Action::ReadPage { after } => self.read_page(after),
+            Action::Apply(up) => self.apply(up),
+            Action::FannedOut(stored) => self.metrics.fanned_out(stored),
+            Action::Close { flush, ending } => return Some((flush, ending)),
+        }
+        None
+    }
+
+    fn read_page(&mut self, after: u64) {
+        let inner = self.inner.clone();
+        let ds = self.dataset.clone();
+        let exclude = (!self.echo_own).then(|| self.client.clone());
+        self.read = Some(tokio::task::spawn_blocking(move || {
+            let t0 = std::time::Instant::now();
+            let head = inner.store.head(&ds)?;
+            let page = inner.store.changes_since(
+                &ds,
+                after,
+                exclude.as_deref(),
+                MAX_PAGE_CHANGES,
+                MAX_PAGE_BYTES,
+            )?;
+            inner
+                .metrics
+                .store_time(StoreOp::read_changes, t0.elapsed());
+            Ok((page, head))
+        }));
+    }
+
+    /// Applies an upload and publishes what it stored, under the dataset's
+    /// lock so that published batches arrive in sequence order.
+    fn apply(&mut self, up: Upload) {
+        let inner = self.inner.clone();
+        let (ds, client) = (self.dataset.clone(), self.client.clone());
+        let tables = self.tables.clone();
+        let changes = Arc::new(up.changes);
+        let acked = up.acked;
+        let batch = changes.clone();
+        let task = tokio::task::spawn_blocking(move || {
+            let changes = batch;
+            let fan = inner.fanout.dataset(&ds);
+            let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
+            let t0 = std::time::Instant::now();
+            let mut applied = inner
+                .store
+                .apply_batch(&ds, &client, &tables, &changes, acked)?;
+            inner.metrics.store_time(StoreOp::apply_batch, t0.elapsed());
+            tracing::trace!(n = changes.len(), took = ?t0.elapsed(), "store applied batch");
+            if let (Some(first), Some(last)) = (applied.logged.first(), applied.logged.last()) {
+                let p = Published {
+                    after: first.change.version - 1,
+                    last: last.change.version,
+                    entries: std::mem::take(&mut applied.logged),
+                    stored: std::time::Instant::now(),
+                };
+                // No receiver is fine: nobody else is connected.
+                let _ = fan.tx.send(Arc::new(p));
+            }
+            Ok(applied)
+        });
+        self.apply = Some((up.batch, changes, task));
+    }
+
+    /// Turns a finished apply into the machine's input, with logs, metrics
+    /// and the `drop_upload_results` fault point.
+    fn applied(&mut self, batch: u64, changes: &[Change], r: Result<Applied, StoreError>) -> Input {
+        match r {
+            Ok(a) => {
+                let s = UploadSummary::of(&a.results);
+                self.metrics.applied(&s);
+                tracing::debug!(
+                    batch,
+                    total = s.total,
+                    applied = s.applied,
+                    conflict = s.conflict,
+                    invalid = s.invalid,
+                    head = a.head,
+                    "batch applied"
+                );
+                if s.invalid > 0 {
+                    tracing::warn!(batch, invalid = s.invalid, first_error = ?s.first_error, "batch had invalid changes");
+                }
+                if self
+                    .inner
+                    .faults
+                    .drop_upload_results
+                    .fetch_update(Ordering::SeqCst, Ordering::SeqCst, |n| n.checked_sub(1))
+                    .is_ok()
+                {
+                    tracing::warn!(
+                        batch,
+                        "fault injection: dropping the upload result and the connection"
+                    );
+                    return Input::Cut;
+                }
+                Input::Applied {
+                    results: a.results,
+                    failed: false,
+                }
+            }
+            Err(e) => {
+                tracing::error!(batch, error = %e, "could not apply batch");
+                let results = materialize_error(changes, e.to_string());
+                self.metrics.applied(&UploadSummary::of(&results));
+                Input::Applied {
+                    results,
+                    failed: true,
+                }
+            }
+        }
+    }
+
+    /// Ends the session: logs why, writes the last frames of a refusal under
+    /// a deadline, and stops the writer.
+    async fn finish(self, (flush, ending): (Vec<Vec<u8>>, Ending), writer: JoinHandle<()>) {
+        let mut last = Vec::new();
+        match &ending {
+            Ending::Gone => tracing::debug!("client closed the connection"),
+            Ending::Silent(t) => {
+                tracing::info!(timeout = ?t, "client silent for too long; closing")
+            }
+            Ending::Stalled { waiting, took } => {
+                tracing::warn!(
+                    waiting,
+                    took = ?took,
+                    "client took no data for {took:?} (the read timeout) while {waiting} frames waited for it; dropping the connection"
+                );
+                self.inner.metrics.stalled(&self.dataset);
+            }
+            Ending::Cut => {}
+            Ending::Refuse(r) => {
+                if r.code == ErrorCode::ShuttingDown {
+                    tracing::debug!("closing: hub shutting down");
+                } else {
+                    tracing::warn!(code = r.code.as_str(), "{}", r.message);
+                    self.inner.metrics.refused(r.code.as_str());
+                }
+                last.extend(refusal_messages(r));
+            }
+        }
+        if !matches!(ending, Ending::Refuse(_) | Ending::Cut) {
+            writer.abort();
+            return;
+        }
+        let tx = self.tx;
+        let wait = self.inner.read_timeout.min(CLOSE_TIMEOUT);
+        let mut writer = writer;
+        let drain = async {
+            for f in flush {
+                tx.send(Out::Frame(f)).await.ok()?;
+            }
+            for m in last {
+                tx.send(Out::Raw(m)).await.ok()?;
+            }
+            drop(tx);
+            (&mut writer).await.ok()
+        };
+        if tokio::time::timeout(wait, drain).await.is_err() {
+            tracing::info!(timeout = ?wait, "client did not take the last frames; dropping the connection");
+        }
+        writer.abort();
+    }
+}
+
+/// The writer task: sends each frame it is given, counts it written once
+/// flushed, and ends on the first error or when the session drops its end.
+async fn write(
+    mut sink: SplitSink<Ws, Message>,
+    mut rx: mpsc::Receiver<Out>,
+    written: watch::Sender<u64>,
+    bytes_out: Counter,
+) {
+    while let Some(out) = rx.recv().await {
+        let (msg, n) = match out {
+            Out::Frame(b) => {
+                let n = b.len() as u64;
+                (Message::Binary(b.into()), n)
+            }
+            Out::Raw(m) => (m, 0),
+        };
+        if let Err(e) = sink.send(msg).await {
+            tracing::debug!(error = %e, "sending to client failed");
+            return;
+        }
+        bytes_out.inc_by(n);
+        written.send_modify(|t| *t += 1);
+    }
+}
+
+/// Maps what the socket gave to an input.
+fn inbound(m: Option<Result<Message, WsError>>, metrics: &HubSessionMetrics) -> Input {
+    match m {
+        None => Input::Gone,
+        Some(Err(WsError::Capacity(e))) => Input::Bad(Refusal::new(
+            ErrorCode::FrameTooLarge,
+            format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
+        )),
+        Some(Err(e)) => {
+            tracing::info!(error = %e, "connection lost");
+            Input::Gone
+        }
+        Some(Ok(Message::Binary(b))) => {
+            metrics.bytes_in.inc_by(b.len() as u64);
+            match proto::decode::<ClientFrame>(&b) {
+                Ok(f) => Input::Frame(f),
+                Err(e) => Input::Bad(Refusal::new(ErrorCode::MalformedFrame, e.to_string())),
+            }
+        }
+        Some(Ok(Message::Text(_))) => Input::Bad(Refusal::new(
+            ErrorCode::MalformedFrame,
+            "text message; frames are binary MessagePack",
+        )),
+        Some(Ok(Message::Close(_))) => Input::Gone,
+        Some(Ok(_)) => Input::Heard,
+    }
+}
+
+async fn join<T>(h: &mut Pending<Result<T, StoreError>>) -> Result<T, StoreError> {
+    match h {
+        Some(h) => h
+            .await
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?,
+        None => std::future::pending().await,
+    }
+}
+
+async fn join_apply(h: &mut Applying) -> Result<Applied, StoreError> {
+    match h {
+        Some((_, _, h)) => h
+            .await
+            .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?,
+        None => std::future::pending().await,
+    }
+}
+
+async fn sleep_until(deadline: Option<tokio::time::Instant>) {
+    match deadline {
+        Some(d) => tokio::time::sleep_until(d).await,
+        None => std::future::pending().await,
+    }
+}
+
+fn materialize_error(changes: &[Change], message: String) -> Vec<ChangeResult> {
+    changes
+        .iter()
+        .map(|c| ChangeResult {
+            seq: c.seq,
+            outcome: Outcome::MaterializeError {
+                message: message.clone(),
+            },
+        })
+        .collect()
+}

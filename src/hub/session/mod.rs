@@ -1,0 +1,356 @@
+//! One daemon connection on the hub: upgrade and auth, `hello` checks, then
+//! the session proper: [`machine`] decides (catch-up, live, uploads, limits,
+//! timeouts) and [`driver`] performs (socket reader, writer task, store calls).
+
+mod driver;
+mod machine;
+
+use std::collections::HashMap;
+use std::net::SocketAddr;
+use std::sync::Arc;
+use std::time::Duration;
+
+use futures_util::{SinkExt, StreamExt};
+use tokio::net::TcpStream;
+use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
+use tokio_tungstenite::tungstenite::http::StatusCode;
+use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
+use tokio_tungstenite::tungstenite::protocol::{CloseFrame, WebSocketConfig};
+use tokio_tungstenite::tungstenite::Message;
+use tokio_tungstenite::WebSocketStream;
+use tokio_util::sync::CancellationToken;
+
+use super::auth::Grant;
+use super::store::StoreError;
+use super::HubInner;
+use crate::http::Prefixed;
+use crate::local::schema::fingerprint;
+use crate::metrics::StoreOp;
+use crate::proto::{
+    self, ClientFrame, ErrorCode, ErrorFrame, Hello, HubFrame, TableSchema, Welcome,
+    DATASET_HEADER, MAX_FRAME_BYTES, PROTOCOL_VERSION,
+};
+use machine::{Machine, Params, Refusal};
+
+/// Time allowed for the WebSocket upgrade and for the `hello` frame.
+const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
+
+type Ws = WebSocketStream<Prefixed<TcpStream>>;
+
+pub fn ws_config() -> WebSocketConfig {
+    let mut c = WebSocketConfig::default();
+    c.max_message_size = Some(MAX_FRAME_BYTES);
+    c.max_frame_size = Some(MAX_FRAME_BYTES);
+    c
+}
+
+impl From<StoreError> for Refusal {
+    fn from(e: StoreError) -> Self {
+        match e {
+            StoreError::SchemaMismatch { .. } => {
+                Refusal::new(ErrorCode::SchemaMismatch, e.to_string())
+            }
+            StoreError::Backend(_) => Refusal::new(ErrorCode::Internal, e.to_string()),
+        }
+    }
+}
+
+fn close_code(code: ErrorCode) -> CloseCode {
+    match code {
+        ErrorCode::MalformedFrame | ErrorCode::UnexpectedFrame => CloseCode::Protocol,
+        ErrorCode::FrameTooLarge => CloseCode::Size,
+        ErrorCode::Internal => CloseCode::Error,
+        ErrorCode::ShuttingDown => CloseCode::Away,
+        _ => CloseCode::Policy,
+    }
+}
+
+/// The error frame and the close frame that end a refused session.
+fn refusal_messages(r: &Refusal) -> [Message; 2] {
+    let frame = HubFrame::Error(ErrorFrame {
+        code: r.code,
+        message: r.message.clone(),
+    });
+    let reason: String = r.message.chars().take(100).collect();
+    [
+        Message::Binary(proto::encode(&frame).into()),
+        Message::Close(Some(CloseFrame {
+            code: close_code(r.code),
+            reason: reason.into(),
+        })),
+    ]
+}
+
+/// Refuses a session before it started, within [`HANDSHAKE_TIMEOUT`].
+async fn refuse(ws: &mut Ws, r: Refusal) {
+    let send = async {
+        for m in refusal_messages(&r) {
+            ws.send(m).await?;
+        }
+        Ok::<(), tokio_tungstenite::tungstenite::Error>(())
+    };
+    let _ = tokio::time::timeout(HANDSHAKE_TIMEOUT, send).await;
+}
+
+fn http_error(status: StatusCode, message: &str) -> ErrorResponse {
+    let mut resp = ErrorResponse::new(Some(format!("{message}\n")));
+    *resp.status_mut() = status;
+    resp
+}
+
+async fn blocking<T: Send + 'static>(
+    f: impl FnOnce() -> Result<T, StoreError> + Send + 'static,
+) -> Result<T, StoreError> {
+    tokio::task::spawn_blocking(f)
+        .await
+        .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?
+}
+
+pub async fn serve(
+    inner: Arc<HubInner>,
+    stream: Prefixed<TcpStream>,
+    peer: SocketAddr,
+    shutdown: CancellationToken,
+) {
+    let mut grant: Option<Grant> = None;
+    // The error type is tungstenite's HTTP response; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
+    let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
+        let auth = req
+            .headers()
+            .get("authorization")
+            .and_then(|v| v.to_str().ok());
+        let Some(g) = inner.tokens.check(auth) else {
+            inner.metrics.refused("unauthorized");
+            return Err(http_error(
+                StatusCode::UNAUTHORIZED,
+                "unauthorized: missing or unknown bearer token",
+            ));
+        };
+        if let Some(ds) = req
+            .headers()
+            .get(DATASET_HEADER)
+            .and_then(|v| v.to_str().ok())
+        {
+            if !g.allows(ds) {
+                inner.metrics.refused("forbidden");
+                return Err(http_error(
+                    StatusCode::FORBIDDEN,
+                    &format!(
+                        "forbidden: token {:?} is not valid for dataset {ds:?}",
+                        g.name
+                    ),
+                ));
+            }
+        }
+        grant = Some(g.clone());
+        Ok(resp)
+    };
+    let upgrade =
+        tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config()));
+    let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
+        Ok(Ok(ws)) => ws,
+        Ok(Err(e)) => {
+            tracing::info!(%peer, error = %e, "upgrade refused or failed");
+            return;
+        }
+        Err(_) => {
+            tracing::info!(%peer, "upgrade timed out");
+            return;
+        }
+    };
+    let grant = grant.expect("BUG: upgrade succeeded without a grant");
+    let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_hello(&mut ws)).await {
+        Ok(Ok(h)) => h,
+        Ok(Err(r)) => {
+            tracing::warn!(%peer, token = %grant.name, code = r.code.as_str(), "{}", r.message);
+            inner.metrics.refused(r.code.as_str());
+            refuse(&mut ws, r).await;
+            return;
+        }
+        Err(_) => {
+            inner.metrics.refused(ErrorCode::UnexpectedFrame.as_str());
+            refuse(
+                &mut ws,
+                Refusal::new(ErrorCode::UnexpectedFrame, "no hello within 10s"),
+            )
+            .await;
+            return;
+        }
+    };
+    let span =
+        tracing::info_span!("session", dataset = %hello.dataset, client = %hello.client_id, %peer);
+    let opened = tracing::Instrument::instrument(open(&inner, hello, &grant), span.clone()).await;
+    let opened = match opened {
+        Ok(o) => o,
+        Err(r) => {
+            {
+                let _g = span.enter();
+                tracing::warn!(code = r.code.as_str(), "{}", r.message);
+            }
+            inner.metrics.refused(r.code.as_str());
+            refuse(&mut ws, r).await;
+            return;
+        }
+    };
+    tracing::Instrument::instrument(driver::run(inner, ws, opened, shutdown), span).await;
+}
+
+/// A session whose `hello` was accepted.
+struct Opened {
+    dataset: String,
+    client: String,
+    echo_own: bool,
+    /// The tables declared by `hello`, shared with every store task.
+    tables: Arc<HashMap<String, TableSchema>>,
+    machine: Machine,
+    /// The actions of the machine's start (`welcome`, first page).
+    start: Vec<machine::Action>,
+    /// Subscribed before the catch-up starts, so no batch falls between.
+    live: tokio::sync::broadcast::Receiver<Arc<super::fanout::Published>>,
+}
+
+/// Checks `hello` against the hub's configuration and the grant, registers
+/// the tables' schemas and starts the session's machine.
+async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Opened, Refusal> {
+    check_hello(inner, &hello, grant)?;
+    let store = inner.store.clone();
+    let (ds, tables, client) = (
+        hello.dataset.clone(),
+        hello.tables.clone(),
+        hello.client_id.clone(),
+    );
+    let t0 = std::time::Instant::now();
+    let (head, client_seq) = blocking(move || {
+        store.register_schema(&ds, &tables)?;
+        Ok((store.head(&ds)?, store.client_seq(&ds, &client)?))
+    })
+    .await?;
+    inner
+        .metrics
+        .store_time(StoreOp::open_session, t0.elapsed());
+    let mut cursor = hello.cursor;
+    if cursor > head {
+        tracing::warn!(cursor, head, "client cursor is ahead of the hub (was the hub store restored?); sending from the hub's head");
+        cursor = head;
+    }
+    // Subscribe before catching up so no batch falls between the two.
+    let live = inner.fanout.dataset(&hello.dataset).tx.subscribe();
+    tracing::info!(cursor, head, subscribe = hello.subscribe, "session started");
+    let params = Params {
+        client: Arc::from(hello.client_id.as_str()),
+        access: grant.access,
+        echo_own: hello.echo_own,
+        subscribe: hello.subscribe,
+        tables: hello.tables.iter().map(|t| t.name.clone()).collect(),
+        read_timeout: inner.read_timeout,
+    };
+    let welcome = Welcome {
+        protocol: PROTOCOL_VERSION,
+        head,
+        access: grant.access,
+        client_seq,
+    };
+    let (machine, start) = Machine::start(params, welcome, cursor, std::time::Instant::now());
+    Ok(Opened {
+        dataset: hello.dataset,
+        client: hello.client_id,
+        echo_own: hello.echo_own,
+        tables: Arc::new(
+            hello
+                .tables
+                .into_iter()
+                .map(|t| (t.name.clone(), t))
+                .collect(),
+        ),
+        machine,
+        start,
+        live,
+    })
+}
+
+/// The checks of `hello` that need no store.
+fn check_hello(inner: &HubInner, hello: &Hello, grant: &Grant) -> Result<(), Refusal> {
+    if hello.protocol != PROTOCOL_VERSION {
+        return Err(Refusal::new(
+            ErrorCode::UnsupportedVersion,
+            format!(
+                "protocol version {} is not supported; this hub speaks {PROTOCOL_VERSION}",
+                hello.protocol
+            ),
+        ));
+    }
+    let Some(declared) = inner.datasets.get(&hello.dataset) else {
+        return Err(Refusal::new(
+            ErrorCode::UnknownDataset,
+            format!("dataset {:?} is not declared on the hub; add a [[dataset]] to hub.toml or fix `dataset` in tether.toml", hello.dataset),
+        ));
+    };
+    if !grant.allows(&hello.dataset) {
+        return Err(Refusal::new(
+            ErrorCode::Forbidden,
+            format!(
+                "token {:?} is not valid for dataset {:?}",
+                grant.name, hello.dataset
+            ),
+        ));
+    }
+    if hello.client_id.is_empty() || hello.client_id.len() > 128 {
+        return Err(Refusal::new(
+            ErrorCode::MalformedFrame,
+            "client_id must be 1 to 128 characters",
+        ));
+    }
+    for t in &hello.tables {
+        if !declared.contains(&t.name) {
+            return Err(Refusal::new(
+                ErrorCode::UnknownTable,
+                format!("table {:?} is not declared by dataset {:?} on the hub; add it to the dataset's `tables` in hub.toml or remove it from tether.toml", t.name, hello.dataset),
+            ));
+        }
+        let valid_shape = t.columns.len() == t.types.len()
+            && !t.pk.is_empty()
+            && t.pk.iter().all(|&i| (i as usize) < t.columns.len());
+        if !valid_shape || fingerprint(&t.name, &t.columns, &t.types, &t.pk) != t.fingerprint {
+            return Err(Refusal::new(
+                ErrorCode::MalformedFrame,
+                format!(
+                    "table {:?}: schema description is inconsistent with its fingerprint",
+                    t.name
+                ),
+            ));
+        }
+    }
+    Ok(())
+}
+
+async fn read_hello(ws: &mut Ws) -> Result<Hello, Refusal> {
+    loop {
+        match ws.next().await {
+            Some(Ok(Message::Binary(b))) => {
+                return match proto::decode::<ClientFrame>(&b) {
+                    Ok(ClientFrame::Hello(h)) => Ok(h),
+                    Ok(_) => Err(Refusal::new(
+                        ErrorCode::UnexpectedFrame,
+                        "the first frame must be hello",
+                    )),
+                    Err(e) => Err(Refusal::new(ErrorCode::MalformedFrame, e.to_string())),
+                }
+            }
+            Some(Ok(Message::Ping(_) | Message::Pong(_))) => continue,
+            Some(Ok(Message::Text(_))) => {
+                return Err(Refusal::new(
+                    ErrorCode::MalformedFrame,
+                    "text message; frames are binary MessagePack",
+                ))
+            }
+            Some(Ok(_)) | None => {
+                return Err(Refusal::new(
+                    ErrorCode::UnexpectedFrame,
+                    "connection closed before hello",
+                ))
+            }
+            Some(Err(e)) => return Err(Refusal::new(ErrorCode::MalformedFrame, e.to_string())),
+        }
+    }
+}
