@@ -90,6 +90,8 @@ pub struct Pending {
     pub consumed: u64,
     /// When the oldest unanswered write was committed (ms since the epoch).
     pub oldest_at_ms: Option<i64>,
+    /// The hub's changes the local database refused, held in `_tether_held`.
+    pub held: u64,
 }
 
 /// One upload batch as read from the log.
@@ -103,9 +105,9 @@ pub struct Batch {
     pub captured_ms: Vec<i64>,
 }
 
-struct Tbl {
-    id: i64,
-    t: Table,
+pub(super) struct Tbl {
+    pub(super) id: i64,
+    pub(super) t: Table,
     policy: ConflictPolicy,
     sql_upsert: String,
     sql_delete: String,
@@ -205,17 +207,17 @@ impl Tbl {
 
 /// One local database as tether sees it.
 pub struct Replica {
-    name: String,
-    conn: Connection,
+    pub(super) name: String,
+    pub(super) conn: Connection,
     /// Held while this replica lives: one tether process per database.
     _lock: std::fs::File,
-    tables: HashMap<String, Tbl>,
+    pub(super) tables: HashMap<String, Tbl>,
     by_id: HashMap<i64, String>,
     order: Vec<String>,
     client_id: String,
 }
 
-fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
+pub(super) fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
     move |source| LocalError::Sqlite {
         db: db.to_owned(),
         source,
@@ -223,7 +225,7 @@ fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
 }
 
 /// A row's identity inside one database: table id and key values.
-type Key = (i64, Vec<Value>);
+pub(super) type Key = (i64, Vec<Value>);
 
 const LOG_COLS: &str = "seq, tbl, op, mask, k0, k1, k2, k3, k4, k5, k6, k7, at";
 /// Position of `at` in [`LOG_COLS`].
@@ -421,6 +423,7 @@ impl Replica {
             oldest_seq: min.map(|m| m as u64),
             oldest_at_ms: oldest_at,
             consumed,
+            held: super::held::count(&self.conn).map_err(&e)?,
         })
     }
 
@@ -582,7 +585,7 @@ impl Replica {
         }
     }
 
-    fn tbl(&self, table: &str) -> Result<&Tbl, LocalError> {
+    pub(super) fn tbl(&self, table: &str) -> Result<&Tbl, LocalError> {
         self.tables
             .get(table)
             .ok_or_else(|| LocalError::UnknownTable {
@@ -592,7 +595,11 @@ impl Replica {
     }
 
     /// Keys with a log row above `after`, for the given tables.
-    fn logged_keys_after(&self, c: &Connection, after: u64) -> rusqlite::Result<HashSet<Key>> {
+    pub(super) fn logged_keys_after(
+        &self,
+        c: &Connection,
+        after: u64,
+    ) -> rusqlite::Result<HashSet<Key>> {
         let mut stmt = c.prepare_cached(&format!(
             "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1"
         ))?;
@@ -741,67 +748,6 @@ impl Replica {
         tx.commit().map_err(&e)?;
         Ok(done)
     }
-
-    /// Applies changes pushed by the hub and moves the cursor to `up_to`, in
-    /// one transaction. Rows with a pending local change keep the local value;
-    /// the hub's row is kept aside until the local change is answered.
-    pub fn apply_remote(
-        &mut self,
-        changes: &[RemoteChange],
-        up_to: u64,
-    ) -> Result<u64, LocalError> {
-        let e = sq(&self.name);
-        for c in changes {
-            let tbl = self.tbl(&c.table)?;
-            if c.op == Op::Upsert && c.values.len() != tbl.t.columns.len() {
-                return Err(LocalError::Shape {
-                    db: self.name.clone(),
-                    table: c.table.clone(),
-                    got: c.values.len(),
-                    want: tbl.t.columns.len(),
-                });
-            }
-        }
-        let tx =
-            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
-        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
-            .map_err(&e)?;
-        let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
-        let pending = if changes.is_empty() {
-            HashSet::new()
-        } else {
-            self.logged_keys_after(&tx, consumed).map_err(&e)?
-        };
-        let mut applied = 0;
-        for c in changes {
-            let tbl = &self.tables[&c.table];
-            if !pending.is_empty() && pending.contains(&(tbl.id, c.pk.clone())) {
-                if c.version > get_ver(&tx, tbl, &c.pk).map_err(&e)? {
-                    defer(&tx, tbl, &c.pk, c.clone()).map_err(&e)?;
-                }
-                continue;
-            }
-            // One statement moves the version forward and tells whether the
-            // change is new.
-            if !set_ver_if_newer(&tx, tbl, &c.pk, c.version).map_err(&e)? {
-                continue;
-            }
-            match c.op {
-                Op::Upsert => upsert_row(&tx, tbl, &c.values).map_err(&e)?,
-                Op::Delete => delete_row(&tx, tbl, &c.pk).map_err(&e)?,
-            }
-            applied += 1;
-        }
-        tx.prepare_cached(
-            "INSERT INTO _tether_meta (key, value) VALUES ('cursor', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-        )
-        .and_then(|mut st| st.execute([up_to as i64]))
-        .map_err(&e)?;
-        tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
-        tx.commit().map_err(&e)?;
-        Ok(applied)
-    }
 }
 
 /// Takes the per-database lock file `<database>-tether.lock` (an advisory
@@ -835,7 +781,7 @@ fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
     }
 }
 
-fn meta_u64(c: &Connection, key: &str) -> rusqlite::Result<u64> {
+pub(super) fn meta_u64(c: &Connection, key: &str) -> rusqlite::Result<u64> {
     let v: Option<i64> = c
         .prepare_cached("SELECT value FROM _tether_meta WHERE key = ?1")?
         .query_row([key], |r| r.get(0))
@@ -883,7 +829,7 @@ fn key_params(pk: &[Value]) -> impl rusqlite::Params + '_ {
 
 const _: () = assert!(MAX_KEY_COLUMNS == 8, "LOG_COLS lists k0..k7");
 
-fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
+pub(super) fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
     Ok(c.prepare_cached(&t.sql_get_ver)?
         .query_row(key_params(pk), |r| r.get::<_, i64>(0))
         .optional()?
@@ -899,7 +845,12 @@ fn exec_ver(c: &Connection, sql: &str, pk: &[Value], version: u64) -> rusqlite::
 }
 
 /// Moves a row's version forward; false when it already was at or past it.
-fn set_ver_if_newer(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<bool> {
+pub(super) fn set_ver_if_newer(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    version: u64,
+) -> rusqlite::Result<bool> {
     Ok(exec_ver(c, &t.sql_set_ver_if_newer, pk, version)? == 1)
 }
 
@@ -947,13 +898,13 @@ fn select_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<
         .optional()
 }
 
-fn upsert_row(c: &Connection, t: &Tbl, values: &[Value]) -> rusqlite::Result<()> {
+pub(super) fn upsert_row(c: &Connection, t: &Tbl, values: &[Value]) -> rusqlite::Result<()> {
     c.prepare_cached(&t.sql_upsert)?
         .execute(params_from_iter(values.iter()))?;
     Ok(())
 }
 
-fn delete_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<()> {
+pub(super) fn delete_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<()> {
     c.prepare_cached(&t.sql_delete)?.execute(key_params(pk))?;
     Ok(())
 }
@@ -978,7 +929,12 @@ fn server_as_remote(s: &ServerRow) -> RemoteChange {
 }
 
 /// Keeps the hub's newest row for a key whose local change is still pending.
-fn defer(c: &Connection, t: &Tbl, pk: &[Value], rc: RemoteChange) -> rusqlite::Result<()> {
+pub(super) fn defer(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    rc: RemoteChange,
+) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO _tether_deferred (tbl, pk, version, op, vals) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, op = excluded.op, vals = excluded.vals
@@ -1131,7 +1087,8 @@ mod tests {
                 }],
                 5,
             )
-            .unwrap(),
+            .unwrap()
+            .applied,
             0
         );
     }
