@@ -416,4 +416,41 @@ mod tests {
         );
         assert!(r.held(10).unwrap().is_empty());
     }
+
+    #[test]
+    fn a_conflict_whose_server_row_is_refused_is_held_and_the_answer_applies() {
+        use crate::proto::{ChangeResult, Outcome, ServerRow};
+        let (_d, app, mut r) = setup();
+        app.execute("INSERT INTO u VALUES (3, 'mine')", []).unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(b.changes.len(), 1);
+        let server = ServerRow {
+            version: 4,
+            deleted: false,
+            values: vec![int(3), text("taken")],
+        };
+        let done = r
+            .apply_results(
+                &b,
+                &[ChangeResult {
+                    seq: b.changes[0].seq,
+                    outcome: Outcome::Conflict { server },
+                }],
+            )
+            .unwrap();
+        assert_eq!(done.server_rows_written, 0);
+        assert_eq!(done.consumed, 1);
+        assert_eq!(r.pending().unwrap().changes, 0);
+        let held = r.held(10).unwrap();
+        assert_eq!(held.len(), 1);
+        assert_eq!((held[0].version, held[0].key.as_str()), (4, "[3]"));
+        assert!(held[0].reason.contains("UNIQUE"), "{}", held[0].reason);
+        assert_eq!(
+            count(
+                &app,
+                "SELECT count(*) FROM u WHERE id = 3 AND name = 'mine'"
+            ),
+            1
+        );
+    }
 }

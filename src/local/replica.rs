@@ -15,6 +15,7 @@ use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
 };
 
+use super::held::{self, Abort, Isolation};
 use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
 use crate::config::ConflictPolicy;
 use crate::proto::{
@@ -624,36 +625,52 @@ impl Replica {
     /// resolves conflicts by policy, moves invalid changes to
     /// `_tether_rejected`. A batch the hub could not store is left in the log
     /// whole, to be sent again.
+    ///
+    /// A hub row the local database refuses (the server's row of a conflict,
+    /// a deferred row) is held like a refused remote change (see
+    /// [`super::held`]) and the answer still applies.
     pub fn apply_results(
         &mut self,
         batch: &Batch,
         results: &[ChangeResult],
     ) -> Result<ResultsApplied, LocalError> {
-        let e = sq(&self.name);
-        let mut done = ResultsApplied::default();
         if results
             .iter()
             .any(|r| matches!(r.outcome, Outcome::MaterializeError { .. }))
         {
-            return Ok(done);
+            return Ok(ResultsApplied::default());
         }
+        let mut iso = Isolation::default();
+        loop {
+            iso.begin();
+            match self.results_tx(&mut iso, batch, results) {
+                Ok(done) => return Ok(done),
+                Err(abort) => iso.after(abort).map_err(sq(&self.name))?,
+            }
+        }
+    }
+
+    fn results_tx(
+        &self,
+        iso: &mut Isolation,
+        batch: &Batch,
+        results: &[ChangeResult],
+    ) -> Result<ResultsApplied, Abort> {
+        let mut done = ResultsApplied::default();
         let by_seq: HashMap<u64, &Change> = batch.changes.iter().map(|c| (c.seq, c)).collect();
-        let tx =
-            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
-        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
-            .map_err(&e)?;
-        let any_deferred: bool = tx
-            .query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])?;
+        let any_deferred: bool =
+            tx.query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
                 r.get(0)
-            })
-            .map_err(&e)?;
+            })?;
         let needs_keys = any_deferred
             || results
                 .iter()
                 .any(|r| !matches!(r.outcome, Outcome::Applied { .. }));
         // Rows the app wrote again after this batch was read.
         let rewritten = if needs_keys {
-            self.logged_keys_after(&tx, batch.through).map_err(&e)?
+            self.logged_keys_after(&tx, batch.through)?
         } else {
             HashSet::new()
         };
@@ -662,7 +679,9 @@ impl Replica {
                 tracing::warn!(db = %self.name, seq = r.seq, "hub answered a change that was not sent; ignored");
                 continue;
             };
-            let tbl = self.tbl(&change.table)?;
+            let Some(tbl) = self.tables.get(&change.table) else {
+                continue; // read from a table no longer synced
+            };
             let pk = &change.pk;
             let again = rewritten.contains(&(tbl.id, pk.clone()));
             match &r.outcome {
@@ -672,11 +691,11 @@ impl Replica {
                     // it is not a conflict whatever its base, and a later
                     // change by another client arrives with a higher version.
                     if any_deferred && !again {
-                        apply_deferred(&tx, tbl, pk, *version).map_err(&e)?;
+                        apply_deferred(&tx, iso, tbl, pk, *version)?;
                     }
                 }
                 Outcome::Conflict { server } => {
-                    let local = select_row(&tx, tbl, pk).map_err(&e)?;
+                    let local = select_row(&tx, tbl, pk)?;
                     let effective = match tbl.policy {
                         ConflictPolicy::MergeColumns if local.is_none() || server.deleted => {
                             ConflictPolicy::ServerWins
@@ -689,19 +708,25 @@ impl Replica {
                                 // The app wrote this row again meanwhile,
                                 // also without the hub's version: that write
                                 // meets the same conflict when it goes out.
-                                defer(&tx, tbl, pk, server_as_remote(server)).map_err(&e)?;
+                                defer(&tx, tbl, pk, server_as_remote(server))?;
                             } else {
-                                write_server_row(&tx, tbl, pk, server).map_err(&e)?;
-                                apply_deferred(&tx, tbl, pk, server.version).map_err(&e)?;
-                                done.server_rows_written += 1;
+                                let written = iso.attempt(&tx, || {
+                                    write_server_row(&tx, tbl, pk, server)?;
+                                    held::supersede(&tx, &tbl.t.name, pk, server.version)
+                                })?;
+                                match written {
+                                    Ok(()) => done.server_rows_written += 1,
+                                    Err(why) => hold_server_row(&tx, tbl, pk, server, &why)?,
+                                }
+                                apply_deferred(&tx, iso, tbl, pk, server.version)?;
                             }
                         }
                         ConflictPolicy::ClientWins => {
-                            set_ver_exact(&tx, tbl, pk, server.version).map_err(&e)?;
-                            clear_deferred_upto(&tx, tbl, pk, server.version).map_err(&e)?;
+                            set_ver_exact(&tx, tbl, pk, server.version)?;
+                            clear_deferred_upto(&tx, tbl, pk, server.version)?;
                             if !again {
                                 let op = if local.is_some() { 1 } else { 2 };
-                                log_write(&tx, tbl, pk, op, change.mask).map_err(&e)?;
+                                log_write(&tx, tbl, pk, op, change.mask)?;
                             }
                             done.resent += 1;
                         }
@@ -715,11 +740,18 @@ impl Replica {
                                     }
                                 }
                             }
-                            upsert_row(&tx, tbl, &merged).map_err(&e)?;
-                            set_ver_exact(&tx, tbl, pk, server.version).map_err(&e)?;
-                            clear_deferred_upto(&tx, tbl, pk, server.version).map_err(&e)?;
-                            log_write(&tx, tbl, pk, 1, change.mask).map_err(&e)?;
-                            done.resent += 1;
+                            let written = iso.attempt(&tx, || {
+                                upsert_row(&tx, tbl, &merged)?;
+                                set_ver_exact(&tx, tbl, pk, server.version)?;
+                                clear_deferred_upto(&tx, tbl, pk, server.version)?;
+                                log_write(&tx, tbl, pk, 1, change.mask)
+                            })?;
+                            match written {
+                                Ok(()) => done.resent += 1,
+                                // The merged row cannot be written: the
+                                // hub's row is held, as with server_wins.
+                                Err(why) => hold_server_row(&tx, tbl, pk, server, &why)?,
+                            }
                         }
                     }
                 }
@@ -736,16 +768,15 @@ impl Replica {
                             reason.as_str(),
                             message
                         ],
-                    )
-                    .map_err(&e)?;
+                    )?;
                     done.rejected += 1;
                 }
                 Outcome::MaterializeError { .. } => unreachable!("handled above"),
             }
         }
-        done.consumed = consume(&tx, batch.through).map_err(&e)?;
-        tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
-        tx.commit().map_err(&e)?;
+        done.consumed = consume(&tx, batch.through)?;
+        tx.execute("DELETE FROM _tether_applying", [])?;
+        tx.commit()?;
         Ok(done)
     }
 }
@@ -962,8 +993,14 @@ fn clear_deferred_upto(
 }
 
 /// After our change to a row was applied at `version`, applies a newer hub
-/// row that arrived while the change was pending.
-fn apply_deferred(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
+/// row that arrived while the change was pending; holds it if refused.
+fn apply_deferred(
+    c: &Connection,
+    iso: &mut Isolation,
+    t: &Tbl,
+    pk: &[Value],
+    version: u64,
+) -> Result<(), Abort> {
     let key = encode_key(pk);
     let found: Option<(i64, i64, Vec<u8>)> = c
         .prepare_cached(
@@ -978,18 +1015,51 @@ fn apply_deferred(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqli
     };
     c.prepare_cached("DELETE FROM _tether_deferred WHERE tbl = ?1 AND pk = ?2")?
         .execute(params![t.t.name, key])?;
-    if dv as u64 <= version {
+    let dv = dv as u64;
+    if dv <= version {
         return Ok(());
     }
-    if op == 2 {
-        delete_row(c, t, pk)?;
-    } else {
-        let values = decode_values(&vals).map_err(|err| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(err))
-        })?;
-        upsert_row(c, t, &values)?;
+    let op = if op == 2 { Op::Delete } else { Op::Upsert };
+    let values = match op {
+        Op::Delete => Vec::new(),
+        Op::Upsert => decode_values(&vals).unwrap_or_default(),
+    };
+    let written = iso.attempt(c, || {
+        match op {
+            Op::Delete => delete_row(c, t, pk)?,
+            Op::Upsert if values.len() != t.t.columns.len() => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    format!(
+                        "the hub's row has {} values, the table has {} columns",
+                        values.len(),
+                        t.t.columns.len()
+                    )
+                    .into(),
+                ));
+            }
+            Op::Upsert => upsert_row(c, t, &values)?,
+        }
+        set_ver(c, t, pk, dv)?;
+        held::supersede(c, &t.t.name, pk, dv)
+    })?;
+    if let Err(why) = written {
+        let reason = held::reason(&t.t.name, pk, &why);
+        held::hold(c, &t.t.name, pk, dv, op, &values, &reason)?;
     }
-    set_ver(c, t, pk, dv as u64)
+    Ok(())
+}
+
+/// Holds the hub's row of a conflict that the local database refused.
+fn hold_server_row(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    s: &ServerRow,
+    why: &str,
+) -> rusqlite::Result<()> {
+    let op = if s.deleted { Op::Delete } else { Op::Upsert };
+    let reason = held::reason(&t.t.name, pk, why);
+    held::hold(c, &t.t.name, pk, s.version, op, &s.values, &reason)
 }
 
 #[cfg(test)]
