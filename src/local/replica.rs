@@ -19,8 +19,8 @@ use super::held::{self, Abort, Isolation};
 use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
 use crate::config::ConflictPolicy;
 use crate::proto::{
-    decode_values, encode_key, encode_values, Change, ChangeResult, Op, Outcome, RemoteChange,
-    ServerRow, TableSchema, Value,
+    decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op, Outcome,
+    RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES,
 };
 
 /// How long tether waits for the app's write locks before giving up on one
@@ -461,12 +461,61 @@ impl Replica {
     /// below are answered or in flight), at most `max_rows` of them, coalesced
     /// per row into changes carrying the row's current values, cut at about
     /// `max_bytes`.
+    ///
+    /// A change larger than the hub accepts ([`MAX_CHANGE_BYTES`]) is never
+    /// returned: it is recorded in `_tether_rejected` as `too_large` (once,
+    /// however often it is read) and the batch's `through` covers it, so it
+    /// is consumed with the batch and the rows behind it go out.
     pub fn read_batch(
-        &self,
+        &mut self,
         after: u64,
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Batch, LocalError> {
+        let (batch, too_large) = self.read_log(after, max_rows, max_bytes)?;
+        if !too_large.is_empty() {
+            self.reject_too_large(&too_large).map_err(sq(&self.name))?;
+        }
+        Ok(batch)
+    }
+
+    /// Records changes too large for the hub in `_tether_rejected`.
+    fn reject_too_large(&self, changes: &[Change]) -> rusqlite::Result<()> {
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        for c in changes {
+            let size = c.wire_size();
+            let message = format!(
+                "table {:?} key {}: the change is {size} bytes, larger than the {MAX_CHANGE_BYTES} bytes the hub accepts",
+                c.table,
+                held::render_key(&c.pk)
+            );
+            tracing::warn!(db = %self.name, seq = c.seq, "{message}; not sent");
+            tx.prepare_cached(
+                "INSERT INTO _tether_rejected (seq, tbl, pk, op, vals, reason, message, at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, unixepoch()
+                 WHERE NOT EXISTS (SELECT 1 FROM _tether_rejected WHERE seq = ?1 AND reason = ?6)",
+            )?
+            .execute(params![
+                c.seq as i64,
+                c.table,
+                encode_key(&c.pk),
+                if c.op == Op::Upsert { 1 } else { 2 },
+                encode_values(&c.values),
+                InvalidReason::TooLarge.as_str(),
+                message
+            ])?;
+        }
+        tx.commit()
+    }
+
+    /// [`Self::read_batch`] without side effects: the batch, and the changes
+    /// it covers that are too large to send.
+    fn read_log(
+        &self,
+        after: u64,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<(Batch, Vec<Change>), LocalError> {
         let e = sq(&self.name);
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
@@ -525,6 +574,7 @@ impl Replica {
         entries.sort_by_key(|en| en.last);
         let mut changes = Vec::with_capacity(entries.len());
         let mut captured_ms = Vec::with_capacity(entries.len());
+        let mut too_large = Vec::new();
         let mut bytes = 0;
         let mut cut_at = entries.len();
         for (i, en) in entries.iter().enumerate() {
@@ -545,8 +595,13 @@ impl Replica {
                 base,
                 mask: en.mask,
             };
-            bytes += change.wire_size();
-            if i > 0 && bytes > max_bytes {
+            let size = change.wire_size();
+            if size > MAX_CHANGE_BYTES {
+                too_large.push(change);
+                continue;
+            }
+            bytes += size;
+            if !changes.is_empty() && bytes > max_bytes {
                 cut_at = i;
                 break;
             }
@@ -557,14 +612,18 @@ impl Replica {
             // Keys left out must keep all their log rows, or the columns
             // their earlier writes touched would be forgotten.
             let kept_min = entries[cut_at..].iter().map(|en| en.first).min();
-            let last_sent = changes.last().map(|c| c.seq).unwrap_or(from);
+            // Not empty: a cut needs a change before it.
+            let last_sent = entries[cut_at - 1].last;
             through = kept_min.map(|m| m - 1).unwrap_or(last_sent).min(last_sent);
         }
-        Ok(Batch {
+        // Those past `through` are read again with the next batch.
+        too_large.retain(|c| c.seq <= through);
+        let batch = Batch {
             changes,
             through,
             captured_ms,
-        })
+        };
+        Ok((batch, too_large))
     }
 
     /// Estimated wire size of the pending changes up to `target`.
@@ -572,7 +631,7 @@ impl Replica {
         let mut after = 0;
         let mut bytes = 0u64;
         loop {
-            let b = self.read_batch(after, 4000, usize::MAX)?;
+            let (b, _) = self.read_log(after, 4000, usize::MAX)?;
             if b.through <= after {
                 return Ok(bytes);
             }
@@ -1081,7 +1140,7 @@ mod tests {
 
     #[test]
     fn rows_present_before_the_first_sync_are_captured() {
-        let (_d, _app, r) = setup();
+        let (_d, _app, mut r) = setup();
         let b = r.read_batch(0, 100, 1 << 20).unwrap();
         assert_eq!(b.changes.len(), 1);
         assert_eq!(b.changes[0].values[1], Value::Text("before".into()));
@@ -1245,5 +1304,51 @@ mod tests {
         assert!(err.contains("\"ghost\" does not exist"), "{err}");
         let err = refusal(&dir.path().join("none.db"), None);
         assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn a_change_too_large_for_the_hub_is_rejected_and_the_next_goes_out() {
+        let (_d, app, mut r) = setup();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        r.apply_results(&b, &[]).unwrap();
+        let huge = "x".repeat(MAX_CHANGE_BYTES + 1);
+        app.execute("INSERT INTO t VALUES (2, ?1, NULL)", [&huge])
+            .unwrap();
+        app.execute("INSERT INTO t VALUES (3, 'small', NULL)", [])
+            .unwrap();
+        let rejected = |r: &Replica| -> Vec<(String, String)> {
+            r.conn
+                .prepare("SELECT reason, message FROM _tether_rejected")
+                .unwrap()
+                .query_map([], |row| Ok((row.get(0).unwrap(), row.get(1).unwrap())))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(b.changes.len(), 1);
+        assert_eq!(b.changes[0].pk, vec![Value::Integer(3)]);
+        // Read twice (a batch sent again), recorded once.
+        let again = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(again.through, b.through);
+        let found = rejected(&r);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "too_large");
+        assert!(
+            found[0].1.contains("\"t\" key [2]")
+                && found[0].1.contains(&MAX_CHANGE_BYTES.to_string()),
+            "{}",
+            found[0].1
+        );
+        r.apply_results(&b, &[]).unwrap();
+        assert_eq!(r.pending().unwrap().changes, 0);
+        // Alone in a batch, it is covered by `through` all the same.
+        app.execute("UPDATE t SET b = ?1 WHERE id = 3", [&huge])
+            .unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(b.changes.is_empty() && b.through > r.pending().unwrap().consumed);
+        r.apply_results(&b, &[]).unwrap();
+        assert_eq!(r.pending().unwrap().changes, 0);
+        assert_eq!(rejected(&r).len(), 2);
     }
 }
