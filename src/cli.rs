@@ -117,6 +117,21 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// List the hub's changes that a database refused (a UNIQUE or CHECK
+    /// constraint, a trigger, a type in a STRICT table, a table not synced
+    /// here), with the reason. Sync goes on without them.
+    Held {
+        db: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
+    /// Apply a database's held changes again now (after fixing the cause)
+    /// and print how many applied.
+    Retry {
+        db: String,
+        #[arg(long)]
+        json: bool,
+    },
     /// Upload then download once and print the result.
     Sync {
         db: String,

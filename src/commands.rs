@@ -157,6 +157,29 @@ fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
                 None => say!(o, "{db}: nothing to upload; downloaded {downloaded}"),
             }
         }
+        Response::Held { databases } => {
+            for d in databases {
+                say!(o, "{}: {} held changes", d.db, d.total);
+                for h in &d.changes {
+                    let op = match h.op {
+                        tether::proto::Op::Upsert => "upsert",
+                        tether::proto::Op::Delete => "delete",
+                    };
+                    say!(o, "  {} {} version {} {op}, {} attempts: {}", h.table, h.key, h.version, h.attempts, h.reason);
+                }
+                if (d.changes.len() as u64) < d.total {
+                    say!(o, "  ... and {} more", d.total - d.changes.len() as u64);
+                }
+            }
+        }
+        Response::Retried { db, report } => say!(
+            o,
+            "{db}: applied {}, superseded {}, deferred {}, still held {}",
+            report.applied,
+            report.superseded,
+            report.deferred,
+            report.still_held
+        ),
         Response::Error { .. } => {}
     }
 }
@@ -189,6 +212,11 @@ fn print_status(o: &mut String, s: &Status) {
         _ => say!(o, "  pending:     {} local changes", s.pending_changes),
     }
     say!(o, "  cursor:      {} of hub head {}", s.cursor, s.hub_head);
+    say!(
+        o,
+        "  held:        {} hub changes refused by the database",
+        s.held_changes
+    );
     if let Some(u) = &s.last_upload {
         say!(
             o,

@@ -146,6 +146,8 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Reconnect { json } => Some((Request::Reconnect {}, *json)),
         Command::Reload { json } => Some((Request::Reload {}, *json)),
         Command::Metrics { json } => Some((Request::Metrics {}, *json)),
+        Command::Held { db, json } => Some((Request::Held { db: db.clone() }, *json)),
+        Command::Retry { db, json } => Some((Request::Retry { db: db.clone() }, *json)),
         Command::Wait {
             db,
             dirs,

@@ -9,6 +9,7 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
+use crate::local::{HeldChange, RetryReport};
 use crate::proto::UploadSummary;
 use crate::session::{Event, ReconnectOutcome, Status};
 
@@ -16,6 +17,18 @@ use crate::session::{Event, ReconnectOutcome, Status};
 pub const MAX_LINE: usize = 64 * 1024;
 /// Control clients served at once; more wait for a slot.
 pub const MAX_CLIENTS: usize = 64;
+
+/// Most held changes listed per database in one `held` answer.
+pub const HELD_LIST_LIMIT: usize = 1000;
+
+/// The held changes of one database.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeldList {
+    pub db: String,
+    /// How many are held in all (the list stops at [`HELD_LIST_LIMIT`]).
+    pub total: u64,
+    pub changes: Vec<HeldChange>,
+}
 
 /// Which directions a command applies to; neither flag means both.
 #[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
@@ -77,6 +90,11 @@ pub enum Request {
     Reload {},
     /// The daemon's Prometheus metrics.
     Metrics {},
+    /// The hub's changes the local database refused, per database (all, or
+    /// one); answered with `held`.
+    Held { db: Option<String> },
+    /// Apply one database's held changes again now; answered with `retried`.
+    Retry { db: String },
 }
 
 /// Transfer direction of a progress report.
@@ -163,6 +181,15 @@ pub enum Response {
     /// The metrics in the OpenMetrics text format.
     Metrics {
         text: String,
+    },
+    /// Held changes (at most [`HELD_LIST_LIMIT`] per database).
+    Held {
+        databases: Vec<HeldList>,
+    },
+    /// What a `retry` did.
+    Retried {
+        db: String,
+        report: RetryReport,
     },
     /// End of a stream that succeeded.
     Done {

@@ -136,6 +136,67 @@ fn find(daemon: &Daemon, db: &str) -> Result<SessionHandle, Response> {
     })
 }
 
+/// The database thread of a session; an error answer when it is not open.
+fn local_of(h: &SessionHandle) -> Result<crate::local::LocalDb, Response> {
+    h.local.get().cloned().ok_or_else(|| {
+        Response::error(
+            ErrorCode::SessionFailed,
+            format!("database {}: not open yet (see `tether status`)", h.name),
+        )
+    })
+}
+
+/// The held changes of one database, or of all open ones.
+async fn held(daemon: &Daemon, db: Option<&str>) -> Response {
+    let handles = match db {
+        None => daemon.handles(),
+        Some(name) => match find(daemon, name) {
+            Ok(h) => vec![h],
+            Err(e) => return e,
+        },
+    };
+    let mut databases = Vec::new();
+    for h in handles {
+        let local = match local_of(&h) {
+            Ok(l) => l,
+            Err(e) if db.is_some() => return e,
+            Err(_) => continue,
+        };
+        let read = local
+            .call(|r| -> Result<_, crate::local::LocalError> {
+                let total = r.pending()?.held;
+                Ok((total, r.held(super::HELD_LIST_LIMIT)?))
+            })
+            .await;
+        match read {
+            Ok(Ok((total, changes))) => databases.push(super::HeldList {
+                db: h.name.clone(),
+                total,
+                changes,
+            }),
+            Ok(Err(e)) => return Response::error(ErrorCode::SessionFailed, e.to_string()),
+            Err(e) => return Response::error(ErrorCode::SessionFailed, e.to_string()),
+        }
+    }
+    Response::Held { databases }
+}
+
+/// Applies one database's held changes again.
+async fn retry(daemon: &Daemon, db: &str) -> Response {
+    let local = match find(daemon, db).and_then(|h| local_of(&h)) {
+        Ok(l) => l,
+        Err(e) => return e,
+    };
+    match local.call(|r| r.retry_held()).await {
+        Ok(Ok(report)) => Response::Retried {
+            db: db.to_owned(),
+            report,
+        },
+        Ok(Err(e)) => Response::error(ErrorCode::SessionFailed, e.to_string()),
+        Err(e) => Response::error(ErrorCode::SessionFailed, e.to_string()),
+    }
+}
+
 /// Fresh status of one database, or of all of them.
 async fn statuses(daemon: &Daemon, db: Option<&str>) -> Result<Vec<Status>, Response> {
     match db {
@@ -213,6 +274,8 @@ async fn handle(
                 }
             }
         },
+        Request::Held { db } => held(daemon, db.as_deref()).await,
+        Request::Retry { db } => retry(daemon, &db).await,
         Request::Metrics {} => Response::Metrics {
             text: daemon.metrics_text().await,
         },

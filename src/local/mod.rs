@@ -1,7 +1,10 @@
 //! The local database side: schema and capture triggers ([`schema`]), the
-//! sync bookkeeping ([`replica`]), the thread that owns the connection
+//! sync bookkeeping ([`replica`]), the hub's changes ([`remote`]) and those
+//! the database refused ([`held`]), the thread that owns the connection
 //! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
 
+pub mod held;
+mod remote;
 pub mod replica;
 pub mod schema;
 pub mod watch;
@@ -10,6 +13,7 @@ use std::path::PathBuf;
 
 use tokio::sync::{mpsc, oneshot};
 
+pub use held::{HeldChange, RemoteApplied, RetryReport};
 pub use replica::{Batch, LocalError, Pending, Replica, ResultsApplied};
 
 use crate::config::ConflictPolicy;

@@ -15,11 +15,12 @@ use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
 };
 
+use super::held::{self, Abort, Isolation};
 use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
 use crate::config::ConflictPolicy;
 use crate::proto::{
-    decode_values, encode_key, encode_values, Change, ChangeResult, Op, Outcome, RemoteChange,
-    ServerRow, TableSchema, Value,
+    decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op, Outcome,
+    RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES,
 };
 
 /// How long tether waits for the app's write locks before giving up on one
@@ -90,7 +91,7 @@ pub struct Pending {
     pub consumed: u64,
     /// When the oldest unanswered write was committed (ms since the epoch).
     pub oldest_at_ms: Option<i64>,
-    /// Changes from the hub that the local database refused, set aside.
+    /// The hub's changes the local database refused, held in `_tether_held`.
     pub held: u64,
 }
 
@@ -105,9 +106,9 @@ pub struct Batch {
     pub captured_ms: Vec<i64>,
 }
 
-struct Tbl {
-    id: i64,
-    t: Table,
+pub(super) struct Tbl {
+    pub(super) id: i64,
+    pub(super) t: Table,
     policy: ConflictPolicy,
     sql_upsert: String,
     sql_delete: String,
@@ -207,17 +208,17 @@ impl Tbl {
 
 /// One local database as tether sees it.
 pub struct Replica {
-    name: String,
-    conn: Connection,
+    pub(super) name: String,
+    pub(super) conn: Connection,
     /// Held while this replica lives: one tether process per database.
     _lock: std::fs::File,
-    tables: HashMap<String, Tbl>,
+    pub(super) tables: HashMap<String, Tbl>,
     by_id: HashMap<i64, String>,
     order: Vec<String>,
     client_id: String,
 }
 
-fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
+pub(super) fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
     move |source| LocalError::Sqlite {
         db: db.to_owned(),
         source,
@@ -225,7 +226,7 @@ fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
 }
 
 /// A row's identity inside one database: table id and key values.
-type Key = (i64, Vec<Value>);
+pub(super) type Key = (i64, Vec<Value>);
 
 const LOG_COLS: &str = "seq, tbl, op, mask, k0, k1, k2, k3, k4, k5, k6, k7, at";
 /// Position of `at` in [`LOG_COLS`].
@@ -423,7 +424,7 @@ impl Replica {
             oldest_seq: min.map(|m| m as u64),
             oldest_at_ms: oldest_at,
             consumed,
-            held: 0,
+            held: super::held::count(&self.conn).map_err(&e)?,
         })
     }
 
@@ -460,12 +461,61 @@ impl Replica {
     /// below are answered or in flight), at most `max_rows` of them, coalesced
     /// per row into changes carrying the row's current values, cut at about
     /// `max_bytes`.
+    ///
+    /// A change larger than the hub accepts ([`MAX_CHANGE_BYTES`]) is never
+    /// returned: it is recorded in `_tether_rejected` as `too_large` (once,
+    /// however often it is read) and the batch's `through` covers it, so it
+    /// is consumed with the batch and the rows behind it go out.
     pub fn read_batch(
-        &self,
+        &mut self,
         after: u64,
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Batch, LocalError> {
+        let (batch, too_large) = self.read_log(after, max_rows, max_bytes)?;
+        if !too_large.is_empty() {
+            self.reject_too_large(&too_large).map_err(sq(&self.name))?;
+        }
+        Ok(batch)
+    }
+
+    /// Records changes too large for the hub in `_tether_rejected`.
+    fn reject_too_large(&self, changes: &[Change]) -> rusqlite::Result<()> {
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        for c in changes {
+            let size = c.wire_size();
+            let message = format!(
+                "table {:?} key {}: the change is {size} bytes, larger than the {MAX_CHANGE_BYTES} bytes the hub accepts",
+                c.table,
+                held::render_key(&c.pk)
+            );
+            tracing::warn!(db = %self.name, seq = c.seq, "{message}; not sent");
+            tx.prepare_cached(
+                "INSERT INTO _tether_rejected (seq, tbl, pk, op, vals, reason, message, at)
+                 SELECT ?1, ?2, ?3, ?4, ?5, ?6, ?7, unixepoch()
+                 WHERE NOT EXISTS (SELECT 1 FROM _tether_rejected WHERE seq = ?1 AND reason = ?6)",
+            )?
+            .execute(params![
+                c.seq as i64,
+                c.table,
+                encode_key(&c.pk),
+                if c.op == Op::Upsert { 1 } else { 2 },
+                encode_values(&c.values),
+                InvalidReason::TooLarge.as_str(),
+                message
+            ])?;
+        }
+        tx.commit()
+    }
+
+    /// [`Self::read_batch`] without side effects: the batch, and the changes
+    /// it covers that are too large to send.
+    fn read_log(
+        &self,
+        after: u64,
+        max_rows: usize,
+        max_bytes: usize,
+    ) -> Result<(Batch, Vec<Change>), LocalError> {
         let e = sq(&self.name);
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
@@ -524,6 +574,7 @@ impl Replica {
         entries.sort_by_key(|en| en.last);
         let mut changes = Vec::with_capacity(entries.len());
         let mut captured_ms = Vec::with_capacity(entries.len());
+        let mut too_large = Vec::new();
         let mut bytes = 0;
         let mut cut_at = entries.len();
         for (i, en) in entries.iter().enumerate() {
@@ -544,8 +595,13 @@ impl Replica {
                 base,
                 mask: en.mask,
             };
-            bytes += change.wire_size();
-            if i > 0 && bytes > max_bytes {
+            let size = change.wire_size();
+            if size > MAX_CHANGE_BYTES {
+                too_large.push(change);
+                continue;
+            }
+            bytes += size;
+            if !changes.is_empty() && bytes > max_bytes {
                 cut_at = i;
                 break;
             }
@@ -556,14 +612,18 @@ impl Replica {
             // Keys left out must keep all their log rows, or the columns
             // their earlier writes touched would be forgotten.
             let kept_min = entries[cut_at..].iter().map(|en| en.first).min();
-            let last_sent = changes.last().map(|c| c.seq).unwrap_or(from);
+            // Not empty: a cut needs a change before it.
+            let last_sent = entries[cut_at - 1].last;
             through = kept_min.map(|m| m - 1).unwrap_or(last_sent).min(last_sent);
         }
-        Ok(Batch {
+        // Those past `through` are read again with the next batch.
+        too_large.retain(|c| c.seq <= through);
+        let batch = Batch {
             changes,
             through,
             captured_ms,
-        })
+        };
+        Ok((batch, too_large))
     }
 
     /// Estimated wire size of the pending changes up to `target`.
@@ -571,7 +631,7 @@ impl Replica {
         let mut after = 0;
         let mut bytes = 0u64;
         loop {
-            let b = self.read_batch(after, 4000, usize::MAX)?;
+            let (b, _) = self.read_log(after, 4000, usize::MAX)?;
             if b.through <= after {
                 return Ok(bytes);
             }
@@ -585,7 +645,7 @@ impl Replica {
         }
     }
 
-    fn tbl(&self, table: &str) -> Result<&Tbl, LocalError> {
+    pub(super) fn tbl(&self, table: &str) -> Result<&Tbl, LocalError> {
         self.tables
             .get(table)
             .ok_or_else(|| LocalError::UnknownTable {
@@ -595,7 +655,11 @@ impl Replica {
     }
 
     /// Keys with a log row above `after`, for the given tables.
-    fn logged_keys_after(&self, c: &Connection, after: u64) -> rusqlite::Result<HashSet<Key>> {
+    pub(super) fn logged_keys_after(
+        &self,
+        c: &Connection,
+        after: u64,
+    ) -> rusqlite::Result<HashSet<Key>> {
         let mut stmt = c.prepare_cached(&format!(
             "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1"
         ))?;
@@ -620,36 +684,52 @@ impl Replica {
     /// resolves conflicts by policy, moves invalid changes to
     /// `_tether_rejected`. A batch the hub could not store is left in the log
     /// whole, to be sent again.
+    ///
+    /// A hub row the local database refuses (the server's row of a conflict,
+    /// a deferred row) is held like a refused remote change (see
+    /// [`super::held`]) and the answer still applies.
     pub fn apply_results(
         &mut self,
         batch: &Batch,
         results: &[ChangeResult],
     ) -> Result<ResultsApplied, LocalError> {
-        let e = sq(&self.name);
-        let mut done = ResultsApplied::default();
         if results
             .iter()
             .any(|r| matches!(r.outcome, Outcome::MaterializeError { .. }))
         {
-            return Ok(done);
+            return Ok(ResultsApplied::default());
         }
+        let mut iso = Isolation::default();
+        loop {
+            iso.begin();
+            match self.results_tx(&mut iso, batch, results) {
+                Ok(done) => return Ok(done),
+                Err(abort) => iso.after(abort).map_err(sq(&self.name))?,
+            }
+        }
+    }
+
+    fn results_tx(
+        &self,
+        iso: &mut Isolation,
+        batch: &Batch,
+        results: &[ChangeResult],
+    ) -> Result<ResultsApplied, Abort> {
+        let mut done = ResultsApplied::default();
         let by_seq: HashMap<u64, &Change> = batch.changes.iter().map(|c| (c.seq, c)).collect();
-        let tx =
-            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
-        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
-            .map_err(&e)?;
-        let any_deferred: bool = tx
-            .query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
+        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])?;
+        let any_deferred: bool =
+            tx.query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
                 r.get(0)
-            })
-            .map_err(&e)?;
+            })?;
         let needs_keys = any_deferred
             || results
                 .iter()
                 .any(|r| !matches!(r.outcome, Outcome::Applied { .. }));
         // Rows the app wrote again after this batch was read.
         let rewritten = if needs_keys {
-            self.logged_keys_after(&tx, batch.through).map_err(&e)?
+            self.logged_keys_after(&tx, batch.through)?
         } else {
             HashSet::new()
         };
@@ -658,7 +738,9 @@ impl Replica {
                 tracing::warn!(db = %self.name, seq = r.seq, "hub answered a change that was not sent; ignored");
                 continue;
             };
-            let tbl = self.tbl(&change.table)?;
+            let Some(tbl) = self.tables.get(&change.table) else {
+                continue; // read from a table no longer synced
+            };
             let pk = &change.pk;
             let again = rewritten.contains(&(tbl.id, pk.clone()));
             match &r.outcome {
@@ -668,11 +750,11 @@ impl Replica {
                     // it is not a conflict whatever its base, and a later
                     // change by another client arrives with a higher version.
                     if any_deferred && !again {
-                        apply_deferred(&tx, tbl, pk, *version).map_err(&e)?;
+                        apply_deferred(&tx, iso, tbl, pk, *version)?;
                     }
                 }
                 Outcome::Conflict { server } => {
-                    let local = select_row(&tx, tbl, pk).map_err(&e)?;
+                    let local = select_row(&tx, tbl, pk)?;
                     let effective = match tbl.policy {
                         ConflictPolicy::MergeColumns if local.is_none() || server.deleted => {
                             ConflictPolicy::ServerWins
@@ -685,19 +767,25 @@ impl Replica {
                                 // The app wrote this row again meanwhile,
                                 // also without the hub's version: that write
                                 // meets the same conflict when it goes out.
-                                defer(&tx, tbl, pk, server_as_remote(server)).map_err(&e)?;
+                                defer(&tx, tbl, pk, server_as_remote(server))?;
                             } else {
-                                write_server_row(&tx, tbl, pk, server).map_err(&e)?;
-                                apply_deferred(&tx, tbl, pk, server.version).map_err(&e)?;
-                                done.server_rows_written += 1;
+                                let written = iso.attempt(&tx, || {
+                                    write_server_row(&tx, tbl, pk, server)?;
+                                    held::supersede(&tx, &tbl.t.name, pk, server.version)
+                                })?;
+                                match written {
+                                    Ok(()) => done.server_rows_written += 1,
+                                    Err(why) => hold_server_row(&tx, tbl, pk, server, &why)?,
+                                }
+                                apply_deferred(&tx, iso, tbl, pk, server.version)?;
                             }
                         }
                         ConflictPolicy::ClientWins => {
-                            set_ver_exact(&tx, tbl, pk, server.version).map_err(&e)?;
-                            clear_deferred_upto(&tx, tbl, pk, server.version).map_err(&e)?;
+                            set_ver_exact(&tx, tbl, pk, server.version)?;
+                            clear_deferred_upto(&tx, tbl, pk, server.version)?;
                             if !again {
                                 let op = if local.is_some() { 1 } else { 2 };
-                                log_write(&tx, tbl, pk, op, change.mask).map_err(&e)?;
+                                log_write(&tx, tbl, pk, op, change.mask)?;
                             }
                             done.resent += 1;
                         }
@@ -711,11 +799,18 @@ impl Replica {
                                     }
                                 }
                             }
-                            upsert_row(&tx, tbl, &merged).map_err(&e)?;
-                            set_ver_exact(&tx, tbl, pk, server.version).map_err(&e)?;
-                            clear_deferred_upto(&tx, tbl, pk, server.version).map_err(&e)?;
-                            log_write(&tx, tbl, pk, 1, change.mask).map_err(&e)?;
-                            done.resent += 1;
+                            let written = iso.attempt(&tx, || {
+                                upsert_row(&tx, tbl, &merged)?;
+                                set_ver_exact(&tx, tbl, pk, server.version)?;
+                                clear_deferred_upto(&tx, tbl, pk, server.version)?;
+                                log_write(&tx, tbl, pk, 1, change.mask)
+                            })?;
+                            match written {
+                                Ok(()) => done.resent += 1,
+                                // The merged row cannot be written: the
+                                // hub's row is held, as with server_wins.
+                                Err(why) => hold_server_row(&tx, tbl, pk, server, &why)?,
+                            }
                         }
                     }
                 }
@@ -732,78 +827,16 @@ impl Replica {
                             reason.as_str(),
                             message
                         ],
-                    )
-                    .map_err(&e)?;
+                    )?;
                     done.rejected += 1;
                 }
                 Outcome::MaterializeError { .. } => unreachable!("handled above"),
             }
         }
-        done.consumed = consume(&tx, batch.through).map_err(&e)?;
-        tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
-        tx.commit().map_err(&e)?;
+        done.consumed = consume(&tx, batch.through)?;
+        tx.execute("DELETE FROM _tether_applying", [])?;
+        tx.commit()?;
         Ok(done)
-    }
-
-    /// Applies changes pushed by the hub and moves the cursor to `up_to`, in
-    /// one transaction. Rows with a pending local change keep the local value;
-    /// the hub's row is kept aside until the local change is answered.
-    pub fn apply_remote(
-        &mut self,
-        changes: &[RemoteChange],
-        up_to: u64,
-    ) -> Result<u64, LocalError> {
-        let e = sq(&self.name);
-        for c in changes {
-            let tbl = self.tbl(&c.table)?;
-            if c.op == Op::Upsert && c.values.len() != tbl.t.columns.len() {
-                return Err(LocalError::Shape {
-                    db: self.name.clone(),
-                    table: c.table.clone(),
-                    got: c.values.len(),
-                    want: tbl.t.columns.len(),
-                });
-            }
-        }
-        let tx =
-            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
-        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])
-            .map_err(&e)?;
-        let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
-        let pending = if changes.is_empty() {
-            HashSet::new()
-        } else {
-            self.logged_keys_after(&tx, consumed).map_err(&e)?
-        };
-        let mut applied = 0;
-        for c in changes {
-            let tbl = &self.tables[&c.table];
-            if !pending.is_empty() && pending.contains(&(tbl.id, c.pk.clone())) {
-                if c.version > get_ver(&tx, tbl, &c.pk).map_err(&e)? {
-                    defer(&tx, tbl, &c.pk, c.clone()).map_err(&e)?;
-                }
-                continue;
-            }
-            // One statement moves the version forward and tells whether the
-            // change is new.
-            if !set_ver_if_newer(&tx, tbl, &c.pk, c.version).map_err(&e)? {
-                continue;
-            }
-            match c.op {
-                Op::Upsert => upsert_row(&tx, tbl, &c.values).map_err(&e)?,
-                Op::Delete => delete_row(&tx, tbl, &c.pk).map_err(&e)?,
-            }
-            applied += 1;
-        }
-        tx.prepare_cached(
-            "INSERT INTO _tether_meta (key, value) VALUES ('cursor', ?1)
-             ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
-        )
-        .and_then(|mut st| st.execute([up_to as i64]))
-        .map_err(&e)?;
-        tx.execute("DELETE FROM _tether_applying", []).map_err(&e)?;
-        tx.commit().map_err(&e)?;
-        Ok(applied)
     }
 }
 
@@ -838,7 +871,7 @@ fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
     }
 }
 
-fn meta_u64(c: &Connection, key: &str) -> rusqlite::Result<u64> {
+pub(super) fn meta_u64(c: &Connection, key: &str) -> rusqlite::Result<u64> {
     let v: Option<i64> = c
         .prepare_cached("SELECT value FROM _tether_meta WHERE key = ?1")?
         .query_row([key], |r| r.get(0))
@@ -886,7 +919,7 @@ fn key_params(pk: &[Value]) -> impl rusqlite::Params + '_ {
 
 const _: () = assert!(MAX_KEY_COLUMNS == 8, "LOG_COLS lists k0..k7");
 
-fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
+pub(super) fn get_ver(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<u64> {
     Ok(c.prepare_cached(&t.sql_get_ver)?
         .query_row(key_params(pk), |r| r.get::<_, i64>(0))
         .optional()?
@@ -902,7 +935,12 @@ fn exec_ver(c: &Connection, sql: &str, pk: &[Value], version: u64) -> rusqlite::
 }
 
 /// Moves a row's version forward; false when it already was at or past it.
-fn set_ver_if_newer(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<bool> {
+pub(super) fn set_ver_if_newer(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    version: u64,
+) -> rusqlite::Result<bool> {
     Ok(exec_ver(c, &t.sql_set_ver_if_newer, pk, version)? == 1)
 }
 
@@ -950,13 +988,13 @@ fn select_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<
         .optional()
 }
 
-fn upsert_row(c: &Connection, t: &Tbl, values: &[Value]) -> rusqlite::Result<()> {
+pub(super) fn upsert_row(c: &Connection, t: &Tbl, values: &[Value]) -> rusqlite::Result<()> {
     c.prepare_cached(&t.sql_upsert)?
         .execute(params_from_iter(values.iter()))?;
     Ok(())
 }
 
-fn delete_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<()> {
+pub(super) fn delete_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<()> {
     c.prepare_cached(&t.sql_delete)?.execute(key_params(pk))?;
     Ok(())
 }
@@ -981,7 +1019,12 @@ fn server_as_remote(s: &ServerRow) -> RemoteChange {
 }
 
 /// Keeps the hub's newest row for a key whose local change is still pending.
-fn defer(c: &Connection, t: &Tbl, pk: &[Value], rc: RemoteChange) -> rusqlite::Result<()> {
+pub(super) fn defer(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    rc: RemoteChange,
+) -> rusqlite::Result<()> {
     c.prepare_cached(
         "INSERT INTO _tether_deferred (tbl, pk, version, op, vals) VALUES (?1, ?2, ?3, ?4, ?5)
          ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, op = excluded.op, vals = excluded.vals
@@ -1009,8 +1052,14 @@ fn clear_deferred_upto(
 }
 
 /// After our change to a row was applied at `version`, applies a newer hub
-/// row that arrived while the change was pending.
-fn apply_deferred(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
+/// row that arrived while the change was pending; holds it if refused.
+fn apply_deferred(
+    c: &Connection,
+    iso: &mut Isolation,
+    t: &Tbl,
+    pk: &[Value],
+    version: u64,
+) -> Result<(), Abort> {
     let key = encode_key(pk);
     let found: Option<(i64, i64, Vec<u8>)> = c
         .prepare_cached(
@@ -1025,18 +1074,51 @@ fn apply_deferred(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqli
     };
     c.prepare_cached("DELETE FROM _tether_deferred WHERE tbl = ?1 AND pk = ?2")?
         .execute(params![t.t.name, key])?;
-    if dv as u64 <= version {
+    let dv = dv as u64;
+    if dv <= version {
         return Ok(());
     }
-    if op == 2 {
-        delete_row(c, t, pk)?;
-    } else {
-        let values = decode_values(&vals).map_err(|err| {
-            rusqlite::Error::FromSqlConversionFailure(0, rusqlite::types::Type::Blob, Box::new(err))
-        })?;
-        upsert_row(c, t, &values)?;
+    let op = if op == 2 { Op::Delete } else { Op::Upsert };
+    let values = match op {
+        Op::Delete => Vec::new(),
+        Op::Upsert => decode_values(&vals).unwrap_or_default(),
+    };
+    let written = iso.attempt(c, || {
+        match op {
+            Op::Delete => delete_row(c, t, pk)?,
+            Op::Upsert if values.len() != t.t.columns.len() => {
+                return Err(rusqlite::Error::ToSqlConversionFailure(
+                    format!(
+                        "the hub's row has {} values, the table has {} columns",
+                        values.len(),
+                        t.t.columns.len()
+                    )
+                    .into(),
+                ));
+            }
+            Op::Upsert => upsert_row(c, t, &values)?,
+        }
+        set_ver(c, t, pk, dv)?;
+        held::supersede(c, &t.t.name, pk, dv)
+    })?;
+    if let Err(why) = written {
+        let reason = held::reason(&t.t.name, pk, &why);
+        held::hold(c, &t.t.name, pk, dv, op, &values, &reason)?;
     }
-    set_ver(c, t, pk, dv as u64)
+    Ok(())
+}
+
+/// Holds the hub's row of a conflict that the local database refused.
+fn hold_server_row(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    s: &ServerRow,
+    why: &str,
+) -> rusqlite::Result<()> {
+    let op = if s.deleted { Op::Delete } else { Op::Upsert };
+    let reason = held::reason(&t.t.name, pk, why);
+    held::hold(c, &t.t.name, pk, s.version, op, &s.values, &reason)
 }
 
 #[cfg(test)]
@@ -1058,7 +1140,7 @@ mod tests {
 
     #[test]
     fn rows_present_before_the_first_sync_are_captured() {
-        let (_d, _app, r) = setup();
+        let (_d, _app, mut r) = setup();
         let b = r.read_batch(0, 100, 1 << 20).unwrap();
         assert_eq!(b.changes.len(), 1);
         assert_eq!(b.changes[0].values[1], Value::Text("before".into()));
@@ -1134,7 +1216,8 @@ mod tests {
                 }],
                 5,
             )
-            .unwrap(),
+            .unwrap()
+            .applied,
             0
         );
     }
@@ -1221,5 +1304,51 @@ mod tests {
         assert!(err.contains("\"ghost\" does not exist"), "{err}");
         let err = refusal(&dir.path().join("none.db"), None);
         assert!(err.contains("does not exist"), "{err}");
+    }
+
+    #[test]
+    fn a_change_too_large_for_the_hub_is_rejected_and_the_next_goes_out() {
+        let (_d, app, mut r) = setup();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        r.apply_results(&b, &[]).unwrap();
+        let huge = "x".repeat(MAX_CHANGE_BYTES + 1);
+        app.execute("INSERT INTO t VALUES (2, ?1, NULL)", [&huge])
+            .unwrap();
+        app.execute("INSERT INTO t VALUES (3, 'small', NULL)", [])
+            .unwrap();
+        let rejected = |r: &Replica| -> Vec<(String, String)> {
+            r.conn
+                .prepare("SELECT reason, message FROM _tether_rejected")
+                .unwrap()
+                .query_map([], |row| Ok((row.get(0).unwrap(), row.get(1).unwrap())))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap()
+        };
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(b.changes.len(), 1);
+        assert_eq!(b.changes[0].pk, vec![Value::Integer(3)]);
+        // Read twice (a batch sent again), recorded once.
+        let again = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(again.through, b.through);
+        let found = rejected(&r);
+        assert_eq!(found.len(), 1);
+        assert_eq!(found[0].0, "too_large");
+        assert!(
+            found[0].1.contains("\"t\" key [2]")
+                && found[0].1.contains(&MAX_CHANGE_BYTES.to_string()),
+            "{}",
+            found[0].1
+        );
+        r.apply_results(&b, &[]).unwrap();
+        assert_eq!(r.pending().unwrap().changes, 0);
+        // Alone in a batch, it is covered by `through` all the same.
+        app.execute("UPDATE t SET b = ?1 WHERE id = 3", [&huge])
+            .unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(b.changes.is_empty() && b.through > r.pending().unwrap().consumed);
+        r.apply_results(&b, &[]).unwrap();
+        assert_eq!(r.pending().unwrap().changes, 0);
+        assert_eq!(rejected(&r).len(), 2);
     }
 }

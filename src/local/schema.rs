@@ -272,6 +272,8 @@ pub const MAX_KEY_COLUMNS: usize = 8;
 /// * `_tether_deferred`: the hub's newest row for a key whose local change is
 ///   still unanswered.
 /// * `_tether_rejected`: changes the hub refused as invalid, kept for the operator.
+/// * `_tether_held`: the hub's changes the local database refused, one per row
+///   (the newest), kept until they apply or are superseded (see `local::held`).
 pub const BASE_SQL: &str = "
 CREATE TABLE IF NOT EXISTS _tether_meta (key TEXT PRIMARY KEY, value ANY) STRICT;
 CREATE TABLE IF NOT EXISTS _tether_tables (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE);
@@ -279,4 +281,5 @@ CREATE TABLE IF NOT EXISTS _tether_log (seq INTEGER PRIMARY KEY, tbl INTEGER NOT
 CREATE TABLE IF NOT EXISTS _tether_applying (x INTEGER);
 CREATE TABLE IF NOT EXISTS _tether_deferred (tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, PRIMARY KEY (tbl, pk));
 CREATE TABLE IF NOT EXISTS _tether_rejected (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, at INTEGER NOT NULL);
+CREATE TABLE IF NOT EXISTS _tether_held (tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, reason TEXT NOT NULL, since INTEGER NOT NULL, attempts INTEGER NOT NULL, PRIMARY KEY (tbl, pk));
 ";

@@ -333,8 +333,18 @@ impl Session {
                 summary,
             } => return self.apply_results(*sent, results, summary).await,
             Action::RetryHeld => {
-                // HELDAPI retry_held
-                self.machine.held_remaining(0, Instant::now());
+                match self.db.call(|r| r.retry_held()).await {
+                    Ok(Ok(report)) => {
+                        if report.applied > 0 {
+                            tracing::info!(applied = report.applied, still_held = report.still_held, "changes the database had refused now applied");
+                        }
+                        self.machine
+                            .held_remaining(report.still_held, Instant::now());
+                        self.update(|s| s.held_changes = report.still_held);
+                    }
+                    Ok(Err(e)) => return local_failed(e.into()),
+                    Err(e) => return local_failed(e.into()),
+                }
             }
             Action::ReconnectAnswer(outcome) => {
                 if outcome == ReconnectOutcome::Woken {
@@ -440,17 +450,23 @@ impl Session {
         let t0 = std::time::Instant::now();
         let applied = self
             .db
-            .call(move |r| r.apply_remote(&changes, up_to))
+            .call(move |r| -> Result<_, LocalError> {
+                let a = r.apply_remote(&changes, up_to)?;
+                // The exact count only when something was held now.
+                let held_now = if a.held > 0 { Some(r.pending()?.held) } else { None };
+                Ok((a, held_now))
+            })
             .await;
-        let held = match applied {
-            Ok(Ok(_a)) => 0u64, // HELDAPI
+        let (applied, held_now) = match applied {
+            Ok(Ok(a)) => a,
             Ok(Err(e)) => return local_failed(e.into()),
             Err(e) => return local_failed(e.into()),
         };
         tracing::trace!(n, took = ?t0.elapsed(), "applied remote changes");
-        if held > 0 {
-            tracing::warn!(held, "the local database refused some of the hub's changes; they are held (see `tether held`)");
-            self.machine.held_remaining(held, Instant::now());
+        if let Some(total) = held_now {
+            tracing::warn!(held = applied.held, total, "the local database refused some of the hub's changes; they are held (see `tether held`) and tried again later");
+            self.machine.held_seen(Instant::now());
+            self.update(|s| s.held_changes = total);
         }
         if n > 0 {
             self.params.metrics.downloaded(n, bytes);
@@ -466,7 +482,6 @@ impl Session {
             s.hub_head = s.hub_head.max(head).max(up_to);
             s.downloaded += n;
             s.downloaded_bytes += bytes;
-            // HELDAPI s.held_changes
         });
         Step::Next(Some(Input::RemoteApplied {
             changes: n,

@@ -756,8 +756,8 @@ impl Machine {
         let was_wake = l.read.only_wake;
         let seen = l.read.data_version.replace(data_version);
         if let Some(p) = pending {
-            if p.held > 0 && self.next_held_retry.is_none() {
-                self.next_held_retry = Some(now + HELD_RETRY);
+            if p.held > 0 {
+                self.next_held_retry.get_or_insert(now + HELD_RETRY);
             }
             if !skipped || seen != Some(data_version) {
                 out.push(Action::Note(Note::Pending(p)));
@@ -844,6 +844,12 @@ impl Machine {
     /// nothing is held any more.
     pub fn held_remaining(&mut self, held: u64, now: Instant) {
         self.next_held_retry = (held > 0).then(|| now + HELD_RETRY);
+    }
+
+    /// Called by the driver when changes were just held: start the retry
+    /// timer unless it runs already.
+    pub fn held_seen(&mut self, now: Instant) {
+        self.next_held_retry.get_or_insert(now + HELD_RETRY);
     }
 }
 

@@ -53,6 +53,7 @@ impl Status {
         self.pending_changes = p.changes;
         self.consumed = p.consumed;
         self.last_seq = p.last_seq;
+        self.held_changes = p.held;
     }
 }
 
@@ -119,6 +120,10 @@ pub struct Status {
     pub last_seq: u64,
     /// Age of the oldest pending local change, in milliseconds.
     pub oldest_pending_ms: Option<u64>,
+    /// The hub's changes the local database refused, set aside until they
+    /// apply (`tether held` lists them, `tether retry` tries them again).
+    #[serde(default)]
+    pub held_changes: u64,
     pub last_upload: Option<UploadSummary>,
     pub last_error: Option<String>,
     /// Delay before the next connection attempt, in milliseconds.
@@ -151,6 +156,7 @@ impl Status {
             consumed: 0,
             last_seq: 0,
             oldest_pending_ms: None,
+            held_changes: 0,
             last_upload: None,
             last_error: None,
             backoff_ms: None,
