@@ -36,8 +36,8 @@ use tokio_util::sync::CancellationToken;
 use super::connect::{self, Ws};
 use super::machine::{self, Action, Command, FailureClass, Input, LocalInfo, Machine, Note};
 use super::{
-    update_status, Control, ConnectionState, Event, ReconnectOutcome, SessionError,
-    SessionParams, SessionState, Status, TokenSource,
+    update_status, ConnectionState, Control, Event, ReconnectOutcome, SessionError, SessionParams,
+    SessionState, Status, TokenSource,
 };
 use crate::clock::sleep_opt;
 use crate::local::{LocalDb, LocalError};
@@ -226,7 +226,8 @@ impl Session {
 
     /// Runs until shutdown.
     pub async fn run(mut self) {
-        let span = tracing::info_span!("sync", db = %self.params.name, dataset = %self.params.dataset);
+        let span =
+            tracing::info_span!("sync", db = %self.params.name, dataset = %self.params.dataset);
         tracing::Instrument::instrument(self.drive(), span).await;
         self.update(|s| {
             s.connection = ConnectionState::Disconnected;
@@ -332,20 +333,22 @@ impl Session {
                 results,
                 summary,
             } => return self.apply_results(*sent, results, summary).await,
-            Action::RetryHeld => {
-                match self.db.call(|r| r.retry_held()).await {
-                    Ok(Ok(report)) => {
-                        if report.applied > 0 {
-                            tracing::info!(applied = report.applied, still_held = report.still_held, "changes the database had refused now applied");
-                        }
-                        self.machine
-                            .held_remaining(report.still_held, Instant::now());
-                        self.update(|s| s.held_changes = report.still_held);
+            Action::RetryHeld => match self.db.call(|r| r.retry_held()).await {
+                Ok(Ok(report)) => {
+                    if report.applied > 0 {
+                        tracing::info!(
+                            applied = report.applied,
+                            still_held = report.still_held,
+                            "changes the database had refused now applied"
+                        );
                     }
-                    Ok(Err(e)) => return local_failed(e.into()),
-                    Err(e) => return local_failed(e.into()),
+                    self.machine
+                        .held_remaining(report.still_held, Instant::now());
+                    self.update(|s| s.held_changes = report.still_held);
                 }
-            }
+                Ok(Err(e)) => return local_failed(e.into()),
+                Err(e) => return local_failed(e.into()),
+            },
             Action::ReconnectAnswer(outcome) => {
                 if outcome == ReconnectOutcome::Woken {
                     tracing::info!("reconnecting now at the operator's request");
@@ -419,7 +422,8 @@ impl Session {
                 if skip_if == Some(v) {
                     return Ok((None, None, v));
                 }
-                let batch = r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
+                let batch =
+                    r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
                 if batch.changes.is_empty() && batch.through > after && idle {
                     // Only rows that are not sent (tables no longer synced,
                     // changes too large): mark them answered.
@@ -453,7 +457,11 @@ impl Session {
             .call(move |r| -> Result<_, LocalError> {
                 let a = r.apply_remote(&changes, up_to)?;
                 // The exact count only when something was held now.
-                let held_now = if a.held > 0 { Some(r.pending()?.held) } else { None };
+                let held_now = if a.held > 0 {
+                    Some(r.pending()?.held)
+                } else {
+                    None
+                };
                 Ok((a, held_now))
             })
             .await;

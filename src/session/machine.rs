@@ -98,9 +98,15 @@ pub enum Input {
         data_version: i64,
     },
     /// Result of [`Action::ApplyRemote`].
-    RemoteApplied { changes: u64, up_to: u64, head: u64 },
+    RemoteApplied {
+        changes: u64,
+        up_to: u64,
+        head: u64,
+    },
     /// Result of [`Action::ApplyResults`]: the log after the answer.
-    ResultsApplied { pending: Pending },
+    ResultsApplied {
+        pending: Pending,
+    },
     /// A local database call failed for the whole database.
     LocalFailed(SessionError),
     /// The database file changed.
@@ -161,17 +167,32 @@ pub enum Action {
 /// What changed, for status, events, metrics and logs.
 #[derive(Debug, PartialEq)]
 pub enum Note {
-    Connecting { reconnect: bool },
-    Connected { cursor: u64, head: u64, access: Access },
+    Connecting {
+        reconnect: bool,
+    },
+    Connected {
+        cursor: u64,
+        head: u64,
+        access: Access,
+    },
     CaughtUp,
     Pending(Pending),
-    PauseFlags { upload: bool, download: bool },
+    PauseFlags {
+        upload: bool,
+        download: bool,
+    },
     Paused,
     /// The connection ended; the session tries again after `delay`.
-    Failed { error: String, class: FailureClass, delay: Duration },
+    Failed {
+        error: String,
+        class: FailureClass,
+        delay: Duration,
+    },
     /// Uploads stay captured: the token is read-only.
     ReadOnly(String),
-    Dying { in_flight: usize },
+    Dying {
+        in_flight: usize,
+    },
     /// Shutdown gave up waiting for answers.
     DrainTimedOut,
 }
@@ -274,10 +295,7 @@ pub enum State {
     /// Syncing: catching up, then live.
     Live(Box<Live>),
     /// Waiting before the next attempt; `cause` says why.
-    Backoff {
-        until: Instant,
-        cause: FailureClass,
-    },
+    Backoff { until: Instant, cause: FailureClass },
     /// Over.
     Stopped,
 }
@@ -734,9 +752,11 @@ impl Machine {
                 out.push(Action::Note(Note::ReadOnly(e.message)));
             }
             HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
-            HubFrame::Welcome(_) => {
-                self.fail(SessionError::Retry("hub sent welcome twice".into()), now, out)
-            }
+            HubFrame::Welcome(_) => self.fail(
+                SessionError::Retry("hub sent welcome twice".into()),
+                now,
+                out,
+            ),
         }
     }
 
@@ -1044,7 +1064,10 @@ mod tests {
         let [ClientFrame::Hello(h)] = &sends(&a)[..] else {
             panic!("{a:?}")
         };
-        assert_eq!((h.cursor, h.subscribe, h.dataset.as_str()), (7, false, "notes"));
+        assert_eq!(
+            (h.cursor, h.subscribe, h.dataset.as_str()),
+            (7, false, "notes")
+        );
         assert_eq!(m.next_deadline(), Some(t + WELCOME_TIMEOUT));
         let a = m.handle(welcome(Access::ReadWrite), t);
         assert!(matches!(a[0], Action::EnsureSeqAbove(3)), "{a:?}");
@@ -1076,7 +1099,10 @@ mod tests {
         assert!(m.handle(Input::Tick, t + Duration::from_secs(9)).is_empty());
         let a = m.handle(Input::Tick, t + WELCOME_TIMEOUT);
         assert!(has_close(&a));
-        assert_eq!(failed(&a), Some((FailureClass::Retry, Duration::from_secs(1))));
+        assert_eq!(
+            failed(&a),
+            Some((FailureClass::Retry, Duration::from_secs(1)))
+        );
         // The backoff ends with a new attempt.
         let a = m.handle(Input::Tick, t + WELCOME_TIMEOUT + Duration::from_secs(1));
         assert!(matches!(
@@ -1115,7 +1141,10 @@ mod tests {
             }),
             5,
         );
-        assert_eq!(failed(&m.handle(fatal, t)), Some((FailureClass::Fatal, MAX)));
+        assert_eq!(
+            failed(&m.handle(fatal, t)),
+            Some((FailureClass::Fatal, MAX))
+        );
         assert!(!m.waiting_for_token());
     }
 
@@ -1242,7 +1271,10 @@ mod tests {
                 ..
             }]
         ));
-        let a = m.handle(Input::Frame(HubFrame::CaughtUp(CaughtUp { head: 20 }), 5), t);
+        let a = m.handle(
+            Input::Frame(HubFrame::CaughtUp(CaughtUp { head: 20 }), 5),
+            t,
+        );
         assert!(matches!(
             a[..],
             [
@@ -1344,7 +1376,10 @@ mod tests {
         m.handle(Input::Wake, t);
         m.handle(read(batch(1..=1), 2), t);
         let a = m.handle(Input::Shutdown, t);
-        assert!(matches!(a[..], [Action::Note(Note::Dying { in_flight: 1 })]));
+        assert!(matches!(
+            a[..],
+            [Action::Note(Note::Dying { in_flight: 1 })]
+        ));
         // No new reads while draining.
         assert_eq!(reads(&m.handle(Input::Wake, t)), 0);
         let a = m.handle(answer(1, &[1], false), t);
@@ -1360,7 +1395,11 @@ mod tests {
         let a = m.handle(Input::Tick, t + Duration::from_secs(5));
         assert!(matches!(
             a[..],
-            [Action::Note(Note::DrainTimedOut), Action::Close(_), Action::Stop]
+            [
+                Action::Note(Note::DrainTimedOut),
+                Action::Close(_),
+                Action::Stop
+            ]
         ));
     }
 

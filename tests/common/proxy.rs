@@ -38,6 +38,37 @@ impl Proxy {
         }
     }
 
+    /// Forwards 127.0.0.1:<new port> to `target` like a link with almost no
+    /// buffer: small socket buffers, and one direction at a time (while a
+    /// chunk waits to be taken by one side, nothing is read from either).
+    /// Two peers that each stop reading while they send wedge at once here,
+    /// where loopback's megabytes of buffers would hide it for a while.
+    pub async fn start_narrow(target: String) -> Proxy {
+        const BUF: u32 = 16 * 1024;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(BUF).unwrap();
+        socket.set_send_buffer_size(BUF).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let s = tokio::net::TcpSocket::new_v4().unwrap();
+                s.set_recv_buffer_size(BUF).unwrap();
+                s.set_send_buffer_size(BUF).unwrap();
+                let Ok(server) = s.connect(target.parse().unwrap()).await else {
+                    continue;
+                };
+                tokio::spawn(one_way_at_a_time(client, server));
+            }
+        });
+        Proxy {
+            addr,
+            blackhole: Arc::new(AtomicBool::new(false)),
+            task,
+        }
+    }
+
     /// From now on, bytes in either direction are read and dropped.
     pub fn black_hole(&self) {
         self.blackhole.store(true, Ordering::SeqCst);
@@ -72,6 +103,27 @@ async fn pump(
             continue;
         }
         if to.write_all(&buf[..n]).await.is_err() {
+            return;
+        }
+    }
+}
+
+async fn one_way_at_a_time(mut client: TcpStream, mut server: TcpStream) {
+    let (mut cb, mut sb) = (vec![0u8; 8 * 1024], vec![0u8; 8 * 1024]);
+    loop {
+        let done = tokio::select! {
+            n = client.read(&mut cb) => match n {
+                Ok(0) | Err(_) => true,
+                Ok(n) => server.write_all(&cb[..n]).await.is_err(),
+            },
+            n = server.read(&mut sb) => match n {
+                Ok(0) | Err(_) => true,
+                Ok(n) => client.write_all(&sb[..n]).await.is_err(),
+            },
+        };
+        if done {
+            let _ = client.shutdown().await;
+            let _ = server.shutdown().await;
             return;
         }
     }
