@@ -509,7 +509,7 @@ impl Machine {
                 self.backoff = (self.new_backoff)();
                 self.connect(out);
             }
-            State::Backoff { .. } | State::Connecting if all_paused => self.to_paused(out),
+            State::Backoff { .. } | State::Connecting if all_paused => self.enter_paused(out),
             // A resume ends the wait.
             State::Backoff { .. } if !pause => self.connect(out),
             _ => {}
@@ -519,20 +519,20 @@ impl Machine {
     /// After closing on purpose: paused, or connect again at once.
     fn after_close(&mut self, _now: Instant, out: &mut Vec<Action>) {
         if self.upload_paused && self.download_paused {
-            self.to_paused(out);
+            self.enter_paused(out);
         } else {
             self.connect(out);
         }
     }
 
-    fn to_paused(&mut self, out: &mut Vec<Action>) {
+    fn enter_paused(&mut self, out: &mut Vec<Action>) {
         self.state = State::Paused;
         out.push(Action::Note(Note::Paused));
     }
 
     fn connect(&mut self, out: &mut Vec<Action>) {
         if self.upload_paused && self.download_paused {
-            return self.to_paused(out);
+            return self.enter_paused(out);
         }
         out.push(Action::Note(Note::Connecting {
             reconnect: self.attempts > 0,
@@ -742,7 +742,7 @@ impl Machine {
                     // The hub closes after a failed batch; everything
                     // unanswered goes again after backoff.
                     let e = SessionError::Retry(format!("hub could not store a batch: {why}"));
-                    return self.fail(e, now, out);
+                    self.fail(e, now, out);
                 }
             }
             HubFrame::Error(e) if e.code == ErrorCode::Forbidden && !l.inflight.is_empty() => {
