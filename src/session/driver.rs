@@ -251,9 +251,15 @@ impl Session {
                 }
             }
             let deadline = self.machine.next_deadline();
+            // Timers run even while frames keep arriving.
+            if deadline.is_some_and(|d| d <= Instant::now()) {
+                queue.push_back(Input::Tick);
+                continue;
+            }
             let waiting_for_token = self.machine.waiting_for_token();
+            // Not biased: a busy connection must not starve operator
+            // commands or file wake-ups.
             let input = tokio::select! {
-                biased;
                 _ = self.shutdown.cancelled(), if !shutdown_seen => {
                     shutdown_seen = true;
                     Input::Shutdown
@@ -346,8 +352,9 @@ impl Session {
                         .held_remaining(report.still_held, Instant::now());
                     self.update(|s| s.held_changes = report.still_held);
                 }
-                Ok(Err(e)) => return local_failed(e.into()),
-                Err(e) => return local_failed(e.into()),
+                // Not worth a connection: tried again at the next turn.
+                Ok(Err(e)) => tracing::warn!(error = %e, "could not retry the held changes"),
+                Err(e) => tracing::warn!(error = %e, "could not retry the held changes"),
             },
             Action::ReconnectAnswer(outcome) => {
                 if outcome == ReconnectOutcome::Woken {
@@ -568,6 +575,10 @@ impl Session {
                 });
             }
             Note::CaughtUp => self.update(|s| s.caught_up = true),
+            Note::Cursor { up_to, head } => self.update(|s| {
+                s.cursor = s.cursor.max(up_to);
+                s.hub_head = s.hub_head.max(head).max(up_to);
+            }),
             Note::Pending(p) => self.update(|s| s.set_pending(&p)),
             Note::PauseFlags { upload, download } => {
                 tracing::info!(

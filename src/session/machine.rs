@@ -176,6 +176,11 @@ pub enum Note {
         access: Access,
     },
     CaughtUp,
+    /// The hub sent everything up to `up_to`, none of it for this device.
+    Cursor {
+        up_to: u64,
+        head: u64,
+    },
     Pending(Pending),
     PauseFlags {
         upload: bool,
@@ -240,8 +245,10 @@ struct ReadPlan {
     /// The read may be skipped if `data_version` did not move (a file
     /// wake-up is often tether's own write).
     only_wake: bool,
-    /// A re-read after an empty wake-up: when, and which attempt.
-    recheck: Option<(Instant, usize)>,
+    /// When to re-read after an empty wake-up (cleared when it fires).
+    recheck: Option<Instant>,
+    /// Re-reads done since the last wake-up.
+    recheck_attempt: usize,
     /// `data_version` at the last read.
     data_version: Option<i64>,
 }
@@ -253,6 +260,7 @@ impl ReadPlan {
         }
         self.due = true;
         self.recheck = None;
+        self.recheck_attempt = 0;
     }
     fn full(&mut self) {
         self.due = true;
@@ -313,6 +321,8 @@ pub struct Machine {
     attempts: u64,
     /// Held changes are retried at this time (set while any may be held).
     next_held_retry: Option<Instant>,
+    /// Shutdown was asked: no new connection, pause commands only recorded.
+    shutting_down: bool,
 }
 
 impl Machine {
@@ -331,6 +341,7 @@ impl Machine {
             new_backoff,
             attempts: 0,
             next_held_retry: None,
+            shutting_down: false,
         }
     }
 
@@ -364,7 +375,7 @@ impl Machine {
                 if let Some(f) = l.inflight.front() {
                     d = d.min(f.deadline);
                 }
-                if let Some((r, _)) = l.read.recheck {
+                if let Some(r) = l.read.recheck {
                     d = d.min(r);
                 }
                 if let Some(dr) = l.draining {
@@ -389,6 +400,7 @@ impl Machine {
             Input::Tick => self.tick(now, &mut out),
             Input::TokenChanged => {
                 if self.waiting_for_token() {
+                    self.backoff = (self.new_backoff)();
                     self.connect(&mut out);
                 }
             }
@@ -416,6 +428,9 @@ impl Machine {
             } => self.batch_read(batch, pending, data_version, now, &mut out),
             Input::RemoteApplied { .. } => {}
             Input::ResultsApplied { pending } => {
+                if pending.held > 0 {
+                    self.next_held_retry.get_or_insert(now + HELD_RETRY);
+                }
                 out.push(Action::Note(Note::Pending(pending)));
                 if let State::Live(l) = &mut self.state {
                     l.read.full();
@@ -429,6 +444,7 @@ impl Machine {
     }
 
     fn shutdown(&mut self, now: Instant, out: &mut Vec<Action>) {
+        self.shutting_down = true;
         match &mut self.state {
             State::Live(l) if !l.inflight.is_empty() => {
                 if l.draining.is_none() {
@@ -455,16 +471,20 @@ impl Machine {
     fn command(&mut self, c: Command, now: Instant, out: &mut Vec<Action>) {
         match c {
             Command::Reconnect => {
-                let answer = match self.state {
-                    State::Paused => super::ReconnectOutcome::Paused,
+                // Answered before the attempt, which may take a while.
+                match self.state {
+                    State::Paused => {
+                        out.push(Action::ReconnectAnswer(super::ReconnectOutcome::Paused))
+                    }
                     State::Backoff { .. } | State::Start => {
+                        out.push(Action::ReconnectAnswer(super::ReconnectOutcome::Woken));
                         self.backoff = (self.new_backoff)();
                         self.connect(out);
-                        super::ReconnectOutcome::Woken
                     }
-                    _ => super::ReconnectOutcome::AlreadyConnected,
-                };
-                out.push(Action::ReconnectAnswer(answer));
+                    _ => out.push(Action::ReconnectAnswer(
+                        super::ReconnectOutcome::AlreadyConnected,
+                    )),
+                }
             }
             Command::Pause { upload, download } => self.set_pause(true, upload, download, now, out),
             Command::Resume { upload, download } => {
@@ -495,6 +515,10 @@ impl Machine {
             upload: self.upload_paused,
             download: self.download_paused,
         }));
+        if self.shutting_down {
+            // Recorded for the next start; the drain goes on.
+            return;
+        }
         let all_paused = self.upload_paused && self.download_paused;
         match &mut self.state {
             State::Stopped => {}
@@ -531,6 +555,9 @@ impl Machine {
     }
 
     fn connect(&mut self, out: &mut Vec<Action>) {
+        if self.shutting_down {
+            return self.stop(out);
+        }
         if self.upload_paused && self.download_paused {
             return self.enter_paused(out);
         }
@@ -584,9 +611,12 @@ impl Machine {
                     l.next_poll = now + POLL_INTERVAL;
                     l.read.full();
                 }
-                if l.read.recheck.is_some_and(|(t, _)| t <= now) {
+                if l.read.recheck.is_some_and(|t| t <= now) {
+                    l.read.recheck = None;
+                    if !l.read.due {
+                        l.read.only_wake = true;
+                    }
                     l.read.due = true;
-                    l.read.only_wake = true;
                 }
             }
             _ => {}
@@ -688,6 +718,14 @@ impl Machine {
         };
         l.read_deadline = now + self.cfg.read_timeout;
         match f {
+            // Nothing to apply (changes of tables this device does not
+            // sync): the cursor moves in the status only; the stored one
+            // follows with the next write, and a restart from the older one
+            // downloads nothing this device keeps.
+            HubFrame::Changes(c) if c.changes.is_empty() => out.push(Action::Note(Note::Cursor {
+                up_to: c.up_to,
+                head: c.head,
+            })),
             HubFrame::Changes(c) => out.push(Action::ApplyRemote {
                 changes: c.changes,
                 up_to: c.up_to,
@@ -784,9 +822,12 @@ impl Machine {
             }
         }
         let read = batch.unwrap_or_default();
-        let attempt = l.read.recheck.take().map(|r| r.1).unwrap_or(0);
+        let attempt = l.read.recheck_attempt;
         if read.changes.is_empty() && was_wake && attempt < RECHECK_DELAYS.len() {
-            l.read.recheck = Some((now + RECHECK_DELAYS[attempt], attempt + 1));
+            l.read.recheck = Some(now + RECHECK_DELAYS[attempt]);
+            l.read.recheck_attempt = attempt + 1;
+        } else {
+            l.read.recheck_attempt = 0;
         }
         l.read.only_wake = false;
         if read.changes.is_empty() {
@@ -1257,7 +1298,13 @@ mod tests {
     fn changes_and_caught_up_are_applied_in_order() {
         let (mut m, t) = live();
         let page = HubFrame::Changes(Changes {
-            changes: vec![],
+            changes: vec![RemoteChange {
+                version: 12,
+                table: "notes".into(),
+                op: Op::Delete,
+                pk: vec![Value::Integer(1)],
+                values: vec![],
+            }],
             up_to: 12,
             head: 20,
         });
@@ -1478,14 +1525,88 @@ mod tests {
         m.handle(Input::Lost(SessionError::Retry("cut".into())), t);
         assert!(matches!(m.state(), State::Backoff { .. }));
         let a = m.handle(Input::Command(Command::Reconnect), t);
+        // Answered first: the attempt itself may take seconds.
         assert!(matches!(
             a[..],
             [
+                Action::ReconnectAnswer(ReconnectOutcome::Woken),
                 Action::Note(Note::Connecting { reconnect: true }),
                 Action::Connect,
-                Action::ReconnectAnswer(ReconnectOutcome::Woken)
             ]
         ));
+    }
+
+    #[test]
+    fn a_pause_during_the_shutdown_drain_does_not_keep_the_session_alive() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        m.handle(Input::Shutdown, t);
+        let a = m.handle(
+            Input::Command(Command::Pause {
+                upload: false,
+                download: false,
+            }),
+            t,
+        );
+        assert!(!has_close(&a), "{a:?}");
+        let a = m.handle(answer(1, &[1], false), t);
+        assert!(matches!(a.last(), Some(Action::Stop)), "{a:?}");
+        // Shut down while waiting in backoff: no new attempt, just stop.
+        let mut m = machine(false, false);
+        m.handle(Input::Tick, t);
+        m.handle(Input::OpenFailed(SessionError::Retry("x".into())), t);
+        let a = m.handle(Input::Shutdown, t);
+        assert!(matches!(a[..], [Action::Stop]), "{a:?}");
+    }
+
+    #[test]
+    fn a_recheck_that_cannot_read_leaves_no_deadline_in_the_past() {
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(
+            Input::BatchRead {
+                batch: None,
+                pending: None,
+                data_version: 1,
+            },
+            t,
+        );
+        m.handle(
+            Input::Command(Command::Pause {
+                upload: true,
+                download: false,
+            }),
+            t,
+        );
+        let fire = t + RECHECK_DELAYS[0];
+        let a = m.handle(Input::Tick, fire);
+        assert_eq!(reads(&a), 0);
+        assert!(
+            m.next_deadline().unwrap() > fire,
+            "a spent recheck stays armed"
+        );
+    }
+
+    #[test]
+    fn an_empty_page_moves_the_cursor_without_a_database_write() {
+        let (mut m, t) = live();
+        let page = HubFrame::Changes(Changes {
+            changes: vec![],
+            up_to: 40,
+            head: 40,
+        });
+        let a = m.handle(Input::Frame(page, 12), t);
+        assert!(
+            matches!(
+                a[..],
+                [Action::Note(Note::Cursor {
+                    up_to: 40,
+                    head: 40
+                })]
+            ),
+            "{a:?}"
+        );
     }
 
     #[test]
