@@ -27,6 +27,7 @@
 //! * [`metrics`]: Prometheus metrics of the daemon and the hub.
 //! * [`http`]: the few plain HTTP answers (`/metrics`, `/healthz`).
 //! * [`listen`]: the accept loop every listener shares.
+//! * [`counted`]: sockets that count bytes written, for stall detection.
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
@@ -34,6 +35,7 @@
 pub mod clock;
 pub mod config;
 pub mod control;
+pub mod counted;
 pub mod daemon;
 pub mod demo;
 pub mod embedded;

@@ -10,9 +10,10 @@ use tokio_tungstenite::tungstenite::protocol::WebSocketConfig;
 use tokio_tungstenite::{MaybeTlsStream, WebSocketStream};
 
 use super::SessionError;
+use crate::counted::{Counted, Progress};
 use crate::proto::{DATASET_HEADER, MAX_FRAME_BYTES};
 
-pub type Ws = WebSocketStream<MaybeTlsStream<TcpStream>>;
+pub type Ws = WebSocketStream<MaybeTlsStream<Counted<TcpStream>>>;
 
 /// Time allowed for TCP, TLS and the WebSocket upgrade together.
 pub const CONNECT_TIMEOUT: Duration = Duration::from_secs(10);
@@ -24,7 +25,12 @@ pub fn ws_config() -> WebSocketConfig {
     c
 }
 
-pub async fn connect(url: &str, token: &str, dataset: &str) -> Result<Ws, SessionError> {
+/// Opens the WebSocket; the [`Progress`] counts the bytes written to it.
+pub async fn connect(
+    url: &str,
+    token: &str,
+    dataset: &str,
+) -> Result<(Ws, Progress), SessionError> {
     let mut req = url
         .into_client_request()
         .map_err(|e| SessionError::Fatal(format!("hub.url {url:?} is not usable: {e}")))?;
@@ -35,12 +41,37 @@ pub async fn connect(url: &str, token: &str, dataset: &str) -> Result<Ws, Sessio
     if let Ok(v) = HeaderValue::from_str(dataset) {
         req.headers_mut().insert(DATASET_HEADER, v);
     }
-    let fut = tokio_tungstenite::connect_async_with_config(req, Some(ws_config()), true);
+    let uri = req.uri().clone();
+    let host = uri
+        .host()
+        .ok_or_else(|| SessionError::Fatal(format!("hub.url {url:?} has no host")))?
+        .trim_start_matches('[')
+        .trim_end_matches(']')
+        .to_owned();
+    let port = uri
+        .port_u16()
+        .unwrap_or(if uri.scheme_str() == Some("wss") {
+            443
+        } else {
+            80
+        });
+    let fut = async move {
+        let tcp = TcpStream::connect((host.as_str(), port))
+            .await
+            .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        tcp.set_nodelay(true)
+            .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
+        let (stream, progress) = Counted::new(tcp);
+        let (ws, resp) =
+            tokio_tungstenite::client_async_tls_with_config(req, stream, Some(ws_config()), None)
+                .await?;
+        Ok((ws, progress, resp))
+    };
     match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
         Err(_) => Err(SessionError::Retry(format!(
             "connecting to {url} timed out after {CONNECT_TIMEOUT:?}"
         ))),
-        Ok(Ok((ws, _))) => Ok(ws),
+        Ok(Ok((ws, progress, _))) => Ok((ws, progress)),
         Ok(Err(tokio_tungstenite::tungstenite::Error::Http(resp))) => {
             let body = resp
                 .body()

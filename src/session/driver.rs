@@ -40,6 +40,7 @@ use super::{
     SessionState, Status, TokenSource,
 };
 use crate::clock::sleep_opt;
+use crate::counted::{unless_stalled, Progress, Stalled};
 use crate::local::{LocalDb, LocalError};
 use crate::proto::{self, HubFrame};
 
@@ -63,7 +64,7 @@ struct Conn {
 }
 
 impl Conn {
-    fn start(ws: Ws, send_timeout: Duration) -> Conn {
+    fn start(ws: Ws, progress: Progress, send_timeout: Duration) -> Conn {
         let (sink, stream) = ws.split();
         let (out_tx, out_rx) = mpsc::channel(OUTBOUND_BUFFER);
         let (in_tx, in_rx) = mpsc::channel(INBOUND_BUFFER);
@@ -73,7 +74,7 @@ impl Conn {
             inbound: in_rx,
             writer_failed: Some(fail_rx),
             reader: tokio::spawn(read_loop(stream, in_tx)),
-            writer: tokio::spawn(write_loop(sink, out_rx, fail_tx, send_timeout)),
+            writer: tokio::spawn(write_loop(sink, out_rx, fail_tx, progress, send_timeout)),
         }
     }
 
@@ -132,20 +133,23 @@ async fn read_loop(mut stream: SplitStream<Ws>, tx: mpsc::Sender<Input>) {
     }
 }
 
-/// Sends queued messages, each within `send_timeout`.
+/// Sends queued messages; fails when the hub takes no byte for
+/// `send_timeout` while a message waits (a slow link that keeps moving is
+/// fine, however long one frame takes).
 async fn write_loop(
     mut sink: SplitSink<Ws, Message>,
     mut rx: mpsc::Receiver<Message>,
     failed: oneshot::Sender<SessionError>,
+    progress: Progress,
     send_timeout: Duration,
 ) {
     while let Some(m) = rx.recv().await {
         let closing = matches!(m, Message::Close(_));
-        let err = match tokio::time::timeout(send_timeout, sink.send(m)).await {
+        let err = match unless_stalled(sink.send(m), &progress, send_timeout).await {
             Ok(Ok(())) => None,
             Ok(Err(e)) => Some(SessionError::Retry(format!("connection lost: {e}"))),
-            Err(_) => Some(SessionError::Retry(format!(
-                "the hub took nothing for {send_timeout:?} while data waited for it; reconnecting"
+            Err(Stalled(took)) => Some(SessionError::Retry(format!(
+                "the hub took nothing for {took:?} while data waited for it; reconnecting"
             ))),
         };
         if let Some(e) = err {
@@ -398,7 +402,7 @@ impl Session {
             ws = connect::connect(&p.url, &token, &p.dataset) => ws,
             _ = self.shutdown.cancelled() => return Input::Shutdown,
         };
-        let ws = match ws {
+        let (ws, progress) = match ws {
             Ok(ws) => ws,
             Err(e) => return Input::OpenFailed(e),
         };
@@ -417,7 +421,7 @@ impl Session {
             Ok(Err(e)) => return Input::OpenFailed(e.into()),
             Err(e) => return Input::OpenFailed(e.into()),
         };
-        self.conn = Some(Conn::start(ws, p.reconnect.read_timeout.0));
+        self.conn = Some(Conn::start(ws, progress, p.reconnect.read_timeout.0));
         Input::Opened(info)
     }
 

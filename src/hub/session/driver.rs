@@ -26,6 +26,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::machine::{Action, Ending, Input, Refusal, WRITE_QUEUE_FRAMES};
 use super::{refusal_messages, Opened, Ws};
+use crate::counted::Progress;
 use crate::hub::fanout::Published;
 use crate::hub::store::{Applied, Page, StoreError};
 use crate::hub::HubInner;
@@ -72,7 +73,17 @@ struct Driver {
 
 /// Runs an opened session until it ends; never returns while a send waits on
 /// a client that reads nothing for longer than the read timeout.
-pub(super) async fn run(inner: Arc<HubInner>, ws: Ws, opened: Opened, shutdown: CancellationToken) {
+/// While frames wait for a client, how often the driver looks whether their
+/// bytes move.
+const PROGRESS_CHECK: Duration = Duration::from_millis(500);
+
+pub(super) async fn run(
+    inner: Arc<HubInner>,
+    ws: Ws,
+    progress: Progress,
+    opened: Opened,
+    shutdown: CancellationToken,
+) {
     let Opened {
         dataset,
         client,
@@ -100,6 +111,9 @@ pub(super) async fn run(inner: Arc<HubInner>, ws: Ws, opened: Opened, shutdown: 
     };
     let mut actions = start;
     let mut writer_alive = true;
+    let mut progress_check = tokio::time::interval(PROGRESS_CHECK);
+    progress_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
+    let mut seen_written = progress.written();
     let mut shutting = false;
     loop {
         for a in actions.drain(..) {
@@ -137,6 +151,15 @@ pub(super) async fn run(inner: Arc<HubInner>, ws: Ws, opened: Opened, shutdown: 
             r = join_apply(&mut d.apply), if d.apply.is_some() => {
                 let (batch, changes, _) = d.apply.take().expect("BUG: apply polled while none");
                 d.applied(batch, &changes, r)
+            }
+            _ = progress_check.tick(), if machine.writing() => {
+                let now = progress.written();
+                if now != seen_written {
+                    seen_written = now;
+                    Input::Progress
+                } else {
+                    Input::Tick
+                }
             }
             _ = sleep_until(deadline), if deadline.is_some() => Input::Tick,
             _ = shutdown.cancelled(), if !shutting => {

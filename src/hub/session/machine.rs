@@ -94,6 +94,9 @@ pub enum Input {
     Bad(Refusal),
     /// A control message (ping, pong) arrived: the client is alive.
     Heard,
+    /// Bytes of a frame being written were taken by the client: it reads,
+    /// however slowly.
+    Progress,
     /// The client closed or the connection broke (either direction).
     Gone,
     /// A page asked for by [`Action::ReadPage`], and the head when read.
@@ -256,6 +259,12 @@ impl Machine {
                 < MAX_PENDING_BATCHES
     }
 
+    /// Whether frames wait for the writer (the driver then watches whether
+    /// their bytes move).
+    pub fn writing(&self) -> bool {
+        !self.unwritten.is_empty()
+    }
+
     /// Whether the driver should take the next live batch now.
     pub fn wants_live(&self) -> bool {
         self.state == State::Live && self.outbox.is_none() && self.stream_room()
@@ -304,6 +313,7 @@ impl Machine {
                 );
             }
             Input::Heard => self.read_from = now,
+            Input::Progress => self.write_progress = now,
             Input::Bad(r) => self.close(Ending::Refuse(r), &mut out),
             Input::Gone => self.close_now(Ending::Gone, &mut out),
             Input::StoreFailed(r) => self.close(Ending::Refuse(r), &mut out),
@@ -1027,6 +1037,31 @@ mod tests {
         );
         m.handle(Input::Heard, now + T);
         assert!(m.handle(Input::Tick, now + T).is_empty());
+    }
+
+    #[test]
+    fn a_slow_client_whose_bytes_move_is_never_taken_for_a_stalled_one() {
+        // One frame takes three read timeouts to write on a slow link, but
+        // its bytes keep moving.
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(published(0, &[("a", "x")], 1), now);
+        assert!(m.writing());
+        for i in 1..=6 {
+            let t = now + T / 2 * i;
+            m.handle(Input::Progress, t);
+            m.handle(Input::Heard, t);
+            assert!(m.handle(Input::Tick, t).is_empty(), "dropped at step {i}");
+        }
+        // Then nothing moves for a read timeout: dropped.
+        let a = m.handle(Input::Tick, now + T / 2 * 6 + T);
+        assert!(matches!(
+            &a[..],
+            [Action::Close {
+                ending: Ending::Stalled { .. },
+                ..
+            }]
+        ));
     }
 
     #[test]

@@ -23,6 +23,7 @@ use tokio_util::sync::CancellationToken;
 use super::auth::Grant;
 use super::store::StoreError;
 use super::HubInner;
+use crate::counted::Counted;
 use crate::http::Prefixed;
 use crate::local::schema::fingerprint;
 use crate::metrics::StoreOp;
@@ -35,7 +36,7 @@ use machine::{Machine, Params, Refusal};
 /// Time allowed for the WebSocket upgrade and for the `hello` frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Ws = WebSocketStream<Prefixed<TcpStream>>;
+type Ws = WebSocketStream<Counted<Prefixed<TcpStream>>>;
 
 pub fn ws_config() -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
@@ -146,6 +147,9 @@ pub async fn serve(
         grant = Some(g.clone());
         Ok(resp)
     };
+    // Bytes written are counted: a client on a slow link that keeps taking
+    // data is never taken for one that stopped reading.
+    let (stream, progress) = Counted::new(stream);
     let upgrade =
         tokio_tungstenite::accept_hdr_async_with_config(stream, callback, Some(ws_config()));
     let mut ws = match tokio::time::timeout(HANDSHAKE_TIMEOUT, upgrade).await {
@@ -193,7 +197,7 @@ pub async fn serve(
             return;
         }
     };
-    tracing::Instrument::instrument(driver::run(inner, ws, opened, shutdown), span).await;
+    tracing::Instrument::instrument(driver::run(inner, ws, progress, opened, shutdown), span).await;
 }
 
 /// A session whose `hello` was accepted.
