@@ -212,11 +212,14 @@ fn print_status(o: &mut String, s: &Status) {
         _ => say!(o, "  pending:     {} local changes", s.pending_changes),
     }
     say!(o, "  cursor:      {} of hub head {}", s.cursor, s.hub_head);
-    say!(
-        o,
-        "  held:        {} hub changes refused by the database",
-        s.held_changes
-    );
+    match &s.held_reason {
+        Some(why) if s.held_changes > 0 => say!(
+            o,
+            "  held:        {} hub changes refused by the database (newest: {why}; see `tether held`)",
+            s.held_changes
+        ),
+        _ => say!(o, "  held:        {} hub changes refused by the database", s.held_changes),
+    }
     if let Some(u) = &s.last_upload {
         say!(
             o,

@@ -200,6 +200,9 @@ async fn changes_the_database_refuses_are_held_and_never_stop_the_ones_behind() 
         (ConnectionState::Connected, 1, None)
     );
     assert_eq!(s.cursor, s.hub_head);
+    // The status names why.
+    let why = s.held_reason.clone().unwrap_or_default();
+    assert!(why.contains("people"), "{why:?}");
 
     // A later version of a held row that B can take supersedes the entry.
     a.execute(

@@ -163,6 +163,14 @@ pub fn count(c: &Connection) -> rusqlite::Result<u64> {
         .map(|n| n as u64)
 }
 
+/// Why the most recently held change was refused (None when nothing is held).
+pub fn newest_reason(c: &Connection) -> rusqlite::Result<Option<String>> {
+    use rusqlite::OptionalExtension;
+    c.prepare_cached("SELECT reason FROM _tether_held ORDER BY since DESC LIMIT 1")?
+        .query_row([], |r| r.get(0))
+        .optional()
+}
+
 /// One stored entry, as read back for a retry.
 pub struct Entry {
     pub table: String,

@@ -79,7 +79,7 @@ pub struct ResultsApplied {
 }
 
 /// Pending capture log.
-#[derive(Clone, Copy, Debug, Default, PartialEq, Eq)]
+#[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct Pending {
     /// Captured writes not yet answered by the hub.
     pub changes: u64,
@@ -93,6 +93,8 @@ pub struct Pending {
     pub oldest_at_ms: Option<i64>,
     /// The hub's changes the local database refused, held in `_tether_held`.
     pub held: u64,
+    /// Why the newest held change was refused.
+    pub held_reason: Option<String>,
 }
 
 /// One upload batch as read from the log.
@@ -418,13 +420,20 @@ impl Replica {
                 .map_err(&e)?
                 .flatten(),
         };
+        let held = super::held::count(&self.conn).map_err(&e)?;
+        let held_reason = if held > 0 {
+            super::held::newest_reason(&self.conn).map_err(&e)?
+        } else {
+            None
+        };
         Ok(Pending {
             changes: n as u64,
             last_seq: (max.unwrap_or(0) as u64).max(consumed),
             oldest_seq: min.map(|m| m as u64),
             oldest_at_ms: oldest_at,
             consumed,
-            held: super::held::count(&self.conn).map_err(&e)?,
+            held,
+            held_reason,
         })
     }
 

@@ -343,8 +343,12 @@ impl Session {
                 results,
                 summary,
             } => return self.apply_results(*sent, results, summary).await,
-            Action::RetryHeld => match self.db.call(|r| r.retry_held()).await {
-                Ok(Ok(report)) => {
+            Action::RetryHeld => match self
+                .db
+                .call(|r| -> Result<_, LocalError> { Ok((r.retry_held()?, r.pending()?)) })
+                .await
+            {
+                Ok(Ok((report, pending))) => {
                     if report.applied > 0 {
                         tracing::info!(
                             applied = report.applied,
@@ -354,7 +358,7 @@ impl Session {
                     }
                     self.machine
                         .held_remaining(report.still_held, Instant::now());
-                    self.update(|s| s.held_changes = report.still_held);
+                    self.update(|s| s.set_pending(&pending));
                 }
                 // Not worth a connection: tried again at the next turn.
                 Ok(Err(e)) => tracing::warn!(error = %e, "could not retry the held changes"),
@@ -467,12 +471,8 @@ impl Session {
             .db
             .call(move |r| -> Result<_, LocalError> {
                 let a = r.apply_remote(&changes, up_to)?;
-                // The exact count only when something was held now.
-                let held_now = if a.held > 0 {
-                    Some(r.pending()?.held)
-                } else {
-                    None
-                };
+                // The exact count and reason only when something was held.
+                let held_now = if a.held > 0 { Some(r.pending()?) } else { None };
                 Ok((a, held_now))
             })
             .await;
@@ -482,10 +482,10 @@ impl Session {
             Err(e) => return local_failed(e.into()),
         };
         tracing::trace!(n, took = ?t0.elapsed(), "applied remote changes");
-        if let Some(total) = held_now {
-            tracing::warn!(held = applied.held, total, "the local database refused some of the hub's changes; they are held (see `tether held`) and tried again later");
+        if let Some(p) = held_now {
+            tracing::warn!(held = applied.held, total = p.held, newest = ?p.held_reason, "the local database refused some of the hub's changes; they are held (see `tether held`) and tried again later");
             self.machine.held_seen(Instant::now());
-            self.update(|s| s.held_changes = total);
+            self.update(|s| s.set_pending(&p));
         }
         if n > 0 {
             self.params.metrics.downloaded(n, bytes);

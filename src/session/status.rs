@@ -54,6 +54,7 @@ impl Status {
         self.consumed = p.consumed;
         self.last_seq = p.last_seq;
         self.held_changes = p.held;
+        self.held_reason = p.held_reason.clone();
     }
 }
 
@@ -124,6 +125,9 @@ pub struct Status {
     /// apply (`tether held` lists them, `tether retry` tries them again).
     #[serde(default)]
     pub held_changes: u64,
+    /// Why the newest held change was refused.
+    #[serde(default)]
+    pub held_reason: Option<String>,
     pub last_upload: Option<UploadSummary>,
     pub last_error: Option<String>,
     /// Delay before the next connection attempt, in milliseconds.
@@ -157,6 +161,7 @@ impl Status {
             last_seq: 0,
             oldest_pending_ms: None,
             held_changes: 0,
+            held_reason: None,
             last_upload: None,
             last_error: None,
             backoff_ms: None,
