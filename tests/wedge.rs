@@ -356,3 +356,45 @@ async fn a_row_too_large_for_any_frame_is_refused_and_the_rest_syncs() {
     da.stop().await;
     db.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_app_holding_the_write_lock_for_long_does_not_cost_the_connection() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let a = app(&world.path("a.db"), NOTES);
+    let b = app(&world.path("b.db"), NOTES);
+    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
+    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+
+    // The app on A holds its write lock for 7 s, longer than tether's
+    // 5 s busy timeout, while B's change arrives for A.
+    let path = world.path("a.db");
+    let (locked_tx, locked_rx) = std::sync::mpsc::channel();
+    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let holder = std::thread::spawn(move || {
+        let c = app(&path, "SELECT 1");
+        c.execute_batch("BEGIN IMMEDIATE; INSERT INTO notes (id, title) VALUES ('a-long', 't')")
+            .unwrap();
+        locked_tx.send(()).unwrap();
+        go_rx.recv_timeout(DEADLINE).unwrap();
+        std::thread::sleep(Duration::from_secs(7));
+        c.execute_batch("COMMIT").unwrap();
+    });
+    locked_rx.recv_timeout(DEADLINE).unwrap();
+    b.execute("INSERT INTO notes (id, title) VALUES ('from-b', 't')", [])
+        .unwrap();
+    wait_until("B's change on the hub", || hub_log(&world).0 == 1).await;
+    go_tx.send(()).unwrap();
+    tokio::task::spawn_blocking(move || holder.join().unwrap())
+        .await
+        .unwrap();
+    wait_until("both rows on both sides", || {
+        count(&a, "notes") == 2 && count(&b, "notes") == 2
+    })
+    .await;
+    let s = status(&da, "db");
+    assert_eq!(s.connects, 1, "A reconnected: {:?}", s.last_error);
+    da.stop().await;
+    db.stop().await;
+}

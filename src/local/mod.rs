@@ -97,6 +97,33 @@ impl LocalDb {
         rx.await.map_err(|_| ThreadGone(self.name.clone()))
     }
 
+    /// Like [`LocalDb::call`], for calls that write: while the app holds the
+    /// database's write lock longer than [`replica::BUSY_TIMEOUT`], the call
+    /// is tried again for up to `patience` instead of failing. A busy app is
+    /// no reason to drop the hub connection; its write lock is released
+    /// sooner or later.
+    pub async fn call_patient<R, F>(
+        &self,
+        f: F,
+        patience: std::time::Duration,
+    ) -> Result<Result<R, LocalError>, ThreadGone>
+    where
+        R: Send + 'static,
+        F: Fn(&mut Replica) -> Result<R, LocalError> + Send + Sync + 'static,
+    {
+        let f = std::sync::Arc::new(f);
+        let start = std::time::Instant::now();
+        loop {
+            let g = f.clone();
+            match self.call(move |r| g(r)).await? {
+                Err(e) if e.is_busy() && start.elapsed() < patience => {
+                    tracing::info!(db = %self.name, waited = ?start.elapsed(), "the app holds the database's write lock; trying again");
+                }
+                other => return Ok(other),
+            }
+        }
+    }
+
     /// Closes the database (and releases its lock) once the calls queued
     /// before are done; later calls fail with [`ThreadGone`].
     pub async fn close(&self) {

@@ -65,6 +65,21 @@ pub enum LocalError {
     },
 }
 
+impl LocalError {
+    /// Whether the database was busy (another connection held its write
+    /// lock past the busy timeout): worth trying again, nothing is wrong.
+    pub fn is_busy(&self) -> bool {
+        matches!(
+            self,
+            LocalError::Sqlite { source, .. }
+                if matches!(
+                    source.sqlite_error_code(),
+                    Some(rusqlite::ErrorCode::DatabaseBusy | rusqlite::ErrorCode::DatabaseLocked)
+                )
+        )
+    }
+}
+
 /// What [`Replica::apply_results`] did, for logs and status.
 #[derive(Clone, Debug, Default, PartialEq, Eq)]
 pub struct ResultsApplied {

@@ -50,6 +50,11 @@ pub const INBOUND_BUFFER: usize = 8;
 pub const OUTBOUND_BUFFER: usize = 16;
 /// While the hub refuses the token, the token file is looked at this often.
 const TOKEN_POLL: Duration = Duration::from_millis(500);
+/// How long a write to the local database keeps being tried while the app
+/// holds its write lock, before the session gives up and reconnects (the
+/// hub drops a client that takes nothing for its read timeout, 2 minutes by
+/// default, so this stays well below).
+const LOCAL_PATIENCE: Duration = Duration::from_secs(30);
 /// Time the writer gets to send a close frame.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
 
@@ -320,7 +325,8 @@ impl Session {
                 });
             }
             Action::EnsureSeqAbove(hub_seq) => {
-                match self.db.call(move |r| r.ensure_seq_above(hub_seq)).await {
+                let renumber = move |r: &mut crate::local::Replica| r.ensure_seq_above(hub_seq);
+                match self.db.call_patient(renumber, LOCAL_PATIENCE).await {
                     Ok(Ok(true)) => tracing::warn!(hub_seq, "the hub has seen newer changes from this database than it holds (restored from a backup?); pending changes were renumbered and will be sent"),
                     Ok(Ok(false)) => {}
                     Ok(Err(e)) => return local_failed(e.into()),
@@ -432,20 +438,23 @@ impl Session {
     async fn read_batch(&mut self, after: u64, skip_if: Option<i64>, idle: bool) -> Input {
         let read = self
             .db
-            .call(move |r| -> Result<_, LocalError> {
-                let v = r.data_version()?;
-                if skip_if == Some(v) {
-                    return Ok((None, None, v));
-                }
-                let batch =
-                    r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
-                if batch.changes.is_empty() && batch.through > after && idle {
-                    // Only rows that are not sent (tables no longer synced,
-                    // changes too large): mark them answered.
-                    r.apply_results(&batch, &[])?;
-                }
-                Ok((Some(batch), Some(r.pending()?), v))
-            })
+            .call_patient(
+                move |r| -> Result<_, LocalError> {
+                    let v = r.data_version()?;
+                    if skip_if == Some(v) {
+                        return Ok((None, None, v));
+                    }
+                    let batch =
+                        r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
+                    if batch.changes.is_empty() && batch.through > after && idle {
+                        // Only rows that are not sent (tables no longer synced,
+                        // changes too large): mark them answered.
+                        r.apply_results(&batch, &[])?;
+                    }
+                    Ok((Some(batch), Some(r.pending()?), v))
+                },
+                LOCAL_PATIENCE,
+            )
             .await;
         match read {
             Ok(Ok((batch, pending, data_version))) => Input::BatchRead {
@@ -469,12 +478,15 @@ impl Session {
         let t0 = std::time::Instant::now();
         let applied = self
             .db
-            .call(move |r| -> Result<_, LocalError> {
-                let a = r.apply_remote(&changes, up_to)?;
-                // The exact count and reason only when something was held.
-                let held_now = if a.held > 0 { Some(r.pending()?) } else { None };
-                Ok((a, held_now))
-            })
+            .call_patient(
+                move |r| -> Result<_, LocalError> {
+                    let a = r.apply_remote(&changes, up_to)?;
+                    // The exact count and reason only when something was held.
+                    let held_now = if a.held > 0 { Some(r.pending()?) } else { None };
+                    Ok((a, held_now))
+                },
+                LOCAL_PATIENCE,
+            )
             .await;
         let (applied, held_now) = match applied {
             Ok(Ok(a)) => a,
@@ -523,10 +535,13 @@ impl Session {
         let t0 = std::time::Instant::now();
         let done = self
             .db
-            .call(move |r| -> Result<_, LocalError> {
-                let done = r.apply_results(&read, &results)?;
-                Ok((done, r.pending()?))
-            })
+            .call_patient(
+                move |r| -> Result<_, LocalError> {
+                    let done = r.apply_results(&read, &results)?;
+                    Ok((done, r.pending()?))
+                },
+                LOCAL_PATIENCE,
+            )
             .await;
         let (done, pending) = match done {
             Ok(Ok(d)) => d,
