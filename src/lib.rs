@@ -28,6 +28,7 @@
 //! * [`http`]: the few plain HTTP answers (`/metrics`, `/healthz`).
 //! * [`listen`]: the accept loop every listener shares.
 //! * [`counted`]: sockets that count bytes written, for stall detection.
+//! * [`outgoing`]: frames written while the same task keeps reading.
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
@@ -44,6 +45,7 @@ pub mod hub;
 pub mod listen;
 pub mod local;
 pub mod metrics;
+pub mod outgoing;
 pub mod proto;
 pub mod service;
 pub mod session;

@@ -1,53 +1,39 @@
 //! The session driver: performs what the [`Machine`] decides.
 //!
-//! Tasks per connection:
+//! One loop per session selects the next input (a frame from the hub while
+//! waiting output is written, see [`Conn`]; a file wake-up; an operator
+//! command; the machine's next deadline; shutdown), feeds it to the machine
+//! and performs the actions. Database calls run on the database's own thread
+//! ([`LocalDb`]); they never wait on the hub, so the socket is read again as
+//! soon as they return. The loop never waits on a send alone: outgoing frames
+//! are written as the socket takes them, while inbound frames are read, so
+//! two busy peers cannot end up each waiting for the other to read.
 //!
-//! * the **reader** owns the socket's read half and forwards every message,
-//!   decoded, into a bounded channel ([`INBOUND_BUFFER`]); it never sends;
-//! * the **writer** owns the write half and sends what the driver queues
-//!   ([`OUTBOUND_BUFFER`] frames; the machine keeps at most
-//!   [`super::machine::MAX_INFLIGHT`] uploads in flight plus pings, so the
-//!   queue does not fill unless the hub stopped reading). Every send has a
-//!   deadline of `read_timeout`: a hub that takes nothing for that long while
-//!   data waits is dropped and the session reconnects;
-//! * the **driver** (this loop) selects the next input (inbound frame, writer
-//!   failure, file wake-up, operator command, timer, shutdown), feeds it to
-//!   the machine and performs the actions. Database calls run on the
-//!   database's own thread ([`LocalDb`]); while one runs, the reader keeps
-//!   reading into its channel.
-//!
-//! No task ever waits to send on a socket while it is the only one reading
-//! it, so two busy peers cannot end up each waiting for the other to read.
+//! Bounds: at most [`super::conn::OUT_LIMIT`] frames wait for the socket
+//! (the machine keeps at most [`super::machine::MAX_INFLIGHT`] uploads in
+//! flight); the file watcher's wake-up channel holds one wake-up; operator
+//! commands arrive on the daemon's bounded channel.
 
 use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
-use futures_util::stream::{SplitSink, SplitStream};
-use futures_util::{SinkExt, StreamExt};
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
-use tokio::task::JoinHandle;
 use tokio::time::Instant;
-use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
-use tokio_tungstenite::tungstenite::protocol::CloseFrame;
 use tokio_tungstenite::tungstenite::Message;
 use tokio_util::sync::CancellationToken;
 
-use super::connect::{self, Ws};
+use super::conn::Conn;
+use super::connect;
 use super::machine::{self, Action, Command, FailureClass, Input, LocalInfo, Machine, Note};
 use super::{
     update_status, ConnectionState, Control, Event, ReconnectOutcome, SessionError, SessionParams,
     SessionState, Status, TokenSource,
 };
 use crate::clock::sleep_opt;
-use crate::counted::{unless_stalled, Progress, Stalled};
 use crate::local::{LocalDb, LocalError};
-use crate::proto::{self, HubFrame};
+use crate::proto;
 
-/// Frames read ahead of the driver.
-pub const INBOUND_BUFFER: usize = 8;
-/// Frames queued for the writer.
-pub const OUTBOUND_BUFFER: usize = 16;
 /// While the hub refuses the token, the token file is looked at this often.
 const TOKEN_POLL: Duration = Duration::from_millis(500);
 /// How long a write to the local database keeps being tried while the app
@@ -55,118 +41,6 @@ const TOKEN_POLL: Duration = Duration::from_millis(500);
 /// hub drops a client that takes nothing for its read timeout, 2 minutes by
 /// default, so this stays well below).
 const LOCAL_PATIENCE: Duration = Duration::from_secs(30);
-/// Time the writer gets to send a close frame.
-const CLOSE_TIMEOUT: Duration = Duration::from_secs(2);
-
-/// One open connection: its two tasks and their channels.
-struct Conn {
-    out: mpsc::Sender<Message>,
-    inbound: mpsc::Receiver<Input>,
-    /// Taken once the writer has ended.
-    writer_failed: Option<oneshot::Receiver<SessionError>>,
-    reader: JoinHandle<()>,
-    writer: JoinHandle<()>,
-}
-
-impl Conn {
-    fn start(ws: Ws, progress: Progress, send_timeout: Duration) -> Conn {
-        let (sink, stream) = ws.split();
-        let (out_tx, out_rx) = mpsc::channel(OUTBOUND_BUFFER);
-        let (in_tx, in_rx) = mpsc::channel(INBOUND_BUFFER);
-        let (fail_tx, fail_rx) = oneshot::channel();
-        Conn {
-            out: out_tx,
-            inbound: in_rx,
-            writer_failed: Some(fail_rx),
-            reader: tokio::spawn(read_loop(stream, in_tx)),
-            writer: tokio::spawn(write_loop(sink, out_rx, fail_tx, progress, send_timeout)),
-        }
-    }
-
-    /// Sends a close frame (best effort, bounded) and ends both tasks.
-    async fn close(self, reason: &'static str) {
-        let Conn {
-            out,
-            reader,
-            mut writer,
-            ..
-        } = self;
-        reader.abort();
-        let _ = out.try_send(Message::Close(Some(CloseFrame {
-            code: CloseCode::Normal,
-            reason: reason.into(),
-        })));
-        drop(out);
-        if tokio::time::timeout(CLOSE_TIMEOUT, &mut writer)
-            .await
-            .is_err()
-        {
-            writer.abort();
-        }
-    }
-}
-
-/// Reads messages until the connection ends; the last input is `Lost`.
-async fn read_loop(mut stream: SplitStream<Ws>, tx: mpsc::Sender<Input>) {
-    loop {
-        let input = match stream.next().await {
-            None => Input::Lost(SessionError::Retry("hub closed the connection".into())),
-            Some(Err(e)) => Input::Lost(SessionError::Retry(format!("connection lost: {e}"))),
-            Some(Ok(Message::Binary(b))) => match proto::decode::<HubFrame>(&b) {
-                Ok(f) => Input::Frame(f, b.len()),
-                Err(e) => Input::Lost(SessionError::Retry(format!(
-                    "hub sent a frame this daemon cannot read ({e}); reconnecting"
-                ))),
-            },
-            Some(Ok(Message::Close(f))) => {
-                let why = f
-                    .map(|f| format!(" ({} {})", u16::from(f.code), f.reason))
-                    .unwrap_or_default();
-                Input::Lost(SessionError::Retry(format!(
-                    "hub closed the connection{why}"
-                )))
-            }
-            Some(Ok(Message::Text(_))) => Input::Lost(SessionError::Retry(
-                "hub sent a text message; frames are binary MessagePack".into(),
-            )),
-            Some(Ok(_)) => Input::Alive,
-        };
-        let last = matches!(input, Input::Lost(_));
-        if tx.send(input).await.is_err() || last {
-            return;
-        }
-    }
-}
-
-/// Sends queued messages; fails when the hub takes no byte for
-/// `send_timeout` while a message waits (a slow link that keeps moving is
-/// fine, however long one frame takes).
-async fn write_loop(
-    mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::Receiver<Message>,
-    failed: oneshot::Sender<SessionError>,
-    progress: Progress,
-    send_timeout: Duration,
-) {
-    while let Some(m) = rx.recv().await {
-        let closing = matches!(m, Message::Close(_));
-        let err = match unless_stalled(sink.send(m), &progress, send_timeout).await {
-            Ok(Ok(())) => None,
-            Ok(Err(e)) => Some(SessionError::Retry(format!("connection lost: {e}"))),
-            Err(Stalled(took)) => Some(SessionError::Retry(format!(
-                "the hub took nothing for {took:?} while data waited for it; reconnecting"
-            ))),
-        };
-        if let Some(e) = err {
-            let _ = failed.send(e);
-            return;
-        }
-        if closing {
-            return;
-        }
-    }
-    let _ = tokio::time::timeout(CLOSE_TIMEOUT, sink.close()).await;
-}
 
 /// A running session; see the module docs.
 pub struct Session {
@@ -385,18 +259,12 @@ impl Session {
     }
 
     fn send(&mut self, m: Message) -> Step {
-        let Some(c) = &self.conn else {
+        let Some(c) = &mut self.conn else {
             return Step::Next(None);
         };
-        match c.out.try_send(m) {
+        match c.queue(m) {
             Ok(()) => Step::Next(None),
-            Err(mpsc::error::TrySendError::Full(_)) => {
-                Step::Next(Some(Input::Lost(SessionError::Retry(format!(
-                    "the hub is not taking frames ({OUTBOUND_BUFFER} queued); reconnecting"
-                )))))
-            }
-            // The writer ended; its failure is reported separately.
-            Err(mpsc::error::TrySendError::Closed(_)) => Step::Next(None),
+            Err(e) => Step::Next(Some(Input::Lost(e))),
         }
     }
 
@@ -431,7 +299,7 @@ impl Session {
             Ok(Err(e)) => return Input::OpenFailed(e.into()),
             Err(e) => return Input::OpenFailed(e.into()),
         };
-        self.conn = Some(Conn::start(ws, progress, p.reconnect.read_timeout.0));
+        self.conn = Some(Conn::new(ws, progress, p.reconnect.read_timeout.0));
         Input::Opened(info)
     }
 
@@ -668,30 +536,11 @@ fn local_failed(e: SessionError) -> Step {
     Step::Next(Some(Input::LocalFailed(e)))
 }
 
-/// The next input from the open connection: a frame from the reader, or
-/// the writer's failure. Pending while no connection is open.
+/// The next input from the open connection; pending while none is open.
 async fn recv_conn(conn: &mut Option<Conn>) -> Input {
-    let Some(c) = conn else {
-        return std::future::pending().await;
-    };
-    let failed = async {
-        if let Some(rx) = &mut c.writer_failed {
-            let r = rx.await;
-            c.writer_failed = None;
-            if let Ok(e) = r {
-                return e;
-            }
-        }
-        std::future::pending().await
-    };
-    tokio::select! {
-        e = failed => Input::Lost(e),
-        // After its last input the reader ends: wait for the driver to
-        // close this connection.
-        i = c.inbound.recv() => match i {
-            Some(i) => i,
-            None => std::future::pending().await,
-        },
+    match conn {
+        Some(c) => c.next_input().await,
+        None => std::future::pending().await,
     }
 }
 

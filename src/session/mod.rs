@@ -2,14 +2,15 @@
 //!
 //! * [`machine`]: the session protocol as a state machine without I/O
 //!   (states, inputs, actions), table-tested;
-//! * [`driver`]: the loop that feeds it inputs and performs its actions, with
-//!   the socket split between a reader task and a writer task;
+//! * [`driver`]: the loop that feeds it inputs and performs its actions;
+//! * `conn`: one open connection, read and written in the same poll;
 //! * [`connect`]: opening the WebSocket;
 //! * [`status`]: what a session reports about itself.
 //!
 //! Reconnection uses exponential backoff with jitter (`backon`), reset after a
 //! connection that stayed up for [`HEALTHY_AFTER`].
 
+mod conn;
 mod connect;
 pub mod driver;
 pub mod machine;

@@ -2,12 +2,12 @@
 //! frame, live batch, writer progress, store task done, deadline, shutdown),
 //! feeds it to the machine and carries out the actions.
 //!
-//! The socket is split: this loop only ever reads it, and a writer task
-//! sends the frames it is given through a bounded channel. The machine keeps
-//! at most [`WRITE_QUEUE_FRAMES`] frames unwritten, so queueing a frame never
-//! waits; the writer reports each frame written through a watch counter, and
-//! a client that takes nothing for the read timeout while frames wait is
-//! dropped. Store calls run on blocking threads, one read and one apply at a
+//! This loop reads the socket and writes it in the same `select!`: a frame
+//! is handed to the socket at once when it takes it, and the rest is written
+//! ([`Outgoing::drive`]) while inbound frames keep being read; the loop never
+//! waits on a send alone. The machine keeps at most [`WRITE_QUEUE_FRAMES`]
+//! frames unwritten and is told each time frames are flushed; a client that
+//! takes no byte for the read timeout while frames wait is dropped. Store calls run on blocking threads, one read and one apply at a
 //! time.
 
 use std::collections::HashMap;
@@ -16,10 +16,8 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::stream::SplitSink;
-use futures_util::{SinkExt, StreamExt};
-use prometheus_client::metrics::counter::Counter;
+use futures_util::StreamExt;
 use tokio::sync::broadcast::error::RecvError;
-use tokio::sync::{mpsc, watch};
 use tokio::task::JoinHandle;
 use tokio_tungstenite::tungstenite::{Error as WsError, Message};
 use tokio_util::sync::CancellationToken;
@@ -31,6 +29,7 @@ use crate::hub::fanout::Published;
 use crate::hub::store::{Applied, Page, StoreError};
 use crate::hub::HubInner;
 use crate::metrics::{HubSessionMetrics, StoreOp};
+use crate::outgoing::Outgoing;
 use crate::proto::{
     self, Change, ChangeResult, ClientFrame, ErrorCode, Outcome, TableSchema, Upload,
     UploadSummary, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES,
@@ -39,13 +38,6 @@ use crate::proto::{
 /// Longest time a refused session's last frames (answers, error, close) may
 /// take to be written before the connection is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
-
-/// What the writer task is given; its channel holds the machine's
-/// [`WRITE_QUEUE_FRAMES`] plus the error and close frames of a refusal.
-enum Out {
-    Frame(Vec<u8>),
-    Raw(Message),
-}
 
 type Pending<T> = Option<JoinHandle<T>>;
 
@@ -65,7 +57,8 @@ struct Driver {
     tables: Arc<HashMap<String, TableSchema>>,
     echo_own: bool,
     metrics: HubSessionMetrics,
-    tx: mpsc::Sender<Out>,
+    /// The socket's write half and the frames waiting for it.
+    out: Outgoing<SplitSink<Ws, Message>>,
     /// The page being read: the page and the head.
     read: Pending<Result<(Page, u64), StoreError>>,
     apply: Applying,
@@ -95,22 +88,20 @@ pub(super) async fn run(
     } = opened;
     let metrics = inner.metrics.session(&dataset);
     let (sink, mut reader) = ws.split();
-    let (tx, rx) = mpsc::channel(WRITE_QUEUE_FRAMES + 2);
-    let (written_tx, mut written) = watch::channel(0u64);
-    let writer = tokio::spawn(write(sink, rx, written_tx, metrics.bytes_out.clone()));
     let mut d = Driver {
+        out: Outgoing::new(sink),
         client,
         echo_own,
         inner,
         dataset,
         tables,
         metrics,
-        tx,
         read: None,
         apply: None,
     };
     let mut actions = start;
-    let mut writer_alive = true;
+    // Frames flushed, as last told to the machine.
+    let mut reported = 0u64;
     let mut progress_check = tokio::time::interval(PROGRESS_CHECK);
     progress_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen_written = progress.written();
@@ -118,8 +109,16 @@ pub(super) async fn run(
     loop {
         for a in actions.drain(..) {
             if let Some(ending) = d.perform(a) {
-                return d.finish(ending, writer).await;
+                return d.finish(ending).await;
             }
+        }
+        if d.out.flushed() != reported {
+            reported = d.out.flushed();
+            actions = machine.handle(
+                Input::Written { total: reported },
+                std::time::Instant::now(),
+            );
+            continue;
         }
         let deadline = machine.deadline().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
@@ -134,10 +133,13 @@ pub(super) async fn run(
                     Input::StoreFailed(Refusal::new(ErrorCode::Internal, "fan-out closed"))
                 }
             },
-            r = written.changed(), if writer_alive => match r {
-                Ok(()) => Input::Written { total: *written.borrow_and_update() },
-                Err(_) => {
-                    writer_alive = false;
+            r = d.out.drive(), if d.out.waiting() => match r {
+                Ok(()) => {
+                    reported = d.out.flushed();
+                    Input::Written { total: reported }
+                }
+                Err(e) => {
+                    tracing::debug!(error = %e, "sending to client failed");
                     Input::Gone
                 }
             },
@@ -175,14 +177,14 @@ impl Driver {
     /// Carries out one action; returns how the session ends on `Close`.
     fn perform(&mut self, action: Action) -> Option<(Vec<Vec<u8>>, Ending)> {
         match action {
-            Action::Send(frame) => match self.tx.try_send(Out::Frame(frame)) {
-                Ok(()) => {}
-                // The writer ended: its watch reports it and the loop ends.
-                Err(mpsc::error::TrySendError::Closed(_)) => {}
-                Err(mpsc::error::TrySendError::Full(_)) => {
-                    unreachable!("BUG: the machine queued more than {WRITE_QUEUE_FRAMES} frames")
+            Action::Send(frame) => {
+                debug_assert!(self.out.queued() <= WRITE_QUEUE_FRAMES);
+                self.metrics.bytes_out.inc_by(frame.len() as u64);
+                if let Err(e) = self.out.push(Message::Binary(frame.into())) {
+                    tracing::debug!(error = %e, "sending to client failed");
+                    return Some((Vec::new(), Ending::Gone));
                 }
-            },
+            }
             Action::ReadPage { after } => self.read_page(after),
             Action::Apply(up) => self.apply(up),
             Action::FannedOut(stored) => self.metrics.fanned_out(stored),
@@ -297,7 +299,7 @@ impl Driver {
 
     /// Ends the session: logs why, writes the last frames of a refusal under
     /// a deadline, and stops the writer.
-    async fn finish(self, (flush, ending): (Vec<Vec<u8>>, Ending), writer: JoinHandle<()>) {
+    async fn finish(mut self, (flush, ending): (Vec<Vec<u8>>, Ending)) {
         let mut last = Vec::new();
         match &ending {
             Ending::Gone => tracing::debug!("client closed the connection"),
@@ -324,51 +326,21 @@ impl Driver {
             }
         }
         if !matches!(ending, Ending::Refuse(_) | Ending::Cut) {
-            writer.abort();
             return;
         }
-        let tx = self.tx;
         let wait = self.inner.read_timeout.min(CLOSE_TIMEOUT);
-        let mut writer = writer;
         let drain = async {
             for f in flush {
-                tx.send(Out::Frame(f)).await.ok()?;
+                self.out.push(Message::Binary(f.into()))?;
             }
             for m in last {
-                tx.send(Out::Raw(m)).await.ok()?;
+                self.out.push(m)?;
             }
-            drop(tx);
-            (&mut writer).await.ok()
+            self.out.drive().await
         };
         if tokio::time::timeout(wait, drain).await.is_err() {
             tracing::info!(timeout = ?wait, "client did not take the last frames; dropping the connection");
         }
-        writer.abort();
-    }
-}
-
-/// The writer task: sends each frame it is given, counts it written once
-/// flushed, and ends on the first error or when the session drops its end.
-async fn write(
-    mut sink: SplitSink<Ws, Message>,
-    mut rx: mpsc::Receiver<Out>,
-    written: watch::Sender<u64>,
-    bytes_out: Counter,
-) {
-    while let Some(out) = rx.recv().await {
-        let (msg, n) = match out {
-            Out::Frame(b) => {
-                let n = b.len() as u64;
-                (Message::Binary(b.into()), n)
-            }
-            Out::Raw(m) => (m, 0),
-        };
-        if let Err(e) = sink.send(msg).await {
-            tracing::debug!(error = %e, "sending to client failed");
-            return;
-        }
-        bytes_out.inc_by(n);
-        written.send_modify(|t| *t += 1);
     }
 }
 
