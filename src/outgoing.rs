@@ -53,6 +53,8 @@ impl<S: Sink<Message, Error = WsError> + Unpin> Outgoing<S> {
 
     /// Queues a message and writes what the socket takes now, without
     /// waiting. An error means the connection is gone.
+    // The error type is tungstenite's; its size is not ours to choose.
+    #[allow(clippy::result_large_err)]
     pub fn push(&mut self, m: Message) -> Result<(), WsError> {
         self.queue.push_back(m);
         match self.drive().now_or_never() {
