@@ -9,15 +9,14 @@
 //!   answer for `/metrics` and `/healthz`). After the upgrade and `hello`
 //!   checks, its loop waits on the socket's read half, on the dataset's
 //!   broadcast of applied batches ([`fanout::FANOUT_BUFFER`] batches, then
-//!   it lags and reads from the store), on the writer's progress, on its
-//!   store tasks, on its deadlines and on shutdown. Its decisions are made by
-//!   an I/O-free state machine (`session/machine.rs`);
-//! * per connection, a writer task owning the socket's write half, fed
-//!   through a channel of a few encoded frames (the machine keeps at most 4
-//!   unwritten, and stops preparing catch-up or live frames past 4 MiB
-//!   waiting). The driver never awaits a socket send, so it keeps reading
-//!   and answering uploads however slow the client is; a client that takes
-//!   nothing for `read_timeout` while frames wait is dropped;
+//!   it lags and reads from the store), on writing the frames that wait for
+//!   the client ([`crate::outgoing`]: at most 4, the machine stops preparing
+//!   catch-up or live frames past 4 MiB waiting), on its store tasks, on its
+//!   deadlines and on shutdown. Its decisions are made by an I/O-free state
+//!   machine (`session/machine.rs`). Writes are polled in the same `select!`
+//!   as reads and a send is never awaited alone, so it keeps reading and
+//!   answering uploads however slow the client is; a client that takes no
+//!   byte for `read_timeout` while frames wait is dropped;
 //! * store calls on blocking threads (`spawn_blocking`): per session one
 //!   page read and one upload apply at a time; uploads wait in order (the
 //!   session stops reading past 8 unanswered batches).
