@@ -460,3 +460,25 @@ async fn stopping_a_daemon_mid_upload_loses_and_duplicates_nothing() {
     da.stop().await;
     db.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_uploading_device_shows_the_hub_head_its_own_changes_reached() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let a = app(&world.path("a.db"), NOTES);
+    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
+    da.wait_connected(DEADLINE).await.unwrap();
+    for i in 0..10 {
+        a.execute(
+            "INSERT INTO notes (id, title) VALUES (?1, 't')",
+            [format!("n{i}")],
+        )
+        .unwrap();
+    }
+    let sa = da.status("db");
+    wait_until("A's status at the head of its own changes", || {
+        let s = sa.borrow();
+        s.pending_changes == 0 && s.cursor == 10 && s.hub_head == 10
+    })
+    .await;
+    da.stop().await;
+}

@@ -464,17 +464,20 @@ impl Machine {
             self.state = State::Resyncing { reading: false };
             return;
         }
-        // Other tables' changes are skipped, but the cursor moves past them.
-        let skipped_table = p
-            .entries
-            .iter()
-            .any(|e| !self.params.tables.contains(&e.change.table));
+        // Own changes and other tables' changes are skipped, but the cursor
+        // moves past them: a batch of nothing else ends with an empty frame,
+        // so that the uploading device's cursor and head follow its own
+        // uploads (its status then shows where the hub really is).
+        let skipped = p.entries.iter().any(|e| {
+            (!self.params.echo_own && *e.client == *self.params.client)
+                || !self.params.tables.contains(&e.change.table)
+        });
         self.cursor = p.last;
         self.outbox = Some(Outbox {
             up_to: p.last,
             head: p.last,
             pos: 0,
-            send_empty: skipped_table,
+            send_empty: skipped,
             source: Source::Live(p),
         });
     }
@@ -837,8 +840,10 @@ mod tests {
         let mut m = live(params(&["a"]), 0, now);
         let a = m.handle(published(0, &[("a", "me"), ("a", "x")], 1), now);
         assert_eq!(changes(&sent(&a)[0]), (vec![2], 2));
+        // A batch of own changes only: an empty frame moves the client's
+        // cursor to the head.
         let a = m.handle(published(2, &[("a", "me")], 1), now);
-        assert!(sent(&a).is_empty());
+        assert_eq!(changes(&sent(&a)[0]), (vec![], 3));
         assert_eq!(m.cursor(), 3);
         let mut p = params(&["a"]);
         p.echo_own = true;
