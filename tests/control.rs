@@ -666,3 +666,58 @@ async fn reload_adds_removes_and_restarts_while_untouched_sessions_stay_connecte
     .await;
     assert!(a.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn wait_download_waits_for_what_the_hub_holds_now_not_the_head_last_heard_of() {
+    const ROWS: i64 = 5_000;
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    let (_a, acfg) = start_daemon(d, "a", &addr, &s.token_file, &[("a", "a1.db")], FAST).await;
+    let (b, bcfg) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    wait_connected_cli(&acfg, "a").await;
+    wait_connected_cli(&bcfg, "b").await;
+    // B takes nothing for a moment (a suspended or busy device) while A
+    // uploads: its idea of the hub's head is now stale.
+    let pid = b.child.id().to_string();
+    let signal = |sig: &str| {
+        let ok = std::process::Command::new("kill")
+            .args([sig, pid.as_str()])
+            .status()
+            .unwrap()
+            .success();
+        assert!(ok, "kill {sig}");
+    };
+    signal("-STOP");
+    {
+        let c = rusqlite::Connection::open(d.join("a1.db")).unwrap();
+        let tx = c.unchecked_transaction().unwrap();
+        for i in 0..ROWS {
+            tx.execute(
+                "INSERT INTO notes (id, title, body) VALUES (?1, 't', ?2)",
+                rusqlite::params![format!("w{i:05}"), "x".repeat(200)],
+            )
+            .unwrap();
+        }
+        tx.commit().unwrap();
+    }
+    let (code, _, err) = wait_upload(&acfg, "a", "60s");
+    signal("-CONT");
+    assert_eq!(code, 0, "{err}");
+    // Right away: the wait must not end before B holds all of it.
+    let (code, out, err) = cli(&[
+        "wait",
+        "b",
+        "--download",
+        "--timeout",
+        "60s",
+        "--config",
+        c(&bcfg),
+    ]);
+    assert_eq!(code, 0, "{out}{err}");
+    let n: i64 = rusqlite::Connection::open(d.join("b.db"))
+        .unwrap()
+        .query_row("SELECT count(*) FROM notes", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(n, ROWS, "wait --download returned with {n} of {ROWS} rows");
+}

@@ -124,7 +124,26 @@ fn frames() -> Vec<(&'static str, Frame)> {
                 head: 120,
                 access: Access::ReadWrite,
                 client_seq: 6,
+                features: vec![],
             })),
+        ),
+        (
+            "welcome_with_features",
+            Frame::Hub(HubFrame::Welcome(Welcome {
+                protocol: PROTOCOL_VERSION,
+                head: 120,
+                access: Access::ReadOnly,
+                client_seq: 0,
+                features: vec![FEATURE_HEAD.into()],
+            })),
+        ),
+        (
+            "head_question",
+            Frame::Client(ClientFrame::Head(HeadAsk { id: 3 })),
+        ),
+        (
+            "head_answer",
+            Frame::Hub(HubFrame::Head(Head { id: 3, head: 4711 })),
         ),
         (
             "changes",

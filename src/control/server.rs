@@ -440,7 +440,11 @@ async fn wait(
             && s.connection == ConnectionState::Connected
             && s.caught_up
         {
-            down_target = Some(s.hub_head);
+            // What the hub holds now, asked over the connection: the head
+            // last heard of may be far behind while frames are in flight.
+            // A hub that cannot be asked leaves the head last heard of.
+            let head = fetch_head(h).await.unwrap_or(0);
+            down_target = Some(head.max(s.hub_head));
             down_from = down_from.min(s.cursor);
         }
         // Upload progress in captured writes (log sequence numbers).
@@ -500,6 +504,17 @@ async fn wait(
             _ = shutdown.cancelled() => return Err(Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down")),
         }
     }
+}
+
+/// How long a download wait waits for the hub to tell its head.
+const HEAD_TIMEOUT: Duration = Duration::from_secs(10);
+
+/// The hub's head now, asked through the session; `None` when the session
+/// cannot ask (not connected, a hub without the feature) or no answer came.
+async fn fetch_head(h: &SessionHandle) -> Option<u64> {
+    let (tx, rx) = oneshot::channel();
+    h.ctl.send(Control::FetchHead { reply: tx }).await.ok()?;
+    tokio::time::timeout(HEAD_TIMEOUT, rx).await.ok()?.ok()?
 }
 
 /// Streams events until the client goes away.

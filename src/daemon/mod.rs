@@ -377,6 +377,10 @@ async fn supervise(
                                 let _ = reply.send(ReconnectOutcome::Woken);
                                 break;
                             }
+                            // Not connected: the head cannot be asked.
+                            Some(Control::FetchHead { reply }) => {
+                                let _ = reply.send(None);
+                            }
                             // Remembered; the session starts with them.
                             Some(Control::Pause { upload, download }) => {
                                 set_flags(&status, &events, true, upload, download)

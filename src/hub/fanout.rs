@@ -32,6 +32,10 @@ pub struct DatasetFanout {
     pub tx: broadcast::Sender<Arc<Published>>,
     /// Held while a batch is applied and published.
     pub apply_lock: Mutex<()>,
+    /// The dataset's head as far as this hub knows: raised under
+    /// `apply_lock` once a batch is stored, and by each session opened with
+    /// the head it read from the store.
+    pub head: std::sync::atomic::AtomicU64,
 }
 
 /// One [`DatasetFanout`] per dataset.
@@ -50,6 +54,7 @@ impl Fanout {
                 Arc::new(DatasetFanout {
                     tx: broadcast::channel(FANOUT_BUFFER).0,
                     apply_lock: Mutex::new(()),
+                    head: std::sync::atomic::AtomicU64::new(0),
                 })
             })
             .clone()

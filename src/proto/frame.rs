@@ -20,6 +20,9 @@ pub enum ClientFrame {
     Hello(Hello),
     /// A batch of local changes to apply on the hub.
     Upload(Upload),
+    /// What is the dataset's head now? Answered by [`HubFrame::Head`]; sent
+    /// only to a hub whose `welcome` lists the `head` feature.
+    Head(HeadAsk),
 }
 
 /// Frames the hub sends to a daemon.
@@ -36,7 +39,28 @@ pub enum HubFrame {
     UploadResult(UploadResult),
     /// Something went wrong; `fatal` errors are followed by a close.
     Error(ErrorFrame),
+    /// Answer to [`ClientFrame::Head`].
+    Head(Head),
 }
+
+/// Asks for the dataset's head (for a download wait that must not end
+/// before this device holds what the hub holds now).
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct HeadAsk {
+    /// Echoed in the answer.
+    pub id: u64,
+}
+
+/// The dataset's head when the question arrived: every change up to here
+/// is stored, and reaches the client (or is skipped for it) in order.
+#[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
+pub struct Head {
+    pub id: u64,
+    pub head: u64,
+}
+
+/// The `welcome` feature of hubs that answer [`ClientFrame::Head`].
+pub const FEATURE_HEAD: &str = "head";
 
 /// Identifies a client and its position.
 #[derive(Clone, Debug, PartialEq, Serialize, Deserialize)]
@@ -135,6 +159,10 @@ pub struct Welcome {
     pub access: Access,
     /// Highest client `seq` the hub has already applied for this client.
     pub client_seq: u64,
+    /// Optional frames this hub understands (e.g. [`FEATURE_HEAD`]); a
+    /// client sends them only when listed. Absent means none.
+    #[serde(default, skip_serializing_if = "Vec::is_empty")]
+    pub features: Vec<String>,
 }
 
 /// A change as the hub stores and pushes it.

@@ -55,6 +55,8 @@ pub struct Session {
     last_token: Option<String>,
     /// Replies to operator reconnects, answered by the machine.
     reconnect_replies: VecDeque<oneshot::Sender<ReconnectOutcome>>,
+    /// Replies to head requests, answered in order by the machine.
+    head_replies: VecDeque<oneshot::Sender<Option<u64>>>,
     conn: Option<Conn>,
     machine: Machine,
 }
@@ -98,6 +100,7 @@ impl Session {
             events,
             last_token: None,
             reconnect_replies: VecDeque::new(),
+            head_replies: VecDeque::new(),
             conn: None,
             machine,
         }
@@ -152,6 +155,10 @@ impl Session {
                     Some(Control::Reconnect { reply }) => {
                         self.reconnect_replies.push_back(reply);
                         Input::Command(Command::Reconnect)
+                    }
+                    Some(Control::FetchHead { reply }) => {
+                        self.head_replies.push_back(reply);
+                        Input::Command(Command::FetchHead)
                     }
                     Some(Control::Pause { upload, download }) => Input::Command(Command::Pause { upload, download }),
                     Some(Control::Resume { upload, download }) => Input::Command(Command::Resume { upload, download }),
@@ -250,6 +257,11 @@ impl Session {
                 }
                 if let Some(reply) = self.reconnect_replies.pop_front() {
                     let _ = reply.send(outcome);
+                }
+            }
+            Action::HeadAnswer(head) => {
+                if let Some(reply) = self.head_replies.pop_front() {
+                    let _ = reply.send(head);
                 }
             }
             Action::Note(n) => self.note(n),
@@ -462,6 +474,7 @@ impl Session {
                 });
             }
             Note::CaughtUp => self.update(|s| s.caught_up = true),
+            Note::HubHead(head) => self.update(|s| s.hub_head = s.hub_head.max(head)),
             Note::Cursor { up_to, head } => self.update(|s| {
                 s.cursor = s.cursor.max(up_to);
                 s.hub_head = s.hub_head.max(head).max(up_to);

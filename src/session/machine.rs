@@ -20,8 +20,9 @@ use tokio::time::Instant;
 use super::SessionError;
 use crate::local::{Batch, Pending};
 use crate::proto::{
-    self, Access, Change, ChangeResult, ClientFrame, ErrorCode, Hello, HubFrame, RemoteChange,
-    TableSchema, Upload, UploadSummary, MAX_BATCH_BYTES, MAX_BATCH_CHANGES, PROTOCOL_VERSION,
+    self, Access, Change, ChangeResult, ClientFrame, ErrorCode, HeadAsk, Hello, HubFrame,
+    RemoteChange, TableSchema, Upload, UploadSummary, FEATURE_HEAD, MAX_BATCH_BYTES,
+    MAX_BATCH_CHANGES, PROTOCOL_VERSION,
 };
 
 /// Upload batches sent before the first is answered. The hub answers in
@@ -72,9 +73,18 @@ pub struct LocalInfo {
 /// What the operator asked for.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum Command {
-    Pause { upload: bool, download: bool },
-    Resume { upload: bool, download: bool },
+    Pause {
+        upload: bool,
+        download: bool,
+    },
+    Resume {
+        upload: bool,
+        download: bool,
+    },
     Reconnect,
+    /// Ask the hub for the dataset's head now (answered by
+    /// [`Action::HeadAnswer`]).
+    FetchHead,
 }
 
 /// Everything the machine reacts to.
@@ -158,6 +168,9 @@ pub enum Action {
     RetryHeld,
     /// Answer the operator's reconnect request.
     ReconnectAnswer(super::ReconnectOutcome),
+    /// Answer the oldest head request: the hub's head, or `None` when it
+    /// cannot be asked (not connected, or a hub without the feature).
+    HeadAnswer(Option<u64>),
     /// Report a change of state or progress.
     Note(Note),
     /// The session is over.
@@ -181,6 +194,8 @@ pub enum Note {
         up_to: u64,
         head: u64,
     },
+    /// The hub's head, as it answered a head request.
+    HubHead(u64),
     Pending(Pending),
     PauseFlags {
         upload: bool,
@@ -287,6 +302,10 @@ pub struct Live {
     connected_at: Instant,
     /// Set while shutting down: answers are awaited until then.
     draining: Option<Instant>,
+    /// Whether the hub answers head requests.
+    head_feature: bool,
+    /// Head requests sent and not answered yet.
+    heads_asked: u64,
 }
 
 /// The session's states.
@@ -463,7 +482,17 @@ impl Machine {
         }
     }
 
+    /// Head requests of a connection that ends are answered `None`.
+    fn unanswered_heads(&mut self, out: &mut Vec<Action>) {
+        if let State::Live(l) = &mut self.state {
+            for _ in 0..std::mem::take(&mut l.heads_asked) {
+                out.push(Action::HeadAnswer(None));
+            }
+        }
+    }
+
     fn stop(&mut self, out: &mut Vec<Action>) {
+        self.unanswered_heads(out);
         self.state = State::Stopped;
         out.push(Action::Stop);
     }
@@ -486,6 +515,14 @@ impl Machine {
                     )),
                 }
             }
+            Command::FetchHead => match &mut self.state {
+                State::Live(l) if l.head_feature && l.draining.is_none() => {
+                    l.heads_asked += 1;
+                    let ask = ClientFrame::Head(HeadAsk { id: l.heads_asked });
+                    out.push(Action::Send(proto::encode(&ask)));
+                }
+                _ => out.push(Action::HeadAnswer(None)),
+            },
             Command::Pause { upload, download } => self.set_pause(true, upload, download, now, out),
             Command::Resume { upload, download } => {
                 self.set_pause(false, upload, download, now, out)
@@ -542,6 +579,7 @@ impl Machine {
 
     /// After closing on purpose: paused, or connect again at once.
     fn after_close(&mut self, _now: Instant, out: &mut Vec<Action>) {
+        self.unanswered_heads(out);
         if self.upload_paused && self.download_paused {
             self.enter_paused(out);
         } else {
@@ -649,6 +687,7 @@ impl Machine {
     fn fail(&mut self, e: SessionError, now: Instant, out: &mut Vec<Action>) {
         let class = FailureClass::of(&e);
         let was_connected = self.connected();
+        self.unanswered_heads(out);
         if let State::Live(l) = &self.state {
             if l.draining.is_some() {
                 // Shutting down anyway: what is unanswered goes out next start.
@@ -703,6 +742,8 @@ impl Machine {
                         next_poll: now + POLL_INTERVAL,
                         connected_at: now,
                         draining: None,
+                        head_feature: w.features.iter().any(|f| f == FEATURE_HEAD),
+                        heads_asked: 0,
                     }));
                 }
                 HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
@@ -790,6 +831,16 @@ impl Machine {
                 out.push(Action::Note(Note::ReadOnly(e.message)));
             }
             HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
+            HubFrame::Head(h) if l.heads_asked > 0 => {
+                l.heads_asked -= 1;
+                out.push(Action::Note(Note::HubHead(h.head)));
+                out.push(Action::HeadAnswer(Some(h.head)));
+            }
+            HubFrame::Head(_) => self.fail(
+                SessionError::Retry("hub answered a head request that was not sent".into()),
+                now,
+                out,
+            ),
             HubFrame::Welcome(_) => self.fail(
                 SessionError::Retry("hub sent welcome twice".into()),
                 now,
@@ -931,6 +982,7 @@ fn frame_name(f: &HubFrame) -> &'static str {
         HubFrame::CaughtUp(_) => "caught_up",
         HubFrame::UploadResult(_) => "upload_result",
         HubFrame::Error(_) => "error",
+        HubFrame::Head(_) => "head",
     }
 }
 
@@ -978,6 +1030,7 @@ mod tests {
                 head: 9,
                 access,
                 client_seq: 3,
+                features: vec![FEATURE_HEAD.into()],
             }),
             10,
         )
@@ -1691,5 +1744,60 @@ mod tests {
         };
         assert_eq!(sent.read.changes[0].seq, 5);
         assert_eq!(summary.conflict, 1);
+    }
+
+    #[test]
+    fn the_hub_is_asked_for_its_head_and_answers_in_order() {
+        let (mut m, t) = live();
+        let a = m.handle(Input::Command(Command::FetchHead), t);
+        let [ClientFrame::Head(h)] = &sends(&a)[..] else {
+            panic!("{a:?}")
+        };
+        assert_eq!(h.id, 1);
+        let answer = HubFrame::Head(crate::proto::Head { id: 1, head: 77 });
+        let a = m.handle(Input::Frame(answer, 8), t);
+        assert!(
+            matches!(
+                a[..],
+                [
+                    Action::Note(Note::HubHead(77)),
+                    Action::HeadAnswer(Some(77))
+                ]
+            ),
+            "{a:?}"
+        );
+        // An answer nobody asked for ends the connection.
+        let stray = HubFrame::Head(crate::proto::Head { id: 9, head: 1 });
+        assert!(has_close(&m.handle(Input::Frame(stray, 8), t)));
+        // A request pending when the connection ends is answered `None`.
+        let (mut m, t) = live();
+        m.handle(Input::Command(Command::FetchHead), t);
+        let a = m.handle(Input::Lost(SessionError::Retry("cut".into())), t);
+        assert!(
+            a.iter().any(|a| matches!(a, Action::HeadAnswer(None))),
+            "{a:?}"
+        );
+        // Not connected: answered at once.
+        let mut m = machine(false, false);
+        let a = m.handle(Input::Command(Command::FetchHead), t);
+        assert!(matches!(a[..], [Action::HeadAnswer(None)]), "{a:?}");
+    }
+
+    #[test]
+    fn a_hub_without_the_head_feature_is_not_asked() {
+        let mut m = machine(false, false);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        m.handle(Input::Opened(info()), t);
+        let old_hub = HubFrame::Welcome(Welcome {
+            protocol: PROTOCOL_VERSION,
+            head: 9,
+            access: Access::ReadWrite,
+            client_seq: 0,
+            features: vec![],
+        });
+        m.handle(Input::Frame(old_hub, 10), t);
+        let a = m.handle(Input::Command(Command::FetchHead), t);
+        assert!(matches!(a[..], [Action::HeadAnswer(None)]), "{a:?}");
     }
 }

@@ -65,6 +65,9 @@ pub enum Control {
     Reconnect {
         reply: oneshot::Sender<ReconnectOutcome>,
     },
+    /// Ask the hub for the dataset's head now; `None` when it cannot be
+    /// asked (not connected, or a hub that does not answer head requests).
+    FetchHead { reply: oneshot::Sender<Option<u64>> },
 }
 
 /// What a reconnect request did to one session.

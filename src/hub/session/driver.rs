@@ -122,7 +122,14 @@ pub(super) async fn run(
         }
         let deadline = machine.deadline().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
-            m = reader.next(), if machine.wants_inbound() => inbound(m, &d.metrics),
+            m = reader.next(), if machine.wants_inbound() => match inbound(m, &d.metrics) {
+                // The head is read here, when the question arrives.
+                Input::Frame(ClientFrame::Head(h)) => Input::HeadAsked {
+                    id: h.id,
+                    head: d.inner.fanout.dataset(&d.dataset).head.load(Ordering::SeqCst),
+                },
+                i => i,
+            },
             p = live.recv(), if machine.wants_live() => match p {
                 Ok(p) => Input::Published(p),
                 Err(RecvError::Lagged(n)) => {
@@ -240,6 +247,7 @@ impl Driver {
                     entries: std::mem::take(&mut applied.logged),
                     stored: std::time::Instant::now(),
                 };
+                fan.head.fetch_max(p.last, Ordering::SeqCst);
                 // No receiver is fine: nobody else is connected.
                 let _ = fan.tx.send(Arc::new(p));
             }

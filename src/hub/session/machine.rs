@@ -22,9 +22,9 @@ use std::time::{Duration, Instant};
 use crate::hub::fanout::Published;
 use crate::hub::store::Page;
 use crate::proto::{
-    self, Access, CaughtUp, ChangeResult, ChangesRef, ClientFrame, ErrorCode, ErrorFrame, HubFrame,
-    Outcome, RemoteChange, Upload, UploadResult, UploadSummary, Value, Welcome, MAX_PAGE_BYTES,
-    MAX_PAGE_CHANGES,
+    self, Access, CaughtUp, ChangeResult, ChangesRef, ClientFrame, ErrorCode, ErrorFrame, Head,
+    HubFrame, Outcome, RemoteChange, Upload, UploadResult, UploadSummary, Value, Welcome,
+    MAX_PAGE_BYTES, MAX_PAGE_CHANGES,
 };
 
 /// Frames handed to the writer and not yet written, at most.
@@ -35,6 +35,9 @@ pub const WRITE_QUEUE_FRAMES: usize = 4;
 /// daemon's window of batches in flight, so a well-behaved daemon never
 /// meets it.
 pub const MAX_PENDING_BATCHES: usize = 8;
+/// Head answers waiting to be written; past this the session stops reading
+/// (a client that asks without reading cannot grow the queue).
+pub const MAX_PENDING_HEADS: usize = 4;
 
 /// Why a session ends with an error frame; also the close frame's reason.
 #[derive(Clone, Debug, PartialEq, Eq)]
@@ -94,6 +97,8 @@ pub enum Input {
     Bad(Refusal),
     /// A control message (ping, pong) arrived: the client is alive.
     Heard,
+    /// The client asked for the dataset's head, which was `head` then.
+    HeadAsked { id: u64, head: u64 },
     /// Bytes of a frame being written were taken by the client: it reads,
     /// however slowly.
     Progress,
@@ -188,6 +193,8 @@ pub struct Machine {
     outbox: Option<Outbox>,
     /// Upload answers waiting for room, in order; `true` ends a batch.
     answers: VecDeque<(Vec<u8>, bool)>,
+    /// Answers to head questions, not yet handed to the writer.
+    heads: VecDeque<Vec<u8>>,
     /// Uploads waiting to be applied, in order.
     uploads: VecDeque<Upload>,
     /// Batch number of the upload being applied.
@@ -231,6 +238,7 @@ impl Machine {
                 send_empty: false,
             }),
             answers: VecDeque::new(),
+            heads: VecDeque::new(),
             uploads: VecDeque::new(),
             applying: None,
             answered_unsent: 0,
@@ -257,6 +265,7 @@ impl Machine {
         !matches!(self.state, State::Draining(_) | State::Closed)
             && self.uploads.len() + usize::from(self.applying.is_some()) + self.answered_unsent
                 < MAX_PENDING_BATCHES
+            && self.heads.len() < MAX_PENDING_HEADS
     }
 
     /// Whether frames wait for the writer (the driver then watches whether
@@ -296,6 +305,7 @@ impl Machine {
                 | Input::Cut
                 | Input::Gone
                 | Input::Written { .. }
+                | Input::Progress
                 | Input::Tick => {}
                 _ => return out,
             }
@@ -313,6 +323,21 @@ impl Machine {
                 );
             }
             Input::Heard => self.read_from = now,
+            Input::HeadAsked { id, head } => {
+                self.read_from = now;
+                // Small, and ahead of the stream.
+                let frame = proto::encode(&HubFrame::Head(Head { id, head }));
+                self.heads.push_back(frame);
+            }
+            Input::Frame(ClientFrame::Head(h)) => {
+                // The driver turns this into `HeadAsked`; answer what is known.
+                self.read_from = now;
+                let frame = proto::encode(&HubFrame::Head(Head {
+                    id: h.id,
+                    head: self.cursor,
+                }));
+                self.heads.push_back(frame);
+            }
             Input::Progress => self.write_progress = now,
             Input::Bad(r) => self.close(Ending::Refuse(r), &mut out),
             Input::Gone => self.close_now(Ending::Gone, &mut out),
@@ -534,6 +559,10 @@ impl Machine {
                     self.send(frame, now, out);
                     continue;
                 }
+                if let Some(frame) = self.heads.pop_front() {
+                    self.send(frame, now, out);
+                    continue;
+                }
             }
             if self.stream_room() {
                 if let Some(ob) = &mut self.outbox {
@@ -686,6 +715,7 @@ mod tests {
             head: 0,
             access: Access::ReadWrite,
             client_seq: 0,
+            features: vec![],
         }
     }
 
@@ -1148,5 +1178,23 @@ mod tests {
                 ending: Ending::Gone
             }]
         );
+    }
+
+    #[test]
+    fn head_questions_are_answered_and_cannot_pile_up() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        let a = m.handle(Input::HeadAsked { id: 1, head: 42 }, now);
+        let frames = sent(&a);
+        let [f] = &frames[..] else { panic!("{a:?}") };
+        assert_eq!(*f, HubFrame::Head(Head { id: 1, head: 42 }));
+        // A client that asks and reads nothing: the writer fills, answers
+        // wait, and past a few the session stops reading.
+        let mut m = live(params(&["a"]), 0, now);
+        for id in 0..(WRITE_QUEUE_FRAMES + MAX_PENDING_HEADS) as u64 {
+            assert!(m.wants_inbound(), "stopped reading after {id}");
+            m.handle(Input::HeadAsked { id, head: 1 }, now);
+        }
+        assert!(!m.wants_inbound());
     }
 }

@@ -249,11 +249,17 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         tables: hello.tables.iter().map(|t| t.name.clone()).collect(),
         read_timeout: inner.read_timeout,
     };
+    inner
+        .fanout
+        .dataset(&hello.dataset)
+        .head
+        .fetch_max(head, std::sync::atomic::Ordering::SeqCst);
     let welcome = Welcome {
         protocol: PROTOCOL_VERSION,
         head,
         access: grant.access,
         client_seq,
+        features: vec![crate::proto::FEATURE_HEAD.to_owned()],
     };
     let (machine, start) = Machine::start(params, welcome, cursor, std::time::Instant::now());
     Ok(Opened {
