@@ -22,14 +22,23 @@ use tokio::time::Instant;
 /// How often a pending send looks at the byte count.
 const CHECK: Duration = Duration::from_millis(500);
 
-/// Shared count of the bytes written through a [`Counted`] stream.
+/// Shared counts of the bytes written and read through a [`Counted`]
+/// stream.
 #[derive(Clone, Debug, Default)]
-pub struct Progress(Arc<AtomicU64>);
+pub struct Progress {
+    written: Arc<AtomicU64>,
+    read: Arc<AtomicU64>,
+}
 
 impl Progress {
     /// Bytes written so far.
     pub fn written(&self) -> u64 {
-        self.0.load(Ordering::Relaxed)
+        self.written.load(Ordering::Relaxed)
+    }
+
+    /// Bytes read so far (a frame still arriving counts: the peer is alive).
+    pub fn read(&self) -> u64 {
+        self.read.load(Ordering::Relaxed)
     }
 }
 
@@ -63,7 +72,12 @@ impl<S: AsyncRead + Unpin> AsyncRead for Counted<S> {
         cx: &mut Context<'_>,
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
-        Pin::new(&mut self.get_mut().inner).poll_read(cx, buf)
+        let this = self.get_mut();
+        let before = buf.filled().len();
+        let r = Pin::new(&mut this.inner).poll_read(cx, buf);
+        let n = buf.filled().len() - before;
+        this.progress.read.fetch_add(n as u64, Ordering::Relaxed);
+        r
     }
 }
 
@@ -76,7 +90,9 @@ impl<S: AsyncWrite + Unpin> AsyncWrite for Counted<S> {
         let this = self.get_mut();
         let r = Pin::new(&mut this.inner).poll_write(cx, buf);
         if let Poll::Ready(Ok(n)) = &r {
-            this.progress.0.fetch_add(*n as u64, Ordering::Relaxed);
+            this.progress
+                .written
+                .fetch_add(*n as u64, Ordering::Relaxed);
         }
         r
     }
@@ -147,7 +163,14 @@ mod tests {
         let r = unless_stalled(w.write_all(&data), &progress, Duration::from_millis(300)).await;
         assert!(matches!(r, Ok(Ok(()))), "{r:?}");
         assert_eq!(progress.written(), 64 * 1024);
-        let _b = slow_reader.await.unwrap();
+        let mut b = slow_reader.await.unwrap();
+        // Bytes read are counted too: a frame still arriving shows life.
+        b.write_all(b"hello").await.unwrap();
+        let mut got = [0u8; 5];
+        tokio::io::AsyncReadExt::read_exact(&mut w, &mut got)
+            .await
+            .unwrap();
+        assert_eq!(progress.read(), 5);
         // Now nobody reads: the next write stalls.
         let r = unless_stalled(w.write_all(&data), &progress, Duration::from_millis(300)).await;
         assert!(r.is_err(), "{r:?}");

@@ -45,6 +45,8 @@ pub struct Conn {
     /// waited and the connection was being driven) nothing moved.
     seen: u64,
     idle: Duration,
+    /// Bytes read when last looked.
+    seen_read: u64,
     last_check: Instant,
 }
 
@@ -57,12 +59,22 @@ impl Conn {
             stream,
             out: Outgoing::new(sink),
             seen: progress.written(),
+            seen_read: progress.read(),
             progress,
             send_timeout,
             stall_check,
             idle: Duration::ZERO,
             last_check: Instant::now(),
         }
+    }
+
+    /// Whether bytes arrived since the last look (a frame still arriving on
+    /// a slow link: the hub is alive).
+    pub fn read_moved(&mut self) -> bool {
+        let now = self.progress.read();
+        let moved = now != self.seen_read;
+        self.seen_read = now;
+        moved
     }
 
     /// Hands a frame to the socket, writing what it takes now without

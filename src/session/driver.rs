@@ -139,7 +139,7 @@ impl Session {
             let deadline = self.machine.next_deadline();
             // Timers run even while frames keep arriving.
             if deadline.is_some_and(|d| d <= Instant::now()) {
-                queue.push_back(Input::Tick);
+                queue.push_back(self.tick());
                 continue;
             }
             let waiting_for_token = self.machine.waiting_for_token();
@@ -170,13 +170,24 @@ impl Session {
                     // The watcher is gone; the poll timer takes over.
                     None => { wake_open = false; continue; }
                 },
-                _ = sleep_opt(deadline) => Input::Tick,
+                _ = sleep_opt(deadline) => self.tick(),
                 _ = token_check.tick(), if waiting_for_token => {
                     if !self.token_changed() { continue; }
                     Input::TokenChanged
                 }
             };
             queue.push_back(input);
+        }
+    }
+
+    /// A deadline is due: first, bytes still arriving (a large frame on a
+    /// slow link) count as a sign of life.
+    fn tick(&mut self) -> Input {
+        let moved = self.conn.as_mut().is_some_and(|c| c.read_moved());
+        if moved {
+            Input::Alive
+        } else {
+            Input::Tick
         }
     }
 

@@ -308,6 +308,17 @@ pub struct Live {
     heads_asked: u64,
 }
 
+impl Live {
+    /// The hub sent something: it is alive, and answers come in order behind
+    /// what it sends, so the oldest upload gets a fresh answer deadline (on a
+    /// slow link an answer may wait behind megabytes of changes).
+    fn hub_alive(&mut self, now: Instant) {
+        if let Some(f) = self.inflight.front_mut() {
+            f.deadline = f.deadline.max(now + ACK_TIMEOUT);
+        }
+    }
+}
+
 /// The session's states.
 #[derive(Debug)]
 pub enum State {
@@ -433,6 +444,7 @@ impl Machine {
             Input::Alive => {
                 if let State::Live(l) = &mut self.state {
                     l.read_deadline = now + self.cfg.read_timeout;
+                    l.hub_alive(now);
                 }
             }
             Input::Wake => {
@@ -758,6 +770,7 @@ impl Machine {
             return;
         };
         l.read_deadline = now + self.cfg.read_timeout;
+        l.hub_alive(now);
         match f {
             // Nothing to apply (changes of tables this device does not
             // sync): the cursor moves in the status only; the stored one
@@ -1415,12 +1428,21 @@ mod tests {
     }
 
     #[test]
-    fn an_unanswered_upload_ends_the_connection() {
+    fn an_unanswered_upload_ends_the_connection_unless_the_hub_is_sending() {
         let (mut m, t) = live();
         m.handle(Input::Wake, t);
         m.handle(read(batch(1..=1), 2), t);
-        m.handle(Input::Alive, t + ACK_TIMEOUT - Duration::from_secs(1));
         let a = m.handle(Input::Tick, t + ACK_TIMEOUT);
+        assert!(has_close(&a), "{a:?}");
+        // Bytes keep arriving (the answer waits behind a large frame on a
+        // slow link): the answer deadline moves with them.
+        let (mut m, t) = live();
+        m.handle(Input::Wake, t);
+        m.handle(read(batch(1..=1), 2), t);
+        let alive = t + Duration::from_secs(30);
+        m.handle(Input::Alive, alive);
+        assert!(!has_close(&m.handle(Input::Tick, t + ACK_TIMEOUT)));
+        let a = m.handle(Input::Tick, alive + ACK_TIMEOUT);
         assert!(has_close(&a), "{a:?}");
     }
 

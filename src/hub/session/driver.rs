@@ -105,6 +105,7 @@ pub(super) async fn run(
     let mut progress_check = tokio::time::interval(PROGRESS_CHECK);
     progress_check.set_missed_tick_behavior(tokio::time::MissedTickBehavior::Delay);
     let mut seen_written = progress.written();
+    let mut seen_read = progress.read();
     let mut shutting = false;
     loop {
         for a in actions.drain(..) {
@@ -170,7 +171,16 @@ pub(super) async fn run(
                     Input::Tick
                 }
             }
-            _ = sleep_until(deadline), if deadline.is_some() => Input::Tick,
+            // A frame still arriving on a slow link counts as heard.
+            _ = sleep_until(deadline), if deadline.is_some() => {
+                let now = progress.read();
+                if now != seen_read {
+                    seen_read = now;
+                    Input::Heard
+                } else {
+                    Input::Tick
+                }
+            }
             _ = shutdown.cancelled(), if !shutting => {
                 shutting = true;
                 Input::Shutdown
