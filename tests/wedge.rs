@@ -359,11 +359,18 @@ async fn a_row_too_large_for_any_frame_is_refused_and_the_rest_syncs() {
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn an_app_holding_the_write_lock_for_long_does_not_cost_the_connection() {
-    let world = World::new(&[("db", &["notes"])]).await;
+    // Short timeouts on both ends: the wait for the app's lock (7 s) is
+    // longer than either, and the connection must survive it.
+    let world = World::with_hub_read_timeout(&[("db", &["notes"])], Duration::from_secs(3)).await;
     let a = app(&world.path("a.db"), NOTES);
     let b = app(&world.path("b.db"), NOTES);
-    let da = world.daemon_for("a.db", &["notes"], ConflictPolicy::ServerWins);
-    let db = world.daemon_for("b.db", &["notes"], ConflictPolicy::ServerWins);
+    let short = tether::config::Reconnect {
+        ping_interval: tether::config::Dur(Duration::from_millis(500)),
+        read_timeout: tether::config::Dur(Duration::from_secs(3)),
+        ..tether::embedded::fast_reconnect()
+    };
+    let da = world.daemon_with("a.db", &["notes"], short.clone());
+    let db = world.daemon_with("b.db", &["notes"], short);
     da.wait_connected(DEADLINE).await.unwrap();
     db.wait_connected(DEADLINE).await.unwrap();
 
@@ -395,6 +402,63 @@ async fn an_app_holding_the_write_lock_for_long_does_not_cost_the_connection() {
     .await;
     let s = status(&da, "db");
     assert_eq!(s.connects, 1, "A reconnected: {:?}", s.last_error);
+    da.stop().await;
+    db.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_slow_link_whose_bytes_keep_moving_is_never_taken_for_a_dead_one() {
+    // Frames of about 600 KB over links of 150 KB/s take 4 s each way:
+    // twice the read timeout of the hub (which receives A's upload slowly)
+    // and of B (which receives the push slowly). A's own read timeout must
+    // outlast its upload draining from its socket: the hub has nothing to
+    // say meanwhile, and A's pings wait behind the frame.
+    let world = World::with_hub_read_timeout(&[("db", &["notes"])], Duration::from_secs(2)).await;
+    let a = app(&world.path("a.db"), NOTES);
+    let b = app(&world.path("b.db"), NOTES);
+    let (xa, xb) = (
+        proxy::Proxy::start_slow(world.addr.clone(), 150_000).await,
+        proxy::Proxy::start_slow(world.addr.clone(), 150_000).await,
+    );
+    let short = tether::config::Reconnect {
+        ping_interval: tether::config::Dur(Duration::from_millis(500)),
+        read_timeout: tether::config::Dur(Duration::from_secs(2)),
+        ..tether::embedded::fast_reconnect()
+    };
+    let cfg = |x: &proxy::Proxy, file: &str| tether::config::DaemonConfig {
+        control_socket: std::path::PathBuf::from("/nonexistent/tether.sock"),
+        shutdown_timeout: tether::config::Dur(Duration::from_secs(10)),
+        metrics_listen: None,
+        log_level: None,
+        hub: tether::config::HubConn {
+            url: format!("ws://{}/v1/sync", x.addr),
+            token: Some(world.token.clone()),
+            token_file: None,
+        },
+        reconnect: short.clone(),
+        databases: vec![database(
+            "db",
+            world.path(file),
+            &["notes"],
+            ConflictPolicy::ServerWins,
+        )],
+    };
+    let mut uploader = cfg(&xa, "a.db");
+    uploader.reconnect.read_timeout = tether::config::Dur(Duration::from_secs(10));
+    let da = EmbeddedDaemon::start_with(uploader);
+    let db = EmbeddedDaemon::start_with(cfg(&xb, "b.db"));
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+    a.execute(
+        "INSERT INTO notes (id, title, body) VALUES ('big', 't', ?1)",
+        ["z".repeat(600_000)],
+    )
+    .unwrap();
+    wait_until("the big row on B", || count(&b, "notes") == 1).await;
+    for d in [&da, &db] {
+        let s = status(d, "db");
+        assert_eq!(s.connects, 1, "reconnected: {:?}", s.last_error);
+    }
     da.stop().await;
     db.stop().await;
 }

@@ -68,9 +68,19 @@ impl Conn {
         }
     }
 
-    /// Whether bytes arrived since the last look (a frame still arriving on
-    /// a slow link: the hub is alive).
-    pub fn read_moved(&mut self) -> bool {
+    /// Sends a ping if nothing else waits for the socket (used while the
+    /// loop is busy elsewhere, so the hub keeps hearing from this client).
+    pub fn keep_alive(&mut self) {
+        if !self.out.waiting() {
+            let _ = self.out.push(Message::Ping(Vec::new().into()));
+        }
+    }
+
+    /// Whether bytes arrived since the last look: a frame still arriving on
+    /// a slow link shows the hub is alive. (Bytes written do not count: the
+    /// local kernel takes a whole frame at once, and a black-holed link
+    /// swallows pings without end.)
+    pub fn bytes_moved(&mut self) -> bool {
         let now = self.progress.read();
         let moved = now != self.seen_read;
         self.seen_read = now;

@@ -18,6 +18,7 @@ use std::collections::VecDeque;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::sync::{broadcast, mpsc, oneshot, watch};
 use tokio::time::Instant;
 use tokio_tungstenite::tungstenite::Message;
@@ -180,10 +181,43 @@ impl Session {
         }
     }
 
-    /// A deadline is due: first, bytes still arriving (a large frame on a
-    /// slow link) count as a sign of life.
+    /// A write to the local database, tried again while the app holds its
+    /// write lock (up to [`LOCAL_PATIENCE`]). Meanwhile the connection is
+    /// kept alive with pings, so that a hub with a short read timeout does
+    /// not take the wait for a dead client.
+    async fn local<R, F>(&mut self, f: F) -> Result<Result<R, LocalError>, crate::local::ThreadGone>
+    where
+        R: Send + 'static,
+        F: Fn(&mut crate::local::Replica) -> Result<R, LocalError> + Send + Sync + 'static,
+    {
+        let db = self.db.clone();
+        let call = db.call_patient(f, LOCAL_PATIENCE);
+        tokio::pin!(call);
+        let period = self.params.reconnect.ping_interval.0;
+        let mut ping = tokio::time::interval_at(Instant::now() + period, period);
+        loop {
+            tokio::select! {
+                r = &mut call => return r,
+                _ = ping.tick() => {
+                    if let Some(c) = &mut self.conn {
+                        c.keep_alive();
+                    }
+                }
+            }
+        }
+    }
+
+    /// A deadline is due: first, frames already there, then bytes still
+    /// moving (a large frame on a slow link) count as a sign of life.
     fn tick(&mut self) -> Input {
-        let moved = self.conn.as_mut().is_some_and(|c| c.read_moved());
+        // Frames that arrived while the loop was busy (a long local write)
+        // come first: the hub was not silent, nobody was listening.
+        if let Some(c) = &mut self.conn {
+            if let Some(input) = c.next_input().now_or_never() {
+                return input;
+            }
+        }
+        let moved = self.conn.as_mut().is_some_and(|c| c.bytes_moved());
         if moved {
             Input::Alive
         } else {
@@ -218,7 +252,7 @@ impl Session {
             }
             Action::EnsureSeqAbove(hub_seq) => {
                 let renumber = move |r: &mut crate::local::Replica| r.ensure_seq_above(hub_seq);
-                match self.db.call_patient(renumber, LOCAL_PATIENCE).await {
+                match self.local(renumber).await {
                     Ok(Ok(true)) => tracing::warn!(hub_seq, "the hub has seen newer changes from this database than it holds (restored from a backup?); pending changes were renumbered and will be sent"),
                     Ok(Ok(false)) => {}
                     Ok(Err(e)) => return local_failed(e.into()),
@@ -328,24 +362,20 @@ impl Session {
 
     async fn read_batch(&mut self, after: u64, skip_if: Option<i64>, idle: bool) -> Input {
         let read = self
-            .db
-            .call_patient(
-                move |r| -> Result<_, LocalError> {
-                    let v = r.data_version()?;
-                    if skip_if == Some(v) {
-                        return Ok((None, None, v));
-                    }
-                    let batch =
-                        r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
-                    if batch.changes.is_empty() && batch.through > after && idle {
-                        // Only rows that are not sent (tables no longer synced,
-                        // changes too large): mark them answered.
-                        r.apply_results(&batch, &[])?;
-                    }
-                    Ok((Some(batch), Some(r.pending()?), v))
-                },
-                LOCAL_PATIENCE,
-            )
+            .local(move |r| -> Result<_, LocalError> {
+                let v = r.data_version()?;
+                if skip_if == Some(v) {
+                    return Ok((None, None, v));
+                }
+                let batch =
+                    r.read_batch(after, proto::MAX_BATCH_CHANGES, proto::MAX_BATCH_BYTES)?;
+                if batch.changes.is_empty() && batch.through > after && idle {
+                    // Only rows that are not sent (tables no longer synced,
+                    // changes too large): mark them answered.
+                    r.apply_results(&batch, &[])?;
+                }
+                Ok((Some(batch), Some(r.pending()?), v))
+            })
             .await;
         match read {
             Ok(Ok((batch, pending, data_version))) => Input::BatchRead {
@@ -368,16 +398,12 @@ impl Session {
         let n = changes.len() as u64;
         let t0 = std::time::Instant::now();
         let applied = self
-            .db
-            .call_patient(
-                move |r| -> Result<_, LocalError> {
-                    let a = r.apply_remote(&changes, up_to)?;
-                    // The exact count and reason only when something was held.
-                    let held_now = if a.held > 0 { Some(r.pending()?) } else { None };
-                    Ok((a, held_now))
-                },
-                LOCAL_PATIENCE,
-            )
+            .local(move |r| -> Result<_, LocalError> {
+                let a = r.apply_remote(&changes, up_to)?;
+                // The exact count and reason only when something was held.
+                let held_now = if a.held > 0 { Some(r.pending()?) } else { None };
+                Ok((a, held_now))
+            })
             .await;
         let (applied, held_now) = match applied {
             Ok(Ok(a)) => a,
@@ -425,14 +451,10 @@ impl Session {
         let read = sent.read;
         let t0 = std::time::Instant::now();
         let done = self
-            .db
-            .call_patient(
-                move |r| -> Result<_, LocalError> {
-                    let done = r.apply_results(&read, &results)?;
-                    Ok((done, r.pending()?))
-                },
-                LOCAL_PATIENCE,
-            )
+            .local(move |r| -> Result<_, LocalError> {
+                let done = r.apply_results(&read, &results)?;
+                Ok((done, r.pending()?))
+            })
             .await;
         let (done, pending) = match done {
             Ok(Ok(d)) => d,

@@ -104,6 +104,45 @@ impl World {
         }
     }
 
+    /// A world whose hub drops clients silent for `read_timeout`.
+    pub async fn with_hub_read_timeout(
+        datasets: &[(&str, &[&str])],
+        read_timeout: Duration,
+    ) -> World {
+        let mut w = World::new(datasets).await;
+        w.stop_hub().await;
+        w.config.read_timeout = tether::config::Dur(read_timeout);
+        w.start_hub().await;
+        w
+    }
+
+    /// A daemon for one database file with its own reconnect settings.
+    pub fn daemon_with(
+        &self,
+        file: &str,
+        tables: &[&str],
+        reconnect: tether::config::Reconnect,
+    ) -> EmbeddedDaemon {
+        EmbeddedDaemon::start_with(tether::config::DaemonConfig {
+            control_socket: PathBuf::from("/nonexistent/tether.sock"),
+            shutdown_timeout: tether::config::Dur(Duration::from_secs(10)),
+            metrics_listen: None,
+            log_level: None,
+            hub: tether::config::HubConn {
+                url: self.url(),
+                token: Some(self.token.clone()),
+                token_file: None,
+            },
+            reconnect,
+            databases: vec![database(
+                "db",
+                self.path(file),
+                tables,
+                ConflictPolicy::ServerWins,
+            )],
+        })
+    }
+
     pub fn url(&self) -> String {
         format!("ws://{}/v1/sync", self.addr)
     }

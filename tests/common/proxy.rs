@@ -69,6 +69,38 @@ impl Proxy {
         }
     }
 
+    /// Forwards 127.0.0.1:<new port> to `target` at about `rate` bytes per
+    /// second in each direction, like a slow cellular link: small socket
+    /// buffers, so a large frame really takes its time.
+    pub async fn start_slow(target: String, rate: usize) -> Proxy {
+        const BUF: u32 = 16 * 1024;
+        let socket = tokio::net::TcpSocket::new_v4().unwrap();
+        socket.set_recv_buffer_size(BUF).unwrap();
+        socket.set_send_buffer_size(BUF).unwrap();
+        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
+        let listener = socket.listen(16).unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let s = tokio::net::TcpSocket::new_v4().unwrap();
+                s.set_recv_buffer_size(BUF).unwrap();
+                s.set_send_buffer_size(BUF).unwrap();
+                let Ok(server) = s.connect(target.parse().unwrap()).await else {
+                    continue;
+                };
+                let (cr, cw) = client.into_split();
+                let (sr, sw) = server.into_split();
+                tokio::spawn(paced(cr, sw, rate));
+                tokio::spawn(paced(sr, cw, rate));
+            }
+        });
+        Proxy {
+            addr,
+            blackhole: Arc::new(AtomicBool::new(false)),
+            task,
+        }
+    }
+
     /// From now on, bytes in either direction are read and dropped.
     pub fn black_hole(&self) {
         self.blackhole.store(true, Ordering::SeqCst);
@@ -124,6 +156,29 @@ async fn one_way_at_a_time(mut client: TcpStream, mut server: TcpStream) {
         if done {
             let _ = client.shutdown().await;
             let _ = server.shutdown().await;
+            return;
+        }
+    }
+}
+
+/// Copies at most `rate / 20` bytes every 50 ms.
+async fn paced(
+    mut from: tokio::net::tcp::OwnedReadHalf,
+    mut to: tokio::net::tcp::OwnedWriteHalf,
+    rate: usize,
+) {
+    let mut buf = vec![0u8; (rate / 20).max(1)];
+    let mut tick = tokio::time::interval(std::time::Duration::from_millis(50));
+    loop {
+        tick.tick().await;
+        let n = match from.read(&mut buf).await {
+            Ok(0) | Err(_) => {
+                let _ = to.shutdown().await;
+                return;
+            }
+            Ok(n) => n,
+        };
+        if to.write_all(&buf[..n]).await.is_err() {
             return;
         }
     }
