@@ -223,6 +223,13 @@ impl Tbl {
     }
 }
 
+/// A change that is not sent, with its reason and message for
+/// `_tether_rejected`.
+type Refused = (Change, &'static str, String);
+
+/// Reason recorded for a change holding TEXT that is not valid UTF-8.
+pub const INVALID_TEXT: &str = "invalid_text";
+
 /// One local database as tether sees it.
 pub struct Replica {
     pub(super) name: String,
@@ -503,16 +510,10 @@ impl Replica {
         Ok(batch)
     }
 
-    /// Records changes too large for the hub in `_tether_rejected`.
-    fn reject_too_large(&self, changes: &[Change]) -> rusqlite::Result<()> {
+    /// Records changes that cannot be sent in `_tether_rejected`.
+    fn reject_too_large(&self, changes: &[Refused]) -> rusqlite::Result<()> {
         let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-        for c in changes {
-            let size = c.wire_size();
-            let message = format!(
-                "table {:?} key {}: the change is {size} bytes, larger than the {MAX_CHANGE_BYTES} bytes the hub accepts",
-                c.table,
-                held::render_key(&c.pk)
-            );
+        for (c, reason, message) in changes {
             tracing::warn!(db = %self.name, seq = c.seq, "{message}; not sent");
             tx.prepare_cached(
                 "INSERT INTO _tether_rejected (seq, tbl, pk, op, vals, reason, message, at)
@@ -525,7 +526,7 @@ impl Replica {
                 encode_key(&c.pk),
                 if c.op == Op::Upsert { 1 } else { 2 },
                 encode_values(&c.values),
-                InvalidReason::TooLarge.as_str(),
+                reason,
                 message
             ])?;
         }
@@ -539,7 +540,7 @@ impl Replica {
         after: u64,
         max_rows: usize,
         max_bytes: usize,
-    ) -> Result<(Batch, Vec<Change>), LocalError> {
+    ) -> Result<(Batch, Vec<Refused>), LocalError> {
         let e = sq(&self.name);
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
@@ -551,6 +552,8 @@ impl Replica {
             last: u64,
             mask: u64,
             at: i64,
+            /// A key value is TEXT that is not UTF-8.
+            bad_key: bool,
         }
         let mut entries: Vec<Entry> = Vec::new();
         let mut index: HashMap<Key, usize> = HashMap::new();
@@ -571,7 +574,10 @@ impl Replica {
                 };
                 let nk = self.tables[name].t.pk.len();
                 let mut key = Vec::with_capacity(nk);
+                let mut bad_key = false;
                 for i in 0..nk {
+                    let raw = r.get_ref(4 + i).map_err(&e)?;
+                    bad_key |= invalid_text(raw);
                     key.push(r.get::<_, Value>(4 + i).map_err(&e)?);
                 }
                 let mask = r.get::<_, i64>(3).map_err(&e)? as u64;
@@ -590,6 +596,7 @@ impl Replica {
                             last: seq,
                             mask,
                             at,
+                            bad_key,
                         });
                     }
                 }
@@ -605,7 +612,7 @@ impl Replica {
             let name = &self.by_id[&en.key.0];
             let tbl = &self.tables[name];
             let pk = &en.key.1;
-            let (values, base) = row_and_version(&tx, tbl, pk).map_err(&e)?;
+            let (values, base, bad_column) = row_and_version(&tx, tbl, pk).map_err(&e)?;
             let (op, values) = match values {
                 Some(v) => (Op::Upsert, v),
                 None => (Op::Delete, Vec::new()),
@@ -619,9 +626,28 @@ impl Replica {
                 base,
                 mask: en.mask,
             };
+            let bad_text = match (en.bad_key, bad_column) {
+                (true, _) => Some("a key value".to_owned()),
+                (false, Some(i)) => Some(format!("column {:?}", tbl.t.columns[i])),
+                (false, None) => None,
+            };
+            if let Some(what) = bad_text {
+                let message = format!(
+                    "table {:?} key {}: {what} is TEXT that is not valid UTF-8 and cannot be synced unchanged; store such bytes as a BLOB (CAST(... AS BLOB)) or fix their encoding",
+                    change.table,
+                    held::render_key(&change.pk)
+                );
+                too_large.push((change, INVALID_TEXT, message));
+                continue;
+            }
             let size = change.wire_size();
             if size > MAX_CHANGE_BYTES {
-                too_large.push(change);
+                let message = format!(
+                    "table {:?} key {}: the change is {size} bytes, larger than the {MAX_CHANGE_BYTES} bytes the hub accepts",
+                    change.table,
+                    held::render_key(&change.pk)
+                );
+                too_large.push((change, InvalidReason::TooLarge.as_str(), message));
                 continue;
             }
             bytes += size;
@@ -641,7 +667,7 @@ impl Replica {
             through = kept_min.map(|m| m - 1).unwrap_or(last_sent).min(last_sent);
         }
         // Those past `through` are read again with the next batch.
-        too_large.retain(|c| c.seq <= through);
+        too_large.retain(|(c, _, _)| c.seq <= through);
         let batch = Batch {
             changes,
             through,
@@ -980,27 +1006,38 @@ fn set_ver_exact(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlit
 
 /// The row's current values (None when absent) and its local version, in
 /// one statement.
-fn row_and_version(
-    c: &Connection,
-    t: &Tbl,
-    pk: &[Value],
-) -> rusqlite::Result<(Option<Vec<Value>>, u64)> {
+/// The row and its version, as [`row_and_version`] gives them, and the first
+/// column (if any) holding TEXT that is not valid UTF-8.
+type RowRead = (Option<Vec<Value>>, u64, Option<usize>);
+
+fn row_and_version(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<RowRead> {
     let n = t.t.columns.len();
     c.prepare_cached(&t.sql_row_and_version)?
         .query_row(key_params(pk), |r| {
             let version = r.get::<_, i64>(0)? as u64;
             let exists: bool = r.get(1)?;
+            let mut bad = None;
             let values = if exists {
-                Some(
-                    (0..n)
-                        .map(|i| r.get::<_, Value>(2 + i))
-                        .collect::<Result<_, _>>()?,
-                )
+                let mut v = Vec::with_capacity(n);
+                for i in 0..n {
+                    let raw = r.get_ref(2 + i)?;
+                    if invalid_text(raw) {
+                        bad.get_or_insert(i);
+                    }
+                    v.push(r.get::<_, Value>(2 + i)?);
+                }
+                Some(v)
             } else {
                 None
             };
-            Ok((values, version))
+            Ok((values, version, bad))
         })
+}
+
+/// TEXT whose bytes are not UTF-8 (an app can store them): it cannot travel
+/// as text without being changed.
+fn invalid_text(v: rusqlite::types::ValueRef<'_>) -> bool {
+    matches!(v, rusqlite::types::ValueRef::Text(t) if std::str::from_utf8(t).is_err())
 }
 
 fn select_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<Vec<Value>>> {
@@ -1282,6 +1319,40 @@ mod tests {
             !r.ensure_seq_above(1000).unwrap(),
             "nothing to do the second time"
         );
+    }
+
+    #[test]
+    fn text_that_is_not_utf8_is_refused_with_the_reason_never_sent_changed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("s.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("CREATE TABLE s (k TEXT PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let mut r = Replica::open("s", &path, &[("s".into(), ConflictPolicy::ServerWins)]).unwrap();
+        app.execute_batch(
+            "INSERT INTO s VALUES ('good', 'ok');
+             INSERT INTO s VALUES (CAST(x'41ff' AS TEXT), 'bad key');
+             INSERT INTO s VALUES ('bad value', CAST(x'42fe' AS TEXT));",
+        )
+        .unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        let keys: Vec<&Value> = b.changes.iter().map(|c| &c.pk[0]).collect();
+        assert_eq!(keys, [&Value::Text("good".into())]);
+        let rejected: Vec<(String, String)> = app
+            .prepare("SELECT reason, message FROM _tether_rejected ORDER BY seq")
+            .unwrap()
+            .query_map([], |row| Ok((row.get(0)?, row.get(1)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        assert_eq!(rejected.len(), 2, "{rejected:?}");
+        assert!(rejected
+            .iter()
+            .all(|(r, m)| r == INVALID_TEXT && m.contains("not valid UTF-8")));
+        assert!(rejected[1].1.contains("column \"v\""), "{rejected:?}");
+        // Nothing is left blocking the log once the batch is answered.
+        r.apply_results(&b, &[]).unwrap();
+        assert_eq!(r.pending().unwrap().changes, 0);
     }
 
     #[test]

@@ -140,7 +140,7 @@ impl Session {
             let deadline = self.machine.next_deadline();
             // Timers run even while frames keep arriving.
             if deadline.is_some_and(|d| d <= Instant::now()) {
-                queue.push_back(self.tick());
+                self.tick_into(&mut queue);
                 continue;
             }
             let waiting_for_token = self.machine.waiting_for_token();
@@ -171,13 +171,17 @@ impl Session {
                     // The watcher is gone; the poll timer takes over.
                     None => { wake_open = false; continue; }
                 },
-                _ = sleep_opt(deadline) => self.tick(),
+                _ = sleep_opt(deadline) => Input::Tick,
                 _ = token_check.tick(), if waiting_for_token => {
                     if !self.token_changed() { continue; }
                     Input::TokenChanged
                 }
             };
-            queue.push_back(input);
+            if matches!(input, Input::Tick) {
+                self.tick_into(&mut queue);
+            } else {
+                queue.push_back(input);
+            }
         }
     }
 
@@ -209,20 +213,20 @@ impl Session {
 
     /// A deadline is due: first, frames already there, then bytes still
     /// moving (a large frame on a slow link) count as a sign of life.
-    fn tick(&mut self) -> Input {
+    /// The tick always comes last, so every due deadline is serviced even
+    /// while frames keep arriving.
+    fn tick_into(&mut self, queue: &mut VecDeque<Input>) {
         // Frames that arrived while the loop was busy (a long local write)
         // come first: the hub was not silent, nobody was listening.
         if let Some(c) = &mut self.conn {
             if let Some(input) = c.next_input().now_or_never() {
-                return input;
+                queue.push_back(input);
+            }
+            if c.bytes_moved() {
+                queue.push_back(Input::Alive);
             }
         }
-        let moved = self.conn.as_mut().is_some_and(|c| c.bytes_moved());
-        if moved {
-            Input::Alive
-        } else {
-            Input::Tick
-        }
+        queue.push_back(Input::Tick);
     }
 
     /// Whether the token file now holds another token than the refused one.
