@@ -374,25 +374,29 @@ async fn an_app_holding_the_write_lock_for_long_does_not_cost_the_connection() {
     da.wait_connected(DEADLINE).await.unwrap();
     db.wait_connected(DEADLINE).await.unwrap();
 
-    // The app on A holds its write lock for 7 s, longer than tether's
-    // 5 s busy timeout, while B's change arrives for A.
+    // The app on A holds its write lock while B's change arrives for A, until
+    // A's daemon has waited out tether's 5 s busy timeout twice: far longer
+    // than the 3 s read timeouts of both ends.
     let path = world.path("a.db");
     let (locked_tx, locked_rx) = std::sync::mpsc::channel();
-    let (go_tx, go_rx) = std::sync::mpsc::channel::<()>();
+    let (release_tx, release_rx) = std::sync::mpsc::channel::<()>();
     let holder = std::thread::spawn(move || {
         let c = app(&path, "SELECT 1");
         c.execute_batch("BEGIN IMMEDIATE; INSERT INTO notes (id, title) VALUES ('a-long', 't')")
             .unwrap();
         locked_tx.send(()).unwrap();
-        go_rx.recv_timeout(DEADLINE).unwrap();
-        std::thread::sleep(Duration::from_secs(7));
+        release_rx.recv_timeout(DEADLINE).unwrap();
         c.execute_batch("COMMIT").unwrap();
     });
     locked_rx.recv_timeout(DEADLINE).unwrap();
     b.execute("INSERT INTO notes (id, title) VALUES ('from-b', 't')", [])
         .unwrap();
-    wait_until("B's change on the hub", || hub_log(&world).0 == 1).await;
-    go_tx.send(()).unwrap();
+    let local = da.daemon.session("db").unwrap().local.clone();
+    wait_until("A's daemon waited twice for the app's lock", || {
+        local.get().is_some_and(|l| l.busy_waits() >= 2)
+    })
+    .await;
+    release_tx.send(()).unwrap();
     tokio::task::spawn_blocking(move || holder.join().unwrap())
         .await
         .unwrap();

@@ -38,6 +38,9 @@ enum Msg {
 pub struct LocalDb {
     tx: mpsc::Sender<Msg>,
     name: String,
+    /// Calls that found the app holding the write lock past the busy timeout
+    /// and were tried again (see [`LocalDb::call_patient`]).
+    busy_waits: std::sync::Arc<std::sync::atomic::AtomicU64>,
 }
 
 /// The database thread is gone (it panicked or the handle outlived it).
@@ -75,7 +78,11 @@ impl LocalDb {
             })
             .expect("BUG: cannot spawn a database thread");
         match ready_rx.await {
-            Ok(Ok(())) => Ok(LocalDb { tx, name }),
+            Ok(Ok(())) => Ok(LocalDb {
+                tx,
+                name,
+                busy_waits: Default::default(),
+            }),
             Ok(Err(e)) => Err(e),
             Err(_) => panic!("BUG: database thread for {name} died while opening"),
         }
@@ -117,11 +124,18 @@ impl LocalDb {
             let g = f.clone();
             match self.call(move |r| g(r)).await? {
                 Err(e) if e.is_busy() && start.elapsed() < patience => {
+                    self.busy_waits
+                        .fetch_add(1, std::sync::atomic::Ordering::Relaxed);
                     tracing::info!(db = %self.name, waited = ?start.elapsed(), "the app holds the database's write lock; trying again");
                 }
                 other => return Ok(other),
             }
         }
+    }
+
+    /// How many calls waited for the app's write lock and were tried again.
+    pub fn busy_waits(&self) -> u64 {
+        self.busy_waits.load(std::sync::atomic::Ordering::Relaxed)
     }
 
     /// Closes the database (and releases its lock) once the calls queued
