@@ -21,8 +21,8 @@ use super::SessionError;
 use crate::local::{Batch, Pending};
 use crate::proto::{
     self, Access, Change, ChangeResult, ClientFrame, ErrorCode, HeadAsk, Hello, HubFrame,
-    RemoteChange, TableSchema, Upload, UploadSummary, FEATURE_HEAD, MAX_BATCH_BYTES,
-    MAX_BATCH_CHANGES, PROTOCOL_VERSION,
+    RemoteChange, TableSchema, Upload, UploadResult, UploadSummary, Welcome, FEATURE_HEAD,
+    MAX_BATCH_BYTES, MAX_BATCH_CHANGES, PROTOCOL_VERSION,
 };
 
 /// Upload batches sent before the first is answered. The hub answers in
@@ -309,6 +309,59 @@ pub struct Live {
 }
 
 impl Live {
+    /// A connection the hub just welcomed: a full read is due first.
+    fn start(w: &Welcome, cfg: &Config, now: Instant) -> Live {
+        let mut read = ReadPlan::default();
+        read.full();
+        Live {
+            inflight: VecDeque::new(),
+            reading: false,
+            read,
+            acked: 0,
+            next_batch: 1,
+            uploads_allowed: w.access == Access::ReadWrite,
+            caught_up: false,
+            read_deadline: now + cfg.read_timeout,
+            next_ping: now + cfg.ping_interval,
+            next_poll: now + POLL_INTERVAL,
+            connected_at: now,
+            draining: None,
+            head_feature: w.features.iter().any(|f| f == FEATURE_HEAD),
+            heads_asked: 0,
+        }
+    }
+
+    /// Takes one `upload_result` frame for the oldest batch in flight: the
+    /// batch and all its results once the answer is whole, `None` while
+    /// parts are still to come, an error when it answers nothing sent.
+    fn answer(
+        &mut self,
+        res: UploadResult,
+        now: Instant,
+    ) -> Result<Option<(Inflight, Vec<ChangeResult>)>, SessionError> {
+        let Some(front) = self.inflight.front_mut() else {
+            return Err(SessionError::Retry(
+                "hub answered an upload that was not sent".into(),
+            ));
+        };
+        if res.batch != front.batch {
+            return Err(SessionError::Retry(format!(
+                "hub answered batch {} while {} was in flight",
+                res.batch, front.batch
+            )));
+        }
+        front.results.extend(res.results);
+        if res.more {
+            // Still alive: the next part gets a fresh deadline.
+            front.deadline = now + ACK_TIMEOUT;
+            return Ok(None);
+        }
+        let mut sent = self.inflight.pop_front().expect("BUG: front was just seen");
+        let results = std::mem::take(&mut sent.results);
+        self.acked = self.acked.max(sent.read.through);
+        Ok(Some((sent, results)))
+    }
+
     /// The hub sent something: it is alive, and answers come in order behind
     /// what it sends, so the oldest upload gets a fresh answer deadline (on a
     /// slow link an answer may wait behind megabytes of changes).
@@ -739,24 +792,7 @@ impl Machine {
                         head: w.head,
                         access: w.access,
                     }));
-                    let mut read = ReadPlan::default();
-                    read.full();
-                    self.state = State::Live(Box::new(Live {
-                        inflight: VecDeque::new(),
-                        reading: false,
-                        read,
-                        acked: 0,
-                        next_batch: 1,
-                        uploads_allowed: w.access == Access::ReadWrite,
-                        caught_up: false,
-                        read_deadline: now + self.cfg.read_timeout,
-                        next_ping: now + self.cfg.ping_interval,
-                        next_poll: now + POLL_INTERVAL,
-                        connected_at: now,
-                        draining: None,
-                        head_feature: w.features.iter().any(|f| f == FEATURE_HEAD),
-                        heads_asked: 0,
-                    }));
+                    self.state = State::Live(Box::new(Live::start(&w, &self.cfg, now)));
                 }
                 HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
                 other => self.fail(
@@ -798,45 +834,27 @@ impl Machine {
                     out.push(Action::Note(Note::CaughtUp));
                 }
             }
-            HubFrame::UploadResult(res) => {
-                let Some(front) = l.inflight.front_mut() else {
-                    return self.fail(
-                        SessionError::Retry("hub answered an upload that was not sent".into()),
-                        now,
-                        out,
-                    );
-                };
-                if res.batch != front.batch {
-                    let e = format!(
-                        "hub answered batch {} while {} was in flight",
-                        res.batch, front.batch
-                    );
-                    return self.fail(SessionError::Retry(e), now, out);
+            HubFrame::UploadResult(res) => match l.answer(res, now) {
+                Err(e) => self.fail(e, now, out),
+                // The rest of a split answer follows.
+                Ok(None) => {}
+                Ok(Some((sent, results))) => {
+                    let summary = UploadSummary::of(&results);
+                    let failed = (summary.materialize_error > 0)
+                        .then(|| summary.first_error.clone().unwrap_or_default());
+                    out.push(Action::ApplyResults {
+                        sent: Box::new(sent),
+                        results,
+                        summary,
+                    });
+                    if let Some(why) = failed {
+                        // The hub closes after a failed batch; everything
+                        // unanswered goes again after backoff.
+                        let e = SessionError::Retry(format!("hub could not store a batch: {why}"));
+                        self.fail(e, now, out);
+                    }
                 }
-                front.results.extend(res.results);
-                if res.more {
-                    // The rest of a split answer follows; it is still alive.
-                    front.deadline = now + ACK_TIMEOUT;
-                    return;
-                }
-                let mut sent = l.inflight.pop_front().expect("BUG: front was just seen");
-                let results = std::mem::take(&mut sent.results);
-                let summary = UploadSummary::of(&results);
-                l.acked = l.acked.max(sent.read.through);
-                let failed = summary.materialize_error > 0;
-                let why = summary.first_error.clone().unwrap_or_default();
-                out.push(Action::ApplyResults {
-                    sent: Box::new(sent),
-                    results,
-                    summary,
-                });
-                if failed {
-                    // The hub closes after a failed batch; everything
-                    // unanswered goes again after backoff.
-                    let e = SessionError::Retry(format!("hub could not store a batch: {why}"));
-                    self.fail(e, now, out);
-                }
-            }
+            },
             HubFrame::Error(e) if e.code == ErrorCode::Forbidden && !l.inflight.is_empty() => {
                 // Read-only token: keep the changes, stop uploading.
                 l.inflight.clear();
