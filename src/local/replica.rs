@@ -503,15 +503,16 @@ impl Replica {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Batch, LocalError> {
-        let (batch, too_large) = self.read_log(after, max_rows, max_bytes)?;
-        if !too_large.is_empty() {
-            self.reject_too_large(&too_large).map_err(sq(&self.name))?;
+        let (batch, unsendable) = self.read_log(after, max_rows, max_bytes)?;
+        if !unsendable.is_empty() {
+            self.reject_unsendable(&unsendable)
+                .map_err(sq(&self.name))?;
         }
         Ok(batch)
     }
 
     /// Records changes that cannot be sent in `_tether_rejected`.
-    fn reject_too_large(&self, changes: &[Refused]) -> rusqlite::Result<()> {
+    fn reject_unsendable(&self, changes: &[Refused]) -> rusqlite::Result<()> {
         let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
         for (c, reason, message) in changes {
             tracing::warn!(db = %self.name, seq = c.seq, "{message}; not sent");
@@ -626,28 +627,11 @@ impl Replica {
                 base,
                 mask: en.mask,
             };
-            let bad_text = match (en.bad_key, bad_column) {
-                (true, _) => Some("a key value".to_owned()),
-                (false, Some(i)) => Some(format!("column {:?}", tbl.t.columns[i])),
-                (false, None) => None,
-            };
-            if let Some(what) = bad_text {
-                let message = format!(
-                    "table {:?} key {}: {what} is TEXT that is not valid UTF-8 and cannot be synced unchanged; store such bytes as a BLOB (CAST(... AS BLOB)) or fix their encoding",
-                    change.table,
-                    held::render_key(&change.pk)
-                );
-                too_large.push((change, INVALID_TEXT, message));
-                continue;
-            }
             let size = change.wire_size();
-            if size > MAX_CHANGE_BYTES {
-                let message = format!(
-                    "table {:?} key {}: the change is {size} bytes, larger than the {MAX_CHANGE_BYTES} bytes the hub accepts",
-                    change.table,
-                    held::render_key(&change.pk)
-                );
-                too_large.push((change, InvalidReason::TooLarge.as_str(), message));
+            if let Some((reason, message)) =
+                unsendable(&change, &tbl.t, en.bad_key, bad_column, size)
+            {
+                too_large.push((change, reason, message));
                 continue;
             }
             bytes += size;
@@ -1032,6 +1016,38 @@ fn row_and_version(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Ro
             };
             Ok((values, version, bad))
         })
+}
+
+/// Why a change read from the log cannot be sent, if it cannot: TEXT that is
+/// not UTF-8 (in a key value, or in `bad_column`), or a size the hub refuses.
+fn unsendable(
+    change: &Change,
+    table: &Table,
+    bad_key: bool,
+    bad_column: Option<usize>,
+    size: usize,
+) -> Option<(&'static str, String)> {
+    let what = match (bad_key, bad_column) {
+        (true, _) => Some("a key value".to_owned()),
+        (false, Some(i)) => Some(format!("column {:?}", table.columns[i])),
+        (false, None) => None,
+    };
+    // Rendered only for a refusal: this runs for every change read.
+    let key = || held::render_key(&change.pk);
+    if let Some(what) = what {
+        return Some((INVALID_TEXT, format!(
+            "table {:?} key {}: {what} is TEXT that is not valid UTF-8 and cannot be synced unchanged; store such bytes as a BLOB (CAST(... AS BLOB)) or fix their encoding",
+            change.table,
+            key()
+        )));
+    }
+    (size > MAX_CHANGE_BYTES).then(|| {
+        (InvalidReason::TooLarge.as_str(), format!(
+            "table {:?} key {}: the change is {size} bytes, larger than the {MAX_CHANGE_BYTES} bytes the hub accepts",
+            change.table,
+            key()
+        ))
+    })
 }
 
 /// TEXT whose bytes are not UTF-8 (an app can store them): it cannot travel
