@@ -430,8 +430,7 @@ impl Session {
             });
         }
         self.update(|s| {
-            s.cursor = s.cursor.max(up_to);
-            s.hub_head = s.hub_head.max(head).max(up_to);
+            s.reached(up_to, head);
             s.downloaded += n;
             s.downloaded_bytes += bytes;
         });
@@ -512,10 +511,7 @@ impl Session {
             }
             Note::CaughtUp => self.update(|s| s.caught_up = true),
             Note::HubHead(head) => self.update(|s| s.hub_head = s.hub_head.max(head)),
-            Note::Cursor { up_to, head } => self.update(|s| {
-                s.cursor = s.cursor.max(up_to);
-                s.hub_head = s.hub_head.max(head).max(up_to);
-            }),
+            Note::Cursor { up_to, head } => self.update(|s| s.reached(up_to, head)),
             Note::Pending(p) => self.update(|s| s.set_pending(&p)),
             Note::PauseFlags { upload, download } => {
                 tracing::info!(

@@ -48,6 +48,13 @@ impl Status {
         }
     }
 
+    /// Everything up to `up_to` is applied (or skipped); the hub was at
+    /// `head` at least. Neither goes back.
+    pub fn reached(&mut self, up_to: u64, head: u64) {
+        self.cursor = self.cursor.max(up_to);
+        self.hub_head = self.hub_head.max(head).max(up_to);
+    }
+
     /// Takes the counts of a look at the capture log.
     pub fn set_pending(&mut self, p: &crate::local::Pending) {
         self.pending_changes = p.changes;

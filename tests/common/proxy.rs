@@ -44,19 +44,13 @@ impl Proxy {
     /// Two peers that each stop reading while they send wedge at once here,
     /// where loopback's megabytes of buffers would hide it for a while.
     pub async fn start_narrow(target: String) -> Proxy {
-        const BUF: u32 = 16 * 1024;
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(BUF).unwrap();
-        socket.set_send_buffer_size(BUF).unwrap();
+        let socket = small_buffers();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(16).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let s = tokio::net::TcpSocket::new_v4().unwrap();
-                s.set_recv_buffer_size(BUF).unwrap();
-                s.set_send_buffer_size(BUF).unwrap();
-                let Ok(server) = s.connect(target.parse().unwrap()).await else {
+                let Ok(server) = small_buffers().connect(target.parse().unwrap()).await else {
                     continue;
                 };
                 tokio::spawn(one_way_at_a_time(client, server));
@@ -73,19 +67,13 @@ impl Proxy {
     /// second in each direction, like a slow cellular link: small socket
     /// buffers, so a large frame really takes its time.
     pub async fn start_slow(target: String, rate: usize) -> Proxy {
-        const BUF: u32 = 16 * 1024;
-        let socket = tokio::net::TcpSocket::new_v4().unwrap();
-        socket.set_recv_buffer_size(BUF).unwrap();
-        socket.set_send_buffer_size(BUF).unwrap();
+        let socket = small_buffers();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(16).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
-                let s = tokio::net::TcpSocket::new_v4().unwrap();
-                s.set_recv_buffer_size(BUF).unwrap();
-                s.set_send_buffer_size(BUF).unwrap();
-                let Ok(server) = s.connect(target.parse().unwrap()).await else {
+                let Ok(server) = small_buffers().connect(target.parse().unwrap()).await else {
                     continue;
                 };
                 let (cr, cw) = client.into_split();
@@ -182,4 +170,14 @@ async fn paced(
             return;
         }
     }
+}
+
+/// A loopback socket with 16 KiB kernel buffers, so that little data fills
+/// a link.
+fn small_buffers() -> tokio::net::TcpSocket {
+    const BUF: u32 = 16 * 1024;
+    let socket = tokio::net::TcpSocket::new_v4().unwrap();
+    socket.set_recv_buffer_size(BUF).unwrap();
+    socket.set_send_buffer_size(BUF).unwrap();
+    socket
 }
