@@ -434,11 +434,7 @@ impl Session {
             s.downloaded += n;
             s.downloaded_bytes += bytes;
         });
-        Step::Next(Some(Input::RemoteApplied {
-            changes: n,
-            up_to,
-            head,
-        }))
+        Step::Next(None)
     }
 
     async fn apply_results(

@@ -107,12 +107,6 @@ pub enum Input {
         pending: Option<Pending>,
         data_version: i64,
     },
-    /// Result of [`Action::ApplyRemote`].
-    RemoteApplied {
-        changes: u64,
-        up_to: u64,
-        head: u64,
-    },
     /// Result of [`Action::ApplyResults`]: the log after the answer.
     ResultsApplied {
         pending: Pending,
@@ -510,7 +504,6 @@ impl Machine {
                 pending,
                 data_version,
             } => self.batch_read(batch, pending, data_version, now, &mut out),
-            Input::RemoteApplied { .. } => {}
             Input::ResultsApplied { pending } => {
                 if pending.held > 0 {
                     self.next_held_retry.get_or_insert(now + HELD_RETRY);
