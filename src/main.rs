@@ -125,9 +125,10 @@ fn out(json: bool) -> Output {
     }
 }
 
-async fn run(cli: Cli) -> ExitCode {
-    let socket = || control::client::socket_path(cli.socket.as_deref(), cli.config.as_deref());
-    let control_request = match &cli.command {
+/// The control-socket request a CLI command stands for, and whether its
+/// output is JSON; `None` for commands that do not talk to a daemon.
+fn control_request(cmd: &Command) -> Option<(Request, bool)> {
+    match cmd {
         Command::Status { db, json } => Some((Request::Status { db: db.clone() }, *json)),
         Command::Pause { db, dirs } => Some((
             Request::Pause {
@@ -183,7 +184,12 @@ async fn run(cli: Cli) -> ExitCode {
             *json,
         )),
         _ => None,
-    };
+    }
+}
+
+async fn run(cli: Cli) -> ExitCode {
+    let socket = || control::client::socket_path(cli.socket.as_deref(), cli.config.as_deref());
+    let control_request = control_request(&cli.command);
     if let Some((req, json)) = control_request {
         let path = match socket() {
             Ok(p) => p,
@@ -195,124 +201,8 @@ async fn run(cli: Cli) -> ExitCode {
         return commands::run(&path, req, out(json)).await;
     }
     match cli.command {
-        Command::Daemon => {
-            let (config, cfg) = match load_daemon_config(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            init_tracing(cfg.log_level.as_deref().unwrap_or("info"), cli.log_format);
-            if cfg.databases.is_empty() {
-                tracing::warn!(config = %config.display(), "no [[database]] configured; nothing to sync");
-            }
-            let listener = match control::server::bind(&cfg.control_socket).await {
-                Ok(l) => l,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let metrics_listener = match cfg.metrics_listen {
-                None => None,
-                Some(addr) => match tokio::net::TcpListener::bind(addr).await {
-                    Ok(l) => Some(l),
-                    Err(e) => {
-                        eprintln!("error: cannot serve metrics on {addr} (metrics_listen in {}): {e}; pick a free address or remove metrics_listen", config.display());
-                        return ExitCode::FAILURE;
-                    }
-                },
-            };
-            let shutdown = CancellationToken::new();
-            on_signals(shutdown.clone());
-            let daemon = std::sync::Arc::new(Daemon::start_from(
-                &cfg,
-                Some(config.clone()),
-                shutdown.clone(),
-            ));
-            tokio::spawn(reload_on_sighup(daemon.clone(), shutdown.clone()));
-            let server = tokio::spawn(control::server::serve(
-                listener,
-                daemon.clone(),
-                shutdown.clone(),
-            ));
-            let metrics_server = metrics_listener
-                .map(|l| tokio::spawn(serve_daemon_metrics(l, daemon.clone(), shutdown.clone())));
-            tether::service::ready(&tether::service::daemon_status(&daemon));
-            tokio::spawn(tether::service::daemon_heartbeat(
-                daemon.clone(),
-                shutdown.clone(),
-            ));
-            tracing::info!(databases = daemon.handles().len(), hub = %cfg.hub.url, socket = %cfg.control_socket.display(), "daemon started");
-            shutdown.cancelled().await;
-            tether::service::stopping();
-            daemon.wait().await;
-            let _ = server.await;
-            if let Some(m) = metrics_server {
-                let _ = m.await;
-            }
-            let _ = std::fs::remove_file(&cfg.control_socket);
-            tracing::info!("daemon stopped");
-            ExitCode::SUCCESS
-        }
-        Command::Hub(args) => match args.command {
-            Some(HubCommand::NewToken {
-                name,
-                dataset,
-                read_only,
-            }) => {
-                let token = auth::new_token();
-                println!("token (give this to the daemon, e.g. in /etc/tether/token; it is shown only once):");
-                println!("{token}\n");
-                println!("paste into hub.toml:\n");
-                print!("{}", auth::token_block(&name, &token, &dataset, read_only));
-                ExitCode::SUCCESS
-            }
-            None => {
-                let (config, cfg) = match load_config(
-                    cli.config.as_deref(),
-                    "/etc/tether/hub.toml",
-                    HubConfig::load,
-                ) {
-                    Ok(c) => c,
-                    Err(code) => return code,
-                };
-                init_tracing(cfg.log_level.as_deref().unwrap_or("info"), cli.log_format);
-                let hub = match Hub::open(&cfg) {
-                    Ok(h) => h,
-                    Err(e) => {
-                        eprintln!("error: {}: store: {e}", config.display());
-                        return ExitCode::from(EX_CONFIG);
-                    }
-                };
-                let listener = match tokio::net::TcpListener::bind(&cfg.listen).await {
-                    Ok(l) => l,
-                    Err(e) => {
-                        eprintln!(
-                            "error: cannot listen on {} (`listen` in {}): {e}",
-                            cfg.listen,
-                            config.display()
-                        );
-                        return ExitCode::FAILURE;
-                    }
-                };
-                let shutdown = CancellationToken::new();
-                on_signals(shutdown.clone());
-                let addr = listener
-                    .local_addr()
-                    .map(|a| a.to_string())
-                    .unwrap_or_else(|_| cfg.listen.clone());
-                tracing::info!(listen = %addr, datasets = cfg.datasets.len(), "hub started");
-                tether::service::ready(&format!("listening on {addr}"));
-                tokio::spawn(tether::service::watchdog(shutdown.clone()));
-                let stop = shutdown.clone();
-                tokio::spawn(async move {
-                    stop.cancelled().await;
-                    tether::service::stopping();
-                });
-                hub.run(listener, shutdown).await;
-                tracing::info!("hub stopped");
-                ExitCode::SUCCESS
-            }
-        },
+        Command::Daemon => daemon(cli.config.as_deref(), cli.log_format).await,
+        Command::Hub(args) => hub(args, cli.config.as_deref(), cli.log_format).await,
         Command::Once { dbs, timeout, json } => {
             init_tracing("warn", cli.log_format);
             let (_, cfg) = match load_daemon_config(cli.config.as_deref()) {
@@ -420,4 +310,129 @@ async fn serve_daemon_metrics(
         }
     })
     .await;
+}
+
+/// `tether daemon`: runs the configured sessions and the control socket
+/// until SIGTERM or SIGINT.
+async fn daemon(config: Option<&std::path::Path>, log_format: cli::LogFormat) -> ExitCode {
+    let (config, cfg) = match load_daemon_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    init_tracing(cfg.log_level.as_deref().unwrap_or("info"), log_format);
+    if cfg.databases.is_empty() {
+        tracing::warn!(config = %config.display(), "no [[database]] configured; nothing to sync");
+    }
+    let listener = match control::server::bind(&cfg.control_socket).await {
+        Ok(l) => l,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let metrics_listener = match cfg.metrics_listen {
+        None => None,
+        Some(addr) => match tokio::net::TcpListener::bind(addr).await {
+            Ok(l) => Some(l),
+            Err(e) => {
+                eprintln!("error: cannot serve metrics on {addr} (metrics_listen in {}): {e}; pick a free address or remove metrics_listen", config.display());
+                return ExitCode::FAILURE;
+            }
+        },
+    };
+    let shutdown = CancellationToken::new();
+    on_signals(shutdown.clone());
+    let daemon = std::sync::Arc::new(Daemon::start_from(
+        &cfg,
+        Some(config.clone()),
+        shutdown.clone(),
+    ));
+    tokio::spawn(reload_on_sighup(daemon.clone(), shutdown.clone()));
+    let server = tokio::spawn(control::server::serve(
+        listener,
+        daemon.clone(),
+        shutdown.clone(),
+    ));
+    let metrics_server = metrics_listener
+        .map(|l| tokio::spawn(serve_daemon_metrics(l, daemon.clone(), shutdown.clone())));
+    tether::service::ready(&tether::service::daemon_status(&daemon));
+    tokio::spawn(tether::service::daemon_heartbeat(
+        daemon.clone(),
+        shutdown.clone(),
+    ));
+    tracing::info!(databases = daemon.handles().len(), hub = %cfg.hub.url, socket = %cfg.control_socket.display(), "daemon started");
+    shutdown.cancelled().await;
+    tether::service::stopping();
+    daemon.wait().await;
+    let _ = server.await;
+    if let Some(m) = metrics_server {
+        let _ = m.await;
+    }
+    let _ = std::fs::remove_file(&cfg.control_socket);
+    tracing::info!("daemon stopped");
+    ExitCode::SUCCESS
+}
+
+/// `tether hub` and its subcommands.
+async fn hub(
+    args: cli::HubArgs,
+    config: Option<&std::path::Path>,
+    log_format: cli::LogFormat,
+) -> ExitCode {
+    match args.command {
+        Some(HubCommand::NewToken {
+            name,
+            dataset,
+            read_only,
+        }) => {
+            let token = auth::new_token();
+            println!("token (give this to the daemon, e.g. in /etc/tether/token; it is shown only once):");
+            println!("{token}\n");
+            println!("paste into hub.toml:\n");
+            print!("{}", auth::token_block(&name, &token, &dataset, read_only));
+            ExitCode::SUCCESS
+        }
+        None => {
+            let (config, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            init_tracing(cfg.log_level.as_deref().unwrap_or("info"), log_format);
+            let hub = match Hub::open(&cfg) {
+                Ok(h) => h,
+                Err(e) => {
+                    eprintln!("error: {}: store: {e}", config.display());
+                    return ExitCode::from(EX_CONFIG);
+                }
+            };
+            let listener = match tokio::net::TcpListener::bind(&cfg.listen).await {
+                Ok(l) => l,
+                Err(e) => {
+                    eprintln!(
+                        "error: cannot listen on {} (`listen` in {}): {e}",
+                        cfg.listen,
+                        config.display()
+                    );
+                    return ExitCode::FAILURE;
+                }
+            };
+            let shutdown = CancellationToken::new();
+            on_signals(shutdown.clone());
+            let addr = listener
+                .local_addr()
+                .map(|a| a.to_string())
+                .unwrap_or_else(|_| cfg.listen.clone());
+            tracing::info!(listen = %addr, datasets = cfg.datasets.len(), "hub started");
+            tether::service::ready(&format!("listening on {addr}"));
+            tokio::spawn(tether::service::watchdog(shutdown.clone()));
+            let stop = shutdown.clone();
+            tokio::spawn(async move {
+                stop.cancelled().await;
+                tether::service::stopping();
+            });
+            hub.run(listener, shutdown).await;
+            tracing::info!("hub stopped");
+            ExitCode::SUCCESS
+        }
+    }
 }
