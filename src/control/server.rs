@@ -401,30 +401,12 @@ async fn wait(
             ));
         }
     }
-    // Upload target: everything captured up to now.
-    // (target seq, estimated bytes)
-    let mut up: Option<(u64, u64)> = None;
-    if dirs.upload() {
-        let Some(local) = h.local.get() else {
-            return Err(Response::error(
-                ErrorCode::SessionFailed,
-                format!(
-                    "{}: the database is not open yet: {}",
-                    h.name,
-                    start.last_error.clone().unwrap_or_default()
-                ),
-            ));
-        };
-        let est = local
-            .call(|r| -> Result<_, crate::local::LocalError> {
-                let p = r.pending()?;
-                Ok((p.last_seq, r.pending_bytes(p.last_seq)?))
-            })
-            .await
-            .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?
-            .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?;
-        up = Some(est);
-    }
+    // Upload target: everything captured up to now (target seq, bytes).
+    let up = if dirs.upload() {
+        Some(upload_target(h, &start).await?)
+    } else {
+        None
+    };
     // Download target: the hub head once connected and caught up.
     let mut down_target: Option<u64> = None;
     let mut down_from = start.cursor;
@@ -504,6 +486,29 @@ async fn wait(
             _ = shutdown.cancelled() => return Err(Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down")),
         }
     }
+}
+
+/// What a wait for uploads waits for: the newest seq captured now and the
+/// estimated size of what is pending up to it.
+async fn upload_target(h: &SessionHandle, start: &Status) -> Result<(u64, u64), Response> {
+    let Some(local) = h.local.get() else {
+        return Err(Response::error(
+            ErrorCode::SessionFailed,
+            format!(
+                "{}: the database is not open yet: {}",
+                h.name,
+                start.last_error.clone().unwrap_or_default()
+            ),
+        ));
+    };
+    local
+        .call(|r| -> Result<_, crate::local::LocalError> {
+            let p = r.pending()?;
+            Ok((p.last_seq, r.pending_bytes(p.last_seq)?))
+        })
+        .await
+        .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?
+        .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))
 }
 
 /// How long a download wait waits for the hub to tell its head.
