@@ -223,6 +223,18 @@ impl Tbl {
     }
 }
 
+/// The log rows of one key within a batch's range.
+struct Entry {
+    key: Key,
+    /// Seqs of the first and last log row of this key in the range.
+    first: u64,
+    last: u64,
+    mask: u64,
+    at: i64,
+    /// A key value is TEXT that is not UTF-8.
+    bad_key: bool,
+}
+
 /// A change that is not sent, with its reason and message for
 /// `_tether_rejected`.
 type Refused = (Change, &'static str, String);
@@ -546,16 +558,6 @@ impl Replica {
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
         let from = after.max(consumed);
-        struct Entry {
-            key: Key,
-            /// Seqs of the first and last log row of this key in the range.
-            first: u64,
-            last: u64,
-            mask: u64,
-            at: i64,
-            /// A key value is TEXT that is not UTF-8.
-            bad_key: bool,
-        }
         let mut entries: Vec<Entry> = Vec::new();
         let mut index: HashMap<Key, usize> = HashMap::new();
         let mut through = from;
