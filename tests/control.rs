@@ -404,7 +404,9 @@ async fn the_control_socket_survives_garbage_and_guards_its_path() {
     let l = lines.next_line().await.unwrap().unwrap();
     assert!(l.contains("\"databases\""), "{l}");
     // A huge line is refused and the connection closed; others carry on.
-    w.write_all(&vec![b'x'; 200 * 1024]).await.unwrap();
+    // The daemon may close before all of it is written (a broken pipe
+    // here); what matters is its answer.
+    let _ = w.write_all(&vec![b'x'; 200 * 1024]).await;
     let l = lines.next_line().await.unwrap().unwrap_or_default();
     assert!(l.contains("longer than"), "{l}");
     // A client that hangs up in the middle of a stream.
