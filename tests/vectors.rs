@@ -83,6 +83,7 @@ fn frames() -> Vec<(&'static str, Frame)> {
             Frame::Client(ClientFrame::Hello(Hello {
                 protocol: PROTOCOL_VERSION,
                 client_id: "6f1c0c1e-4d0a-4c59-9a3e-0c5d1b2a9f10".into(),
+                client_key: "0d3f6a8e2b9c41d7a5e0f2c4b6d8e1a3".into(),
                 dataset: "notes".into(),
                 cursor: 41,
                 tables: vec![schema],
@@ -224,6 +225,13 @@ fn frames() -> Vec<(&'static str, Frame)> {
             Frame::Hub(HubFrame::Error(ErrorFrame {
                 code: ErrorCode::SchemaMismatch,
                 message: "table \"notes\" of dataset \"notes\" has schema 1a2b3c4d5e6f here but 0f9e8d7c6b5a on the hub".into(),
+            })),
+        ),
+        (
+            "error_identity_conflict",
+            Frame::Hub(HubFrame::Error(ErrorFrame {
+                code: ErrorCode::IdentityConflict,
+                message: "client seq 12 was stored with other content".into(),
             })),
         ),
     ]

@@ -4,6 +4,7 @@
 //! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
 
 pub mod held;
+pub mod identity;
 mod remote;
 pub mod replica;
 pub mod schema;

@@ -16,6 +16,7 @@ use rusqlite::{
 };
 
 use super::held::{self, Abort, Isolation};
+use super::identity::{self, Identity};
 use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
 use crate::config::ConflictPolicy;
 use crate::proto::{
@@ -53,6 +54,13 @@ pub enum LocalError {
         db: String,
         #[source]
         source: rusqlite::Error,
+    },
+    #[error("database {db}: cannot read the file {path}: {source}")]
+    Io {
+        db: String,
+        path: String,
+        #[source]
+        source: std::io::Error,
     },
     #[error("database {db}: hub sent a change for table {table:?}, which is not synced here")]
     UnknownTable { db: String, table: String },
@@ -251,7 +259,11 @@ pub struct Replica {
     pub(super) tables: HashMap<String, Tbl>,
     by_id: HashMap<i64, String>,
     order: Vec<String>,
-    client_id: String,
+    identity: Identity,
+    /// Where the file lives ([`identity::file_id`]), to bind a new identity.
+    file: String,
+    /// The file was found to be a copy at open and took a new identity.
+    copied: bool,
 }
 
 pub(super) fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
@@ -374,26 +386,29 @@ impl Replica {
                 return Err(e(err));
             }
         };
-        let client_id: Option<String> = conn
-            .query_row(
-                "SELECT value FROM _tether_meta WHERE key = 'client_id'",
-                [],
-                |r| r.get(0),
-            )
-            .optional()
-            .map_err(&e)?;
-        let client_id = match client_id {
-            Some(id) => id,
-            None => {
-                let id = uuid::Uuid::new_v4().to_string();
-                conn.execute(
-                    "INSERT INTO _tether_meta (key, value) VALUES ('client_id', ?1)",
-                    [&id],
-                )
-                .map_err(&e)?;
-                id
+        let file = identity::file_id(path).map_err(|source| LocalError::Io {
+            db: name.to_owned(),
+            path: path.display().to_string(),
+            source,
+        })?;
+        conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
+        let (identity, origin) = match identity::load(&conn, &file) {
+            Ok(found) => {
+                conn.execute_batch("COMMIT").map_err(&e)?;
+                found
+            }
+            Err(err) => {
+                let _ = conn.execute_batch("ROLLBACK");
+                return Err(e(err));
             }
         };
+        if origin == identity::Origin::Copied {
+            tracing::warn!(
+                db = name,
+                client_id = %identity.client_id,
+                "this database file is a copy of another (it was created on another machine, device or inode): it takes a new client identity so that its writes are never taken for the original's; its pending changes are kept and sent under the new identity"
+            );
+        }
         let order = installed.iter().map(|t| t.t.name.clone()).collect();
         Ok(Replica {
             name: name.to_owned(),
@@ -404,13 +419,44 @@ impl Replica {
                 .collect(),
             order,
             conn,
-            client_id,
+            identity,
+            file,
+            copied: origin == identity::Origin::Copied,
             _lock: lock,
         })
     }
 
     pub fn client_id(&self) -> &str {
-        &self.client_id
+        &self.identity.client_id
+    }
+
+    /// The identity sent in `hello` (id and key).
+    pub fn identity(&self) -> &Identity {
+        &self.identity
+    }
+
+    /// Whether the file took a new identity at open because it is a copy.
+    pub fn was_copied(&self) -> bool {
+        self.copied
+    }
+
+    /// Takes a new identity: the hub found this file's sequence numbers used
+    /// by another file with the same identity (nothing of the refused batch
+    /// was stored). Pending changes stay and go out under the new identity.
+    pub fn renew_identity(&mut self) -> Result<&Identity, LocalError> {
+        let e = sq(&self.name);
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
+        let identity = identity::renew(&tx, &self.file).map_err(&e)?;
+        tx.commit().map_err(&e)?;
+        tracing::warn!(
+            db = %self.name,
+            old = %self.identity.client_id,
+            new = %identity.client_id,
+            "the hub holds other writes under this database's sequence numbers (another file has its identity, as a copy would): took a new client identity; pending changes are kept and sent under it"
+        );
+        self.identity = identity;
+        Ok(&self.identity)
     }
 
     /// Schemas for `hello`, in config order.

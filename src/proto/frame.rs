@@ -68,7 +68,14 @@ pub struct Hello {
     /// Must be [`super::PROTOCOL_VERSION`].
     pub protocol: u32,
     /// Stable random id of the local database (kept in `_tether_meta`).
+    /// A copy of the database file takes a new one before its first upload.
     pub client_id: String,
+    /// Secret proving this connection is the identity's owner: random,
+    /// created with `client_id` and never logged. The hub keeps its SHA-256
+    /// from the first `hello` of the id and refuses another key for it
+    /// (`identity_refused`). Empty only for clients older than the rule.
+    #[serde(default, skip_serializing_if = "String::is_empty")]
+    pub client_key: String,
     /// The hub namespace to sync with.
     pub dataset: String,
     /// Highest hub sequence number already applied locally (0 = none).
@@ -347,6 +354,19 @@ pub enum ErrorCode {
     Internal,
     /// The hub is shutting down; reconnect later.
     ShuttingDown,
+    /// `hello` named a client id the hub knows under another `client_key`:
+    /// this connection is not the device that created the identity.
+    IdentityRefused,
+    /// An upload reused a client seq the hub stored with other content (or
+    /// one whose answer was already acknowledged): two database files share
+    /// one identity, as a copied file does. Nothing of the batch was stored;
+    /// the client takes a new identity and sends its pending changes again.
+    IdentityConflict,
+    /// Another connection of the same identity took over this one.
+    Replaced,
+    /// An upload's sequence numbers break the rules: zero, not increasing,
+    /// above [`super::MAX_SEQ`], or too far above the client's last one.
+    BadSequence,
 }
 
 impl ErrorCode {
@@ -360,6 +380,7 @@ impl ErrorCode {
                 | ErrorCode::UnknownDataset
                 | ErrorCode::UnknownTable
                 | ErrorCode::SchemaMismatch
+                | ErrorCode::IdentityRefused
         )
     }
 
@@ -376,6 +397,10 @@ impl ErrorCode {
             ErrorCode::UnexpectedFrame => "unexpected_frame",
             ErrorCode::Internal => "internal",
             ErrorCode::ShuttingDown => "shutting_down",
+            ErrorCode::IdentityRefused => "identity_refused",
+            ErrorCode::IdentityConflict => "identity_conflict",
+            ErrorCode::Replaced => "replaced",
+            ErrorCode::BadSequence => "bad_sequence",
         }
     }
 }

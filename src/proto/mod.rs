@@ -31,6 +31,19 @@ pub const MAX_CHANGE_BYTES: usize = 8 << 20;
 pub const MAX_PAGE_CHANGES: usize = 4000;
 pub const MAX_PAGE_BYTES: usize = 4 << 20;
 
+/// Largest sequence number either side accepts, for client seqs, dataset
+/// seqs, cursors and heads alike (2^53 - 1: a million writes a second for
+/// 285 years). A larger number on the wire is a protocol violation, never
+/// stored.
+pub const MAX_SEQ: u64 = (1 << 53) - 1;
+
+/// Largest step from a client's last processed seq to the next one the hub
+/// accepts, and from a daemon's own numbering to the `client_seq` a hub may
+/// announce. Local numbering only grows by writes; a bigger jump is an
+/// impostor or a bug, and accepting it would make the hub treat every later
+/// real write as a resend.
+pub const MAX_SEQ_JUMP: u64 = 1 << 32;
+
 /// HTTP header carrying the dataset at the upgrade, so that a token that is
 /// not valid for it is refused with 403 before any frame is exchanged.
 pub const DATASET_HEADER: &str = "tether-dataset";

@@ -349,7 +349,8 @@ impl Session {
             .db
             .call(|r| -> Result<_, LocalError> {
                 Ok(LocalInfo {
-                    client_id: r.client_id().to_owned(),
+                    client_id: r.identity().client_id.clone(),
+                    client_key: r.identity().client_key.clone(),
                     cursor: r.cursor()?,
                     tables: r.wire_schemas(),
                 })

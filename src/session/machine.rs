@@ -66,6 +66,7 @@ pub struct Config {
 #[derive(Clone, Debug, PartialEq)]
 pub struct LocalInfo {
     pub client_id: String,
+    pub client_key: String,
     pub cursor: u64,
     pub tables: Vec<TableSchema>,
 }
@@ -728,6 +729,7 @@ impl Machine {
         let hello = ClientFrame::Hello(Hello {
             protocol: PROTOCOL_VERSION,
             client_id: info.client_id,
+            client_key: info.client_key,
             dataset: self.cfg.dataset.clone(),
             cursor: info.cursor,
             tables: info.tables,
@@ -1042,6 +1044,7 @@ mod tests {
     fn info() -> LocalInfo {
         LocalInfo {
             client_id: "c1".into(),
+            client_key: "k1".into(),
             cursor: 7,
             tables: Vec::new(),
         }

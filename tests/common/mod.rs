@@ -284,6 +284,7 @@ pub fn notes_hello(dataset: &str, client: &str) -> tether::proto::ClientFrame {
     tether::proto::ClientFrame::Hello(tether::proto::Hello {
         protocol: tether::proto::PROTOCOL_VERSION,
         client_id: client.into(),
+        client_key: format!("key-of-{client}"),
         dataset: dataset.into(),
         cursor: 0,
         tables: vec![tether::proto::TableSchema {

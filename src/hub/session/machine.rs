@@ -1157,6 +1157,7 @@ mod tests {
         let now = Instant::now();
         let mut m = live(params(&["a"]), 0, now);
         let hello = crate::proto::Hello {
+            client_key: String::new(),
             protocol: 1,
             client_id: "me".into(),
             dataset: "d".into(),

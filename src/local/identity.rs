@@ -1,0 +1,139 @@
+//! Who a database file is on the hub: its client id, the key that proves it,
+//! and the file the identity belongs to.
+//!
+//! The hub tells clients apart by `client_id` and makes uploads idempotent by
+//! the client's sequence numbers. Two files sharing one id would number
+//! different writes alike, and the hub would take one's writes for resends of
+//! the other's. A copied file (`cp`, a backup restored onto a new machine, a
+//! cloned disk image) carries its original's id, so each identity is bound to
+//! the file it was created in: the machine, the file system and the inode. A
+//! file that finds itself somewhere else takes a new identity before its
+//! first upload, keeping its pending changes, which it then sends as its own.
+//! A file moved with `mv` on one file system keeps its inode and its identity.
+//!
+//! What the local check cannot see (a cloned virtual machine keeps the
+//! machine id and the inode) the hub catches: a sequence number reused with
+//! other content is refused with `identity_conflict`, nothing of that batch is
+//! stored, and the daemon renews the identity here ([`renew`]).
+
+use std::path::Path;
+
+use rand::RngCore;
+use rusqlite::{Connection, OptionalExtension};
+
+/// The identity sent in `hello`.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub struct Identity {
+    pub client_id: String,
+    /// Never logged: it proves to the hub that a connection is this file.
+    pub client_key: String,
+}
+
+/// Why an identity was (re)made.
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Origin {
+    /// The identity stored in the file belongs to it.
+    Kept,
+    /// First open: no identity yet.
+    New,
+    /// The file is a copy of another (different machine, device or inode):
+    /// it took a new identity.
+    Copied,
+}
+
+/// Where this file lives: machine, device and inode. A copy has another.
+pub fn file_id(path: &Path) -> std::io::Result<String> {
+    use std::os::unix::fs::MetadataExt;
+    let m = std::fs::metadata(path)?;
+    Ok(format!("{}:{}:{}", machine_id(), m.dev(), m.ino()))
+}
+
+fn machine_id() -> String {
+    for p in [
+        "/etc/machine-id",
+        "/var/lib/dbus/machine-id",
+        "/proc/sys/kernel/hostname",
+    ] {
+        if let Ok(s) = std::fs::read_to_string(p) {
+            let s = s.trim();
+            if !s.is_empty() {
+                return s.to_owned();
+            }
+        }
+    }
+    "unknown-machine".to_owned()
+}
+
+fn meta_text(c: &Connection, key: &str) -> rusqlite::Result<Option<String>> {
+    c.query_row(
+        "SELECT value FROM _tether_meta WHERE key = ?1",
+        [key],
+        |r| r.get::<_, String>(0),
+    )
+    .optional()
+}
+
+fn set_text(c: &Connection, key: &str, value: &str) -> rusqlite::Result<()> {
+    c.execute(
+        "INSERT INTO _tether_meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [key, value],
+    )?;
+    Ok(())
+}
+
+fn random_hex(bytes: usize) -> String {
+    let mut b = vec![0u8; bytes];
+    rand::thread_rng().fill_bytes(&mut b);
+    b.iter().map(|x| format!("{x:02x}")).collect()
+}
+
+/// Reads the file's identity, creating one on first open and a new one when
+/// the file is a copy. Runs inside the caller's write transaction.
+pub fn load(c: &Connection, file: &str) -> rusqlite::Result<(Identity, Origin)> {
+    let id = meta_text(c, "client_id")?;
+    let key = meta_text(c, "client_key")?;
+    let bound = meta_text(c, "file_id")?;
+    match (id, bound) {
+        (None, _) => Ok((make(c, file)?, Origin::New)),
+        (Some(_), Some(b)) if b != file => Ok((make(c, file)?, Origin::Copied)),
+        (Some(client_id), bound) => {
+            // Databases from before keys and file binding get both now: the
+            // file they are in is taken as their own.
+            let client_key = match key {
+                Some(k) => k,
+                None => {
+                    let k = random_hex(32);
+                    set_text(c, "client_key", &k)?;
+                    k
+                }
+            };
+            if bound.is_none() {
+                set_text(c, "file_id", file)?;
+            }
+            Ok((
+                Identity {
+                    client_id,
+                    client_key,
+                },
+                Origin::Kept,
+            ))
+        }
+    }
+}
+
+/// Gives the file a new identity (the hub found its sequence numbers used by
+/// another file). Pending changes stay in the log and go out under it.
+pub fn renew(c: &Connection, file: &str) -> rusqlite::Result<Identity> {
+    make(c, file)
+}
+
+fn make(c: &Connection, file: &str) -> rusqlite::Result<Identity> {
+    let ident = Identity {
+        client_id: uuid::Uuid::new_v4().to_string(),
+        client_key: random_hex(32),
+    };
+    set_text(c, "client_id", &ident.client_id)?;
+    set_text(c, "client_key", &ident.client_key)?;
+    set_text(c, "file_id", file)?;
+    Ok(ident)
+}
