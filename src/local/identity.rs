@@ -137,3 +137,68 @@ fn make(c: &Connection, file: &str) -> rusqlite::Result<Identity> {
     set_text(c, "file_id", file)?;
     Ok(ident)
 }
+
+#[cfg(test)]
+mod tests {
+    use crate::config::ConflictPolicy;
+    use crate::local::Replica;
+    use rusqlite::Connection;
+
+    fn open(path: &std::path::Path) -> Replica {
+        Replica::open("t", path, &[("t".into(), ConflictPolicy::ServerWins)]).unwrap()
+    }
+
+    #[test]
+    fn a_copied_file_takes_a_new_identity_and_keeps_its_pending_changes() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = Connection::open(&a).unwrap();
+        app.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let r = open(&a);
+        let original = r.identity().clone();
+        assert!(!r.was_copied());
+        drop(r);
+        app.execute_batch("INSERT INTO t VALUES (1, 'x'), (2, 'y')")
+            .unwrap();
+        drop(app);
+        // The original keeps its identity across restarts.
+        let r = open(&a);
+        assert_eq!(r.identity(), &original);
+        drop(r);
+        let b = dir.path().join("b.db");
+        std::fs::copy(&a, &b).unwrap();
+        let mut copy = open(&b);
+        assert!(copy.was_copied());
+        assert_ne!(copy.identity().client_id, original.client_id);
+        assert_ne!(copy.identity().client_key, original.client_key);
+        let batch = copy.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(batch.changes.len(), 2, "pending changes stay with the copy");
+        // The copy keeps its new identity; the original still has its own.
+        let copied = copy.identity().clone();
+        drop(copy);
+        assert_eq!(open(&b).identity(), &copied);
+        assert_eq!(open(&a).identity(), &original);
+    }
+
+    #[test]
+    fn a_renewed_identity_is_kept_and_the_log_is_untouched() {
+        let dir = tempfile::tempdir().unwrap();
+        let a = dir.path().join("a.db");
+        let app = Connection::open(&a).unwrap();
+        app.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
+            .unwrap();
+        let mut r = open(&a);
+        app.execute_batch("INSERT INTO t VALUES (1, 'x')").unwrap();
+        let before = r.read_batch(0, 100, 1 << 20).unwrap();
+        let old = r.identity().clone();
+        let new = r.renew_identity().unwrap().clone();
+        assert_ne!(old.client_id, new.client_id);
+        let after = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert_eq!(before.changes, after.changes);
+        drop(r);
+        let r = open(&a);
+        assert_eq!(r.identity(), &new);
+        assert!(!r.was_copied());
+    }
+}

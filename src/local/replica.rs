@@ -430,6 +430,17 @@ impl Replica {
         &self.identity.client_id
     }
 
+    /// Highest client seq this database ever numbered (answered or not).
+    pub fn local_seq(&self) -> Result<u64, LocalError> {
+        let e = sq(&self.name);
+        let consumed = meta_u64(&self.conn, "consumed").map_err(&e)?;
+        let max: Option<i64> = self
+            .conn
+            .query_row("SELECT max(seq) FROM _tether_log", [], |r| r.get(0))
+            .map_err(&e)?;
+        Ok(consumed.max(max.unwrap_or(0) as u64))
+    }
+
     /// The identity sent in `hello` (id and key).
     pub fn identity(&self) -> &Identity {
         &self.identity
@@ -523,6 +534,10 @@ impl Replica {
     /// as new changes instead of being taken for duplicates.
     pub fn ensure_seq_above(&mut self, hub_seq: u64) -> Result<bool, LocalError> {
         let e = sq(&self.name);
+        if hub_seq > crate::proto::MAX_SEQ {
+            // Checked by the session before; never let it reach the log.
+            return Ok(false);
+        }
         let tx =
             Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;

@@ -263,6 +263,15 @@ impl Session {
                     Err(e) => return local_failed(e.into()),
                 }
             }
+            Action::RenewIdentity => {
+                // The replica logs the old and the new identity.
+                let renew = |r: &mut crate::local::Replica| r.renew_identity().map(|_| ());
+                match self.local(renew).await {
+                    Ok(Ok(())) => {}
+                    Ok(Err(e)) => return local_failed(e.into()),
+                    Err(e) => return local_failed(e.into()),
+                }
+            }
             Action::ReadBatch {
                 after,
                 skip_if_version,
@@ -351,6 +360,7 @@ impl Session {
                 Ok(LocalInfo {
                     client_id: r.identity().client_id.clone(),
                     client_key: r.identity().client_key.clone(),
+                    local_seq: r.local_seq()?,
                     cursor: r.cursor()?,
                     tables: r.wire_schemas(),
                 })

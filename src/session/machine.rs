@@ -17,6 +17,7 @@ use std::time::Duration;
 
 use tokio::time::Instant;
 
+use super::checks::{self, Position};
 use super::SessionError;
 use crate::local::{Batch, Pending};
 use crate::proto::{
@@ -68,6 +69,8 @@ pub struct LocalInfo {
     pub client_id: String,
     pub client_key: String,
     pub cursor: u64,
+    /// Highest client seq this database ever numbered (for the welcome check).
+    pub local_seq: u64,
     pub tables: Vec<TableSchema>,
 }
 
@@ -138,6 +141,9 @@ pub enum Action {
     Close(&'static str),
     /// Renumber the local log above the hub's mark for this client.
     EnsureSeqAbove(u64),
+    /// Give the database a new client identity (the hub found another file
+    /// using this one); the next connection says `hello` with it.
+    RenewIdentity,
     /// Read the next upload batch after `after`; skip the read when
     /// `skip_if_version` equals the database's `data_version`. When `idle`
     /// (nothing in flight), a batch with no changes is marked answered.
@@ -301,11 +307,13 @@ pub struct Live {
     head_feature: bool,
     /// Head requests sent and not answered yet.
     heads_asked: u64,
+    /// Where the hub's frames have brought this database.
+    pos: Position,
 }
 
 impl Live {
     /// A connection the hub just welcomed: a full read is due first.
-    fn start(w: &Welcome, cfg: &Config, now: Instant) -> Live {
+    fn start(w: &Welcome, cursor: u64, cfg: &Config, now: Instant) -> Live {
         let mut read = ReadPlan::default();
         read.full();
         Live {
@@ -323,6 +331,10 @@ impl Live {
             draining: None,
             head_feature: w.features.iter().any(|f| f == FEATURE_HEAD),
             heads_asked: 0,
+            pos: Position {
+                cursor,
+                head: w.head,
+            },
         }
     }
 
@@ -345,6 +357,13 @@ impl Live {
                 res.batch, front.batch
             )));
         }
+        checks::answer_part(
+            &front.read.changes,
+            front.results.len(),
+            &res.results,
+            !res.more,
+        )
+        .map_err(SessionError::Retry)?;
         front.results.extend(res.results);
         if res.more {
             // Still alive: the next part gets a fresh deadline.
@@ -377,7 +396,11 @@ pub enum State {
     /// Opening the WebSocket.
     Connecting,
     /// `hello` sent, waiting for `welcome` until the deadline.
-    Handshaking { deadline: Instant, cursor: u64 },
+    Handshaking {
+        deadline: Instant,
+        cursor: u64,
+        local_seq: u64,
+    },
     /// Syncing: catching up, then live.
     Live(Box<Live>),
     /// Waiting before the next attempt; `cause` says why.
@@ -740,6 +763,7 @@ impl Machine {
         self.state = State::Handshaking {
             deadline: now + WELCOME_TIMEOUT,
             cursor: info.cursor,
+            local_seq: info.local_seq,
         };
     }
 
@@ -778,16 +802,22 @@ impl Machine {
     }
 
     fn frame(&mut self, f: HubFrame, bytes: usize, now: Instant, out: &mut Vec<Action>) {
-        if let State::Handshaking { cursor, .. } = self.state {
+        if let State::Handshaking {
+            cursor, local_seq, ..
+        } = self.state
+        {
             return match f {
                 HubFrame::Welcome(w) => {
+                    if let Err(why) = checks::welcome(&w, local_seq) {
+                        return self.fail(SessionError::Retry(why), now, out);
+                    }
                     out.push(Action::EnsureSeqAbove(w.client_seq));
                     out.push(Action::Note(Note::Connected {
                         cursor,
                         head: w.head,
                         access: w.access,
                     }));
-                    self.state = State::Live(Box::new(Live::start(&w, &self.cfg, now)));
+                    self.state = State::Live(Box::new(Live::start(&w, cursor, &self.cfg, now)));
                 }
                 HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
                 other => self.fail(
@@ -802,6 +832,15 @@ impl Machine {
         };
         l.read_deadline = now + self.cfg.read_timeout;
         l.hub_alive(now);
+        let believed = match &f {
+            HubFrame::Changes(c) => l.pos.changes(c),
+            HubFrame::CaughtUp(c) => l.pos.caught_up(c),
+            HubFrame::Head(h) => l.pos.head(h.head),
+            _ => Ok(()),
+        };
+        if let Err(why) = believed {
+            return self.fail(SessionError::Retry(why), now, out);
+        }
         match f {
             // Nothing to apply (changes of tables this device does not
             // sync): the cursor moves in the status only; the stored one
@@ -855,6 +894,13 @@ impl Machine {
                 l.inflight.clear();
                 l.uploads_allowed = false;
                 out.push(Action::Note(Note::ReadOnly(e.message)));
+            }
+            HubFrame::Error(e) if e.code == ErrorCode::IdentityConflict => {
+                // Another file holds this identity; the hub stored nothing of
+                // the refused batch nor of any after it: a new identity, and
+                // everything unanswered goes again under it.
+                out.push(Action::RenewIdentity);
+                self.fail(hub_error(e.code, &e.message), now, out)
             }
             HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
             HubFrame::Head(h) if l.heads_asked > 0 => {
@@ -1046,6 +1092,7 @@ mod tests {
             client_id: "c1".into(),
             client_key: "k1".into(),
             cursor: 7,
+            local_seq: 0,
             tables: Vec::new(),
         }
     }
@@ -1835,5 +1882,96 @@ mod tests {
         m.handle(Input::Frame(old_hub, 10), t);
         let a = m.handle(Input::Command(Command::FetchHead), t);
         assert!(matches!(a[..], [Action::HeadAnswer(None)]), "{a:?}");
+    }
+
+    #[test]
+    fn an_identity_conflict_renews_the_identity_and_keeps_what_was_in_flight() {
+        let (mut m, t) = live();
+        m.handle(read(batch(1..=3), 2), t);
+        let a = m.handle(
+            Input::Frame(
+                HubFrame::Error(ErrorFrame {
+                    code: ErrorCode::IdentityConflict,
+                    message: "client seq 1 was stored with other content".into(),
+                }),
+                10,
+            ),
+            t,
+        );
+        let renew = a.iter().position(|x| matches!(x, Action::RenewIdentity));
+        let close = a.iter().position(|x| matches!(x, Action::Close(_)));
+        assert!(renew.is_some() && close.is_some(), "{a:?}");
+        // Nothing of the batch is applied: it goes again under the new id.
+        assert!(!a.iter().any(|x| matches!(x, Action::ApplyResults { .. })));
+        assert_eq!(failed(&a).map(|f| f.0), Some(FailureClass::Retry));
+        let a = m.handle(Input::Tick, t + Duration::from_secs(2));
+        assert!(a.iter().any(|x| matches!(x, Action::Connect)), "{a:?}");
+    }
+
+    #[test]
+    fn a_welcome_claiming_an_unreachable_client_seq_renumbers_nothing() {
+        let mut m = machine(false, false);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        m.handle(Input::Opened(info()), t);
+        let a = m.handle(
+            Input::Frame(
+                HubFrame::Welcome(Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    head: 9,
+                    access: Access::ReadWrite,
+                    client_seq: 1 << 63,
+                    features: Vec::new(),
+                }),
+                10,
+            ),
+            t,
+        );
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::EnsureSeqAbove(_))),
+            "{a:?}"
+        );
+        assert_eq!(failed(&a).map(|f| f.0), Some(FailureClass::Retry));
+    }
+
+    #[test]
+    fn frames_a_hub_cannot_have_sent_change_nothing_locally() {
+        // An answer naming a seq that was not sent.
+        let (mut m, t) = live();
+        m.handle(read(batch(1..=3), 2), t);
+        let a = m.handle(answer(1, &[1, 2, 99], false), t);
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::ApplyResults { .. })),
+            "{a:?}"
+        );
+        assert!(failed(&a).is_some() && has_close(&a), "{a:?}");
+        // A cursor beyond reach.
+        let (mut m, t) = live();
+        let far = Input::Frame(
+            HubFrame::Changes(Changes {
+                changes: Vec::new(),
+                up_to: 1 << 62,
+                head: 1 << 62,
+            }),
+            10,
+        );
+        let a = m.handle(far, t);
+        assert!(
+            !a.iter().any(|x| matches!(
+                x,
+                Action::ApplyRemote { .. } | Action::Note(Note::Cursor { .. })
+            )),
+            "{a:?}"
+        );
+        assert!(failed(&a).is_some() && has_close(&a), "{a:?}");
+        // A cursor going back.
+        let (mut m, t) = live();
+        let back = Input::Frame(HubFrame::CaughtUp(CaughtUp { head: 2 }), 10);
+        let a = m.handle(back, t);
+        assert!(
+            !a.iter().any(|x| matches!(x, Action::ApplyRemote { .. })),
+            "{a:?}"
+        );
+        assert!(failed(&a).is_some(), "{a:?}");
     }
 }

@@ -10,6 +10,7 @@
 //! Reconnection uses exponential backoff with jitter (`backon`), reset after a
 //! connection that stayed up for [`HEALTHY_AFTER`].
 
+mod checks;
 mod conn;
 mod connect;
 pub mod driver;
