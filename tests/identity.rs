@@ -1,0 +1,149 @@
+//! One identity per database file: a copied file synced beside its original
+//! loses no write of either, whether tether sees the copy by itself or the
+//! hub has to tell it.
+
+mod common;
+
+use common::*;
+use rusqlite::Connection;
+use tether::config::ConflictPolicy;
+
+const T: &str = "CREATE TABLE t (id TEXT PRIMARY KEY, v TEXT)";
+
+fn client_id(c: &Connection) -> String {
+    c.query_row(
+        "SELECT value FROM _tether_meta WHERE key = 'client_id'",
+        [],
+        |r| r.get(0),
+    )
+    .unwrap()
+}
+
+fn write(c: &Connection, prefix: &str, n: usize) {
+    for i in 0..n {
+        c.execute(
+            "INSERT INTO t VALUES (?1, ?2)",
+            [format!("{prefix}-{i}"), format!("from {prefix}")],
+        )
+        .unwrap();
+    }
+}
+
+/// Copies a database file as a user would with `cp`, its writes all in the
+/// main file.
+fn copy(world: &World, app: &Connection, from: &str, to: &str) {
+    app.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    std::fs::copy(world.path(from), world.path(to)).unwrap();
+}
+
+/// Waits until `c` holds exactly the rows `want` (ids).
+async fn wait_rows(c: &Connection, want: &[String]) {
+    let mut want = want.to_vec();
+    want.sort();
+    wait_until(&format!("{} rows everywhere", want.len()), || {
+        let mut got: Vec<String> = c
+            .prepare("SELECT id FROM t")
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        got.sort();
+        got == want
+    })
+    .await;
+}
+
+fn ids(prefixes: &[(&str, usize)]) -> Vec<String> {
+    prefixes
+        .iter()
+        .flat_map(|(p, n)| (0..*n).map(move |i| format!("{p}-{i}")))
+        .collect()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copied_database_file_syncs_beside_its_original_without_losing_a_write() {
+    let world = World::new(&[("db", &["t"])]).await;
+    let b = app(&world.path("b.db"), T);
+    let c = app(&world.path("c.db"), T);
+    let db = world.daemon_for("b.db", &["t"], ConflictPolicy::ServerWins);
+    let dc = world.daemon_for("c.db", &["t"], ConflictPolicy::ServerWins);
+    write(&b, "first", 5);
+    wait_rows(&c, &ids(&[("first", 5)])).await;
+    db.stop().await;
+    copy(&world, &b, "b.db", "e.db");
+    let e = Connection::open(world.path("e.db")).unwrap();
+
+    // Both run at once and both write.
+    let db = world.daemon_for("b.db", &["t"], ConflictPolicy::ServerWins);
+    let de = world.daemon_for("e.db", &["t"], ConflictPolicy::ServerWins);
+    de.wait_connected(DEADLINE).await.unwrap();
+    assert_ne!(
+        client_id(&e),
+        client_id(&b),
+        "the copy took its own identity before its first upload"
+    );
+    write(&b, "b", 10);
+    write(&e, "e", 10);
+    let all = ids(&[("first", 5), ("b", 10), ("e", 10)]);
+    for x in [&c, &b, &e] {
+        wait_rows(x, &all).await;
+    }
+    for (d, name) in [(&db, "b"), (&de, "e")] {
+        wait_idle(d, "db").await;
+        assert_eq!(status(d, "db").pending_changes, 0, "{name}");
+    }
+    for d in [db, de, dc] {
+        d.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_tether_cannot_see_gets_its_own_identity_from_the_hub() {
+    let world = World::new(&[("db", &["t"])]).await;
+    let b = app(&world.path("b.db"), T);
+    let c = app(&world.path("c.db"), T);
+    let db = world.daemon_for("b.db", &["t"], ConflictPolicy::ServerWins);
+    let dc = world.daemon_for("c.db", &["t"], ConflictPolicy::ServerWins);
+    write(&b, "first", 3);
+    wait_rows(&c, &ids(&[("first", 3)])).await;
+    db.stop().await;
+    copy(&world, &b, "b.db", "e.db");
+    // A cloned machine keeps the machine id and the inode: make the copy
+    // look like the original's own file to the local check.
+    let e = Connection::open(world.path("e.db")).unwrap();
+    let here = tether::local::identity::file_id(&world.path("e.db")).unwrap();
+    e.execute(
+        "UPDATE _tether_meta SET value = ?1 WHERE key = 'file_id'",
+        [&here],
+    )
+    .unwrap();
+    let shared = client_id(&b);
+    assert_eq!(client_id(&e), shared);
+
+    // The copy writes and uploads first, under the shared identity ...
+    let de = world.daemon_for("e.db", &["t"], ConflictPolicy::ServerWins);
+    write(&e, "e", 5);
+    wait_rows(&c, &ids(&[("first", 3), ("e", 5)])).await;
+    wait_idle(&de, "db").await;
+    de.stop().await;
+    assert_eq!(client_id(&e), shared, "the copy's check saw nothing");
+    // ... then the original writes as many rows: the same sequence numbers
+    // with other content.
+    write(&b, "b", 5);
+    let db = world.daemon_for("b.db", &["t"], ConflictPolicy::ServerWins);
+    let all = ids(&[("first", 3), ("e", 5), ("b", 5)]);
+    wait_rows(&c, &all).await;
+    wait_rows(&b, &all).await;
+    assert_ne!(
+        client_id(&b),
+        shared,
+        "the hub refused the reused numbers and the original took a new identity"
+    );
+    let de = world.daemon_for("e.db", &["t"], ConflictPolicy::ServerWins);
+    wait_rows(&e, &all).await;
+    wait_idle(&db, "db").await;
+    for d in [db, de, dc] {
+        d.stop().await;
+    }
+}
