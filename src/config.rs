@@ -106,6 +106,11 @@ pub struct HubConn {
     pub token_file: Option<PathBuf>,
     /// The token itself, when it is not in a file.
     pub token: Option<String>,
+    /// PEM file of the CA certificates that may sign the hub's certificate
+    /// for `wss://` (a private CA or a self-signed hub). Without it the
+    /// system's roots are used.
+    #[serde(default)]
+    pub ca_file: Option<PathBuf>,
 }
 
 /// `[reconnect]` of `tether.toml`.

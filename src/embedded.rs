@@ -140,6 +140,7 @@ impl EmbeddedDaemon {
                 url: url.into(),
                 token: Some(token.into()),
                 token_file: None,
+                ca_file: None,
             },
             reconnect: fast_reconnect(),
             databases,

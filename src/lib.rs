@@ -49,3 +49,4 @@ pub mod outgoing;
 pub mod proto;
 pub mod service;
 pub mod session;
+pub mod tls;

@@ -32,7 +32,8 @@ fn write(c: &Connection, prefix: &str, n: usize) {
 /// Copies a database file as a user would with `cp`, its writes all in the
 /// main file.
 fn copy(world: &World, app: &Connection, from: &str, to: &str) {
-    app.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)").unwrap();
+    app.execute_batch("PRAGMA wal_checkpoint(TRUNCATE)")
+        .unwrap();
     std::fs::copy(world.path(from), world.path(to)).unwrap();
 }
 

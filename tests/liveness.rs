@@ -41,6 +41,7 @@ async fn a_half_open_connection_is_dropped_within_read_timeout_plus_a_ping() {
             url: format!("ws://{}/v1/sync", proxy.addr),
             token: Some(world.token.clone()),
             token_file: None,
+            ca_file: None,
         },
         Reconnect {
             initial: Dur(Duration::from_millis(50)),
@@ -141,6 +142,7 @@ async fn a_refused_token_is_retried_as_soon_as_the_token_file_changes() {
             url: world.url(),
             token: None,
             token_file: Some(token_file.clone()),
+            ca_file: None,
         },
         // A backoff far longer than the test: only the file change can help.
         Reconnect {

@@ -438,6 +438,7 @@ async fn a_slow_link_whose_bytes_keep_moving_is_never_taken_for_a_dead_one() {
             url: format!("ws://{}/v1/sync", x.addr),
             token: Some(world.token.clone()),
             token_file: None,
+            ca_file: None,
         },
         reconnect: short.clone(),
         databases: vec![database(

@@ -163,6 +163,7 @@ impl Daemon {
             name: db.name.clone(),
             dataset: db.dataset().to_owned(),
             url: cfg.hub.url.clone(),
+            ca_file: cfg.hub.ca_file.clone(),
             token,
             reconnect: cfg.reconnect.clone(),
             echo_own: false,

@@ -25,11 +25,23 @@ pub fn ws_config() -> WebSocketConfig {
     c
 }
 
+/// Whether `url` sends the token in clear to another machine (plain `ws://`
+/// to a host that is not loopback): worth a warning, since anyone on the
+/// path can read the token and every row.
+pub fn token_in_clear(url: &str) -> bool {
+    let Ok(req) = url.into_client_request() else {
+        return false;
+    };
+    let uri = req.uri();
+    uri.scheme_str() == Some("ws") && !uri.host().map(crate::tls::is_loopback).unwrap_or(true)
+}
+
 /// Opens the WebSocket; the [`Progress`] counts the bytes written to it.
 pub async fn connect(
     url: &str,
     token: &str,
     dataset: &str,
+    ca_file: Option<&std::path::Path>,
 ) -> Result<(Ws, Progress), SessionError> {
     let mut req = url
         .into_client_request()
@@ -48,13 +60,16 @@ pub async fn connect(
         .trim_start_matches('[')
         .trim_end_matches(']')
         .to_owned();
-    let port = uri
-        .port_u16()
-        .unwrap_or(if uri.scheme_str() == Some("wss") {
-            443
-        } else {
-            80
-        });
+    let secure = uri.scheme_str() == Some("wss");
+    let port = uri.port_u16().unwrap_or(if secure { 443 } else { 80 });
+    // Built per attempt: a renewed CA file is picked up on the next one.
+    let connector = if secure {
+        let config = crate::tls::client_config(ca_file)
+            .map_err(|e| SessionError::Fatal(format!("cannot connect to {url} with TLS: {e}")))?;
+        Some(tokio_tungstenite::Connector::Rustls(config))
+    } else {
+        None
+    };
     let fut = async move {
         let tcp = TcpStream::connect((host.as_str(), port))
             .await
@@ -62,9 +77,13 @@ pub async fn connect(
         tcp.set_nodelay(true)
             .map_err(tokio_tungstenite::tungstenite::Error::Io)?;
         let (stream, progress) = Counted::new(tcp);
-        let (ws, resp) =
-            tokio_tungstenite::client_async_tls_with_config(req, stream, Some(ws_config()), None)
-                .await?;
+        let (ws, resp) = tokio_tungstenite::client_async_tls_with_config(
+            req,
+            stream,
+            Some(ws_config()),
+            connector,
+        )
+        .await?;
         Ok((ws, progress, resp))
     };
     match tokio::time::timeout(CONNECT_TIMEOUT, fut).await {
@@ -86,6 +105,25 @@ pub async fn connect(
                 s => Err(SessionError::Retry(format!("hub answered HTTP {s} at the upgrade: {body}"))),
             }
         }
-        Ok(Err(e)) => Err(SessionError::Retry(format!("cannot connect to {url}: {e}"))),
+        Ok(Err(e)) => match tls_failure(&e) {
+            Some(why) => Err(SessionError::Retry(format!(
+                "TLS with {url} failed: {why}; check that the hub's certificate is valid for this host name and signed by a CA this machine trusts (or set hub.ca_file)"
+            ))),
+            None => Err(SessionError::Retry(format!("cannot connect to {url}: {e}"))),
+        },
+    }
+}
+
+/// The TLS failure behind a connection error, if that is what it was
+/// (rustls reports through the I/O error of the stream).
+fn tls_failure(e: &tokio_tungstenite::tungstenite::Error) -> Option<String> {
+    use tokio_tungstenite::tungstenite::Error;
+    match e {
+        Error::Tls(t) => Some(t.to_string()),
+        Error::Io(io) => io
+            .get_ref()
+            .and_then(|inner| inner.downcast_ref::<rustls::Error>())
+            .map(|t| t.to_string()),
+        _ => None,
     }
 }

@@ -115,6 +115,9 @@ impl Session {
     pub async fn run(mut self) {
         let span =
             tracing::info_span!("sync", db = %self.params.name, dataset = %self.params.dataset);
+        if connect::token_in_clear(&self.params.url) {
+            span.in_scope(|| tracing::warn!(url = %self.params.url, "the hub is reached over plain ws:// on another machine: the token and every row cross the network in clear; use wss:// (the hub's tls_cert and tls_key) or a TLS-terminating proxy"));
+        }
         tracing::Instrument::instrument(self.drive(), span).await;
         self.update(|s| {
             s.connection = ConnectionState::Disconnected;
@@ -347,7 +350,7 @@ impl Session {
         };
         self.last_token = Some(token.clone());
         let ws = tokio::select! {
-            ws = connect::connect(&p.url, &token, &p.dataset) => ws,
+            ws = connect::connect(&p.url, &token, &p.dataset, p.ca_file.as_deref()) => ws,
             _ = self.shutdown.cancelled() => return Input::Shutdown,
         };
         let (ws, progress) = match ws {

@@ -89,6 +89,8 @@ pub struct SessionParams {
     pub name: String,
     pub dataset: String,
     pub url: String,
+    /// CA certificates for `wss://` (`hub.ca_file`); the system's roots when unset.
+    pub ca_file: Option<std::path::PathBuf>,
     pub token: TokenSource,
     pub reconnect: Reconnect,
     /// Ask the hub to push this client's own changes back too.

@@ -132,6 +132,7 @@ impl World {
                 url: self.url(),
                 token: Some(self.token.clone()),
                 token_file: None,
+                ca_file: None,
             },
             reconnect,
             databases: vec![database(
