@@ -18,21 +18,25 @@ use tether::session::{ConnectionState, Status};
 /// One overall deadline for any awaited condition in these tests.
 pub const DEADLINE: Duration = Duration::from_secs(30);
 
-/// Polls `cond` until it holds or the deadline passes. Each check is bounded
-/// and the loop ends at the deadline.
+/// Polls `cond` until it holds or the deadline passes. A check that is
+/// still running at the deadline is abandoned: the wait never outlasts it.
 pub async fn wait_for<F, Fut>(what: &str, mut cond: F)
 where
     F: FnMut() -> Fut,
     Fut: Future<Output = bool>,
 {
-    let start = Instant::now();
+    let deadline = tokio::time::Instant::now() + DEADLINE;
     let mut tick = tokio::time::interval(Duration::from_millis(10));
     loop {
-        if cond().await {
-            return;
+        match tokio::time::timeout_at(deadline, cond()).await {
+            Ok(true) => return,
+            Ok(false) => {}
+            Err(_) => panic!(
+                "timed out after {DEADLINE:?} waiting for {what} (a check was still running)"
+            ),
         }
         assert!(
-            start.elapsed() < DEADLINE,
+            tokio::time::Instant::now() < deadline,
             "timed out after {DEADLINE:?} waiting for {what}"
         );
         tick.tick().await;
@@ -192,11 +196,33 @@ pub fn status(d: &EmbeddedDaemon, name: &str) -> Status {
 }
 
 /// Waits until the session is connected, caught up and has nothing pending.
+///
+/// The status alone can be stale (the daemon may not have read the app's
+/// latest write yet), so the database file is read too: every write
+/// captured in it must be answered.
 pub async fn wait_idle(d: &EmbeddedDaemon, name: &str) {
     let rx = d.status(name);
+    let path = d
+        .config
+        .databases
+        .iter()
+        .find(|db| db.name == name)
+        .expect("a database of this daemon")
+        .path
+        .clone();
+    let db = Connection::open_with_flags(&path, rusqlite::OpenFlags::SQLITE_OPEN_READ_ONLY)
+        .expect("the database opens");
     wait_until(&format!("{name} idle"), || {
+        let captured: i64 = db
+            .query_row("SELECT coalesce(max(seq), 0) FROM _tether_log", [], |r| {
+                r.get(0)
+            })
+            .unwrap_or(i64::MAX);
         let s = rx.borrow();
-        s.connection == ConnectionState::Connected && s.caught_up && s.pending_changes == 0
+        s.connection == ConnectionState::Connected
+            && s.caught_up
+            && s.pending_changes == 0
+            && s.consumed >= captured as u64
     })
     .await;
 }

@@ -35,21 +35,41 @@ impl Proc {
         std::fs::read_to_string(&self.log).unwrap_or_default()
     }
 
-    /// SIGTERM, then wait for the exit status.
+    /// SIGTERM, then wait (bounded) for the exit status. Inside a
+    /// multi-threaded runtime the wait hands this worker's tasks to others
+    /// (`block_in_place`), so the daemon's peers in the test keep running.
     pub fn terminate(mut self) -> std::process::ExitStatus {
         let _ = Command::new("kill")
             .args(["-TERM", &self.child.id().to_string()])
             .status();
-        let start = Instant::now();
-        loop {
-            if let Some(s) = self.child.try_wait().unwrap() {
-                return s;
+        let mut wait = || {
+            let start = Instant::now();
+            loop {
+                if let Some(s) = self.child.try_wait().unwrap() {
+                    return s;
+                }
+                assert!(
+                    start.elapsed() < DEADLINE,
+                    "process did not exit within {DEADLINE:?} after SIGTERM; its log:\n{}",
+                    self.log_text()
+                );
+                std::thread::park_timeout(Duration::from_millis(10));
             }
-            assert!(
-                start.elapsed() < DEADLINE,
-                "process did not exit after SIGTERM"
+        };
+        match tokio::runtime::Handle::try_current().map(|h| h.runtime_flavor()) {
+            Ok(tokio::runtime::RuntimeFlavor::MultiThread) => tokio::task::block_in_place(wait),
+            _ => wait(),
+        }
+    }
+
+    /// Panics with the process's log when it has exited.
+    pub fn assert_running(&mut self) {
+        if let Some(status) = self.child.try_wait().unwrap() {
+            panic!(
+                "tether {:?} exited ({status}); its log:\n{}",
+                self.log,
+                self.log_text()
             );
-            std::thread::park_timeout(Duration::from_millis(10));
         }
     }
 }
@@ -140,29 +160,64 @@ pub async fn start_daemon_with(
         ));
     }
     std::fs::write(&cfg, text).unwrap();
-    let p = Proc::spawn(
+    let mut p = Proc::spawn(
         &["daemon", "--config", cfg.to_str().unwrap()],
         dir.join(format!("{name}.log")),
     );
     // The daemon answers on its socket once it is up (a stale socket file
-    // may exist before that).
+    // may exist before that); a daemon that exited fails at once.
     super::wait_until("control socket answers", || {
+        p.assert_running();
         cli(&["status", "--socket", sock.to_str().unwrap()]).0 == 0
     })
     .await;
     (p, cfg)
 }
 
-/// Runs a CLI command; returns exit code, stdout, stderr.
+/// Longest a CLI command may take in a test before it is killed.
+pub const CLI_DEADLINE: Duration = Duration::from_secs(60);
+
+/// Runs a CLI command; returns exit code, stdout, stderr. A command still
+/// running after [`CLI_DEADLINE`] is killed and the test fails.
 pub fn cli(args: &[&str]) -> (i32, String, String) {
-    let out = Command::new(bin())
+    let mut child = Command::new(bin())
         .args(args)
-        .output()
+        .stdin(Stdio::null())
+        .stdout(Stdio::piped())
+        .stderr(Stdio::piped())
+        .spawn()
         .expect("tether runs");
+    // Read both pipes while waiting, so a chatty command never blocks.
+    let drain = |r: Option<Box<dyn std::io::Read + Send>>| {
+        std::thread::spawn(move || {
+            let mut buf = Vec::new();
+            if let Some(mut r) = r {
+                let _ = r.read_to_end(&mut buf);
+            }
+            String::from_utf8_lossy(&buf).into_owned()
+        })
+    };
+    let out = drain(child.stdout.take().map(|s| Box::new(s) as _));
+    let err = drain(child.stderr.take().map(|s| Box::new(s) as _));
+    let start = Instant::now();
+    let status = loop {
+        if let Some(s) = child.try_wait().unwrap() {
+            break s;
+        }
+        if start.elapsed() > CLI_DEADLINE {
+            let _ = child.kill();
+            let _ = child.wait();
+            panic!(
+                "`tether {}` did not finish within {CLI_DEADLINE:?}",
+                args.join(" ")
+            );
+        }
+        std::thread::park_timeout(Duration::from_millis(5));
+    };
     (
-        out.status.code().unwrap_or(-1),
-        String::from_utf8_lossy(&out.stdout).into_owned(),
-        String::from_utf8_lossy(&out.stderr).into_owned(),
+        status.code().unwrap_or(-1),
+        out.join().unwrap(),
+        err.join().unwrap(),
     )
 }
 
