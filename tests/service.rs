@@ -83,6 +83,23 @@ fn notify_socket(dir: &std::path::Path) -> (UnixDatagram, std::path::PathBuf) {
     (sock, path)
 }
 
+/// An address where something listens (no other test can take the port)
+/// but hangs up on every connection: a hub that is not there.
+async fn hangup_hub() -> String {
+    let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+    let addr = listener.local_addr().unwrap().to_string();
+    tokio::spawn(async move {
+        // Bounded; ends with the test's runtime anyway.
+        for _ in 0..10_000 {
+            match listener.accept().await {
+                Ok((conn, _)) => drop(conn),
+                Err(_) => return,
+            }
+        }
+    });
+    addr
+}
+
 fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
     let mut seen = Vec::new();
     let mut buf = vec![0u8; 4096];
@@ -154,7 +171,18 @@ async fn the_daemon_notifies_ready_status_watchdog_and_stopping() {
     let seen = tokio::task::spawn_blocking(move || recv_until(&s2, "WATCHDOG=1"))
         .await
         .unwrap();
-    assert!(seen.iter().any(|m| m.contains("connected")), "{seen:?}");
+    assert!(seen.iter().any(|m| m.contains("WATCHDOG=1")), "{seen:?}");
+    // The status line follows the session: its one database connected.
+    let s2 = sock.clone();
+    let seen =
+        tokio::task::spawn_blocking(move || recv_until(&s2, "STATUS=1 databases, 1 connected,"))
+            .await
+            .unwrap();
+    assert!(
+        seen.iter()
+            .any(|m| m.contains("STATUS=1 databases, 1 connected, 0 changes pending")),
+        "{seen:?}"
+    );
     let s2 = sock.clone();
     let stop = tokio::task::spawn_blocking(move || recv_until(&s2, "STOPPING=1"));
     let status = proc.terminate();
@@ -168,12 +196,8 @@ async fn json_logs_are_one_object_per_line_with_the_database_name() {
     let d = dir.path();
     app(&d.join("a.db"), NOTES);
     let cfg = d.join("a.toml");
-    // No hub listening: the session logs its connection errors.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    // No hub there: the session logs its connection errors.
+    let port = hangup_hub().await;
     std::fs::write(
         &cfg,
         format!(
@@ -288,13 +312,14 @@ async fn sigterm_during_a_bulk_upload_exits_0_and_a_restart_sends_the_rest() {
 async fn the_log_level_comes_from_the_config_unless_rust_log_is_set() {
     let dir = tempfile::tempdir().unwrap();
     let d = dir.path();
+    let hub = hangup_hub().await;
     app(&d.join("a.db"), NOTES);
     let cfg = d.join("a.toml");
     let sock = d.join("a.sock");
     std::fs::write(
         &cfg,
         format!(
-            "log_level = \"warn\"\ncontrol_socket = \"{}\"\n[hub]\nurl = \"ws://127.0.0.1:9/v1/sync\"\ntoken = \"t\"\n[[database]]\nname = \"one\"\npath = \"{}\"\ntables = [\"notes\"]\n",
+            "log_level = \"warn\"\ncontrol_socket = \"{}\"\n[hub]\nurl = \"ws://{hub}/v1/sync\"\ntoken = \"t\"\n[[database]]\nname = \"one\"\npath = \"{}\"\ntables = [\"notes\"]\n",
             sock.display(),
             d.join("a.db").display()
         ),
