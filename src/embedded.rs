@@ -88,9 +88,18 @@ impl EmbeddedHub {
     }
 
     /// Stops the hub and waits for every session to close.
-    pub async fn stop(self) {
+    pub async fn stop(mut self) {
         self.shutdown.cancel();
-        let _ = self.task.await;
+        let _ = (&mut self.task).await;
+    }
+}
+
+/// A hub dropped without [`EmbeddedHub::stop`] (a test that panicked, a
+/// value built only for its config) still stops: its sessions close in the
+/// background instead of serving forever.
+impl Drop for EmbeddedHub {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }
 
@@ -189,5 +198,12 @@ impl EmbeddedDaemon {
     pub async fn stop(self) {
         self.shutdown.cancel();
         self.daemon.wait().await;
+    }
+}
+
+/// A daemon dropped without [`EmbeddedDaemon::stop`] still shuts down.
+impl Drop for EmbeddedDaemon {
+    fn drop(&mut self) {
+        self.shutdown.cancel();
     }
 }

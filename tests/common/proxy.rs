@@ -6,11 +6,28 @@ use std::sync::Arc;
 
 use tokio::io::{AsyncReadExt, AsyncWriteExt};
 use tokio::net::{TcpListener, TcpStream};
+use tokio_util::sync::CancellationToken;
 
 pub struct Proxy {
     pub addr: String,
     blackhole: Arc<AtomicBool>,
     task: tokio::task::JoinHandle<()>,
+    /// Ends every connection's copying tasks when the proxy is dropped.
+    stop: CancellationToken,
+}
+
+/// Runs `f` until it ends or the proxy is dropped.
+fn spawn_until(
+    stop: &CancellationToken,
+    f: impl std::future::Future<Output = ()> + Send + 'static,
+) {
+    let stop = stop.clone();
+    tokio::spawn(async move {
+        tokio::select! {
+            _ = stop.cancelled() => {}
+            _ = f => {}
+        }
+    });
 }
 
 impl Proxy {
@@ -20,6 +37,8 @@ impl Proxy {
         let addr = listener.local_addr().unwrap().to_string();
         let blackhole = Arc::new(AtomicBool::new(false));
         let bh = blackhole.clone();
+        let stop = CancellationToken::new();
+        let conns = stop.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = TcpStream::connect(&target).await else {
@@ -27,14 +46,15 @@ impl Proxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(pump(cr, sw, bh.clone()));
-                tokio::spawn(pump(sr, cw, bh.clone()));
+                spawn_until(&conns, pump(cr, sw, bh.clone()));
+                spawn_until(&conns, pump(sr, cw, bh.clone()));
             }
         });
         Proxy {
             addr,
             blackhole,
             task,
+            stop,
         }
     }
 
@@ -48,18 +68,21 @@ impl Proxy {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(16).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
+        let stop = CancellationToken::new();
+        let conns = stop.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = small_buffers().connect(target.parse().unwrap()).await else {
                     continue;
                 };
-                tokio::spawn(one_way_at_a_time(client, server));
+                spawn_until(&conns, one_way_at_a_time(client, server));
             }
         });
         Proxy {
             addr,
             blackhole: Arc::new(AtomicBool::new(false)),
             task,
+            stop,
         }
     }
 
@@ -71,6 +94,8 @@ impl Proxy {
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(16).unwrap();
         let addr = listener.local_addr().unwrap().to_string();
+        let stop = CancellationToken::new();
+        let conns = stop.clone();
         let task = tokio::spawn(async move {
             while let Ok((client, _)) = listener.accept().await {
                 let Ok(server) = small_buffers().connect(target.parse().unwrap()).await else {
@@ -78,14 +103,15 @@ impl Proxy {
                 };
                 let (cr, cw) = client.into_split();
                 let (sr, sw) = server.into_split();
-                tokio::spawn(paced(cr, sw, rate));
-                tokio::spawn(paced(sr, cw, rate));
+                spawn_until(&conns, paced(cr, sw, rate));
+                spawn_until(&conns, paced(sr, cw, rate));
             }
         });
         Proxy {
             addr,
             blackhole: Arc::new(AtomicBool::new(false)),
             task,
+            stop,
         }
     }
 
@@ -98,6 +124,7 @@ impl Proxy {
 impl Drop for Proxy {
     fn drop(&mut self) {
         self.task.abort();
+        self.stop.cancel();
     }
 }
 
