@@ -114,6 +114,18 @@ pub enum Input {
         results: Vec<ChangeResult>,
         failed: bool,
     },
+    /// The store refused the upload of the last [`Action::Apply`] as a
+    /// whole (`bad_sequence`, `identity_conflict`): nothing of it was
+    /// stored. Earlier answers go out, then this refusal; later uploads are
+    /// never applied.
+    Refused(Refusal),
+    /// Another session of the same identity took over: this one applies no
+    /// further upload and ends with an `error` frame `replaced` (after the
+    /// upload being applied, if any, is answered).
+    Replaced,
+    /// The upload of the last [`Action::Apply`] was not applied because the
+    /// session was replaced before the store took it.
+    NotApplied,
     /// A fault point drops the answer of the batch just applied.
     Cut,
     /// A batch another session applied.
@@ -302,6 +314,8 @@ impl Machine {
             // still matter.
             match input {
                 Input::Applied { .. }
+                | Input::Refused(_)
+                | Input::NotApplied
                 | Input::Cut
                 | Input::Gone
                 | Input::Written { .. }
@@ -344,6 +358,26 @@ impl Machine {
             Input::StoreFailed(r) => self.close(Ending::Refuse(r), &mut out),
             Input::PageRead { page, head } => self.page_read(page, head),
             Input::Applied { results, failed } => self.applied(results, failed, &mut out),
+            Input::Refused(r) => {
+                // Nothing of the batch was stored: no answer, and none of
+                // the uploads behind it may be applied.
+                self.applying = None;
+                self.uploads.clear();
+                self.close_now(Ending::Refuse(r), &mut out);
+            }
+            Input::Replaced => {
+                let r = self.replaced();
+                self.close(Ending::Refuse(r), &mut out);
+            }
+            Input::NotApplied => {
+                self.applying = None;
+                self.uploads.clear();
+                let ending = match &self.state {
+                    State::Draining(ending) => ending.clone(),
+                    _ => Ending::Refuse(self.replaced()),
+                };
+                self.close_now(ending, &mut out);
+            }
             Input::Cut => {
                 self.applying = None;
                 self.uploads.clear();
@@ -372,6 +406,17 @@ impl Machine {
             self.pump(now, &mut out);
         }
         out
+    }
+
+    /// The refusal that ends a session another one took over from.
+    fn replaced(&self) -> Refusal {
+        Refusal::new(
+            ErrorCode::Replaced,
+            format!(
+                "another connection of client {:?} took over this identity and this one is closed; a device reconnecting replaces its own stale connection, and if two devices run copies of one database file, each takes its own identity on its next upload",
+                self.params.client
+            ),
+        )
     }
 
     fn upload(&mut self, up: Upload, out: &mut Vec<Action>) {

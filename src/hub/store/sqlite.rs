@@ -8,23 +8,136 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::{Applied, HubStore, LogEntry, Page, StoreError};
 use crate::proto::{
     decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
-    Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES,
+    Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES, MAX_SEQ, MAX_SEQ_JUMP,
 };
 
 /// Shared tables. Each dataset also gets `log_<id>` (the change log; its
 /// INTEGER PRIMARY KEY is the dataset's sequence number, so appending is cheap)
 /// and `rows_<id>` (per row: current version, tombstone flag and last writer;
 /// the row's values are those of its log entry at `version`).
+///
+/// `clients`: per client, its high-water mark `last_seq`, its `acked` mark
+/// (answers up to it were processed) and `key_hash`, the SHA-256 of the key
+/// that claimed the id (NULL: none yet). `client_batches`: the remembered
+/// answers of a batch (`results`) and, per answer, the digest of its
+/// change's content (`digests`, 32 bytes each in the same order; NULL in
+/// rows written by hubs older than digests).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
-CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, UNIQUE (dataset, client));
-CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, PRIMARY KEY (client_no, first));
+CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, acked INTEGER NOT NULL DEFAULT 0, key_hash BLOB, UNIQUE (dataset, client));
+CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, digests BLOB, PRIMARY KEY (client_no, first));
 ";
+
+/// Columns added after stores were first made: (table, column, declaration).
+/// A store that lacks one gets it in place when opened.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("clients", "acked", "INTEGER NOT NULL DEFAULT 0"),
+    ("clients", "key_hash", "BLOB"),
+    ("client_batches", "digests", "BLOB"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a store made by an older hub lacks.
+fn migrate(c: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let failed = |e: rusqlite::Error| {
+        StoreError::Backend(format!(
+            "upgrading the hub store {} to this version: {e}; check that the file is writable and not used by an older hub",
+            path.display()
+        ))
+    };
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(failed)?;
+    for (table, column, decl) in ADDED_COLUMNS {
+        let present: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )
+            .map_err(failed)?;
+        if present == 0 {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                .map_err(failed)?;
+            tracing::info!(store = %path.display(), table, column, "hub store upgraded: column added");
+        }
+    }
+    tx.commit().map_err(failed)
+}
+
+/// Length of a change's content digest.
+const DIGEST_BYTES: usize = 32;
+
+/// Digest of what a change says: table, op, key and values. Not `base` nor
+/// `mask`, which a daemon recomputes when it reads its log again after a
+/// reconnect; a resend of a seq must match the remembered digest.
+fn content_digest(table: &str, op: Op, pk: &[u8], vals: &[u8]) -> [u8; DIGEST_BYTES] {
+    let mut h = Sha256::new();
+    h.update((table.len() as u64).to_le_bytes());
+    h.update(table.as_bytes());
+    h.update([match op {
+        Op::Upsert => 1u8,
+        Op::Delete => 2u8,
+    }]);
+    h.update((pk.len() as u64).to_le_bytes());
+    h.update(pk);
+    h.update(vals);
+    h.finalize().into()
+}
+
+/// SHA-256 of a client key, as recorded in `clients.key_hash`.
+fn key_hash(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// Checks the seqs of a batch before anything of it is looked at: each in
+/// `1..=MAX_SEQ`, strictly increasing, and at most [`MAX_SEQ_JUMP`] above the
+/// previous one (the client's high-water mark `hwm` for the first new one).
+fn check_seqs(client: &str, changes: &[Change], hwm: u64) -> Result<(), StoreError> {
+    let refuse = |what: String| {
+        Err(StoreError::BadSequence(format!(
+            "{what}; nothing of this batch was stored (a tether daemon never numbers its changes so: check which program connects with client id {client:?})"
+        )))
+    };
+    let mut prev: Option<u64> = None;
+    let mut top = hwm;
+    for ch in changes {
+        let seq = ch.seq;
+        if seq == 0 || seq > MAX_SEQ {
+            return refuse(format!(
+                "client seq {seq} of client {client:?} is out of range: client seqs run from 1 to {MAX_SEQ}"
+            ));
+        }
+        if let Some(p) = prev.filter(|&p| seq <= p) {
+            return refuse(format!(
+                "client seq {seq} of client {client:?} follows seq {p} in the same batch: seqs must strictly increase within a batch"
+            ));
+        }
+        if seq > top {
+            if seq - top > MAX_SEQ_JUMP {
+                return refuse(format!(
+                    "client seq {seq} of client {client:?} is {} above the previous seq {top}: a client's seq grows by at most {MAX_SEQ_JUMP} at once",
+                    seq - top
+                ));
+            }
+            top = seq;
+        }
+        prev = Some(seq);
+    }
+    Ok(())
+}
+
+/// The refusal of a seq reused by another file with the same identity.
+fn conflict(client: &str, seq: u64, why: &str) -> StoreError {
+    StoreError::IdentityConflict(format!(
+        "client seq {seq} of client {client:?} {why}: two database files share this identity (a copied file?); nothing of this batch was stored"
+    ))
+}
 
 fn dataset_sql(id: i64) -> String {
     format!(
@@ -74,8 +187,9 @@ impl SqliteStore {
                 )));
             }
         }
-        let writer = open(path)?;
+        let mut writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
+        migrate(&mut writer, path)?;
         let reader = open(path)?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
@@ -255,6 +369,47 @@ fn validate(
     Ok(())
 }
 
+/// A remembered answer and the digest of its change's content (none when
+/// remembered by a hub older than digests: such a resend is taken on trust).
+type RememberedAnswer = (Remembered, Option<[u8; DIGEST_BYTES]>);
+
+/// The client's remembered answers by seq.
+fn remembered(
+    c: &Connection,
+    client: &str,
+    client_no: i64,
+) -> Result<HashMap<u64, RememberedAnswer>, StoreError> {
+    let mut out = HashMap::new();
+    let mut stmt = c.prepare_cached(
+        "SELECT first, results, digests FROM client_batches WHERE client_no = ?1",
+    )?;
+    let mut rows = stmt.query([client_no])?;
+    while let Some(r) = rows.next()? {
+        let first: i64 = r.get(0)?;
+        let blob: Vec<u8> = r.get(1)?;
+        let digests: Option<Vec<u8>> = r.get(2)?;
+        let entries = match rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob) {
+            Ok(v) => v,
+            Err(e) => {
+                // Its seqs are then refused as unknown, and the client
+                // takes a new identity: nothing is lost.
+                tracing::warn!(client, first, error = %e, "remembered answers of a batch are unreadable; ignored");
+                continue;
+            }
+        };
+        let digests = digests.filter(|d| d.len() == entries.len() * DIGEST_BYTES);
+        for (i, (seq, answer)) in entries.into_iter().enumerate() {
+            let digest = digests.as_ref().map(|d| {
+                d[i * DIGEST_BYTES..(i + 1) * DIGEST_BYTES]
+                    .try_into()
+                    .expect("BUG: sliced to the digest length")
+            });
+            out.insert(seq, (answer, digest));
+        }
+    }
+    Ok(out)
+}
+
 impl HubStore for SqliteStore {
     fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError> {
         let mut c = self.writer.lock().expect("BUG: poisoned");
@@ -311,6 +466,39 @@ impl HubStore for SqliteStore {
         Ok(seq.unwrap_or(0) as u64)
     }
 
+    fn claim_identity(&self, dataset: &str, client: &str, key: &str) -> Result<u64, StoreError> {
+        let mut c = self.writer.lock().expect("BUG: poisoned");
+        let ds = self.dataset_id(&c, dataset)?;
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![ds, client])?;
+        let (no, hwm, recorded): (i64, i64, Option<Vec<u8>>) = tx
+            .prepare_cached(
+                "SELECT no, last_seq, key_hash FROM clients WHERE dataset = ?1 AND client = ?2",
+            )?
+            .query_row(params![ds, client], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        match recorded {
+            None if key.is_empty() => {}
+            None => {
+                tx.prepare_cached("UPDATE clients SET key_hash = ?1 WHERE no = ?2")?
+                    .execute(params![key_hash(key), no])?;
+            }
+            Some(h) if !key.is_empty() && h == key_hash(key) => {}
+            Some(_) => {
+                return Err(StoreError::IdentityRefused {
+                    dataset: dataset.to_owned(),
+                    client: client.to_owned(),
+                })
+            }
+        }
+        tx.commit()?;
+        Ok(hwm as u64)
+    }
+
     fn apply_batch(
         &self,
         dataset: &str,
@@ -329,24 +517,25 @@ impl HubStore for SqliteStore {
             "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         )?
         .execute(params![ds, client])?;
-        let (client_no, hwm): (i64, i64) = tx
-            .prepare_cached("SELECT no, last_seq FROM clients WHERE dataset = ?1 AND client = ?2")?
-            .query_row(params![ds, client], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (client_no, hwm, acked_mark): (i64, i64, i64) = tx
+            .prepare_cached(
+                "SELECT no, last_seq, acked FROM clients WHERE dataset = ?1 AND client = ?2",
+            )?
+            .query_row(params![ds, client], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
         let hwm = hwm as u64;
+        check_seqs(client, changes, hwm)?;
+        // Answers up to here were processed by the client: it never sends
+        // those seqs again, and their answers may be forgotten.
+        let acked_mark = (acked_mark as u64).max(acked.min(hwm));
         tx.prepare_cached("DELETE FROM client_batches WHERE client_no = ?1 AND last <= ?2")?
-            .execute(params![client_no, acked as i64])?;
-        let mut remembered: HashMap<u64, Remembered> = HashMap::new();
-        if changes.iter().any(|c| c.seq <= hwm) {
-            let mut stmt =
-                tx.prepare_cached("SELECT results FROM client_batches WHERE client_no = ?1")?;
-            let mut rows = stmt.query([client_no])?;
-            while let Some(r) = rows.next()? {
-                let blob: Vec<u8> = r.get(0)?;
-                if let Ok(v) = rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob) {
-                    remembered.extend(v);
-                }
-            }
-        }
+            .execute(params![client_no, acked_mark as i64])?;
+        let remembered = if changes.iter().any(|c| c.seq <= hwm) {
+            remembered(&tx, client, client_no)?
+        } else {
+            HashMap::new()
+        };
         // The dataset's statements, named once per batch rather than per row.
         let sql_upsert_row = format!(
             "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
@@ -362,34 +551,45 @@ impl HubStore for SqliteStore {
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());
+        let mut digests = Vec::with_capacity(changes.len() * DIGEST_BYTES);
         let mut logged = Vec::new();
         let mut seen: HashSet<(&str, Vec<u8>)> = HashSet::new();
         let mut new_hwm = hwm;
+        // Seqs increase, so every resend comes before the first new change:
+        // a refused resend returns before anything of the batch is written.
         for ch in changes {
             let pk = encode_key(&ch.pk);
+            if ch.seq <= acked_mark {
+                return Err(conflict(
+                    client,
+                    ch.seq,
+                    &format!("was answered and the client acknowledged that answer (acked up to {acked_mark}), so it is never sent again"),
+                ));
+            }
             if ch.seq <= hwm {
                 // A resend: answer as the first time, apply nothing.
-                let outcome = match remembered.get(&ch.seq) {
-                    Some(Remembered::Applied(v)) => Outcome::Applied { version: *v },
-                    Some(Remembered::Invalid(reason, message)) => Outcome::Invalid {
+                let Some((first, digest)) = remembered.get(&ch.seq) else {
+                    return Err(conflict(
+                        client,
+                        ch.seq,
+                        &format!("was used before (the client's last seq is {hwm}) by a change this hub does not remember"),
+                    ));
+                };
+                let same = digest.is_none_or(|d| {
+                    d == content_digest(&ch.table, ch.op, &pk, &encode_values(&ch.values))
+                });
+                if !same {
+                    return Err(conflict(client, ch.seq, "was stored with other content"));
+                }
+                let outcome = match first {
+                    Remembered::Applied(v) => Outcome::Applied { version: *v },
+                    Remembered::Invalid(reason, message) => Outcome::Invalid {
                         reason: *reason,
                         message: message.clone(),
                     },
-                    Some(Remembered::Conflict) => Outcome::Conflict {
+                    Remembered::Conflict => Outcome::Conflict {
                         server: server_row(&tx, ds, load_row(&tx, ds, &ch.table, &pk)?.as_ref())?,
                     },
-                    None => {
-                        // The client acknowledged this answer already, so it
-                        // holds this change's effect; nothing to apply.
-                        tracing::warn!(dataset, client, seq = ch.seq, "resent change whose answer was acknowledged; answered with the row's version");
-                        let row = load_row(&tx, ds, &ch.table, &pk)?;
-                        Outcome::Applied {
-                            version: row
-                                .filter(|r| r.client_no == client_no)
-                                .map(|r| r.version)
-                                .unwrap_or(0),
-                        }
-                    }
                 };
                 results.push(ChangeResult {
                     seq: ch.seq,
@@ -398,6 +598,8 @@ impl HubStore for SqliteStore {
                 continue;
             }
             new_hwm = new_hwm.max(ch.seq);
+            let vals = encode_values(&ch.values);
+            digests.extend_from_slice(&content_digest(&ch.table, ch.op, &pk, &vals));
             let invalid = validate(ch, tables).err().or_else(|| {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
@@ -421,7 +623,6 @@ impl HubStore for SqliteStore {
             // the change was made against, and was last written by another
             // client (a row this client wrote last was the base of its new
             // change).
-            let vals = encode_values(&ch.values);
             let (op, deleted) = match ch.op {
                 Op::Upsert => (1, false),
                 Op::Delete => (2, true),
@@ -498,18 +699,19 @@ impl HubStore for SqliteStore {
         }
         if let (Some(first), Some(last)) = (remember.first(), remember.last()) {
             tx.prepare_cached(
-                "INSERT INTO client_batches (client_no, first, last, results) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results",
+                "INSERT INTO client_batches (client_no, first, last, results, digests) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results, digests = excluded.digests",
             )?
             .execute(params![
                 client_no,
                 first.0 as i64,
                 last.0 as i64,
-                rmp_serde::to_vec(&remember).expect("BUG: encodes")
+                rmp_serde::to_vec(&remember).expect("BUG: encodes"),
+                digests
             ])?;
         }
-        tx.prepare_cached("UPDATE clients SET last_seq = ?1 WHERE no = ?2")?
-            .execute(params![new_hwm as i64, client_no])?;
+        tx.prepare_cached("UPDATE clients SET last_seq = ?1, acked = ?2 WHERE no = ?3")?
+            .execute(params![new_hwm as i64, acked_mark as i64, client_no])?;
         tx.prepare_cached("UPDATE datasets SET head = ?1 WHERE id = ?2")?
             .execute(params![head as i64, ds])?;
         tx.commit()?;
