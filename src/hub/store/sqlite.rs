@@ -831,3 +831,377 @@ mod tests {
         assert_eq!(store.head("ds").unwrap(), 1);
     }
 }
+
+#[cfg(test)]
+mod rule_tests {
+    //! The identity and sequence rules of the store.
+
+    use super::*;
+
+    fn notes() -> HashMap<String, TableSchema> {
+        let t = TableSchema {
+            name: "notes".into(),
+            columns: vec!["id".into(), "body".into()],
+            types: vec!["TEXT".into(), "TEXT".into()],
+            pk: vec![0],
+            fingerprint: String::new(),
+        };
+        HashMap::from([(t.name.clone(), t)])
+    }
+
+    fn change(seq: u64, id: &str, body: &str) -> Change {
+        Change {
+            seq,
+            table: "notes".into(),
+            op: Op::Upsert,
+            pk: vec![Value::Text(id.into())],
+            values: vec![Value::Text(id.into()), Value::Text(body.into())],
+            base: 0,
+            mask: u64::MAX,
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        store: SqliteStore,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let store = SqliteStore::open(&path).unwrap();
+        Fixture {
+            _dir: dir,
+            path,
+            store,
+        }
+    }
+
+    impl Fixture {
+        fn apply(&self, changes: &[Change], acked: u64) -> Result<Applied, StoreError> {
+            self.store.apply_batch("ds", "c", &notes(), changes, acked)
+        }
+
+        /// Every row of every table of the store file, as text.
+        fn dump(&self) -> Vec<String> {
+            let c = Connection::open(&self.path).unwrap();
+            let tables: Vec<String> = c
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let mut out = Vec::new();
+            for t in tables {
+                let mut st = c
+                    .prepare(&format!("SELECT * FROM {t} ORDER BY 1, 2"))
+                    .unwrap();
+                let n = st.column_count();
+                let rows: Vec<String> = st
+                    .query_map([], |r| {
+                        let mut row = vec![t.clone()];
+                        for i in 0..n {
+                            row.push(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?));
+                        }
+                        Ok(row.join("|"))
+                    })
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                out.extend(rows);
+            }
+            out
+        }
+
+        /// Refused with `want`, and nothing in the store changed.
+        fn refused(&self, changes: &[Change], acked: u64, want: &str) -> String {
+            let before = self.dump();
+            let err = self.apply(changes, acked).unwrap_err();
+            assert_eq!(self.dump(), before, "the store changed");
+            let variant = match &err {
+                StoreError::BadSequence(_) => "bad_sequence",
+                StoreError::IdentityConflict(_) => "identity_conflict",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(variant, want, "{err}");
+            let message = err.to_string();
+            assert!(message.contains("\"c\""), "{message}");
+            assert!(
+                message.contains("nothing of this batch was stored"),
+                "{message}"
+            );
+            message
+        }
+    }
+
+    fn applied(a: &Applied) -> Vec<(u64, u64)> {
+        a.results
+            .iter()
+            .map(|r| match r.outcome {
+                Outcome::Applied { version } => (r.seq, version),
+                ref o => panic!("{o:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seq_zero_or_above_the_limit_is_a_bad_sequence_and_nothing_is_stored() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x")], 0).unwrap();
+        let m = f.refused(
+            &[change(2, "b", "x"), change(0, "z", "x")],
+            0,
+            "bad_sequence",
+        );
+        assert!(
+            m.contains("client seq 0 ") && m.contains("out of range"),
+            "{m}"
+        );
+        for seq in [u64::MAX, MAX_SEQ + 1] {
+            let m = f.refused(&[change(seq, "z", "x")], 0, "bad_sequence");
+            assert!(m.contains(&format!("client seq {seq} ")), "{m}");
+            assert!(
+                m.contains(&format!(
+                    "out of range: client seqs run from 1 to {MAX_SEQ}"
+                )),
+                "{m}"
+            );
+        }
+        // The device's next write is stored.
+        let a = f.apply(&[change(2, "b", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(2, 2)]);
+    }
+
+    #[test]
+    fn seqs_not_increasing_within_a_batch_are_a_bad_sequence() {
+        let f = fixture();
+        f.store.claim_identity("ds", "c", "k").unwrap();
+        let m = f.refused(
+            &[
+                change(1, "a", "x"),
+                change(3, "b", "x"),
+                change(2, "c", "x"),
+            ],
+            0,
+            "bad_sequence",
+        );
+        assert!(
+            m.contains("client seq 2 ") && m.contains("follows seq 3"),
+            "{m}"
+        );
+        f.refused(
+            &[change(1, "a", "x"), change(1, "b", "x")],
+            0,
+            "bad_sequence",
+        );
+        assert_eq!(f.store.client_seq("ds", "c").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_jump_beyond_the_limit_is_a_bad_sequence_and_the_device_keeps_its_numbers() {
+        let f = fixture();
+        f.apply(&[change(5, "a", "x")], 0).unwrap();
+        // The first new seq, and a later one of the same batch.
+        let m = f.refused(&[change(5 + MAX_SEQ_JUMP + 1, "b", "x")], 0, "bad_sequence");
+        assert!(m.contains(&MAX_SEQ_JUMP.to_string()), "{m}");
+        f.refused(
+            &[change(6, "b", "x"), change(7 + MAX_SEQ_JUMP, "c", "x")],
+            0,
+            "bad_sequence",
+        );
+        // Exactly the limit is accepted; the next real write is stored.
+        let a = f.apply(&[change(5 + MAX_SEQ_JUMP, "b", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(5 + MAX_SEQ_JUMP, 2)]);
+        let a = f.apply(&[change(6 + MAX_SEQ_JUMP, "c", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(6 + MAX_SEQ_JUMP, 3)]);
+    }
+
+    #[test]
+    fn a_seq_at_or_below_the_acked_mark_is_an_identity_conflict() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x"), change(2, "b", "x")], 0)
+            .unwrap();
+        f.apply(&[change(3, "c", "x")], 2).unwrap();
+        // Even with the very same content: its answer was processed.
+        let m = f.refused(&[change(2, "b", "x")], 0, "identity_conflict");
+        assert!(
+            m.contains("client seq 2 ") && m.contains("acked up to 2"),
+            "{m}"
+        );
+        // `acked` beyond the high-water mark is clamped to it and never
+        // moves back.
+        f.apply(&[], 1_000).unwrap();
+        f.refused(&[change(3, "c", "x")], 0, "identity_conflict");
+        let a = f.apply(&[change(4, "d", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(4, 4)]);
+    }
+
+    #[test]
+    fn a_resend_with_the_same_content_is_answered_as_the_first_time() {
+        let f = fixture();
+        let batch = [change(1, "a", "x"), change(2, "b", "x")];
+        let first = f.apply(&batch, 0).unwrap();
+        let stored = f.dump();
+        // A daemon reading its log again recomputes base and mask.
+        let mut again = batch.clone();
+        again[0].base = 7;
+        again[1].mask = 1;
+        let a = f.apply(&again, 0).unwrap();
+        assert_eq!(a.results, first.results);
+        assert!(a.logged.is_empty());
+        // Nothing stored twice (the acked mark is unchanged too).
+        assert_eq!(f.dump(), stored);
+        // Resends first, then a new change: the new one is applied.
+        let a = f
+            .apply(&[change(2, "b", "x"), change(3, "c", "x")], 0)
+            .unwrap();
+        assert_eq!(applied(&a), vec![(2, 2), (3, 3)]);
+    }
+
+    #[test]
+    fn a_resend_with_other_content_is_an_identity_conflict_and_the_store_is_unchanged() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x"), change(2, "b", "x")], 0)
+            .unwrap();
+        // Other values, another row, another op: each refused.
+        let m = f.refused(&[change(2, "b", "y")], 0, "identity_conflict");
+        assert!(
+            m.contains("client seq 2 ") && m.contains("other content"),
+            "{m}"
+        );
+        f.refused(&[change(2, "other", "x")], 0, "identity_conflict");
+        let mut delete = change(2, "b", "x");
+        delete.op = Op::Delete;
+        delete.values.clear();
+        f.refused(&[delete], 0, "identity_conflict");
+        // With new changes behind it: none of them is stored either.
+        f.refused(
+            &[
+                change(1, "a", "x"),
+                change(2, "b", "z"),
+                change(3, "c", "x"),
+            ],
+            0,
+            "identity_conflict",
+        );
+        assert_eq!(f.store.head("ds").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_used_seq_the_hub_does_not_remember_is_an_identity_conflict() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x"), change(2, "b", "x")], 0)
+            .unwrap();
+        Connection::open(&f.path)
+            .unwrap()
+            .execute("DELETE FROM client_batches", [])
+            .unwrap();
+        let m = f.refused(&[change(2, "b", "x")], 0, "identity_conflict");
+        assert!(m.contains("does not remember"), "{m}");
+    }
+
+    #[test]
+    fn answers_remembered_by_an_older_hub_without_digests_are_still_resends() {
+        let f = fixture();
+        let first = f.apply(&[change(1, "a", "x")], 0).unwrap();
+        Connection::open(&f.path)
+            .unwrap()
+            .execute("UPDATE client_batches SET digests = NULL", [])
+            .unwrap();
+        // No digest to compare: taken on trust, as before.
+        let a = f.apply(&[change(1, "a", "other")], 0).unwrap();
+        assert_eq!(a.results, first.results);
+        assert_eq!(f.store.head("ds").unwrap(), 1);
+    }
+
+    #[test]
+    fn the_first_key_claims_an_id_and_another_key_or_none_is_refused() {
+        let f = fixture();
+        let s = &f.store;
+        assert_eq!(s.claim_identity("ds", "c", "k1").unwrap(), 0);
+        assert_eq!(s.claim_identity("ds", "c", "k1").unwrap(), 0);
+        // The hello created the client: its id is known before any upload.
+        let known: i64 = Connection::open(&f.path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM clients WHERE client = 'c'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(known, 1);
+        for other in ["k2", ""] {
+            let e = s.claim_identity("ds", "c", other).unwrap_err();
+            assert!(matches!(e, StoreError::IdentityRefused { .. }), "{e:?}");
+            let m = e.to_string();
+            assert!(
+                m.contains("\"c\"") && m.contains("not present the key"),
+                "{m}"
+            );
+            assert!(!m.contains("k1"), "{m}");
+        }
+        // The same id in another dataset is another identity.
+        s.claim_identity("other", "c", "k2").unwrap();
+        // The high-water mark is what welcome announces.
+        f.apply(&[change(9, "a", "x")], 0).unwrap();
+        assert_eq!(s.claim_identity("ds", "c", "k1").unwrap(), 9);
+        // Only the key's hash is kept.
+        let dump = f.dump().join("\n");
+        assert!(!dump.contains("k1") && !dump.contains("k2"), "{dump}");
+    }
+
+    #[test]
+    fn a_client_without_a_key_is_accepted_until_a_key_claims_its_id() {
+        let f = fixture();
+        let s = &f.store;
+        s.claim_identity("ds", "old", "").unwrap();
+        s.claim_identity("ds", "old", "").unwrap();
+        s.claim_identity("ds", "old", "k").unwrap();
+        s.claim_identity("ds", "old", "k").unwrap();
+        assert!(s.claim_identity("ds", "old", "").is_err());
+        assert!(s.claim_identity("ds", "old", "k2").is_err());
+    }
+
+    #[test]
+    fn a_store_made_before_keys_and_digests_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
+                 CREATE TABLE clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, UNIQUE (dataset, client));
+                 CREATE TABLE client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, PRIMARY KEY (client_no, first));
+                 INSERT INTO datasets (id, name, head) VALUES (1, 'ds', 1);
+                 INSERT INTO clients (no, dataset, client, last_seq) VALUES (1, 1, 'c', 1);",
+            )
+            .unwrap();
+            c.execute_batch(&dataset_sql(1)).unwrap();
+            c.execute_batch(
+                "INSERT INTO log_1 VALUES (1, 'notes', x'00', 1, x'00', 1);
+                 INSERT INTO rows_1 VALUES ('notes', x'00', 1, 0, 1);",
+            )
+            .unwrap();
+            let blob = rmp_serde::to_vec(&vec![(1u64, Remembered::Applied(1))]).unwrap();
+            c.execute("INSERT INTO client_batches VALUES (1, 1, 1, ?1)", [blob])
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        // A client from before keys claims its id with its first key.
+        assert_eq!(store.claim_identity("ds", "c", "k").unwrap(), 1);
+        // Its remembered answer (no digest) still answers a resend.
+        let a = store
+            .apply_batch("ds", "c", &notes(), &[change(1, "a", "x")], 0)
+            .unwrap();
+        assert_eq!(applied(&a), vec![(1, 1)]);
+        let a = store
+            .apply_batch("ds", "c", &notes(), &[change(2, "b", "x")], 1)
+            .unwrap();
+        assert_eq!(applied(&a), vec![(2, 2)]);
+        drop(store);
+        // Opening again changes nothing.
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.claim_identity("ds", "c", "other").is_err());
+    }
+}
