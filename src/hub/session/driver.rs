@@ -52,6 +52,10 @@ type Applying = Option<(u64, Arc<Vec<Change>>, JoinHandle<ApplyDone>)>;
 
 /// A session's I/O and what its store tasks need.
 struct Driver {
+    /// Cancelled once another session of the same identity took over. Left
+    /// when the driver is dropped, before the session stops being counted
+    /// as connected (fields drop in order).
+    registration: Registration,
     inner: Arc<HubInner>,
     dataset: String,
     client: String,
@@ -63,9 +67,6 @@ struct Driver {
     /// The page being read: the page and the head.
     read: Pending<Result<(Page, u64), StoreError>>,
     apply: Applying,
-    /// Cancelled once another session of the same identity took over; the
-    /// registration is left when the driver is dropped.
-    registration: Registration,
 }
 
 /// Runs an opened session until it ends; never returns while a send waits on
