@@ -642,3 +642,300 @@ async fn a_client_subscribed_to_one_table_gets_only_its_changes_and_reaches_the_
     assert_eq!(read_to_head(partial).await, vec![2, 4, 6, 8, 10]);
     hub.stop().await;
 }
+
+/// A hello of client `client` presenting `key` (empty: none).
+fn keyed_hello(client: &str, key: &str) -> ClientFrame {
+    let mut h = notes_hello("db", client);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.client_key = key.into();
+    }
+    h
+}
+
+/// Opens a session with `hello` on dataset `db`; returns it once caught up,
+/// with its welcome.
+async fn session_with(world: &World, hello: &ClientFrame) -> (RawWs, proto::Welcome) {
+    let mut ws = raw_connect(&world.url(), Some(&world.token), Some("db"))
+        .await
+        .unwrap();
+    raw_send(&mut ws, proto::encode(hello)).await;
+    let mut welcome = None;
+    loop {
+        match raw_recv(&mut ws).await {
+            Some(HubFrame::Welcome(w)) => welcome = Some(w),
+            Some(HubFrame::CaughtUp(_)) => return (ws, welcome.expect("welcome first")),
+            Some(HubFrame::Error(e)) => panic!("refused: {e:?}"),
+            Some(_) => continue,
+            None => panic!("closed"),
+        }
+    }
+}
+
+/// Reads up to an `error` frame (skipping stream frames), checks its code
+/// and that the hub then closes; returns its message.
+async fn refused_with(ws: &mut RawWs, code: ErrorCode) -> String {
+    loop {
+        match raw_recv(ws).await {
+            Some(HubFrame::Error(e)) => {
+                assert_eq!(e.code, code, "{}", e.message);
+                assert!(raw_recv(ws).await.is_none(), "closed after {code:?}");
+                return e.message;
+            }
+            Some(HubFrame::UploadResult(r)) => panic!("answered instead of {code:?}: {r:?}"),
+            Some(_) => continue,
+            None => panic!("closed without an error frame {code:?}"),
+        }
+    }
+}
+
+/// Sends one upload and returns its whole answer.
+async fn upload_answered(ws: &mut RawWs, batch: u64, changes: Vec<Change>) -> Vec<Outcome> {
+    raw_send(ws, proto::encode(&upload(batch, changes))).await;
+    let (results, _) = answer(ws, batch).await;
+    results.into_iter().map(|r| r.outcome).collect()
+}
+
+/// Waits until `ws` receives a change of row `id`.
+async fn receives_row(ws: &mut RawWs, id: &str) {
+    loop {
+        match raw_recv(ws).await {
+            Some(HubFrame::Changes(c))
+                if c.changes.iter().any(|c| c.pk == [Value::Text(id.into())]) =>
+            {
+                return
+            }
+            Some(HubFrame::Error(e)) => panic!("refused: {e:?}"),
+            Some(_) => continue,
+            None => panic!("closed before row {id:?} arrived"),
+        }
+    }
+}
+
+/// Every row of every table of the hub's store file, as text.
+fn store_dump(world: &World) -> Vec<String> {
+    let c = rusqlite::Connection::open(world.path("hub.db")).unwrap();
+    let tables: Vec<String> = c
+        .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    let mut out = Vec::new();
+    for t in tables {
+        let mut st = c
+            .prepare(&format!("SELECT * FROM {t} ORDER BY 1, 2"))
+            .unwrap();
+        let n = st.column_count();
+        let rows: Vec<String> = st
+            .query_map([], |r| {
+                let mut row = vec![t.clone()];
+                for i in 0..n {
+                    row.push(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?));
+                }
+                Ok(row.join("|"))
+            })
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        out.extend(rows);
+    }
+    out
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_impostor_with_another_key_or_none_is_refused_and_the_device_keeps_syncing() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let (mut watcher, _) = session_with(&world, &keyed_hello("watcher", "w-key")).await;
+    let (mut device, _) = session_with(&world, &keyed_hello("dev", "dev-key")).await;
+    let got = upload_answered(&mut device, 1, vec![row_change(1, "one", 4)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+    for key in ["stolen-guess", ""] {
+        let mut ws = raw_connect(&world.url(), Some(&world.token), Some("db"))
+            .await
+            .unwrap();
+        raw_send(&mut ws, proto::encode(&keyed_hello("dev", key))).await;
+        let m = refused_with(&mut ws, ErrorCode::IdentityRefused).await;
+        assert!(m.contains("client id \"dev\""), "{m}");
+        assert!(m.contains("not present the key"), "{m}");
+        assert!(!m.contains("dev-key"), "the key is never shown: {m}");
+    }
+    // The device was not replaced by the refused connections: it uploads on
+    // the same connection and its write reaches the watcher.
+    let got = upload_answered(&mut device, 2, vec![row_change(2, "two", 4)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+    receives_row(&mut watcher, "two").await;
+    // The key is never written to the store, only its hash.
+    let dump = store_dump(&world).join("\n");
+    assert!(!dump.contains("dev-key"));
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn absurd_zero_or_backward_seqs_are_refused_and_the_device_keeps_syncing() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let (mut watcher, _) = session_with(&world, &keyed_hello("watcher", "w-key")).await;
+    let hello = keyed_hello("dev", "dev-key");
+    let (mut device, _) = session_with(&world, &hello).await;
+    let got = upload_answered(
+        &mut device,
+        1,
+        vec![row_change(1, "one", 4), row_change(2, "two", 4)],
+    )
+    .await;
+    assert_eq!(got.len(), 2);
+    drop(device);
+    let stored = store_dump(&world);
+    // Each bad batch on a connection of its own (the hub closes after it).
+    let mut other_two = row_change(2, "two", 4);
+    other_two.values[1] = Value::Integer(99);
+    let cases: Vec<(Vec<Change>, u64, ErrorCode, &str)> = vec![
+        (
+            vec![row_change(u64::MAX, "max", 4)],
+            0,
+            ErrorCode::BadSequence,
+            "out of range",
+        ),
+        (
+            vec![row_change(0, "zero", 4)],
+            0,
+            ErrorCode::BadSequence,
+            "out of range",
+        ),
+        (
+            vec![row_change(5, "five", 4), row_change(4, "four", 4)],
+            0,
+            ErrorCode::BadSequence,
+            "strictly increase",
+        ),
+        (
+            vec![row_change(3 + proto::MAX_SEQ_JUMP, "far", 4)],
+            0,
+            ErrorCode::BadSequence,
+            "at most",
+        ),
+        // Backwards: a used seq with other content, or one whose answer the
+        // client acknowledged.
+        (
+            vec![other_two],
+            0,
+            ErrorCode::IdentityConflict,
+            "other content",
+        ),
+        (
+            vec![row_change(2, "two", 4)],
+            2,
+            ErrorCode::IdentityConflict,
+            "acknowledged",
+        ),
+    ];
+    for (changes, acked, code, needle) in cases {
+        let (mut ws, w) = session_with(&world, &hello).await;
+        assert_eq!(w.client_seq, 2, "the mark did not move");
+        let up = ClientFrame::Upload(Upload {
+            batch: 1,
+            acked,
+            changes,
+        });
+        raw_send(&mut ws, proto::encode(&up)).await;
+        let m = refused_with(&mut ws, code).await;
+        assert!(m.contains(needle) && m.contains("\"dev\""), "{m}");
+        assert!(m.contains("nothing of this batch was stored"), "{m}");
+        assert_eq!(store_dump(&world), stored, "after {code:?} {needle}");
+    }
+    // The device's next real write is stored and reaches the watcher.
+    let (mut device, w) = session_with(&world, &hello).await;
+    assert_eq!(w.client_seq, 2);
+    let got = upload_answered(&mut device, 1, vec![row_change(3, "three", 4)]).await;
+    assert!(
+        matches!(got[..], [Outcome::Applied { version: 3 }]),
+        "{got:?}"
+    );
+    receives_row(&mut watcher, "three").await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_repeated_seq_with_other_content_is_refused_after_the_earlier_answers_and_stores_nothing()
+{
+    let world = World::new(&[("db", &["notes"])]).await;
+    let (mut device, _) = session_with(&world, &keyed_hello("dev", "dev-key")).await;
+    let got = upload_answered(
+        &mut device,
+        1,
+        vec![row_change(1, "a", 4), row_change(2, "b", 4)],
+    )
+    .await;
+    assert_eq!(got.len(), 2);
+    let before = store_dump(&world);
+    // Three batches back to back: a good one, one reusing seq 2 for another
+    // row (as a copied file would), and one behind it.
+    raw_send(
+        &mut device,
+        proto::encode(&upload(2, vec![row_change(3, "c", 4)])),
+    )
+    .await;
+    raw_send(
+        &mut device,
+        proto::encode(&upload(
+            3,
+            vec![row_change(2, "copy", 4), row_change(4, "d", 4)],
+        )),
+    )
+    .await;
+    raw_send(
+        &mut device,
+        proto::encode(&upload(4, vec![row_change(5, "e", 4)])),
+    )
+    .await;
+    // Batch 2 is answered first, then the refusal, then the connection ends.
+    let (results, _) = answer(&mut device, 2).await;
+    assert!(matches!(
+        results[0].outcome,
+        Outcome::Applied { version: 3 }
+    ));
+    let m = refused_with(&mut device, ErrorCode::IdentityConflict).await;
+    assert!(
+        m.contains("client seq 2 of client \"dev\" was stored with other content"),
+        "{m}"
+    );
+    assert!(m.contains("copied file"), "{m}");
+    // Only batch 2 was stored: not batch 3, nor batch 4 behind it.
+    let after = store_dump(&world);
+    let log = |d: &[String]| d.iter().filter(|r| r.starts_with("log_")).count();
+    assert_eq!((log(&before), log(&after)), (2, 3), "{after:#?}");
+    let (_watcher, w) = session_with(&world, &keyed_hello("watcher", "w-key")).await;
+    assert_eq!(w.head, 3);
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_second_connection_of_one_identity_replaces_the_first() {
+    let world = World::new(&[("db", &["notes"])]).await;
+    let hello = keyed_hello("dev", "dev-key");
+    let (mut watcher, _) = session_with(&world, &keyed_hello("watcher", "w-key")).await;
+    let (mut first, _) = session_with(&world, &hello).await;
+    let (mut second, _) = session_with(&world, &hello).await;
+    let m = refused_with(&mut first, ErrorCode::Replaced).await;
+    assert!(m.contains("client \"dev\" took over"), "{m}");
+    // The newcomer keeps working.
+    let got = upload_answered(&mut second, 1, vec![row_change(1, "one", 4)]).await;
+    assert!(
+        matches!(got[..], [Outcome::Applied { version: 1 }]),
+        "{got:?}"
+    );
+    receives_row(&mut watcher, "one").await;
+    // Once the first session is gone, the second is still the identity's:
+    // a third connection replaces it.
+    let hub = world.hub().hub.metrics();
+    wait_until("the replaced session ended", || {
+        hub.render()
+            .lines()
+            .any(|l| l == "tether_hub_sessions{dataset=\"db\"} 2")
+    })
+    .await;
+    let (mut third, _) = session_with(&world, &hello).await;
+    refused_with(&mut second, ErrorCode::Replaced).await;
+    let got = upload_answered(&mut third, 1, vec![row_change(2, "two", 4)]).await;
+    assert!(
+        matches!(got[..], [Outcome::Applied { version: 2 }]),
+        "{got:?}"
+    );
+}

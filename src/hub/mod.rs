@@ -7,7 +7,10 @@
 //! * one accept loop ([`Hub::run`]), at most [`MAX_CONNECTIONS`] connections;
 //! * per connection, the session's driver (`session::serve`, or a plain HTTP
 //!   answer for `/metrics` and `/healthz`). After the upgrade and `hello`
-//!   checks, its loop waits on the socket's read half, on the dataset's
+//!   checks (the client key must match the one that claimed the client
+//!   id), the session takes its identity's place in the registry, ending an
+//!   older session of the same identity (`registry.rs`). Its loop waits on
+//!   the socket's read half, on the replacement signal, on the dataset's
 //!   broadcast of applied batches ([`fanout::FANOUT_BUFFER`] batches, then
 //!   it lags and reads from the store), on writing the frames that wait for
 //!   the client ([`crate::outgoing`]: at most 4, the machine stops preparing
@@ -23,6 +26,7 @@
 
 pub mod auth;
 pub mod fanout;
+mod registry;
 mod session;
 pub mod store;
 
@@ -61,6 +65,8 @@ pub(crate) struct HubInner {
     tokens: Tokens,
     store: Arc<dyn HubStore>,
     fanout: Fanout,
+    /// The live session of each identity.
+    sessions: Arc<registry::Registry>,
     read_timeout: Duration,
     faults: Arc<Faults>,
     metrics: Arc<HubMetrics>,
@@ -98,6 +104,7 @@ impl Hub {
                 tokens: Tokens::new(&cfg.tokens),
                 store,
                 fanout: Fanout::default(),
+                sessions: Arc::default(),
                 read_timeout: cfg.read_timeout.0,
                 faults: Arc::new(Faults::default()),
                 metrics,

@@ -26,6 +26,7 @@ use super::machine::{Action, Ending, Input, Refusal, WRITE_QUEUE_FRAMES};
 use super::{refusal_messages, Opened, Ws};
 use crate::counted::Progress;
 use crate::hub::fanout::Published;
+use crate::hub::registry::Registration;
 use crate::hub::store::{Applied, Page, StoreError};
 use crate::hub::HubInner;
 use crate::metrics::{HubSessionMetrics, StoreOp};
@@ -41,16 +42,20 @@ const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
 type Pending<T> = Option<JoinHandle<T>>;
 
+/// What an apply task did: `None` when the session was replaced before the
+/// store took the batch (nothing applied).
+type ApplyDone = Result<Option<Applied>, StoreError>;
+
 /// The upload being applied: its batch number, its changes (to answer a
 /// failure) and the store task.
-type Applying = Option<(
-    u64,
-    Arc<Vec<Change>>,
-    JoinHandle<Result<Applied, StoreError>>,
-)>;
+type Applying = Option<(u64, Arc<Vec<Change>>, JoinHandle<ApplyDone>)>;
 
 /// A session's I/O and what its store tasks need.
 struct Driver {
+    /// Cancelled once another session of the same identity took over. Left
+    /// when the driver is dropped, before the session stops being counted
+    /// as connected (fields drop in order).
+    registration: Registration,
     inner: Arc<HubInner>,
     dataset: String,
     client: String,
@@ -85,6 +90,7 @@ pub(super) async fn run(
         mut machine,
         start,
         mut live,
+        registration,
     } = opened;
     let metrics = inner.metrics.session(&dataset);
     let (sink, mut reader) = ws.split();
@@ -98,7 +104,10 @@ pub(super) async fn run(
         metrics,
         read: None,
         apply: None,
+        registration,
     };
+    let replaced = d.registration.replaced.clone();
+    let mut told_replaced = false;
     let mut actions = start;
     // Frames flushed, as last told to the machine.
     let mut reported = 0u64;
@@ -160,6 +169,9 @@ pub(super) async fn run(
             }
             r = join_apply(&mut d.apply), if d.apply.is_some() => {
                 let (batch, changes, _) = d.apply.take().expect("BUG: apply polled while none");
+                if matches!(r, Ok(None)) {
+                    told_replaced = true;
+                }
                 d.applied(batch, &changes, r)
             }
             _ = progress_check.tick(), if machine.writing() => {
@@ -180,6 +192,10 @@ pub(super) async fn run(
                 } else {
                     Input::Tick
                 }
+            }
+            _ = replaced.cancelled(), if !told_replaced => {
+                told_replaced = true;
+                Input::Replaced
             }
             _ = shutdown.cancelled(), if !shutting => {
                 shutting = true;
@@ -240,10 +256,16 @@ impl Driver {
         let changes = Arc::new(up.changes);
         let acked = up.acked;
         let batch = changes.clone();
+        let replaced = self.registration.replaced.clone();
         let task = tokio::task::spawn_blocking(move || {
             let changes = batch;
             let fan = inner.fanout.dataset(&ds);
             let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
+            if replaced.is_cancelled() {
+                // A newer session of this identity took over: it alone
+                // applies the client's uploads from now on.
+                return Ok(None);
+            }
             let t0 = std::time::Instant::now();
             let mut applied = inner
                 .store
@@ -261,16 +283,24 @@ impl Driver {
                 // No receiver is fine: nobody else is connected.
                 let _ = fan.tx.send(Arc::new(p));
             }
-            Ok(applied)
+            Ok(Some(applied))
         });
         self.apply = Some((up.batch, changes, task));
     }
 
     /// Turns a finished apply into the machine's input, with logs, metrics
     /// and the `drop_upload_results` fault point.
-    fn applied(&mut self, batch: u64, changes: &[Change], r: Result<Applied, StoreError>) -> Input {
+    fn applied(&mut self, batch: u64, changes: &[Change], r: ApplyDone) -> Input {
         match r {
-            Ok(a) => {
+            Ok(None) => {
+                tracing::debug!(batch, "batch not applied: another connection took over");
+                Input::NotApplied
+            }
+            Err(e @ (StoreError::IdentityConflict(_) | StoreError::BadSequence(_))) => {
+                // Logged when the session ends with it.
+                Input::Refused(e.into())
+            }
+            Ok(Some(a)) => {
                 let s = UploadSummary::of(&a.results);
                 self.metrics.applied(&s);
                 tracing::debug!(
@@ -399,7 +429,7 @@ async fn join<T>(h: &mut Pending<Result<T, StoreError>>) -> Result<T, StoreError
     }
 }
 
-async fn join_apply(h: &mut Applying) -> Result<Applied, StoreError> {
+async fn join_apply(h: &mut Applying) -> ApplyDone {
     match h {
         Some((_, _, h)) => h
             .await

@@ -114,6 +114,18 @@ pub enum Input {
         results: Vec<ChangeResult>,
         failed: bool,
     },
+    /// The store refused the upload of the last [`Action::Apply`] as a
+    /// whole (`bad_sequence`, `identity_conflict`): nothing of it was
+    /// stored. Earlier answers go out, then this refusal; later uploads are
+    /// never applied.
+    Refused(Refusal),
+    /// Another session of the same identity took over: this one applies no
+    /// further upload and ends with an `error` frame `replaced` (after the
+    /// upload being applied, if any, is answered).
+    Replaced,
+    /// The upload of the last [`Action::Apply`] was not applied because the
+    /// session was replaced before the store took it.
+    NotApplied,
     /// A fault point drops the answer of the batch just applied.
     Cut,
     /// A batch another session applied.
@@ -302,6 +314,8 @@ impl Machine {
             // still matter.
             match input {
                 Input::Applied { .. }
+                | Input::Refused(_)
+                | Input::NotApplied
                 | Input::Cut
                 | Input::Gone
                 | Input::Written { .. }
@@ -344,6 +358,26 @@ impl Machine {
             Input::StoreFailed(r) => self.close(Ending::Refuse(r), &mut out),
             Input::PageRead { page, head } => self.page_read(page, head),
             Input::Applied { results, failed } => self.applied(results, failed, &mut out),
+            Input::Refused(r) => {
+                // Nothing of the batch was stored: no answer, and none of
+                // the uploads behind it may be applied.
+                self.applying = None;
+                self.uploads.clear();
+                self.close_now(Ending::Refuse(r), &mut out);
+            }
+            Input::Replaced => {
+                let r = self.replaced();
+                self.close(Ending::Refuse(r), &mut out);
+            }
+            Input::NotApplied => {
+                self.applying = None;
+                self.uploads.clear();
+                let ending = match &self.state {
+                    State::Draining(ending) => ending.clone(),
+                    _ => Ending::Refuse(self.replaced()),
+                };
+                self.close_now(ending, &mut out);
+            }
             Input::Cut => {
                 self.applying = None;
                 self.uploads.clear();
@@ -372,6 +406,17 @@ impl Machine {
             self.pump(now, &mut out);
         }
         out
+    }
+
+    /// The refusal that ends a session another one took over from.
+    fn replaced(&self) -> Refusal {
+        Refusal::new(
+            ErrorCode::Replaced,
+            format!(
+                "another connection of client {:?} took over this identity and this one is closed; a device reconnecting replaces its own stale connection, and if two devices run copies of one database file, each takes its own identity on its next upload",
+                self.params.client
+            ),
+        )
     }
 
     fn upload(&mut self, up: Upload, out: &mut Vec<Action>) {
@@ -1150,6 +1195,100 @@ mod tests {
         };
         assert_eq!(flush.len(), 1);
         assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Internal));
+    }
+
+    /// The frames of a `Close`'s flush, decoded, and its ending.
+    fn closed(a: &[Action]) -> (Vec<HubFrame>, Ending) {
+        let [Action::Close { flush, ending }] = a else {
+            panic!("expected a close, got {a:?}")
+        };
+        let frames = flush.iter().map(|f| proto::decode(f).unwrap()).collect();
+        (frames, ending.clone())
+    }
+
+    fn batch_of(f: &HubFrame) -> u64 {
+        match f {
+            HubFrame::UploadResult(r) => r.batch,
+            other => panic!("expected an upload answer, got {other:?}"),
+        }
+    }
+
+    #[test]
+    fn a_refused_batch_ends_the_session_after_the_earlier_answers_and_nothing_later_is_applied() {
+        let now = Instant::now();
+        let mut m = live(params(&["a"]), 0, now);
+        // Fill the writer so that answers wait in the machine.
+        for v in 0..WRITE_QUEUE_FRAMES as u64 {
+            m.handle(published(v, &[("a", "x")], 1), now);
+        }
+        assert_eq!(m.unwritten.len(), WRITE_QUEUE_FRAMES);
+        for b in 1..=3 {
+            m.handle(upload(b), now);
+        }
+        assert!(sent(&m.handle(applied(1), now)).is_empty());
+        let refusal = Refusal::new(ErrorCode::IdentityConflict, "client seq 2 of client \"me\"");
+        let a = m.handle(Input::Refused(refusal.clone()), now);
+        assert!(!a.iter().any(|a| matches!(a, Action::Apply(_))), "{a:?}");
+        let (flush, ending) = closed(&a);
+        // Batch 1's answer, then the refusal; batch 2 unanswered, 3 dropped.
+        assert_eq!(flush.iter().map(batch_of).collect::<Vec<_>>(), vec![1]);
+        assert_eq!(ending, Ending::Refuse(refusal));
+        assert!(m.handle(upload(4), now).is_empty(), "closed");
+        // The same while draining for shutdown: the refusal is what ends it.
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(upload(1), now);
+        m.handle(Input::Shutdown, now);
+        let bad = Refusal::new(ErrorCode::BadSequence, "client seq 0");
+        let (flush, ending) = closed(&m.handle(Input::Refused(bad.clone()), now));
+        assert!(flush.is_empty());
+        assert_eq!(ending, Ending::Refuse(bad));
+    }
+
+    #[test]
+    fn a_replaced_session_answers_the_batch_being_applied_then_ends_and_applies_no_more() {
+        let now = Instant::now();
+        // Idle: ends at once.
+        let mut m = live(params(&["a"]), 0, now);
+        let (flush, ending) = closed(&m.handle(Input::Replaced, now));
+        assert!(flush.is_empty());
+        let Ending::Refuse(r) = ending else {
+            panic!("{ending:?}")
+        };
+        assert_eq!(r.code, ErrorCode::Replaced);
+        assert!(
+            r.message.contains("client \"me\" took over"),
+            "{}",
+            r.message
+        );
+        // Applying batch 1 with batch 2 queued: 1 is answered, 2 never applied.
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(upload(1), now);
+        m.handle(upload(2), now);
+        assert!(m.handle(Input::Replaced, now).is_empty());
+        assert!(!m.wants_inbound());
+        assert!(
+            m.handle(upload(3), now).is_empty(),
+            "nothing read or applied"
+        );
+        let a = m.handle(applied(1), now);
+        assert!(!a.iter().any(|a| matches!(a, Action::Apply(_))), "{a:?}");
+        let (flush, ending) = closed(&a);
+        assert_eq!(flush.iter().map(batch_of).collect::<Vec<_>>(), vec![1]);
+        assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Replaced));
+        // The store saw the replacement first: batch 1 not applied, no answer.
+        for told_first in [false, true] {
+            let mut m = live(params(&["a"]), 0, now);
+            m.handle(upload(1), now);
+            m.handle(upload(2), now);
+            if told_first {
+                assert!(m.handle(Input::Replaced, now).is_empty());
+            }
+            let a = m.handle(Input::NotApplied, now);
+            assert!(!a.iter().any(|a| matches!(a, Action::Apply(_))), "{a:?}");
+            let (flush, ending) = closed(&a);
+            assert!(flush.is_empty());
+            assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Replaced));
+        }
     }
 
     #[test]

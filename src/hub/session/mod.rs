@@ -47,12 +47,14 @@ pub fn ws_config() -> WebSocketConfig {
 
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
-        match e {
-            StoreError::SchemaMismatch { .. } => {
-                Refusal::new(ErrorCode::SchemaMismatch, e.to_string())
-            }
-            StoreError::Backend(_) => Refusal::new(ErrorCode::Internal, e.to_string()),
-        }
+        let code = match e {
+            StoreError::SchemaMismatch { .. } => ErrorCode::SchemaMismatch,
+            StoreError::IdentityRefused { .. } => ErrorCode::IdentityRefused,
+            StoreError::IdentityConflict(_) => ErrorCode::IdentityConflict,
+            StoreError::BadSequence(_) => ErrorCode::BadSequence,
+            StoreError::Backend(_) => ErrorCode::Internal,
+        };
+        Refusal::new(code, e.to_string())
     }
 }
 
@@ -212,6 +214,8 @@ struct Opened {
     start: Vec<machine::Action>,
     /// Subscribed before the catch-up starts, so no batch falls between.
     live: tokio::sync::broadcast::Receiver<Arc<super::fanout::Published>>,
+    /// The identity's place in the registry, left when the session ends.
+    registration: super::registry::Registration,
 }
 
 /// Checks `hello` against the hub's configuration and the grant, registers
@@ -224,10 +228,12 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         hello.tables.clone(),
         hello.client_id.clone(),
     );
+    let key = hello.client_key.clone();
     let t0 = std::time::Instant::now();
     let (head, client_seq) = blocking(move || {
         store.register_schema(&ds, &tables)?;
-        Ok((store.head(&ds)?, store.client_seq(&ds, &client)?))
+        let client_seq = store.claim_identity(&ds, &client, &key)?;
+        Ok((store.head(&ds)?, client_seq))
     })
     .await?;
     inner
@@ -237,6 +243,11 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
     if cursor > head {
         tracing::warn!(cursor, head, "client cursor is ahead of the hub (was the hub store restored?); sending from the hub's head");
         cursor = head;
+    }
+    // The key matched: this session is the identity's from now on.
+    let (registration, replaced) = inner.sessions.register(&hello.dataset, &hello.client_id);
+    if replaced {
+        tracing::warn!("another connection of this client was live: it is told to end and this one takes over (a stale connection of the same device, or two devices running copies of one database file)");
     }
     // Subscribe before catching up so no batch falls between the two.
     let live = inner.fanout.dataset(&hello.dataset).tx.subscribe();
@@ -276,6 +287,7 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         machine,
         start,
         live,
+        registration,
     })
 }
 

@@ -47,6 +47,18 @@ pub enum StoreError {
         got: String,
         want: String,
     },
+    /// `hello` carried another key than the one recorded for the client id
+    /// (or none while one is recorded).
+    #[error("client id {client:?} of dataset {dataset:?} belongs to another device: this connection did not present the key of the device that created the identity. If this database file is a copy of another device's, tether gives it a new identity by itself; otherwise check which other device or program uses this client id")]
+    IdentityRefused { dataset: String, client: String },
+    /// An upload reused a client seq: two files share one identity. Nothing
+    /// of the batch was stored.
+    #[error("{0}")]
+    IdentityConflict(String),
+    /// An upload's sequence numbers break the rules. Nothing of the batch
+    /// was stored.
+    #[error("{0}")]
+    BadSequence(String),
     #[error("hub store: {0}")]
     Backend(String),
 }
@@ -69,10 +81,29 @@ pub trait HubStore: Send + Sync + 'static {
     /// Highest client seq already applied for this client.
     fn client_seq(&self, dataset: &str, client: &str) -> Result<u64, StoreError>;
 
-    /// Applies a batch in one transaction. Changes with a seq at or below the
-    /// client's high-water mark were applied before: they are answered as the
-    /// first time and not applied again. Answers of changes up to `acked` were
-    /// processed by the client and may be forgotten.
+    /// Claims the identity at `hello`: the first `hello` of a client id
+    /// records the SHA-256 of `key` (and creates the client); a later one
+    /// must present the same key, else [`StoreError::IdentityRefused`]. An
+    /// empty key is accepted only while none is recorded (clients older than
+    /// keys); the first non-empty key then claims the id. Returns the
+    /// client's high-water mark ([`HubStore::client_seq`]).
+    fn claim_identity(&self, dataset: &str, client: &str, key: &str) -> Result<u64, StoreError>;
+
+    /// Applies a batch in one transaction, after checking the sequence rules
+    /// for the whole batch (nothing is stored when one fails):
+    ///
+    /// * every seq in `1..=MAX_SEQ`, strictly increasing, and at most
+    ///   `MAX_SEQ_JUMP` above the previous one (the client's high-water mark
+    ///   for the first new one), else [`StoreError::BadSequence`];
+    /// * a seq at or below the client's acked mark (the highest `acked` seen,
+    ///   at most the high-water mark) was answered and processed: never a
+    ///   resend, [`StoreError::IdentityConflict`];
+    /// * a seq above the acked mark and at or below the high-water mark is a
+    ///   resend only if remembered with the same content (table, op, key,
+    ///   values); it is answered as the first time and not applied again.
+    ///   Other content, or a seq not remembered: `IdentityConflict`.
+    ///
+    /// Answers of changes up to the acked mark may be forgotten.
     fn apply_batch(
         &self,
         dataset: &str,

@@ -8,23 +8,136 @@ use std::sync::{Arc, Mutex};
 
 use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
+use sha2::{Digest as _, Sha256};
 
 use super::{Applied, HubStore, LogEntry, Page, StoreError};
 use crate::proto::{
     decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
-    Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES,
+    Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES, MAX_SEQ, MAX_SEQ_JUMP,
 };
 
 /// Shared tables. Each dataset also gets `log_<id>` (the change log; its
 /// INTEGER PRIMARY KEY is the dataset's sequence number, so appending is cheap)
 /// and `rows_<id>` (per row: current version, tombstone flag and last writer;
 /// the row's values are those of its log entry at `version`).
+///
+/// `clients`: per client, its high-water mark `last_seq`, its `acked` mark
+/// (answers up to it were processed) and `key_hash`, the SHA-256 of the key
+/// that claimed the id (NULL: none yet). `client_batches`: the remembered
+/// answers of a batch (`results`) and, per answer, the digest of its
+/// change's content (`digests`, 32 bytes each in the same order; NULL in
+/// rows written by hubs older than digests).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
 CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
-CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, UNIQUE (dataset, client));
-CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, PRIMARY KEY (client_no, first));
+CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, acked INTEGER NOT NULL DEFAULT 0, key_hash BLOB, UNIQUE (dataset, client));
+CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, digests BLOB, PRIMARY KEY (client_no, first));
 ";
+
+/// Columns added after stores were first made: (table, column, declaration).
+/// A store that lacks one gets it in place when opened.
+const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
+    ("clients", "acked", "INTEGER NOT NULL DEFAULT 0"),
+    ("clients", "key_hash", "BLOB"),
+    ("client_batches", "digests", "BLOB"),
+];
+
+/// Adds the [`ADDED_COLUMNS`] a store made by an older hub lacks.
+fn migrate(c: &mut Connection, path: &Path) -> Result<(), StoreError> {
+    let failed = |e: rusqlite::Error| {
+        StoreError::Backend(format!(
+            "upgrading the hub store {} to this version: {e}; check that the file is writable and not used by an older hub",
+            path.display()
+        ))
+    };
+    let tx = c
+        .transaction_with_behavior(TransactionBehavior::Immediate)
+        .map_err(failed)?;
+    for (table, column, decl) in ADDED_COLUMNS {
+        let present: i64 = tx
+            .query_row(
+                "SELECT count(*) FROM pragma_table_info(?1) WHERE name = ?2",
+                [table, column],
+                |r| r.get(0),
+            )
+            .map_err(failed)?;
+        if present == 0 {
+            tx.execute_batch(&format!("ALTER TABLE {table} ADD COLUMN {column} {decl}"))
+                .map_err(failed)?;
+            tracing::info!(store = %path.display(), table, column, "hub store upgraded: column added");
+        }
+    }
+    tx.commit().map_err(failed)
+}
+
+/// Length of a change's content digest.
+const DIGEST_BYTES: usize = 32;
+
+/// Digest of what a change says: table, op, key and values. Not `base` nor
+/// `mask`, which a daemon recomputes when it reads its log again after a
+/// reconnect; a resend of a seq must match the remembered digest.
+fn content_digest(table: &str, op: Op, pk: &[u8], vals: &[u8]) -> [u8; DIGEST_BYTES] {
+    let mut h = Sha256::new();
+    h.update((table.len() as u64).to_le_bytes());
+    h.update(table.as_bytes());
+    h.update([match op {
+        Op::Upsert => 1u8,
+        Op::Delete => 2u8,
+    }]);
+    h.update((pk.len() as u64).to_le_bytes());
+    h.update(pk);
+    h.update(vals);
+    h.finalize().into()
+}
+
+/// SHA-256 of a client key, as recorded in `clients.key_hash`.
+fn key_hash(key: &str) -> Vec<u8> {
+    Sha256::digest(key.as_bytes()).to_vec()
+}
+
+/// Checks the seqs of a batch before anything of it is looked at: each in
+/// `1..=MAX_SEQ`, strictly increasing, and at most [`MAX_SEQ_JUMP`] above the
+/// previous one (the client's high-water mark `hwm` for the first new one).
+fn check_seqs(client: &str, changes: &[Change], hwm: u64) -> Result<(), StoreError> {
+    let refuse = |what: String| {
+        Err(StoreError::BadSequence(format!(
+            "{what}; nothing of this batch was stored (a tether daemon never numbers its changes so: check which program connects with client id {client:?})"
+        )))
+    };
+    let mut prev: Option<u64> = None;
+    let mut top = hwm;
+    for ch in changes {
+        let seq = ch.seq;
+        if seq == 0 || seq > MAX_SEQ {
+            return refuse(format!(
+                "client seq {seq} of client {client:?} is out of range: client seqs run from 1 to {MAX_SEQ}"
+            ));
+        }
+        if let Some(p) = prev.filter(|&p| seq <= p) {
+            return refuse(format!(
+                "client seq {seq} of client {client:?} follows seq {p} in the same batch: seqs must strictly increase within a batch"
+            ));
+        }
+        if seq > top {
+            if seq - top > MAX_SEQ_JUMP {
+                return refuse(format!(
+                    "client seq {seq} of client {client:?} is {} above the previous seq {top}: a client's seq grows by at most {MAX_SEQ_JUMP} at once",
+                    seq - top
+                ));
+            }
+            top = seq;
+        }
+        prev = Some(seq);
+    }
+    Ok(())
+}
+
+/// The refusal of a seq reused by another file with the same identity.
+fn conflict(client: &str, seq: u64, why: &str) -> StoreError {
+    StoreError::IdentityConflict(format!(
+        "client seq {seq} of client {client:?} {why}: two database files share this identity (a copied file?); nothing of this batch was stored"
+    ))
+}
 
 fn dataset_sql(id: i64) -> String {
     format!(
@@ -74,8 +187,9 @@ impl SqliteStore {
                 )));
             }
         }
-        let writer = open(path)?;
+        let mut writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
+        migrate(&mut writer, path)?;
         let reader = open(path)?;
         Ok(SqliteStore {
             writer: Mutex::new(writer),
@@ -255,6 +369,47 @@ fn validate(
     Ok(())
 }
 
+/// A remembered answer and the digest of its change's content (none when
+/// remembered by a hub older than digests: such a resend is taken on trust).
+type RememberedAnswer = (Remembered, Option<[u8; DIGEST_BYTES]>);
+
+/// The client's remembered answers by seq.
+fn remembered(
+    c: &Connection,
+    client: &str,
+    client_no: i64,
+) -> Result<HashMap<u64, RememberedAnswer>, StoreError> {
+    let mut out = HashMap::new();
+    let mut stmt = c.prepare_cached(
+        "SELECT first, results, digests FROM client_batches WHERE client_no = ?1",
+    )?;
+    let mut rows = stmt.query([client_no])?;
+    while let Some(r) = rows.next()? {
+        let first: i64 = r.get(0)?;
+        let blob: Vec<u8> = r.get(1)?;
+        let digests: Option<Vec<u8>> = r.get(2)?;
+        let entries = match rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob) {
+            Ok(v) => v,
+            Err(e) => {
+                // Its seqs are then refused as unknown, and the client
+                // takes a new identity: nothing is lost.
+                tracing::warn!(client, first, error = %e, "remembered answers of a batch are unreadable; ignored");
+                continue;
+            }
+        };
+        let digests = digests.filter(|d| d.len() == entries.len() * DIGEST_BYTES);
+        for (i, (seq, answer)) in entries.into_iter().enumerate() {
+            let digest = digests.as_ref().map(|d| {
+                d[i * DIGEST_BYTES..(i + 1) * DIGEST_BYTES]
+                    .try_into()
+                    .expect("BUG: sliced to the digest length")
+            });
+            out.insert(seq, (answer, digest));
+        }
+    }
+    Ok(out)
+}
+
 impl HubStore for SqliteStore {
     fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError> {
         let mut c = self.writer.lock().expect("BUG: poisoned");
@@ -311,6 +466,39 @@ impl HubStore for SqliteStore {
         Ok(seq.unwrap_or(0) as u64)
     }
 
+    fn claim_identity(&self, dataset: &str, client: &str, key: &str) -> Result<u64, StoreError> {
+        let mut c = self.writer.lock().expect("BUG: poisoned");
+        let ds = self.dataset_id(&c, dataset)?;
+        let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        tx.prepare_cached(
+            "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+        )?
+        .execute(params![ds, client])?;
+        let (no, hwm, recorded): (i64, i64, Option<Vec<u8>>) = tx
+            .prepare_cached(
+                "SELECT no, last_seq, key_hash FROM clients WHERE dataset = ?1 AND client = ?2",
+            )?
+            .query_row(params![ds, client], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
+        match recorded {
+            None if key.is_empty() => {}
+            None => {
+                tx.prepare_cached("UPDATE clients SET key_hash = ?1 WHERE no = ?2")?
+                    .execute(params![key_hash(key), no])?;
+            }
+            Some(h) if !key.is_empty() && h == key_hash(key) => {}
+            Some(_) => {
+                return Err(StoreError::IdentityRefused {
+                    dataset: dataset.to_owned(),
+                    client: client.to_owned(),
+                })
+            }
+        }
+        tx.commit()?;
+        Ok(hwm as u64)
+    }
+
     fn apply_batch(
         &self,
         dataset: &str,
@@ -329,24 +517,25 @@ impl HubStore for SqliteStore {
             "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
         )?
         .execute(params![ds, client])?;
-        let (client_no, hwm): (i64, i64) = tx
-            .prepare_cached("SELECT no, last_seq FROM clients WHERE dataset = ?1 AND client = ?2")?
-            .query_row(params![ds, client], |r| Ok((r.get(0)?, r.get(1)?)))?;
+        let (client_no, hwm, acked_mark): (i64, i64, i64) = tx
+            .prepare_cached(
+                "SELECT no, last_seq, acked FROM clients WHERE dataset = ?1 AND client = ?2",
+            )?
+            .query_row(params![ds, client], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+            })?;
         let hwm = hwm as u64;
+        check_seqs(client, changes, hwm)?;
+        // Answers up to here were processed by the client: it never sends
+        // those seqs again, and their answers may be forgotten.
+        let acked_mark = (acked_mark as u64).max(acked.min(hwm));
         tx.prepare_cached("DELETE FROM client_batches WHERE client_no = ?1 AND last <= ?2")?
-            .execute(params![client_no, acked as i64])?;
-        let mut remembered: HashMap<u64, Remembered> = HashMap::new();
-        if changes.iter().any(|c| c.seq <= hwm) {
-            let mut stmt =
-                tx.prepare_cached("SELECT results FROM client_batches WHERE client_no = ?1")?;
-            let mut rows = stmt.query([client_no])?;
-            while let Some(r) = rows.next()? {
-                let blob: Vec<u8> = r.get(0)?;
-                if let Ok(v) = rmp_serde::from_slice::<Vec<(u64, Remembered)>>(&blob) {
-                    remembered.extend(v);
-                }
-            }
-        }
+            .execute(params![client_no, acked_mark as i64])?;
+        let remembered = if changes.iter().any(|c| c.seq <= hwm) {
+            remembered(&tx, client, client_no)?
+        } else {
+            HashMap::new()
+        };
         // The dataset's statements, named once per batch rather than per row.
         let sql_upsert_row = format!(
             "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
@@ -362,34 +551,45 @@ impl HubStore for SqliteStore {
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());
+        let mut digests = Vec::with_capacity(changes.len() * DIGEST_BYTES);
         let mut logged = Vec::new();
         let mut seen: HashSet<(&str, Vec<u8>)> = HashSet::new();
         let mut new_hwm = hwm;
+        // Seqs increase, so every resend comes before the first new change:
+        // a refused resend returns before anything of the batch is written.
         for ch in changes {
             let pk = encode_key(&ch.pk);
+            if ch.seq <= acked_mark {
+                return Err(conflict(
+                    client,
+                    ch.seq,
+                    &format!("was answered and the client acknowledged that answer (acked up to {acked_mark}), so it is never sent again"),
+                ));
+            }
             if ch.seq <= hwm {
                 // A resend: answer as the first time, apply nothing.
-                let outcome = match remembered.get(&ch.seq) {
-                    Some(Remembered::Applied(v)) => Outcome::Applied { version: *v },
-                    Some(Remembered::Invalid(reason, message)) => Outcome::Invalid {
+                let Some((first, digest)) = remembered.get(&ch.seq) else {
+                    return Err(conflict(
+                        client,
+                        ch.seq,
+                        &format!("was used before (the client's last seq is {hwm}) by a change this hub does not remember"),
+                    ));
+                };
+                let same = digest.is_none_or(|d| {
+                    d == content_digest(&ch.table, ch.op, &pk, &encode_values(&ch.values))
+                });
+                if !same {
+                    return Err(conflict(client, ch.seq, "was stored with other content"));
+                }
+                let outcome = match first {
+                    Remembered::Applied(v) => Outcome::Applied { version: *v },
+                    Remembered::Invalid(reason, message) => Outcome::Invalid {
                         reason: *reason,
                         message: message.clone(),
                     },
-                    Some(Remembered::Conflict) => Outcome::Conflict {
+                    Remembered::Conflict => Outcome::Conflict {
                         server: server_row(&tx, ds, load_row(&tx, ds, &ch.table, &pk)?.as_ref())?,
                     },
-                    None => {
-                        // The client acknowledged this answer already, so it
-                        // holds this change's effect; nothing to apply.
-                        tracing::warn!(dataset, client, seq = ch.seq, "resent change whose answer was acknowledged; answered with the row's version");
-                        let row = load_row(&tx, ds, &ch.table, &pk)?;
-                        Outcome::Applied {
-                            version: row
-                                .filter(|r| r.client_no == client_no)
-                                .map(|r| r.version)
-                                .unwrap_or(0),
-                        }
-                    }
                 };
                 results.push(ChangeResult {
                     seq: ch.seq,
@@ -398,6 +598,8 @@ impl HubStore for SqliteStore {
                 continue;
             }
             new_hwm = new_hwm.max(ch.seq);
+            let vals = encode_values(&ch.values);
+            digests.extend_from_slice(&content_digest(&ch.table, ch.op, &pk, &vals));
             let invalid = validate(ch, tables).err().or_else(|| {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
@@ -421,7 +623,6 @@ impl HubStore for SqliteStore {
             // the change was made against, and was last written by another
             // client (a row this client wrote last was the base of its new
             // change).
-            let vals = encode_values(&ch.values);
             let (op, deleted) = match ch.op {
                 Op::Upsert => (1, false),
                 Op::Delete => (2, true),
@@ -498,18 +699,19 @@ impl HubStore for SqliteStore {
         }
         if let (Some(first), Some(last)) = (remember.first(), remember.last()) {
             tx.prepare_cached(
-                "INSERT INTO client_batches (client_no, first, last, results) VALUES (?1, ?2, ?3, ?4)
-                 ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results",
+                "INSERT INTO client_batches (client_no, first, last, results, digests) VALUES (?1, ?2, ?3, ?4, ?5)
+                 ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results, digests = excluded.digests",
             )?
             .execute(params![
                 client_no,
                 first.0 as i64,
                 last.0 as i64,
-                rmp_serde::to_vec(&remember).expect("BUG: encodes")
+                rmp_serde::to_vec(&remember).expect("BUG: encodes"),
+                digests
             ])?;
         }
-        tx.prepare_cached("UPDATE clients SET last_seq = ?1 WHERE no = ?2")?
-            .execute(params![new_hwm as i64, client_no])?;
+        tx.prepare_cached("UPDATE clients SET last_seq = ?1, acked = ?2 WHERE no = ?3")?
+            .execute(params![new_hwm as i64, acked_mark as i64, client_no])?;
         tx.prepare_cached("UPDATE datasets SET head = ?1 WHERE id = ?2")?
             .execute(params![head as i64, ds])?;
         tx.commit()?;
@@ -627,5 +829,379 @@ mod tests {
         let again = store.apply_batch("ds", "c", &notes(), &batch, 0).unwrap();
         assert_eq!(again.results, first.results);
         assert_eq!(store.head("ds").unwrap(), 1);
+    }
+}
+
+#[cfg(test)]
+mod rule_tests {
+    //! The identity and sequence rules of the store.
+
+    use super::*;
+
+    fn notes() -> HashMap<String, TableSchema> {
+        let t = TableSchema {
+            name: "notes".into(),
+            columns: vec!["id".into(), "body".into()],
+            types: vec!["TEXT".into(), "TEXT".into()],
+            pk: vec![0],
+            fingerprint: String::new(),
+        };
+        HashMap::from([(t.name.clone(), t)])
+    }
+
+    fn change(seq: u64, id: &str, body: &str) -> Change {
+        Change {
+            seq,
+            table: "notes".into(),
+            op: Op::Upsert,
+            pk: vec![Value::Text(id.into())],
+            values: vec![Value::Text(id.into()), Value::Text(body.into())],
+            base: 0,
+            mask: u64::MAX,
+        }
+    }
+
+    struct Fixture {
+        _dir: tempfile::TempDir,
+        path: std::path::PathBuf,
+        store: SqliteStore,
+    }
+
+    fn fixture() -> Fixture {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        let store = SqliteStore::open(&path).unwrap();
+        Fixture {
+            _dir: dir,
+            path,
+            store,
+        }
+    }
+
+    impl Fixture {
+        fn apply(&self, changes: &[Change], acked: u64) -> Result<Applied, StoreError> {
+            self.store.apply_batch("ds", "c", &notes(), changes, acked)
+        }
+
+        /// Every row of every table of the store file, as text.
+        fn dump(&self) -> Vec<String> {
+            let c = Connection::open(&self.path).unwrap();
+            let tables: Vec<String> = c
+                .prepare("SELECT name FROM sqlite_master WHERE type = 'table' ORDER BY name")
+                .unwrap()
+                .query_map([], |r| r.get(0))
+                .unwrap()
+                .collect::<Result<_, _>>()
+                .unwrap();
+            let mut out = Vec::new();
+            for t in tables {
+                let mut st = c
+                    .prepare(&format!("SELECT * FROM {t} ORDER BY 1, 2"))
+                    .unwrap();
+                let n = st.column_count();
+                let rows: Vec<String> = st
+                    .query_map([], |r| {
+                        let mut row = vec![t.clone()];
+                        for i in 0..n {
+                            row.push(format!("{:?}", r.get::<_, rusqlite::types::Value>(i)?));
+                        }
+                        Ok(row.join("|"))
+                    })
+                    .unwrap()
+                    .collect::<Result<_, _>>()
+                    .unwrap();
+                out.extend(rows);
+            }
+            out
+        }
+
+        /// Refused with `want`, and nothing in the store changed.
+        fn refused(&self, changes: &[Change], acked: u64, want: &str) -> String {
+            let before = self.dump();
+            let err = self.apply(changes, acked).unwrap_err();
+            assert_eq!(self.dump(), before, "the store changed");
+            let variant = match &err {
+                StoreError::BadSequence(_) => "bad_sequence",
+                StoreError::IdentityConflict(_) => "identity_conflict",
+                other => panic!("{other:?}"),
+            };
+            assert_eq!(variant, want, "{err}");
+            let message = err.to_string();
+            assert!(message.contains("\"c\""), "{message}");
+            assert!(
+                message.contains("nothing of this batch was stored"),
+                "{message}"
+            );
+            message
+        }
+    }
+
+    fn applied(a: &Applied) -> Vec<(u64, u64)> {
+        a.results
+            .iter()
+            .map(|r| match r.outcome {
+                Outcome::Applied { version } => (r.seq, version),
+                ref o => panic!("{o:?}"),
+            })
+            .collect()
+    }
+
+    #[test]
+    fn seq_zero_or_above_the_limit_is_a_bad_sequence_and_nothing_is_stored() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x")], 0).unwrap();
+        let m = f.refused(
+            &[change(2, "b", "x"), change(0, "z", "x")],
+            0,
+            "bad_sequence",
+        );
+        assert!(
+            m.contains("client seq 0 ") && m.contains("out of range"),
+            "{m}"
+        );
+        for seq in [u64::MAX, MAX_SEQ + 1] {
+            let m = f.refused(&[change(seq, "z", "x")], 0, "bad_sequence");
+            assert!(m.contains(&format!("client seq {seq} ")), "{m}");
+            assert!(
+                m.contains(&format!(
+                    "out of range: client seqs run from 1 to {MAX_SEQ}"
+                )),
+                "{m}"
+            );
+        }
+        // The device's next write is stored.
+        let a = f.apply(&[change(2, "b", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(2, 2)]);
+    }
+
+    #[test]
+    fn seqs_not_increasing_within_a_batch_are_a_bad_sequence() {
+        let f = fixture();
+        f.store.claim_identity("ds", "c", "k").unwrap();
+        let m = f.refused(
+            &[
+                change(1, "a", "x"),
+                change(3, "b", "x"),
+                change(2, "c", "x"),
+            ],
+            0,
+            "bad_sequence",
+        );
+        assert!(
+            m.contains("client seq 2 ") && m.contains("follows seq 3"),
+            "{m}"
+        );
+        f.refused(
+            &[change(1, "a", "x"), change(1, "b", "x")],
+            0,
+            "bad_sequence",
+        );
+        assert_eq!(f.store.client_seq("ds", "c").unwrap(), 0);
+    }
+
+    #[test]
+    fn a_jump_beyond_the_limit_is_a_bad_sequence_and_the_device_keeps_its_numbers() {
+        let f = fixture();
+        f.apply(&[change(5, "a", "x")], 0).unwrap();
+        // The first new seq, and a later one of the same batch.
+        let m = f.refused(&[change(5 + MAX_SEQ_JUMP + 1, "b", "x")], 0, "bad_sequence");
+        assert!(m.contains(&MAX_SEQ_JUMP.to_string()), "{m}");
+        f.refused(
+            &[change(6, "b", "x"), change(7 + MAX_SEQ_JUMP, "c", "x")],
+            0,
+            "bad_sequence",
+        );
+        // Exactly the limit is accepted; the next real write is stored.
+        let a = f.apply(&[change(5 + MAX_SEQ_JUMP, "b", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(5 + MAX_SEQ_JUMP, 2)]);
+        let a = f.apply(&[change(6 + MAX_SEQ_JUMP, "c", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(6 + MAX_SEQ_JUMP, 3)]);
+    }
+
+    #[test]
+    fn a_seq_at_or_below_the_acked_mark_is_an_identity_conflict() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x"), change(2, "b", "x")], 0)
+            .unwrap();
+        f.apply(&[change(3, "c", "x")], 2).unwrap();
+        // Even with the very same content: its answer was processed.
+        let m = f.refused(&[change(2, "b", "x")], 0, "identity_conflict");
+        assert!(
+            m.contains("client seq 2 ") && m.contains("acked up to 2"),
+            "{m}"
+        );
+        // `acked` beyond the high-water mark is clamped to it and never
+        // moves back.
+        f.apply(&[], 1_000).unwrap();
+        f.refused(&[change(3, "c", "x")], 0, "identity_conflict");
+        let a = f.apply(&[change(4, "d", "x")], 0).unwrap();
+        assert_eq!(applied(&a), vec![(4, 4)]);
+    }
+
+    #[test]
+    fn a_resend_with_the_same_content_is_answered_as_the_first_time() {
+        let f = fixture();
+        let batch = [change(1, "a", "x"), change(2, "b", "x")];
+        let first = f.apply(&batch, 0).unwrap();
+        let stored = f.dump();
+        // A daemon reading its log again recomputes base and mask.
+        let mut again = batch.clone();
+        again[0].base = 7;
+        again[1].mask = 1;
+        let a = f.apply(&again, 0).unwrap();
+        assert_eq!(a.results, first.results);
+        assert!(a.logged.is_empty());
+        // Nothing stored twice (the acked mark is unchanged too).
+        assert_eq!(f.dump(), stored);
+        // Resends first, then a new change: the new one is applied.
+        let a = f
+            .apply(&[change(2, "b", "x"), change(3, "c", "x")], 0)
+            .unwrap();
+        assert_eq!(applied(&a), vec![(2, 2), (3, 3)]);
+    }
+
+    #[test]
+    fn a_resend_with_other_content_is_an_identity_conflict_and_the_store_is_unchanged() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x"), change(2, "b", "x")], 0)
+            .unwrap();
+        // Other values, another row, another op: each refused.
+        let m = f.refused(&[change(2, "b", "y")], 0, "identity_conflict");
+        assert!(
+            m.contains("client seq 2 ") && m.contains("other content"),
+            "{m}"
+        );
+        f.refused(&[change(2, "other", "x")], 0, "identity_conflict");
+        let mut delete = change(2, "b", "x");
+        delete.op = Op::Delete;
+        delete.values.clear();
+        f.refused(&[delete], 0, "identity_conflict");
+        // With new changes behind it: none of them is stored either.
+        f.refused(
+            &[
+                change(1, "a", "x"),
+                change(2, "b", "z"),
+                change(3, "c", "x"),
+            ],
+            0,
+            "identity_conflict",
+        );
+        assert_eq!(f.store.head("ds").unwrap(), 2);
+    }
+
+    #[test]
+    fn a_used_seq_the_hub_does_not_remember_is_an_identity_conflict() {
+        let f = fixture();
+        f.apply(&[change(1, "a", "x"), change(2, "b", "x")], 0)
+            .unwrap();
+        Connection::open(&f.path)
+            .unwrap()
+            .execute("DELETE FROM client_batches", [])
+            .unwrap();
+        let m = f.refused(&[change(2, "b", "x")], 0, "identity_conflict");
+        assert!(m.contains("does not remember"), "{m}");
+    }
+
+    #[test]
+    fn answers_remembered_by_an_older_hub_without_digests_are_still_resends() {
+        let f = fixture();
+        let first = f.apply(&[change(1, "a", "x")], 0).unwrap();
+        Connection::open(&f.path)
+            .unwrap()
+            .execute("UPDATE client_batches SET digests = NULL", [])
+            .unwrap();
+        // No digest to compare: taken on trust, as before.
+        let a = f.apply(&[change(1, "a", "other")], 0).unwrap();
+        assert_eq!(a.results, first.results);
+        assert_eq!(f.store.head("ds").unwrap(), 1);
+    }
+
+    #[test]
+    fn the_first_key_claims_an_id_and_another_key_or_none_is_refused() {
+        let f = fixture();
+        let s = &f.store;
+        assert_eq!(s.claim_identity("ds", "c", "k1").unwrap(), 0);
+        assert_eq!(s.claim_identity("ds", "c", "k1").unwrap(), 0);
+        // The hello created the client: its id is known before any upload.
+        let known: i64 = Connection::open(&f.path)
+            .unwrap()
+            .query_row("SELECT count(*) FROM clients WHERE client = 'c'", [], |r| {
+                r.get(0)
+            })
+            .unwrap();
+        assert_eq!(known, 1);
+        for other in ["k2", ""] {
+            let e = s.claim_identity("ds", "c", other).unwrap_err();
+            assert!(matches!(e, StoreError::IdentityRefused { .. }), "{e:?}");
+            let m = e.to_string();
+            assert!(
+                m.contains("\"c\"") && m.contains("not present the key"),
+                "{m}"
+            );
+            assert!(!m.contains("k1"), "{m}");
+        }
+        // The same id in another dataset is another identity.
+        s.claim_identity("other", "c", "k2").unwrap();
+        // The high-water mark is what welcome announces.
+        f.apply(&[change(9, "a", "x")], 0).unwrap();
+        assert_eq!(s.claim_identity("ds", "c", "k1").unwrap(), 9);
+        // Only the key's hash is kept.
+        let dump = f.dump().join("\n");
+        assert!(!dump.contains("k1") && !dump.contains("k2"), "{dump}");
+    }
+
+    #[test]
+    fn a_client_without_a_key_is_accepted_until_a_key_claims_its_id() {
+        let f = fixture();
+        let s = &f.store;
+        s.claim_identity("ds", "old", "").unwrap();
+        s.claim_identity("ds", "old", "").unwrap();
+        s.claim_identity("ds", "old", "k").unwrap();
+        s.claim_identity("ds", "old", "k").unwrap();
+        assert!(s.claim_identity("ds", "old", "").is_err());
+        assert!(s.claim_identity("ds", "old", "k2").is_err());
+    }
+
+    #[test]
+    fn a_store_made_before_keys_and_digests_is_upgraded_in_place() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("hub.db");
+        {
+            let c = Connection::open(&path).unwrap();
+            c.execute_batch(
+                "CREATE TABLE datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
+                 CREATE TABLE tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
+                 CREATE TABLE clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, UNIQUE (dataset, client));
+                 CREATE TABLE client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, PRIMARY KEY (client_no, first));
+                 INSERT INTO datasets (id, name, head) VALUES (1, 'ds', 1);
+                 INSERT INTO clients (no, dataset, client, last_seq) VALUES (1, 1, 'c', 1);",
+            )
+            .unwrap();
+            c.execute_batch(&dataset_sql(1)).unwrap();
+            c.execute_batch(
+                "INSERT INTO log_1 VALUES (1, 'notes', x'00', 1, x'00', 1);
+                 INSERT INTO rows_1 VALUES ('notes', x'00', 1, 0, 1);",
+            )
+            .unwrap();
+            let blob = rmp_serde::to_vec(&vec![(1u64, Remembered::Applied(1))]).unwrap();
+            c.execute("INSERT INTO client_batches VALUES (1, 1, 1, ?1)", [blob])
+                .unwrap();
+        }
+        let store = SqliteStore::open(&path).unwrap();
+        // A client from before keys claims its id with its first key.
+        assert_eq!(store.claim_identity("ds", "c", "k").unwrap(), 1);
+        // Its remembered answer (no digest) still answers a resend.
+        let a = store
+            .apply_batch("ds", "c", &notes(), &[change(1, "a", "x")], 0)
+            .unwrap();
+        assert_eq!(applied(&a), vec![(1, 1)]);
+        let a = store
+            .apply_batch("ds", "c", &notes(), &[change(2, "b", "x")], 1)
+            .unwrap();
+        assert_eq!(applied(&a), vec![(2, 2)]);
+        drop(store);
+        // Opening again changes nothing.
+        let store = SqliteStore::open(&path).unwrap();
+        assert!(store.claim_identity("ds", "c", "other").is_err());
     }
 }
