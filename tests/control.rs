@@ -723,3 +723,254 @@ async fn wait_download_waits_for_what_the_hub_holds_now_not_the_head_last_heard_
         .unwrap();
     assert_eq!(n, ROWS, "wait --download returned with {n} of {ROWS} rows");
 }
+
+// ---------------------------------------------------------------------
+// Bounded helpers: every CLI run and every followed stream has a deadline.
+
+/// Runs a CLI command, killed if it has not finished within `limit`;
+/// returns exit code, stdout, stderr and how long it took.
+fn cli_within(args: &[&str], limit: Duration) -> (i32, String, String, Duration) {
+    let started = std::time::Instant::now();
+    let child = std::process::Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tether runs");
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+                started.elapsed(),
+            )
+        }
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+            panic!(
+                "`tether {}` did not finish within {limit:?}",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+/// [`cli_within`] off the async runtime (the test's own tasks keep running).
+async fn cli_async(args: &[&str], limit: Duration) -> (i32, String, String, Duration) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_within(&args, limit)
+    })
+    .await
+    .unwrap()
+}
+
+/// A bounded CLI run.
+const CLI_LIMIT: Duration = Duration::from_secs(20);
+
+/// `tether status DB --json` (bounded), the database's object and the
+/// daemon's state; `None` when the daemon did not answer.
+async fn status_of(sock: &Path, db: &str) -> Option<(serde_json::Value, serde_json::Value)> {
+    let (code, out, _, _) =
+        cli_async(&["status", db, "--json", "--socket", c(sock)], CLI_LIMIT).await;
+    if code != 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status is JSON");
+    Some((v["databases"][0].clone(), v["daemon"].clone()))
+}
+
+/// Waits until `status` (bounded) reports the database connected.
+async fn wait_connected(sock: &Path, db: &str) {
+    wait_for(&format!("{db} connected"), || async {
+        status_of(sock, db)
+            .await
+            .is_some_and(|(st, _)| st["connection"] == "connected")
+    })
+    .await;
+}
+
+/// A streaming CLI command whose stdout lines are read with a deadline;
+/// killed when dropped.
+struct Follow {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::Receiver<String>,
+}
+
+impl Follow {
+    fn start(args: &[&str]) -> Follow {
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tether runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::channel(1024);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follow { child, lines }
+    }
+
+    /// The next line as JSON; fails the test at `deadline` or at the end of
+    /// the output.
+    async fn next(&mut self, deadline: tokio::time::Instant, what: &str) -> serde_json::Value {
+        let line = tokio::time::timeout_at(deadline, self.lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|| panic!("the output ended before {what}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub process with the given tokens (SHA-256, read-only) for dataset
+/// `notes`, dropping clients silent for `read_timeout`.
+async fn start_hub_with(dir: &Path, tokens: &[(&str, bool)], read_timeout: &str) -> (Proc, String) {
+    let cfg = dir.join("hub.toml");
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\nstore = \"sqlite:{}\"\nread_timeout = \"{read_timeout}\"\n[[dataset]]\nname = \"notes\"\ntables = [\"notes\"]\n",
+        dir.join("hub.db").display()
+    );
+    for (i, (hash, read_only)) in tokens.iter().enumerate() {
+        let access = if *read_only {
+            "read_only"
+        } else {
+            "read_write"
+        };
+        text.push_str(&format!(
+            "[[token]]\nname = \"t{i}\"\nsha256 = \"{hash}\"\ndatasets = [\"*\"]\naccess = \"{access}\"\n"
+        ));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let p = Proc::spawn(&["hub", "--config", c(&cfg)], dir.join("hub.log"));
+    let addr = wait_log_field(&p, "hub started", "listen").await;
+    (p, addr)
+}
+
+/// Sends a signal to a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Inserts `n` rows in one transaction.
+fn insert_many(db: &Path, prefix: &str, n: usize, body: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let tx = c.unchecked_transaction().unwrap();
+    for i in 0..n {
+        tx.execute(
+            "INSERT INTO notes VALUES (?1, 't', ?2, ?3)",
+            rusqlite::params![format!("{prefix}{i}"), body, i as i64],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_shows_why_writes_wait_and_wait_upload_fails_at_once() {
+    let s = setup();
+    let d = s.dir.path();
+    let ro_token = tether::hub::auth::new_token();
+    let ro_file = d.join("ro-token");
+    std::fs::write(&ro_file, &ro_token).unwrap();
+    let ro_hash = tether::hub::auth::hash_token(&ro_token);
+    let (_hub, addr) = start_hub_with(d, &[(&s.token_hash, false), (&ro_hash, true)], "60s").await;
+    let (_a, _) = start_daemon(d, "a", &addr, &ro_file, &[("one", "a1.db")], FAST).await;
+    let (_b, _) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    let sock = d.join("a.sock");
+    wait_connected(&d.join("b.sock"), "b").await;
+    // The welcome says read-only: known before any upload is tried.
+    wait_for("one connected with a read-only token", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, _)| st["connection"] == "connected" && st["upload"] == "read_only")
+    })
+    .await;
+    insert_many(&d.join("a1.db"), "ro", 3, "b");
+    wait_for("three writes pending", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, _)| st["pending_changes"] == 3)
+    })
+    .await;
+    let (st, _) = status_of(&sock, "one").await.unwrap();
+    assert_eq!(st["session"], "active", "{st}");
+    let (code, out, err, _) = cli_async(&["status", "one", "--socket", c(&sock)], CLI_LIMIT).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("upload:      refused: the hub token is read-only; 3 local changes wait"),
+        "{out}"
+    );
+    // A wait without --timeout fails at once instead of hanging.
+    let (code, _, err, took) = cli_async(
+        &["wait", "one", "--upload", "--socket", c(&sock)],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        err.contains("one: 3 local changes cannot be uploaded")
+            && err.contains("read-only")
+            && err.contains("read_write token"),
+        "{err}"
+    );
+    // Downloads go on.
+    insert(&d.join("b.db"), "from-b");
+    wait_until("b's row reaches one", || {
+        has_row(&d.join("a1.db"), "from-b")
+    })
+    .await;
+    let (code, _, err, _) = cli_async(
+        &[
+            "wait",
+            "one",
+            "--download",
+            "--timeout",
+            "15s",
+            "--socket",
+            c(&sock),
+        ],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !has_row(&d.join("b.db"), "ro0"),
+        "a read-only change went out"
+    );
+}
