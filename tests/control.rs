@@ -974,3 +974,158 @@ async fn a_read_only_token_shows_why_writes_wait_and_wait_upload_fails_at_once()
         "a read-only change went out"
     );
 }
+
+/// A loopback TCP proxy that counts the bytes a client sends and can hold
+/// back what the server answers (the answers wait in the proxy until it is
+/// let go): an upload that reached the hub but whose answer is in transit.
+struct Holdback {
+    addr: String,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    hold: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Holdback {
+    async fn start(target: String) -> Holdback {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (hold, held) = tokio::sync::watch::channel(false);
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                });
+                let mut held = held.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                        if held.wait_for(|h| !*h).await.is_err() {
+                            return;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        Holdback {
+            addr,
+            sent,
+            hold,
+            task,
+        }
+    }
+
+    /// Bytes the clients sent so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Holds (true) or lets go of (false) the server's answers.
+    fn hold(&self, on: bool) {
+        self.hold.send_replace(on);
+    }
+}
+
+impl Drop for Holdback {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_daemon_dying_while_an_upload_drains_and_the_socket_goes_with_the_last_session(
+) {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub_with(d, &[(&s.token_hash, false)], "60s").await;
+    let proxy = Holdback::start(addr).await;
+    // Nothing received for a while must not end the drain before the test
+    // lets the answer through: long read timeout and shutdown timeout.
+    let patient =
+        "initial = \"100ms\"\nmax = \"1s\"\nping_interval = \"1s\"\nread_timeout = \"60s\"";
+    let (mut a, _) = start_daemon_with(
+        d,
+        "a",
+        &proxy.addr,
+        &s.token_file,
+        &[("one", "a1.db")],
+        patient,
+        "shutdown_timeout = \"60s\"",
+    )
+    .await;
+    let sock = d.join("a.sock");
+    wait_connected(&sock, "one").await;
+    // One upload reaches the hub; its answer is held in the proxy.
+    proxy.hold(true);
+    let before = proxy.sent();
+    let body: String = {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        (0..20_000).map(|_| rng.gen_range('a'..='z')).collect()
+    };
+    insert_many(&d.join("a1.db"), "drain", 1, &body);
+    wait_until("the upload is sent", || proxy.sent() > before + 20_000).await;
+    signal(a.child.id(), "-TERM");
+    // The drain is visible: the daemon dying, the session dying.
+    wait_for("status shows the drain", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, daemon)| daemon == "dying" && st["session"] == "dying")
+    })
+    .await;
+    let (code, out, err, _) = cli_async(&["status", "--socket", c(&sock)], CLI_LIMIT).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("daemon: dying"), "{out}");
+    // Nothing new starts while it drains.
+    for cmd in [
+        &["wait", "one", "--upload", "--timeout", "10s"][..],
+        &["sync", "one", "--timeout", "10s"][..],
+        &["reconnect"][..],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--socket", c(&sock)]);
+        let (code, _, err, _) = cli_async(&args, CLI_LIMIT).await;
+        assert_eq!(code, 1, "{cmd:?}: {err}");
+        assert!(
+            err.contains("the daemon is shutting down"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "the daemon left before its drain"
+    );
+    // The answer arrives: the last session stops, the daemon exits and its
+    // socket goes.
+    proxy.hold(false);
+    wait_until("the daemon exits", || a.child.try_wait().unwrap().is_some()).await;
+    assert!(a.child.wait().unwrap().success());
+    assert!(
+        !sock.exists(),
+        "socket removed once the last session stopped"
+    );
+    let log = a.log_text();
+    assert!(
+        !log.contains("shutting down with unanswered uploads"),
+        "the drain ended on the answer, not on its timeout: {log}"
+    );
+}
