@@ -1129,3 +1129,148 @@ async fn status_shows_the_daemon_dying_while_an_upload_drains_and_the_socket_goe
         "the drain ended on the answer, not on its timeout: {log}"
     );
 }
+
+/// Checks what every progress line promises: nothing done beyond the total.
+fn check_progress(p: &serde_json::Value) {
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
+    assert!(
+        n("transferred_changes") <= n("transferable_changes"),
+        "done > total: {p}"
+    );
+    if p["direction"] == "upload" {
+        assert!(
+            n("transferred_bytes") <= n("transferable_bytes"),
+            "bytes done > total: {p}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_follow_takes_in_writes_and_hub_changes_that_arrive_while_it_follows() {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub_with(d, &[(&s.token_hash, false)], "60s").await;
+    let (_a, _) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    let (_b, _) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    let (asock, bsock) = (d.join("a.sock"), d.join("b.sock"));
+    wait_connected(&asock, "one").await;
+    wait_connected(&bsock, "b").await;
+    let mut follow = Follow::start(&[
+        "progress",
+        "one",
+        "--follow",
+        "--json",
+        "--socket",
+        c(&asock),
+    ]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    // Reads progress lines until one of `dir` satisfies `want`; returns it.
+    async fn until(
+        follow: &mut Follow,
+        deadline: tokio::time::Instant,
+        dir: &str,
+        what: &str,
+        want: impl Fn(u64, u64) -> bool,
+    ) -> serde_json::Value {
+        loop {
+            let p = follow.next(deadline, what).await;
+            assert_eq!(p["type"], "progress", "{p}");
+            check_progress(&p);
+            let n = |k: &str| p[k].as_u64().unwrap();
+            if p["direction"] == dir && want(n("transferred_changes"), n("transferable_changes")) {
+                return p;
+            }
+        }
+    }
+    until(
+        &mut follow,
+        deadline,
+        "upload",
+        "the first upload line",
+        |_, _| true,
+    )
+    .await;
+    // Local writes made while it follows are added to its upload total.
+    insert_many(&d.join("a1.db"), "f", 5, "b");
+    until(
+        &mut follow,
+        deadline,
+        "upload",
+        "5 uploads counted and done",
+        |done, total| total >= 5 && done == total,
+    )
+    .await;
+    // The hub's changes made while it follows are added to its download
+    // total (this device's own uploads move the hub's head too).
+    let mut down = until(
+        &mut follow,
+        deadline,
+        "download",
+        "a download line",
+        |done, total| done == total && total >= 5,
+    )
+    .await;
+    let seen = down["transferable_changes"].as_u64().unwrap();
+    insert_many(&d.join("b.db"), "g", 4, "b");
+    down = until(
+        &mut follow,
+        deadline,
+        "download",
+        "4 more downloads counted and done",
+        |done, total| total >= seen + 4 && done == total,
+    )
+    .await;
+    assert!(has_row(&d.join("a1.db"), "g3"), "{down}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_reports_every_batch_answered_during_the_call_not_the_last_one() {
+    // More rows than fit in one upload batch.
+    const ROWS: usize = 10_000;
+    let s = setup();
+    let d = s.dir.path();
+    // The hub is stopped for a moment below: it must not take that for a
+    // silent client, nor the daemon for a dead hub.
+    let (hub, addr) = start_hub_with(d, &[(&s.token_hash, false)], "60s").await;
+    let patient =
+        "initial = \"100ms\"\nmax = \"1s\"\nping_interval = \"1s\"\nread_timeout = \"60s\"";
+    let (_a, _) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], patient).await;
+    let sock = d.join("a.sock");
+    wait_connected(&sock, "one").await;
+    // The writes are captured (and may be sent) while the hub answers
+    // nothing; the sync starts before any answer.
+    signal(hub.child.id(), "-STOP");
+    insert_many(&d.join("a1.db"), "s", ROWS, "b");
+    let mut sync = Follow::start(&[
+        "sync",
+        "one",
+        "--json",
+        "--timeout",
+        "60s",
+        "--socket",
+        c(&sock),
+    ]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let first = sync.next(deadline, "the first line of sync").await;
+    signal(hub.child.id(), "-CONT");
+    assert_eq!(first["type"], "progress", "{first}");
+    let last = loop {
+        let l = sync.next(deadline, "the end of sync").await;
+        if l["type"] != "progress" {
+            break l;
+        }
+        check_progress(&l);
+    };
+    assert_eq!(last["type"], "sync", "{last}");
+    let up = &last["upload"];
+    assert_eq!(up["applied"], ROWS, "{last}");
+    assert_eq!(up["total"], ROWS, "{last}");
+    assert!(up["batches"].as_u64().unwrap() >= 3, "{last}");
+    assert_eq!(last["uploaded"], ROWS, "{last}");
+    // Its own changes are not downloads.
+    assert_eq!(last["downloaded"], 0, "{last}");
+    assert_eq!(
+        status_of(&sock, "one").await.unwrap().0["pending_changes"],
+        0
+    );
+}
