@@ -275,3 +275,70 @@ impl From<Event> for Response {
         Response::Event { event }
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_request() -> Vec<Request> {
+        let db = || "notes".to_owned();
+        let dirs = Directions::default();
+        vec![
+            Request::Status { db: None },
+            Request::Pause { db: db(), dirs },
+            Request::Resume { db: db(), dirs },
+            Request::Reconnect {},
+            Request::Wait {
+                db: db(),
+                dirs,
+                timeout_ms: None,
+            },
+            Request::Progress {
+                db: db(),
+                dirs,
+                follow: true,
+            },
+            Request::Watch { db: None },
+            Request::Sync {
+                db: db(),
+                timeout_ms: None,
+            },
+            Request::Reload {},
+            Request::Metrics {},
+            Request::Held { db: None },
+            Request::Retry { db: db() },
+        ]
+    }
+
+    #[test]
+    fn a_request_names_itself_as_it_is_sent() {
+        for r in every_request() {
+            assert_eq!(serde_json::to_value(&r).unwrap()["cmd"], r.cmd());
+        }
+    }
+
+    #[test]
+    fn a_daemon_shutting_down_still_answers_what_only_looks() {
+        let looks: Vec<&str> = every_request()
+            .iter()
+            .filter(|r| !r.starts_work())
+            .map(Request::cmd)
+            .collect();
+        assert_eq!(looks, ["status", "watch", "metrics", "held"]);
+        for s in DaemonState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn a_status_line_without_a_daemon_state_reads_as_running() {
+        let r: Response = serde_json::from_str(r#"{"type":"status","databases":[]}"#).unwrap();
+        assert!(matches!(
+            r,
+            Response::Status {
+                daemon: DaemonState::Running,
+                ..
+            }
+        ));
+    }
+}
