@@ -1274,3 +1274,43 @@ async fn sync_reports_every_batch_answered_during_the_call_not_the_last_one() {
         0
     );
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_connects_now_instead_of_waiting_out_a_backoff() {
+    let s = setup();
+    let d = s.dir.path();
+    // Reserve a port, then leave it closed: the daemon starts with no hub
+    // and draws long backoff delays (uniform up to 600 s at first).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let slow = "initial = \"600s\"\nmax = \"1200s\"";
+    let (_a, _) = start_daemon(d, "a", &port, &s.token_file, &[("one", "a1.db")], slow).await;
+    let sock = d.join("a.sock");
+    wait_for("in a long backoff", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, _)| st["backoff_ms"].as_u64().is_some_and(|ms| ms >= 30_000))
+    })
+    .await;
+    let (_hub, _) = start_hub(d, &port, &s.token_hash, "hub").await;
+    insert(&d.join("a1.db"), "now");
+    let (code, out, err, _) = cli_async(
+        &[
+            "sync",
+            "one",
+            "--json",
+            "--timeout",
+            "15s",
+            "--socket",
+            c(&sock),
+        ],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["upload"]["applied"], 1, "{last}");
+}
