@@ -7,6 +7,7 @@ use std::process::ExitCode;
 
 use tether::control::client::{Client, ClientError};
 use tether::control::{Direction, Directions, ErrorCode, Progress, Request, Response};
+use tether::daemon::DaemonState;
 use tether::session::{Event, Status};
 
 /// Appends one line to the text a response prints as.
@@ -105,7 +106,13 @@ fn emit(text: &str) -> bool {
 
 fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
     match resp {
-        Response::Status { databases } => {
+        Response::Status { daemon, databases } => {
+            if *daemon == DaemonState::Dying {
+                say!(
+                    o,
+                    "daemon: dying: shutting down once the hub has answered the uploads in flight"
+                );
+            }
             for s in databases {
                 print_status(o, s);
             }
@@ -118,15 +125,32 @@ fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
             for w in sessions {
                 let what = match w.outcome {
                     tether::session::ReconnectOutcome::Woken => "woken: connecting now",
-                    tether::session::ReconnectOutcome::AlreadyConnected => "left alone: already connected",
-                    tether::session::ReconnectOutcome::Paused => "left alone: paused (resume it first)",
+                    tether::session::ReconnectOutcome::AlreadyConnected => {
+                        "left alone: already connected"
+                    }
+                    tether::session::ReconnectOutcome::Paused => {
+                        "left alone: paused (resume it first)"
+                    }
                 };
                 say!(o, "{}: {what}", w.db);
             }
         }
         Response::Reload { report } => {
-            let list = |v: &Vec<String>| if v.is_empty() { "-".to_owned() } else { v.join(", ") };
-            say!(o, "reloaded: added {}; removed {}; restarted {}; unchanged {}", list(&report.added), list(&report.removed), list(&report.restarted), list(&report.unchanged));
+            let list = |v: &Vec<String>| {
+                if v.is_empty() {
+                    "-".to_owned()
+                } else {
+                    v.join(", ")
+                }
+            };
+            say!(
+                o,
+                "reloaded: added {}; removed {}; restarted {}; unchanged {}",
+                list(&report.added),
+                list(&report.removed),
+                list(&report.restarted),
+                list(&report.unchanged)
+            );
             for w in &report.warnings {
                 say!(o, "warning: {w}");
             }
@@ -136,7 +160,13 @@ fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
             None => say!(o, "{}", progress_line(p)),
         },
         Response::Metrics { text } => o.push_str(text),
-        Response::Watching { databases } => {
+        Response::Watching { daemon, databases } => {
+            if *daemon == DaemonState::Dying {
+                say!(
+                    o,
+                    "daemon: dying: shutting down once the hub has answered the uploads in flight"
+                );
+            }
             for s in databases {
                 print_status(o, s);
             }
@@ -149,12 +179,14 @@ fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
             uploaded,
             downloaded,
         } => {
-            match upload {
-                Some(u) => say!(o,
-                    "{db}: uploaded {uploaded} (last batch: total {}, applied {}, conflict {}, invalid {}, materialize_error {}); downloaded {downloaded}",
-                    u.total, u.applied, u.conflict, u.invalid, u.materialize_error
-                ),
-                None => say!(o, "{db}: nothing to upload; downloaded {downloaded}"),
+            if upload.batches == 0 {
+                say!(o, "{db}: nothing uploaded; downloaded {downloaded}");
+            } else {
+                say!(o,
+                    "{db}: uploaded {uploaded} of {} changes in {} batch{} (conflict {}, invalid {}, materialize_error {}); downloaded {downloaded}",
+                    upload.total, upload.batches, if upload.batches == 1 { "" } else { "es" },
+                    upload.conflict, upload.invalid, upload.materialize_error
+                );
             }
         }
         Response::Held { databases } => {
@@ -165,7 +197,15 @@ fn print_human(o: &mut String, resp: &Response, bars: Option<&Bars>) {
                         tether::proto::Op::Upsert => "upsert",
                         tether::proto::Op::Delete => "delete",
                     };
-                    say!(o, "  {} {} version {} {op}, {} attempts: {}", h.table, h.key, h.version, h.attempts, h.reason);
+                    say!(
+                        o,
+                        "  {} {} version {} {op}, {} attempts: {}",
+                        h.table,
+                        h.key,
+                        h.version,
+                        h.attempts,
+                        h.reason
+                    );
                 }
                 if (d.changes.len() as u64) < d.total {
                     say!(o, "  ... and {} more", d.total - d.changes.len() as u64);
@@ -210,6 +250,9 @@ fn print_status(o: &mut String, s: &Status) {
             ms as f64 / 1000.0
         ),
         _ => say!(o, "  pending:     {} local changes", s.pending_changes),
+    }
+    if let Some(why) = s.upload_refused() {
+        say!(o, "  upload:      {why}");
     }
     say!(o, "  cursor:      {} of hub head {}", s.cursor, s.hub_head);
     match &s.held_reason {

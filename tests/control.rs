@@ -723,3 +723,594 @@ async fn wait_download_waits_for_what_the_hub_holds_now_not_the_head_last_heard_
         .unwrap();
     assert_eq!(n, ROWS, "wait --download returned with {n} of {ROWS} rows");
 }
+
+// ---------------------------------------------------------------------
+// Bounded helpers: every CLI run and every followed stream has a deadline.
+
+/// Runs a CLI command, killed if it has not finished within `limit`;
+/// returns exit code, stdout, stderr and how long it took.
+fn cli_within(args: &[&str], limit: Duration) -> (i32, String, String, Duration) {
+    let started = std::time::Instant::now();
+    let child = std::process::Command::new(bin())
+        .args(args)
+        .stdout(std::process::Stdio::piped())
+        .stderr(std::process::Stdio::piped())
+        .spawn()
+        .expect("tether runs");
+    let pid = child.id().to_string();
+    let (tx, rx) = std::sync::mpsc::channel();
+    std::thread::spawn(move || {
+        let _ = tx.send(child.wait_with_output());
+    });
+    match rx.recv_timeout(limit) {
+        Ok(out) => {
+            let out = out.unwrap();
+            (
+                out.status.code().unwrap_or(-1),
+                String::from_utf8_lossy(&out.stdout).into_owned(),
+                String::from_utf8_lossy(&out.stderr).into_owned(),
+                started.elapsed(),
+            )
+        }
+        Err(_) => {
+            let _ = std::process::Command::new("kill")
+                .args(["-KILL", &pid])
+                .status();
+            panic!(
+                "`tether {}` did not finish within {limit:?}",
+                args.join(" ")
+            );
+        }
+    }
+}
+
+/// [`cli_within`] off the async runtime (the test's own tasks keep running).
+async fn cli_async(args: &[&str], limit: Duration) -> (i32, String, String, Duration) {
+    let args: Vec<String> = args.iter().map(|a| a.to_string()).collect();
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli_within(&args, limit)
+    })
+    .await
+    .unwrap()
+}
+
+/// A bounded CLI run.
+const CLI_LIMIT: Duration = Duration::from_secs(20);
+
+/// `tether status DB --json` (bounded), the database's object and the
+/// daemon's state; `None` when the daemon did not answer.
+async fn status_of(sock: &Path, db: &str) -> Option<(serde_json::Value, serde_json::Value)> {
+    let (code, out, _, _) =
+        cli_async(&["status", db, "--json", "--socket", c(sock)], CLI_LIMIT).await;
+    if code != 0 {
+        return None;
+    }
+    let v: serde_json::Value = serde_json::from_str(out.trim()).expect("status is JSON");
+    Some((v["databases"][0].clone(), v["daemon"].clone()))
+}
+
+/// Waits until `status` (bounded) reports the database connected.
+async fn wait_connected(sock: &Path, db: &str) {
+    wait_for(&format!("{db} connected"), || async {
+        status_of(sock, db)
+            .await
+            .is_some_and(|(st, _)| st["connection"] == "connected")
+    })
+    .await;
+}
+
+/// A streaming CLI command whose stdout lines are read with a deadline;
+/// killed when dropped.
+struct Follow {
+    child: std::process::Child,
+    lines: tokio::sync::mpsc::Receiver<String>,
+}
+
+impl Follow {
+    fn start(args: &[&str]) -> Follow {
+        let mut child = std::process::Command::new(bin())
+            .args(args)
+            .stdout(std::process::Stdio::piped())
+            .stderr(std::process::Stdio::null())
+            .spawn()
+            .expect("tether runs");
+        let stdout = child.stdout.take().unwrap();
+        let (tx, lines) = tokio::sync::mpsc::channel(1024);
+        std::thread::spawn(move || {
+            use std::io::BufRead;
+            for line in std::io::BufReader::new(stdout)
+                .lines()
+                .map_while(Result::ok)
+            {
+                if tx.blocking_send(line).is_err() {
+                    break;
+                }
+            }
+        });
+        Follow { child, lines }
+    }
+
+    /// The next line as JSON; fails the test at `deadline` or at the end of
+    /// the output.
+    async fn next(&mut self, deadline: tokio::time::Instant, what: &str) -> serde_json::Value {
+        let line = tokio::time::timeout_at(deadline, self.lines.recv())
+            .await
+            .unwrap_or_else(|_| panic!("timed out waiting for {what}"))
+            .unwrap_or_else(|| panic!("the output ended before {what}"));
+        serde_json::from_str(&line).unwrap_or_else(|e| panic!("{e}: {line}"))
+    }
+}
+
+impl Drop for Follow {
+    fn drop(&mut self) {
+        let _ = self.child.kill();
+        let _ = self.child.wait();
+    }
+}
+
+/// A hub process with the given tokens (SHA-256, read-only) for dataset
+/// `notes`, dropping clients silent for `read_timeout`.
+async fn start_hub_with(dir: &Path, tokens: &[(&str, bool)], read_timeout: &str) -> (Proc, String) {
+    let cfg = dir.join("hub.toml");
+    let mut text = format!(
+        "listen = \"127.0.0.1:0\"\nstore = \"sqlite:{}\"\nread_timeout = \"{read_timeout}\"\n[[dataset]]\nname = \"notes\"\ntables = [\"notes\"]\n",
+        dir.join("hub.db").display()
+    );
+    for (i, (hash, read_only)) in tokens.iter().enumerate() {
+        let access = if *read_only {
+            "read_only"
+        } else {
+            "read_write"
+        };
+        text.push_str(&format!(
+            "[[token]]\nname = \"t{i}\"\nsha256 = \"{hash}\"\ndatasets = [\"*\"]\naccess = \"{access}\"\n"
+        ));
+    }
+    std::fs::write(&cfg, text).unwrap();
+    let p = Proc::spawn(&["hub", "--config", c(&cfg)], dir.join("hub.log"));
+    let addr = wait_log_field(&p, "hub started", "listen").await;
+    (p, addr)
+}
+
+/// Sends a signal to a process.
+fn signal(pid: u32, sig: &str) {
+    let ok = std::process::Command::new("kill")
+        .args([sig, &pid.to_string()])
+        .status()
+        .unwrap()
+        .success();
+    assert!(ok, "kill {sig} {pid}");
+}
+
+/// Inserts `n` rows in one transaction.
+fn insert_many(db: &Path, prefix: &str, n: usize, body: &str) {
+    let c = rusqlite::Connection::open(db).unwrap();
+    c.busy_timeout(Duration::from_secs(10)).unwrap();
+    let tx = c.unchecked_transaction().unwrap();
+    for i in 0..n {
+        tx.execute(
+            "INSERT INTO notes VALUES (?1, 't', ?2, ?3)",
+            rusqlite::params![format!("{prefix}{i}"), body, i as i64],
+        )
+        .unwrap();
+    }
+    tx.commit().unwrap();
+}
+
+use std::time::Duration;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_shows_why_writes_wait_and_wait_upload_fails_at_once() {
+    let s = setup();
+    let d = s.dir.path();
+    let ro_token = tether::hub::auth::new_token();
+    let ro_file = d.join("ro-token");
+    std::fs::write(&ro_file, &ro_token).unwrap();
+    let ro_hash = tether::hub::auth::hash_token(&ro_token);
+    let (_hub, addr) = start_hub_with(d, &[(&s.token_hash, false), (&ro_hash, true)], "60s").await;
+    let (_a, _) = start_daemon(d, "a", &addr, &ro_file, &[("one", "a1.db")], FAST).await;
+    let (_b, _) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    let sock = d.join("a.sock");
+    wait_connected(&d.join("b.sock"), "b").await;
+    // The welcome says read-only: known before any upload is tried.
+    wait_for("one connected with a read-only token", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, _)| st["connection"] == "connected" && st["upload"] == "read_only")
+    })
+    .await;
+    insert_many(&d.join("a1.db"), "ro", 3, "b");
+    wait_for("three writes pending", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, _)| st["pending_changes"] == 3)
+    })
+    .await;
+    let (st, _) = status_of(&sock, "one").await.unwrap();
+    assert_eq!(st["session"], "active", "{st}");
+    let (code, out, err, _) = cli_async(&["status", "one", "--socket", c(&sock)], CLI_LIMIT).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("upload:      refused: the hub token is read-only; 3 local changes wait"),
+        "{out}"
+    );
+    // A wait without --timeout fails at once instead of hanging.
+    let (code, _, err, took) = cli_async(
+        &["wait", "one", "--upload", "--socket", c(&sock)],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 1, "{err}");
+    assert!(took < Duration::from_secs(10), "took {took:?}");
+    assert!(
+        err.contains("one: 3 local changes cannot be uploaded")
+            && err.contains("read-only")
+            && err.contains("read_write token"),
+        "{err}"
+    );
+    // Downloads go on.
+    insert(&d.join("b.db"), "from-b");
+    wait_until("b's row reaches one", || {
+        has_row(&d.join("a1.db"), "from-b")
+    })
+    .await;
+    let (code, _, err, _) = cli_async(
+        &[
+            "wait",
+            "one",
+            "--download",
+            "--timeout",
+            "15s",
+            "--socket",
+            c(&sock),
+        ],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        !has_row(&d.join("b.db"), "ro0"),
+        "a read-only change went out"
+    );
+}
+
+/// A loopback TCP proxy that counts the bytes a client sends and can hold
+/// back what the server answers (the answers wait in the proxy until it is
+/// let go): an upload that reached the hub but whose answer is in transit.
+struct Holdback {
+    addr: String,
+    sent: std::sync::Arc<std::sync::atomic::AtomicU64>,
+    hold: tokio::sync::watch::Sender<bool>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Holdback {
+    async fn start(target: String) -> Holdback {
+        use tokio::io::{AsyncReadExt, AsyncWriteExt};
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let sent = std::sync::Arc::new(std::sync::atomic::AtomicU64::new(0));
+        let (hold, held) = tokio::sync::watch::channel(false);
+        let counter = sent.clone();
+        let task = tokio::spawn(async move {
+            while let Ok((client, _)) = listener.accept().await {
+                let Ok(server) = tokio::net::TcpStream::connect(&target).await else {
+                    continue;
+                };
+                let (mut cr, mut cw) = client.into_split();
+                let (mut sr, mut sw) = server.into_split();
+                let counter = counter.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = cr.read(&mut buf).await {
+                        counter.fetch_add(n as u64, std::sync::atomic::Ordering::SeqCst);
+                        if sw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = sw.shutdown().await;
+                });
+                let mut held = held.clone();
+                tokio::spawn(async move {
+                    let mut buf = vec![0u8; 64 * 1024];
+                    while let Ok(n @ 1..) = sr.read(&mut buf).await {
+                        if held.wait_for(|h| !*h).await.is_err() {
+                            return;
+                        }
+                        if cw.write_all(&buf[..n]).await.is_err() {
+                            return;
+                        }
+                    }
+                    let _ = cw.shutdown().await;
+                });
+            }
+        });
+        Holdback {
+            addr,
+            sent,
+            hold,
+            task,
+        }
+    }
+
+    /// Bytes the clients sent so far.
+    fn sent(&self) -> u64 {
+        self.sent.load(std::sync::atomic::Ordering::SeqCst)
+    }
+
+    /// Holds (true) or lets go of (false) the server's answers.
+    fn hold(&self, on: bool) {
+        self.hold.send_replace(on);
+    }
+}
+
+impl Drop for Holdback {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn status_shows_the_daemon_dying_while_an_upload_drains_and_the_socket_goes_with_the_last_session(
+) {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub_with(d, &[(&s.token_hash, false)], "60s").await;
+    let proxy = Holdback::start(addr).await;
+    // Nothing received for a while must not end the drain before the test
+    // lets the answer through: long read timeout and shutdown timeout.
+    let patient =
+        "initial = \"100ms\"\nmax = \"1s\"\nping_interval = \"1s\"\nread_timeout = \"60s\"";
+    let (mut a, _) = start_daemon_with(
+        d,
+        "a",
+        &proxy.addr,
+        &s.token_file,
+        &[("one", "a1.db")],
+        patient,
+        "shutdown_timeout = \"60s\"",
+    )
+    .await;
+    let sock = d.join("a.sock");
+    wait_connected(&sock, "one").await;
+    // One upload reaches the hub; its answer is held in the proxy.
+    proxy.hold(true);
+    let before = proxy.sent();
+    let body: String = {
+        use rand::Rng;
+        let mut rng = rand::thread_rng();
+        (0..20_000).map(|_| rng.gen_range('a'..='z')).collect()
+    };
+    insert_many(&d.join("a1.db"), "drain", 1, &body);
+    wait_until("the upload is sent", || proxy.sent() > before + 20_000).await;
+    signal(a.child.id(), "-TERM");
+    // The drain is visible: the daemon dying, the session dying.
+    wait_for("status shows the drain", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, daemon)| daemon == "dying" && st["session"] == "dying")
+    })
+    .await;
+    let (code, out, err, _) = cli_async(&["status", "--socket", c(&sock)], CLI_LIMIT).await;
+    assert_eq!(code, 0, "{err}");
+    assert!(out.starts_with("daemon: dying"), "{out}");
+    // Nothing new starts while it drains.
+    for cmd in [
+        &["wait", "one", "--upload", "--timeout", "10s"][..],
+        &["sync", "one", "--timeout", "10s"][..],
+        &["reconnect"][..],
+    ] {
+        let mut args = cmd.to_vec();
+        args.extend(["--socket", c(&sock)]);
+        let (code, _, err, _) = cli_async(&args, CLI_LIMIT).await;
+        assert_eq!(code, 1, "{cmd:?}: {err}");
+        assert!(
+            err.contains("the daemon is shutting down"),
+            "{cmd:?}: {err}"
+        );
+    }
+    assert!(
+        a.child.try_wait().unwrap().is_none(),
+        "the daemon left before its drain"
+    );
+    // The answer arrives: the last session stops, the daemon exits and its
+    // socket goes.
+    proxy.hold(false);
+    wait_until("the daemon exits", || a.child.try_wait().unwrap().is_some()).await;
+    assert!(a.child.wait().unwrap().success());
+    assert!(
+        !sock.exists(),
+        "socket removed once the last session stopped"
+    );
+    let log = a.log_text();
+    assert!(
+        !log.contains("shutting down with unanswered uploads"),
+        "the drain ended on the answer, not on its timeout: {log}"
+    );
+}
+
+/// Checks what every progress line promises: nothing done beyond the total.
+fn check_progress(p: &serde_json::Value) {
+    let n = |k: &str| p[k].as_u64().unwrap_or_else(|| panic!("{k} in {p}"));
+    assert!(
+        n("transferred_changes") <= n("transferable_changes"),
+        "done > total: {p}"
+    );
+    if p["direction"] == "upload" {
+        assert!(
+            n("transferred_bytes") <= n("transferable_bytes"),
+            "bytes done > total: {p}"
+        );
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn progress_follow_takes_in_writes_and_hub_changes_that_arrive_while_it_follows() {
+    let s = setup();
+    let d = s.dir.path();
+    let (_hub, addr) = start_hub_with(d, &[(&s.token_hash, false)], "60s").await;
+    let (_a, _) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], FAST).await;
+    let (_b, _) = start_daemon(d, "b", &addr, &s.token_file, &[("b", "b.db")], FAST).await;
+    let (asock, bsock) = (d.join("a.sock"), d.join("b.sock"));
+    wait_connected(&asock, "one").await;
+    wait_connected(&bsock, "b").await;
+    let mut follow = Follow::start(&[
+        "progress",
+        "one",
+        "--follow",
+        "--json",
+        "--socket",
+        c(&asock),
+    ]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    // Reads progress lines until one of `dir` satisfies `want`; returns it.
+    async fn until(
+        follow: &mut Follow,
+        deadline: tokio::time::Instant,
+        dir: &str,
+        what: &str,
+        want: impl Fn(u64, u64) -> bool,
+    ) -> serde_json::Value {
+        loop {
+            let p = follow.next(deadline, what).await;
+            assert_eq!(p["type"], "progress", "{p}");
+            check_progress(&p);
+            let n = |k: &str| p[k].as_u64().unwrap();
+            if p["direction"] == dir && want(n("transferred_changes"), n("transferable_changes")) {
+                return p;
+            }
+        }
+    }
+    until(
+        &mut follow,
+        deadline,
+        "upload",
+        "the first upload line",
+        |_, _| true,
+    )
+    .await;
+    // Local writes made while it follows are added to its upload total.
+    insert_many(&d.join("a1.db"), "f", 5, "b");
+    until(
+        &mut follow,
+        deadline,
+        "upload",
+        "5 uploads counted and done",
+        |done, total| total >= 5 && done == total,
+    )
+    .await;
+    // The hub's changes made while it follows are added to its download
+    // total (this device's own uploads move the hub's head too).
+    let mut down = until(
+        &mut follow,
+        deadline,
+        "download",
+        "a download line",
+        |done, total| done == total && total >= 5,
+    )
+    .await;
+    let seen = down["transferable_changes"].as_u64().unwrap();
+    insert_many(&d.join("b.db"), "g", 4, "b");
+    down = until(
+        &mut follow,
+        deadline,
+        "download",
+        "4 more downloads counted and done",
+        |done, total| total >= seen + 4 && done == total,
+    )
+    .await;
+    assert!(has_row(&d.join("a1.db"), "g3"), "{down}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_reports_every_batch_answered_during_the_call_not_the_last_one() {
+    // More rows than fit in one upload batch.
+    const ROWS: usize = 10_000;
+    let s = setup();
+    let d = s.dir.path();
+    // The hub is stopped for a moment below: it must not take that for a
+    // silent client, nor the daemon for a dead hub.
+    let (hub, addr) = start_hub_with(d, &[(&s.token_hash, false)], "60s").await;
+    let patient =
+        "initial = \"100ms\"\nmax = \"1s\"\nping_interval = \"1s\"\nread_timeout = \"60s\"";
+    let (_a, _) = start_daemon(d, "a", &addr, &s.token_file, &[("one", "a1.db")], patient).await;
+    let sock = d.join("a.sock");
+    wait_connected(&sock, "one").await;
+    // The writes are captured (and may be sent) while the hub answers
+    // nothing; the sync starts before any answer.
+    signal(hub.child.id(), "-STOP");
+    insert_many(&d.join("a1.db"), "s", ROWS, "b");
+    let mut sync = Follow::start(&[
+        "sync",
+        "one",
+        "--json",
+        "--timeout",
+        "60s",
+        "--socket",
+        c(&sock),
+    ]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let first = sync.next(deadline, "the first line of sync").await;
+    signal(hub.child.id(), "-CONT");
+    assert_eq!(first["type"], "progress", "{first}");
+    let last = loop {
+        let l = sync.next(deadline, "the end of sync").await;
+        if l["type"] != "progress" {
+            break l;
+        }
+        check_progress(&l);
+    };
+    assert_eq!(last["type"], "sync", "{last}");
+    let up = &last["upload"];
+    assert_eq!(up["applied"], ROWS, "{last}");
+    assert_eq!(up["total"], ROWS, "{last}");
+    assert!(up["batches"].as_u64().unwrap() >= 3, "{last}");
+    assert_eq!(last["uploaded"], ROWS, "{last}");
+    // Its own changes are not downloads.
+    assert_eq!(last["downloaded"], 0, "{last}");
+    assert_eq!(
+        status_of(&sock, "one").await.unwrap().0["pending_changes"],
+        0
+    );
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sync_connects_now_instead_of_waiting_out_a_backoff() {
+    let s = setup();
+    let d = s.dir.path();
+    // Reserve a port, then leave it closed: the daemon starts with no hub
+    // and draws long backoff delays (uniform up to 600 s at first).
+    let port = std::net::TcpListener::bind("127.0.0.1:0")
+        .unwrap()
+        .local_addr()
+        .unwrap()
+        .to_string();
+    let slow = "initial = \"600s\"\nmax = \"1200s\"";
+    let (_a, _) = start_daemon(d, "a", &port, &s.token_file, &[("one", "a1.db")], slow).await;
+    let sock = d.join("a.sock");
+    wait_for("in a long backoff", || async {
+        status_of(&sock, "one")
+            .await
+            .is_some_and(|(st, _)| st["backoff_ms"].as_u64().is_some_and(|ms| ms >= 30_000))
+    })
+    .await;
+    let (_hub, _) = start_hub(d, &port, &s.token_hash, "hub").await;
+    insert(&d.join("a1.db"), "now");
+    let (code, out, err, _) = cli_async(
+        &[
+            "sync",
+            "one",
+            "--json",
+            "--timeout",
+            "15s",
+            "--socket",
+            c(&sock),
+        ],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 0, "{out}{err}");
+    let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
+    assert_eq!(last["upload"]["applied"], 1, "{last}");
+}

@@ -9,8 +9,9 @@ pub mod server;
 
 use serde::{Deserialize, Serialize};
 
+use crate::daemon::DaemonState;
 use crate::local::{HeldChange, RetryReport};
-use crate::proto::UploadSummary;
+use crate::session::status::UploadTotals;
 use crate::session::{Event, ReconnectOutcome, Status};
 
 /// Longest request line accepted, in bytes.
@@ -97,6 +98,45 @@ pub enum Request {
     Retry { db: String },
 }
 
+impl Request {
+    /// The `cmd` it is sent as.
+    pub fn cmd(&self) -> &'static str {
+        match self {
+            Request::Status { .. } => "status",
+            Request::Pause { .. } => "pause",
+            Request::Resume { .. } => "resume",
+            Request::Reconnect {} => "reconnect",
+            Request::Wait { .. } => "wait",
+            Request::Progress { .. } => "progress",
+            Request::Watch { .. } => "watch",
+            Request::Sync { .. } => "sync",
+            Request::Reload {} => "reload",
+            Request::Metrics {} => "metrics",
+            Request::Held { .. } => "held",
+            Request::Retry { .. } => "retry",
+        }
+    }
+
+    /// Whether it starts or awaits sync work, which a daemon shutting down
+    /// no longer does (the others only look).
+    pub fn starts_work(&self) -> bool {
+        match self {
+            Request::Status { .. }
+            | Request::Watch { .. }
+            | Request::Metrics {}
+            | Request::Held { .. } => false,
+            Request::Pause { .. }
+            | Request::Resume { .. }
+            | Request::Reconnect {}
+            | Request::Wait { .. }
+            | Request::Progress { .. }
+            | Request::Sync { .. }
+            | Request::Reload {}
+            | Request::Retry { .. } => true,
+        }
+    }
+}
+
 /// Transfer direction of a progress report.
 #[derive(Clone, Copy, Debug, PartialEq, Eq, Serialize, Deserialize)]
 #[serde(rename_all = "snake_case")]
@@ -142,6 +182,9 @@ pub enum ErrorCode {
     SessionFailed,
     /// The direction waited for is paused.
     Paused,
+    /// An upload wait on a session whose hub token is read-only: the
+    /// changes cannot go until the daemon uses a read-write token.
+    ReadOnly,
     /// The daemon is shutting down.
     ShuttingDown,
     /// A reload found the config file invalid; the old config stays.
@@ -153,6 +196,9 @@ pub enum ErrorCode {
 #[serde(tag = "type", rename_all = "snake_case")]
 pub enum Response {
     Status {
+        /// Running, or draining on its way out.
+        #[serde(default)]
+        daemon: DaemonState,
         databases: Vec<Status>,
     },
     Ok {
@@ -164,15 +210,21 @@ pub enum Response {
     Progress(Progress),
     /// First line of a `watch`: the state the events that follow start from.
     Watching {
+        #[serde(default)]
+        daemon: DaemonState,
         databases: Vec<Status>,
     },
     Event {
         event: Event,
     },
+    /// What one `sync` moved, from its start to its end.
     Sync {
         db: String,
-        upload: Option<UploadSummary>,
+        /// Every upload batch the hub answered during the call, summed.
+        upload: UploadTotals,
+        /// Changes the hub stored during the call (`upload.applied`).
         uploaded: u64,
+        /// The hub's changes applied here during the call.
         downloaded: u64,
     },
     Reload {
@@ -221,5 +273,72 @@ impl Response {
 impl From<Event> for Response {
     fn from(event: Event) -> Response {
         Response::Event { event }
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    fn every_request() -> Vec<Request> {
+        let db = || "notes".to_owned();
+        let dirs = Directions::default();
+        vec![
+            Request::Status { db: None },
+            Request::Pause { db: db(), dirs },
+            Request::Resume { db: db(), dirs },
+            Request::Reconnect {},
+            Request::Wait {
+                db: db(),
+                dirs,
+                timeout_ms: None,
+            },
+            Request::Progress {
+                db: db(),
+                dirs,
+                follow: true,
+            },
+            Request::Watch { db: None },
+            Request::Sync {
+                db: db(),
+                timeout_ms: None,
+            },
+            Request::Reload {},
+            Request::Metrics {},
+            Request::Held { db: None },
+            Request::Retry { db: db() },
+        ]
+    }
+
+    #[test]
+    fn a_request_names_itself_as_it_is_sent() {
+        for r in every_request() {
+            assert_eq!(serde_json::to_value(&r).unwrap()["cmd"], r.cmd());
+        }
+    }
+
+    #[test]
+    fn a_daemon_shutting_down_still_answers_what_only_looks() {
+        let looks: Vec<&str> = every_request()
+            .iter()
+            .filter(|r| !r.starts_work())
+            .map(Request::cmd)
+            .collect();
+        assert_eq!(looks, ["status", "watch", "metrics", "held"]);
+        for s in DaemonState::ALL {
+            assert_eq!(serde_json::to_value(s).unwrap(), s.as_str());
+        }
+    }
+
+    #[test]
+    fn a_status_line_without_a_daemon_state_reads_as_running() {
+        let r: Response = serde_json::from_str(r#"{"type":"status","databases":[]}"#).unwrap();
+        assert!(matches!(
+            r,
+            Response::Status {
+                daemon: DaemonState::Running,
+                ..
+            }
+        ));
     }
 }

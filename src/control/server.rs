@@ -21,8 +21,9 @@ use super::{
     Direction, Directions, ErrorCode, Progress, Request, Response, Woken, MAX_CLIENTS, MAX_LINE,
 };
 use crate::clock::sleep_opt;
-use crate::daemon::{Daemon, SessionHandle};
-use crate::session::{ConnectionState, Control, Event, Status};
+use crate::daemon::{Daemon, DaemonState, SessionHandle};
+use crate::session::status::UploadState;
+use crate::session::{ConnectionState, Control, Event, SessionState, Status};
 
 /// Why the control socket could not be opened.
 #[derive(Debug, thiserror::Error)]
@@ -69,10 +70,37 @@ pub async fn bind(path: &Path) -> Result<UnixListener, BindError> {
     Ok(listener)
 }
 
-/// Serves control clients until `shutdown`.
+/// Serves control clients until every session has stopped after
+/// `shutdown`: during the drain (sessions waiting for the hub to answer
+/// their uploads in flight) `status` shows the daemon `dying`, and requests
+/// that would start new work are refused with `shutting_down`.
 pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, shutdown: CancellationToken) {
-    let accept = |stream, _peer| client(stream, daemon.clone(), shutdown.clone());
-    crate::listen::serve(listener, MAX_CLIENTS, "control socket", &shutdown, accept).await;
+    let closed = CancellationToken::new();
+    tokio::spawn({
+        let (daemon, shutdown, closed) = (daemon.clone(), shutdown.clone(), closed.clone());
+        async move {
+            shutdown.cancelled().await;
+            daemon.wait().await;
+            closed.cancel();
+        }
+    });
+    let ctx = Ctx {
+        daemon,
+        shutdown,
+        closed: closed.clone(),
+    };
+    let accept = |stream, _peer| client(stream, ctx.clone());
+    crate::listen::serve(listener, MAX_CLIENTS, "control socket", &closed, accept).await;
+}
+
+/// What every client task shares.
+#[derive(Clone)]
+struct Ctx {
+    daemon: Arc<Daemon>,
+    /// Shutdown was asked: the daemon drains.
+    shutdown: CancellationToken,
+    /// Every session has stopped: the socket closes.
+    closed: CancellationToken,
 }
 
 type Conn = Framed<UnixStream, LinesCodec>;
@@ -82,14 +110,19 @@ async fn send(conn: &mut Conn, r: &Response) -> bool {
     conn.send(line).await.is_ok()
 }
 
+/// The answer to a client still connected when the daemon has stopped.
+fn stopped() -> Response {
+    Response::error(ErrorCode::ShuttingDown, "the daemon has stopped")
+}
+
 /// One control client: any number of requests, one at a time.
-async fn client(stream: UnixStream, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+async fn client(stream: UnixStream, ctx: Ctx) {
     let mut conn = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
     loop {
         let line = tokio::select! {
             l = conn.next() => l,
-            _ = shutdown.cancelled() => {
-                let _ = send(&mut conn, &Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down")).await;
+            _ = ctx.closed.cancelled() => {
+                let _ = send(&mut conn, &stopped()).await;
                 return;
             }
         };
@@ -122,7 +155,7 @@ async fn client(stream: UnixStream, daemon: Arc<Daemon>, shutdown: CancellationT
                 continue;
             }
         };
-        if !handle(&mut conn, &daemon, req, &shutdown).await {
+        if !handle(&mut conn, &ctx, req).await {
             return;
         }
     }
@@ -205,16 +238,36 @@ async fn statuses(daemon: &Daemon, db: Option<&str>) -> Result<Vec<Status>, Resp
     }
 }
 
+/// The answer to a request that would start new work while the daemon
+/// drains.
+fn shutting_down(cmd: &str) -> Response {
+    Response::error(
+        ErrorCode::ShuttingDown,
+        format!("the daemon is shutting down (it waits for the hub to answer the uploads in flight, then exits): `{cmd}` needs a running daemon; start it again"),
+    )
+}
+
+/// The answer to a wait cut short by shutdown.
+fn interrupted(db: &str) -> Response {
+    Response::error(
+        ErrorCode::ShuttingDown,
+        format!("{db}: the daemon is shutting down; what is not sent yet stays captured and goes out when it starts again"),
+    )
+}
+
 /// Handles one request; false when the client is gone.
-async fn handle(
-    conn: &mut Conn,
-    daemon: &Daemon,
-    req: Request,
-    shutdown: &CancellationToken,
-) -> bool {
+async fn handle(conn: &mut Conn, ctx: &Ctx, req: Request) -> bool {
+    let daemon = &*ctx.daemon;
+    let shutdown = &ctx.shutdown;
+    if daemon.state() == DaemonState::Dying && req.starts_work() {
+        return send(conn, &shutting_down(req.cmd())).await;
+    }
     let reply = match req {
         Request::Status { db } => match statuses(daemon, db.as_deref()).await {
-            Ok(databases) => Response::Status { databases },
+            Ok(databases) => Response::Status {
+                daemon: daemon.state(),
+                databases,
+            },
             Err(e) => e,
         },
         Request::Pause { db, dirs } => pause(daemon, &db, dirs, true).await,
@@ -294,37 +347,55 @@ async fn handle(
                 Ok(d) => d,
                 Err(e) => return send(conn, &e).await,
             };
-            if !send(conn, &Response::Watching { databases }).await {
+            let watching = Response::Watching {
+                daemon: daemon.state(),
+                databases,
+            };
+            if !send(conn, &watching).await {
                 return false;
             }
-            return watch(conn, events, db, shutdown).await;
+            return watch(conn, events, db, &ctx.closed).await;
         }
         Request::Sync { db, timeout_ms } => match find(daemon, &db) {
             Err(e) => e,
-            Ok(h) => {
-                let before = h.status.borrow().clone();
-                let deadline =
-                    Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(300_000));
-                let both = Directions::default();
-                match wait(conn, &h, both, Some(deadline), Until::Done, shutdown).await {
-                    Err(r) => r,
-                    Ok(()) => {
-                        let after = h.status.borrow().clone();
-                        Response::Sync {
-                            db,
-                            upload: after.last_upload.clone().filter(|_| {
-                                after.uploaded > before.uploaded
-                                    || after.last_upload != before.last_upload
-                            }),
-                            uploaded: after.uploaded - before.uploaded,
-                            downloaded: after.downloaded - before.downloaded,
-                        }
-                    }
-                }
-            }
+            Ok(h) => sync(conn, &h, timeout_ms, shutdown).await,
         },
     };
     send(conn, &reply).await
+}
+
+/// Uploads what is captured and downloads what the hub holds, now, and
+/// reports what moved during the call: every upload batch answered and
+/// every change downloaded meanwhile.
+async fn sync(
+    conn: &mut Conn,
+    h: &SessionHandle,
+    timeout_ms: Option<u64>,
+    shutdown: &CancellationToken,
+) -> Response {
+    let before = h.status.borrow().clone();
+    let deadline = Instant::now() + Duration::from_millis(timeout_ms.unwrap_or(300_000));
+    // Look at the capture log now rather than at the next file event or
+    // poll; a full channel means a look is due already.
+    let _ = h.wake.try_send(());
+    if before.session == SessionState::Active && before.connection == ConnectionState::Disconnected
+    {
+        // Waiting in backoff: try now. The outcome does not matter here.
+        let (reply, _) = oneshot::channel();
+        let _ = h.ctl.try_send(Control::Reconnect { reply });
+    }
+    let both = Directions::default();
+    if let Err(r) = wait(conn, h, both, Some(deadline), Until::Done, shutdown).await {
+        return r;
+    }
+    let after = h.status.borrow().clone();
+    let upload = after.upload_totals.since(&before.upload_totals);
+    Response::Sync {
+        db: h.name.clone(),
+        upload,
+        uploaded: upload.applied,
+        downloaded: after.downloaded.saturating_sub(before.downloaded),
+    }
 }
 
 /// Pauses or resumes a session's directions.
@@ -372,6 +443,21 @@ enum Until {
     Forever,
 }
 
+/// The answer to an upload wait that can never end: the hub refuses this
+/// device's changes.
+async fn read_only(h: &SessionHandle) -> Response {
+    let s = h.fresh_status().await;
+    let n = s.pending_changes;
+    Response::error(
+        ErrorCode::ReadOnly,
+        format!(
+            "{}: {n} local change{} cannot be uploaded: the hub token is read-only; put a read_write token in the daemon's token file (or `token` in its config) and restart the daemon; downloads go on",
+            h.name,
+            if n == 1 { "" } else { "s" }
+        ),
+    )
+}
+
 /// Follows a session, streaming progress. Used by wait, progress and sync.
 async fn wait(
     conn: &mut Conn,
@@ -401,59 +487,41 @@ async fn wait(
             ));
         }
     }
-    // Upload target: everything captured up to now (target seq, bytes).
-    let up = if dirs.upload() {
-        Some(upload_target(h, &start).await?)
-    } else {
-        None
+    let follow = until == Until::Forever;
+    // Upload target: everything captured up to now.
+    let mut up = match dirs.upload() {
+        true => Some(UpTarget::now(h, &start).await?),
+        false => None,
     };
     // Download target: the hub head once connected and caught up.
-    let mut down_target: Option<u64> = None;
-    let mut down_from = start.cursor;
+    let mut down = DownTarget {
+        from: start.cursor,
+        head: None,
+    };
     let mut last_sent: Option<(Option<Progress>, Option<Progress>)> = None;
     let mut tick = tokio::time::interval(Duration::from_millis(100));
+    // While following, the log is looked at this often for new writes the
+    // session has not read (uploads paused, read-only, disconnected).
+    let mut look = tokio::time::interval(FOLLOW_LOOK);
     loop {
         let s = rx.borrow_and_update().clone();
         if let Some(why) = failed(&s) {
             return Err(Response::error(ErrorCode::SessionFailed, why));
         }
-        if dirs.download()
-            && down_target.is_none()
-            && s.connection == ConnectionState::Connected
-            && s.caught_up
-        {
-            // What the hub holds now, asked over the connection: the head
-            // last heard of may be far behind while frames are in flight.
-            // A hub that cannot be asked leaves the head last heard of.
-            let head = fetch_head(h).await.unwrap_or(0);
-            down_target = Some(head.max(s.hub_head));
-            down_from = down_from.min(s.cursor);
+        if follow {
+            if let Some(u) = &mut up {
+                u.grow(h, s.last_seq).await;
+            }
         }
-        // Upload progress in captured writes (log sequence numbers).
-        let up_progress = up.map(|(target, bytes)| {
-            let from = start.consumed.min(target);
-            Progress {
-                db: h.name.clone(),
-                direction: Direction::Upload,
-                transferred_changes: s.consumed.min(target).saturating_sub(from),
-                transferable_changes: target - from,
-                transferred_bytes: s.uploaded_bytes - start.uploaded_bytes,
-                transferable_bytes: Some(bytes),
-            }
-        });
-        let down_progress = dirs.download().then(|| {
-            let target = down_target.unwrap_or(s.hub_head).max(down_from);
-            Progress {
-                db: h.name.clone(),
-                direction: Direction::Download,
-                transferred_changes: s.cursor.min(target).saturating_sub(down_from),
-                transferable_changes: target - down_from,
-                transferred_bytes: s.downloaded_bytes - start.downloaded_bytes,
-                transferable_bytes: None,
-            }
-        });
-        let up_done = up.map(|(target, _)| s.consumed >= target).unwrap_or(true);
-        let down_done = !dirs.download() || down_target.map(|t| s.cursor >= t).unwrap_or(false);
+        let up_done = up.as_ref().is_none_or(|u| s.consumed >= u.seq);
+        if !up_done && !follow && s.upload == UploadState::ReadOnly {
+            return Err(read_only(h).await);
+        }
+        let up_progress = up.as_ref().map(|u| u.progress(h, &start, &s));
+        let down_progress = dirs
+            .download()
+            .then(|| down.progress(h, &start, &s, follow));
+        let down_done = !dirs.download() || down.head.is_some_and(|t| s.cursor >= t);
         let now = (up_progress, down_progress);
         if last_sent.as_ref() != Some(&now) {
             for p in [now.0.clone(), now.1.clone()].into_iter().flatten() {
@@ -463,52 +531,152 @@ async fn wait(
             }
             last_sent = Some(now);
         }
-        if up_done && down_done && until != Until::Forever {
+        if up_done && down_done && !follow {
             return Ok(());
         }
-        if let Some(d) = deadline {
-            if Instant::now() >= d {
-                return Err(Response::error(
-                    ErrorCode::Timeout,
-                    format!(
-                        "{}: timed out; the transfer goes on in the background",
-                        h.name
-                    ),
-                ));
-            }
+        if deadline.is_some_and(|d| Instant::now() >= d) {
+            return Err(Response::error(
+                ErrorCode::Timeout,
+                format!(
+                    "{}: timed out; the transfer goes on in the background",
+                    h.name
+                ),
+            ));
+        }
+        if dirs.download()
+            && down.head.is_none()
+            && s.connection == ConnectionState::Connected
+            && s.caught_up
+        {
+            // What the hub holds now, asked over the connection: the head
+            // last heard of may be far behind while frames are in flight.
+            // A hub that cannot be asked leaves the head last heard of.
+            let head = tokio::select! {
+                head = fetch_head(h) => head.unwrap_or(0),
+                _ = sleep_opt(deadline) => continue,
+                _ = shutdown.cancelled() => return Err(interrupted(&h.name)),
+            };
+            let s = rx.borrow().clone();
+            down.head = Some(head.max(s.hub_head));
+            down.from = down.from.min(s.cursor);
+            continue;
         }
         tokio::select! {
             r = rx.changed() => if r.is_err() {
                 return Err(Response::error(ErrorCode::SessionFailed, format!("{}: session stopped", h.name)));
             },
             _ = tick.tick() => {}
+            _ = look.tick(), if follow => {
+                if let (Some(u), Some(local)) = (&mut up, h.local.get()) {
+                    if let Ok(Ok(p)) = local.call(|r| r.pending()).await {
+                        u.grow(h, p.last_seq).await;
+                    }
+                }
+            }
             _ = sleep_opt(deadline) => {}
-            _ = shutdown.cancelled() => return Err(Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down")),
+            _ = shutdown.cancelled() => return Err(interrupted(&h.name)),
         }
     }
 }
 
-/// What a wait for uploads waits for: the newest seq captured now and the
-/// estimated size of what is pending up to it.
-async fn upload_target(h: &SessionHandle, start: &Status) -> Result<(u64, u64), Response> {
-    let Some(local) = h.local.get() else {
-        return Err(Response::error(
-            ErrorCode::SessionFailed,
-            format!(
-                "{}: the database is not open yet: {}",
-                h.name,
-                start.last_error.clone().unwrap_or_default()
-            ),
-        ));
-    };
-    local
-        .call(|r| -> Result<_, crate::local::LocalError> {
-            let p = r.pending()?;
-            Ok((p.last_seq, r.pending_bytes(p.last_seq)?))
+/// How often `progress --follow` looks at the capture log itself.
+const FOLLOW_LOOK: Duration = Duration::from_secs(1);
+
+/// What an upload wait waits for: the captured writes after `from` up to
+/// `seq` (log sequence numbers), about `bytes` once encoded.
+struct UpTarget {
+    from: u64,
+    seq: u64,
+    bytes: u64,
+}
+
+impl UpTarget {
+    /// Everything captured now, and the estimated size of what is pending.
+    async fn now(h: &SessionHandle, start: &Status) -> Result<UpTarget, Response> {
+        let Some(local) = h.local.get() else {
+            return Err(Response::error(
+                ErrorCode::SessionFailed,
+                format!(
+                    "{}: the database is not open yet: {}",
+                    h.name,
+                    start.last_error.clone().unwrap_or_default()
+                ),
+            ));
+        };
+        let (from, seq, bytes) = local
+            .call(|r| -> Result<_, crate::local::LocalError> {
+                let p = r.pending()?;
+                Ok((p.consumed, p.last_seq, r.pending_bytes(p.last_seq)?))
+            })
+            .await
+            .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?
+            .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?;
+        Ok(UpTarget {
+            from: from.min(seq),
+            seq,
+            bytes,
         })
-        .await
-        .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))?
-        .map_err(|e| Response::error(ErrorCode::SessionFailed, e.to_string()))
+    }
+
+    /// Takes in writes captured up to `last_seq` (a follow): the target
+    /// moves there, and the size grows by the new changes at the average
+    /// size of those known, or as read from the log when none were.
+    async fn grow(&mut self, h: &SessionHandle, last_seq: u64) {
+        if last_seq <= self.seq {
+            return;
+        }
+        let added = last_seq - self.seq;
+        let known = self.seq - self.from;
+        if known > 0 {
+            self.bytes += (self.bytes as f64 / known as f64 * added as f64) as u64;
+        } else if let Some(local) = h.local.get() {
+            if let Ok(Ok(b)) = local.call(move |r| r.pending_bytes(last_seq)).await {
+                self.bytes += b;
+            }
+        }
+        self.seq = last_seq;
+    }
+
+    fn progress(&self, h: &SessionHandle, start: &Status, s: &Status) -> Progress {
+        let moved = s.uploaded_bytes.saturating_sub(start.uploaded_bytes);
+        Progress {
+            db: h.name.clone(),
+            direction: Direction::Upload,
+            transferred_changes: s.consumed.min(self.seq).saturating_sub(self.from),
+            transferable_changes: self.seq - self.from,
+            transferred_bytes: moved,
+            // An estimate: never shown below what has moved.
+            transferable_bytes: Some(self.bytes.max(moved)),
+        }
+    }
+}
+
+/// What a download wait waits for: the hub sequence numbers after `from`
+/// up to the hub's head asked once connected and caught up.
+struct DownTarget {
+    from: u64,
+    head: Option<u64>,
+}
+
+impl DownTarget {
+    /// Until the head is asked, the head last heard of; a follow takes in
+    /// every newer head heard of.
+    fn progress(&self, h: &SessionHandle, start: &Status, s: &Status, follow: bool) -> Progress {
+        let target = match (self.head, follow) {
+            (Some(head), true) => head.max(s.hub_head),
+            (Some(head), false) => head,
+            (None, _) => s.hub_head,
+        }
+        .max(self.from);
+        Progress {
+            db: h.name.clone(),
+            direction: Direction::Download,
+            transferred_changes: s.cursor.min(target).saturating_sub(self.from),
+            transferable_changes: target - self.from,
+            transferred_bytes: s.downloaded_bytes.saturating_sub(start.downloaded_bytes),
+            transferable_bytes: None,
+        }
+    }
 }
 
 /// How long a download wait waits for the hub to tell its head.
@@ -527,7 +695,7 @@ async fn watch(
     conn: &mut Conn,
     mut events: broadcast::Receiver<Event>,
     db: Option<String>,
-    shutdown: &CancellationToken,
+    closed: &CancellationToken,
 ) -> bool {
     loop {
         tokio::select! {
@@ -550,8 +718,9 @@ async fn watch(
             },
             // A watcher that hangs up is noticed here.
             l = conn.next() => if l.is_none() { return false },
-            _ = shutdown.cancelled() => {
-                let _ = send(conn, &Response::error(ErrorCode::ShuttingDown, "the daemon is shutting down")).await;
+            // Events go on through the drain, until the last session stops.
+            _ = closed.cancelled() => {
+                let _ = send(conn, &stopped()).await;
                 return false;
             }
         }

@@ -29,6 +29,30 @@ const CONTROL_QUEUE: usize = 16;
 /// Events kept for slow watchers before they are told they lagged.
 pub const EVENT_BUFFER: usize = 1024;
 
+/// Whether the daemon runs or drains on its way out.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, serde::Serialize, serde::Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum DaemonState {
+    /// Syncing.
+    #[default]
+    Running,
+    /// Shutting down: sessions with uploads in flight wait (up to
+    /// `shutdown_timeout`) for the hub's answers; no new work starts.
+    Dying,
+}
+
+impl DaemonState {
+    pub const ALL: [DaemonState; 2] = [DaemonState::Running, DaemonState::Dying];
+
+    /// The name it serializes to.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            DaemonState::Running => "running",
+            DaemonState::Dying => "dying",
+        }
+    }
+}
+
 /// A running session as seen from outside.
 #[derive(Clone)]
 pub struct SessionHandle {
@@ -36,6 +60,9 @@ pub struct SessionHandle {
     pub status: watch::Receiver<Status>,
     /// Operator commands (pause, resume, reconnect).
     pub ctl: mpsc::Sender<Control>,
+    /// Makes the session look at its capture log now (what a file change
+    /// does); full when a look is already due.
+    pub wake: mpsc::Sender<()>,
     /// The database thread, once the database is open.
     pub local: Arc<OnceLock<LocalDb>>,
 }
@@ -172,6 +199,8 @@ impl Daemon {
         };
         let (tx, rx) = watch::channel(Status::new(&db.name, db.dataset()));
         let (ctl_tx, ctl_rx) = mpsc::channel(CONTROL_QUEUE);
+        // Room for one wake-up: a burst of writes coalesces into one.
+        let (wake_tx, wake_rx) = mpsc::channel(1);
         let local = Arc::new(OnceLock::new());
         let stop = self.shutdown.child_token();
         let task = self.tracker.spawn(supervise(
@@ -180,6 +209,7 @@ impl Daemon {
             Channels {
                 status: tx,
                 ctl: ctl_rx,
+                wake: (wake_tx.clone(), wake_rx),
                 events: self.events.clone(),
                 local: local.clone(),
             },
@@ -190,6 +220,7 @@ impl Daemon {
                 name: db.name.clone(),
                 status: rx,
                 ctl: ctl_tx,
+                wake: wake_tx,
                 local,
             },
             db: db.clone(),
@@ -233,6 +264,15 @@ impl Daemon {
         self.metrics.render(&statuses)
     }
 
+    /// Running, or draining after shutdown was asked.
+    pub fn state(&self) -> DaemonState {
+        if self.shutdown.is_cancelled() {
+            DaemonState::Dying
+        } else {
+            DaemonState::Running
+        }
+    }
+
     /// Events of every session, from now on.
     pub fn subscribe(&self) -> broadcast::Receiver<Event> {
         self.events.subscribe()
@@ -244,6 +284,9 @@ impl Daemon {
 
     /// Re-reads the config file given at start and applies it.
     pub async fn reload_from_file(&self) -> Result<ReloadReport, String> {
+        if self.state() == DaemonState::Dying {
+            return Err("the daemon is shutting down".into());
+        }
         let Some(path) = &self.config_path else {
             return Err("this daemon was not started from a config file".into());
         };
@@ -331,6 +374,8 @@ impl Daemon {
 struct Channels {
     status: watch::Sender<Status>,
     ctl: mpsc::Receiver<Control>,
+    /// The wake-up channel: the file watcher sends on it, the session reads.
+    wake: (mpsc::Sender<()>, mpsc::Receiver<()>),
     events: broadcast::Sender<Event>,
     local: Arc<OnceLock<LocalDb>>,
 }
@@ -344,6 +389,7 @@ async fn supervise(
     let Channels {
         status,
         mut ctl,
+        wake: (wake_tx, wake_rx),
         events,
         local: cell,
     } = ch;
@@ -402,8 +448,6 @@ async fn supervise(
         s.last_error = None;
         s.backoff_ms = None;
     });
-    // Room for one wake-up: a burst of writes coalesces into one.
-    let (wake_tx, wake_rx) = mpsc::channel(1);
     let _watch = match fswatch::watch(&db.path, wake_tx) {
         Ok(w) => Some(w),
         Err(e) => {

@@ -27,6 +27,7 @@ use tokio_util::sync::CancellationToken;
 use super::conn::Conn;
 use super::connect;
 use super::machine::{self, Action, Command, FailureClass, Input, LocalInfo, Machine, Note};
+use super::status::UploadState;
 use super::{
     update_status, ConnectionState, Control, Event, ReconnectOutcome, SessionError, SessionParams,
     SessionState, Status, TokenSource,
@@ -483,6 +484,7 @@ impl Session {
         self.update(|s| {
             s.uploaded += summary.applied;
             s.uploaded_bytes += bytes;
+            s.upload_totals.add(&summary);
             s.last_upload = Some(summary);
         });
         Step::Next(Some(Input::ResultsApplied { pending }))
@@ -509,6 +511,9 @@ impl Session {
                 access,
             } => {
                 tracing::info!(cursor, head, access = ?access, "connected");
+                if access == proto::Access::ReadOnly {
+                    tracing::warn!("the hub token is read-only: local changes stay captured and are not uploaded; downloads go on");
+                }
                 self.params.metrics.connects.inc();
                 self.update(|s| {
                     s.connection = ConnectionState::Connected;
@@ -517,6 +522,10 @@ impl Session {
                     s.cursor = cursor;
                     s.connects += 1;
                     s.last_error = None;
+                    s.upload = match access {
+                        proto::Access::ReadWrite => UploadState::Allowed,
+                        proto::Access::ReadOnly => UploadState::ReadOnly,
+                    };
                 });
             }
             Note::CaughtUp => self.update(|s| s.caught_up = true),
@@ -567,7 +576,10 @@ impl Session {
             }
             Note::ReadOnly(message) => {
                 tracing::error!("{message}");
-                self.update(|s| s.last_error = Some(message));
+                self.update(|s| {
+                    s.upload = UploadState::ReadOnly;
+                    s.last_error = Some(message);
+                });
             }
             Note::Dying { in_flight } => {
                 tracing::info!(in_flight, "shutting down: waiting for the hub's answers");

@@ -33,7 +33,86 @@ pub enum SessionState {
     Error,
 }
 
+/// Whether the hub takes this device's local changes.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+#[serde(rename_all = "snake_case")]
+pub enum UploadState {
+    /// Local changes go to the hub (once connected and not paused).
+    #[default]
+    Allowed,
+    /// The hub refuses uploads from this token (its welcome said
+    /// `read_only`, or it answered an upload `forbidden`): local changes
+    /// stay captured until the daemon uses a read-write token. Downloads go
+    /// on.
+    ReadOnly,
+}
+
+impl UploadState {
+    pub const ALL: [UploadState; 2] = [UploadState::Allowed, UploadState::ReadOnly];
+
+    /// The name it serializes to.
+    pub fn as_str(self) -> &'static str {
+        match self {
+            UploadState::Allowed => "allowed",
+            UploadState::ReadOnly => "read_only",
+        }
+    }
+}
+
+/// The hub's answers to this device's uploads, summed over batches.
+#[derive(Clone, Copy, Debug, Default, PartialEq, Eq, Serialize, Deserialize)]
+pub struct UploadTotals {
+    /// Batches answered.
+    pub batches: u64,
+    /// Changes answered (applied + conflict + invalid + materialize_error).
+    pub total: u64,
+    pub applied: u64,
+    pub conflict: u64,
+    pub invalid: u64,
+    pub materialize_error: u64,
+}
+
+impl UploadTotals {
+    /// Counts one answered batch.
+    pub fn add(&mut self, s: &UploadSummary) {
+        self.batches += 1;
+        self.total += s.total;
+        self.applied += s.applied;
+        self.conflict += s.conflict;
+        self.invalid += s.invalid;
+        self.materialize_error += s.materialize_error;
+    }
+
+    /// What was answered after `before` was taken.
+    pub fn since(&self, before: &UploadTotals) -> UploadTotals {
+        UploadTotals {
+            batches: self.batches.saturating_sub(before.batches),
+            total: self.total.saturating_sub(before.total),
+            applied: self.applied.saturating_sub(before.applied),
+            conflict: self.conflict.saturating_sub(before.conflict),
+            invalid: self.invalid.saturating_sub(before.invalid),
+            materialize_error: self
+                .materialize_error
+                .saturating_sub(before.materialize_error),
+        }
+    }
+}
+
 impl Status {
+    /// Why the local changes cannot be uploaded, with their count, when the
+    /// hub refuses them; `None` while uploads are allowed.
+    pub fn upload_refused(&self) -> Option<String> {
+        match self.upload {
+            UploadState::Allowed => None,
+            UploadState::ReadOnly => Some(format!(
+                "refused: the hub token is read-only; {} local change{} wait{} (put a read_write token in the daemon's token file or `token`, then restart the daemon); downloads go on",
+                self.pending_changes,
+                if self.pending_changes == 1 { "" } else { "s" },
+                if self.pending_changes == 1 { "s" } else { "" },
+            )),
+        }
+    }
+
     /// Why the session cannot make progress now, if it cannot (what a wait
     /// or a one-shot round reports instead of running into its timeout).
     pub fn failure(&self) -> Option<String> {
@@ -122,6 +201,10 @@ pub struct Status {
     pub caught_up: bool,
     pub upload_paused: bool,
     pub download_paused: bool,
+    /// Whether the hub takes this device's changes (as of the last welcome
+    /// or upload answer).
+    #[serde(default)]
+    pub upload: UploadState,
     /// Capture log answered by the hub up to this client seq.
     pub consumed: u64,
     /// Newest client seq captured (as of the last look at the log).
@@ -136,6 +219,9 @@ pub struct Status {
     #[serde(default)]
     pub held_reason: Option<String>,
     pub last_upload: Option<UploadSummary>,
+    /// Every upload answer since start, summed.
+    #[serde(default)]
+    pub upload_totals: UploadTotals,
     pub last_error: Option<String>,
     /// Delay before the next connection attempt, in milliseconds.
     pub backoff_ms: Option<u64>,
@@ -164,12 +250,14 @@ impl Status {
             caught_up: false,
             upload_paused: false,
             download_paused: false,
+            upload: UploadState::Allowed,
             consumed: 0,
             last_seq: 0,
             oldest_pending_ms: None,
             held_changes: 0,
             held_reason: None,
             last_upload: None,
+            upload_totals: UploadTotals::default(),
             last_error: None,
             backoff_ms: None,
             uploaded: 0,
@@ -223,5 +311,41 @@ mod tests {
         for c in ConnectionState::ALL {
             assert_eq!(serde_json::to_value(c).unwrap(), c.as_str());
         }
+        for u in UploadState::ALL {
+            assert_eq!(serde_json::to_value(u).unwrap(), u.as_str());
+        }
+    }
+
+    #[test]
+    fn upload_totals_sum_every_batch() {
+        let batch = |applied, conflict| UploadSummary {
+            total: applied + conflict,
+            applied,
+            conflict,
+            ..UploadSummary::default()
+        };
+        let mut t = UploadTotals::default();
+        t.add(&batch(4000, 0));
+        let before = t;
+        t.add(&batch(4000, 1));
+        t.add(&batch(999, 0));
+        let moved = t.since(&before);
+        assert_eq!(
+            (moved.batches, moved.total, moved.applied, moved.conflict),
+            (2, 5000, 4999, 1)
+        );
+    }
+
+    #[test]
+    fn a_read_only_upload_state_says_why_and_how_many_wait() {
+        let mut s = Status::new("notes", "notes");
+        assert_eq!(s.upload_refused(), None);
+        s.upload = UploadState::ReadOnly;
+        s.pending_changes = 3;
+        let why = s.upload_refused().unwrap();
+        assert!(
+            why.contains("read-only") && why.contains("3 local changes wait"),
+            "{why}"
+        );
     }
 }
