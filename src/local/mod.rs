@@ -3,6 +3,7 @@
 //! the database refused ([`held`]), the thread that owns the connection
 //! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
 
+mod conflict;
 pub mod held;
 pub mod identity;
 mod remote;
