@@ -1,6 +1,7 @@
 //! The local database side: schema and capture triggers ([`schema`]), the
-//! sync bookkeeping ([`replica`]), the hub's changes ([`remote`]) and those
-//! the database refused ([`held`]), the thread that owns the connection
+//! sync bookkeeping ([`replica`]), the hub's answers to uploads and the
+//! conflicts they settle ([`conflict`]), the hub's changes ([`remote`]) and
+//! those the database refused ([`held`]), the thread that owns the connection
 //! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
 
 mod conflict;
