@@ -101,23 +101,17 @@ pub(super) fn decide(
             mask,
             log: later.is_none(),
         },
-        ConflictPolicy::MergeColumns => match (local, later) {
-            // A delete on either side: server_wins, unless the app wrote the
-            // row again.
-            (None, None) => Settlement::TakeServer,
-            (Some(_), None) if server.deleted => Settlement::TakeServer,
-            (None, Some(_)) => Settlement::Resend {
-                merged: None,
-                mask,
-                log: true,
-            },
-            (Some(_), Some(_)) if server.deleted => Settlement::Resend {
-                merged: None,
-                mask,
-                log: true,
-            },
-            (Some(local), _) => Settlement::Resend {
+        ConflictPolicy::MergeColumns => match local {
+            Some(local) if !server.deleted => Settlement::Resend {
                 merged: Some(merge(t, local, &server.values, mask)),
+                mask,
+                log: true,
+            },
+            // A delete on either side: server_wins, unless the app wrote the
+            // row again; then its newest state goes out as it is.
+            _ if later.is_none() => Settlement::TakeServer,
+            _ => Settlement::Resend {
+                merged: None,
                 mask,
                 log: true,
             },
