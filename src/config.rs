@@ -60,8 +60,9 @@ pub enum ConflictPolicy {
     ServerWins,
     /// The local change is sent again against the hub's current version.
     ClientWins,
-    /// Columns the local change touched win; the others take the hub's values.
-    /// A delete on either side is settled as `server_wins`.
+    /// Columns the app wrote (in the local change or in a later pending
+    /// write) win; the others take the hub's values. A delete on either side
+    /// is settled as `server_wins`, unless the app wrote the row again.
     MergeColumns,
 }
 

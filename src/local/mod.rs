@@ -1,8 +1,10 @@
 //! The local database side: schema and capture triggers ([`schema`]), the
-//! sync bookkeeping ([`replica`]), the hub's changes ([`remote`]) and those
-//! the database refused ([`held`]), the thread that owns the connection
+//! sync bookkeeping ([`replica`]), the hub's answers to uploads and the
+//! conflicts they settle ([`conflict`]), the hub's changes ([`remote`]) and
+//! those the database refused ([`held`]), the thread that owns the connection
 //! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
 
+mod conflict;
 pub mod held;
 pub mod identity;
 mod remote;

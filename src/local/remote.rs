@@ -1,14 +1,14 @@
 //! Applying the hub's changes to the local database, and applying the held
 //! ones again (see [`super::held`]).
 
-use std::collections::HashSet;
+use std::collections::HashMap;
 
 use rusqlite::{Transaction, TransactionBehavior};
 
+use super::conflict::defer;
 use super::held::{self, Abort, HeldChange, Isolation, RemoteApplied, RetryReport};
 use super::replica::{
-    defer, delete_row, get_ver, meta_u64, set_ver_if_newer, sq, upsert_row, LocalError, Replica,
-    Tbl,
+    delete_row, get_ver, meta_u64, set_ver_if_newer, sq, upsert_row, LocalError, Replica, Tbl,
 };
 use crate::proto::{decode_values, Op, RemoteChange};
 
@@ -121,9 +121,9 @@ impl Replica {
         tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])?;
         let consumed = meta_u64(&tx, "consumed")?;
         let (pending, any_held) = if changes.is_empty() {
-            (HashSet::new(), false)
+            (HashMap::new(), false)
         } else {
-            (self.logged_keys_after(&tx, consumed)?, held::any(&tx)?)
+            (self.logged_after(&tx, consumed)?, held::any(&tx)?)
         };
         let retrying = up_to.is_none();
         let mut n = Counts::default();
@@ -140,7 +140,7 @@ impl Replica {
                     continue;
                 }
             };
-            if !pending.is_empty() && pending.contains(&(tbl.id, c.pk.clone())) {
+            if !pending.is_empty() && pending.contains_key(&(tbl.id, c.pk.clone())) {
                 if c.version > get_ver(&tx, tbl, &c.pk)? {
                     defer(&tx, tbl, &c.pk, c.clone())?;
                     n.deferred += 1;

@@ -7,7 +7,7 @@
 //! deleted, a number is never handed out twice; consumed rows below it are
 //! deleted and `consumed` in `_tether_meta` says how far the log was answered.
 
-use std::collections::{HashMap, HashSet};
+use std::collections::HashMap;
 use std::path::Path;
 use std::time::Duration;
 
@@ -15,13 +15,12 @@ use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
 };
 
-use super::held::{self, Abort, Isolation};
+use super::held;
 use super::identity::{self, Identity};
 use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
 use crate::config::ConflictPolicy;
 use crate::proto::{
-    decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op, Outcome,
-    RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES,
+    encode_key, encode_values, Change, InvalidReason, Op, TableSchema, Value, MAX_CHANGE_BYTES,
 };
 
 /// How long tether waits for the app's write locks before giving up on one
@@ -134,7 +133,7 @@ pub struct Batch {
 pub(super) struct Tbl {
     pub(super) id: i64,
     pub(super) t: Table,
-    policy: ConflictPolicy,
+    pub(super) policy: ConflictPolicy,
     sql_upsert: String,
     sql_delete: String,
     sql_select_row: String,
@@ -751,17 +750,18 @@ impl Replica {
             })
     }
 
-    /// Keys with a log row above `after`, for the given tables.
-    pub(super) fn logged_keys_after(
+    /// Keys with a log row above `after`, each with the columns those rows
+    /// wrote (the union of their masks; a delete writes none).
+    pub(super) fn logged_after(
         &self,
         c: &Connection,
         after: u64,
-    ) -> rusqlite::Result<HashSet<Key>> {
+    ) -> rusqlite::Result<HashMap<Key, u64>> {
         let mut stmt = c.prepare_cached(&format!(
             "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1"
         ))?;
         let mut rows = stmt.query([after as i64])?;
-        let mut keys = HashSet::new();
+        let mut keys: HashMap<Key, u64> = HashMap::new();
         while let Some(r) = rows.next()? {
             let tbl: i64 = r.get(1)?;
             let Some(name) = self.by_id.get(&tbl) else {
@@ -772,168 +772,10 @@ impl Replica {
             for i in 0..nk {
                 key.push(r.get::<_, Value>(4 + i)?);
             }
-            keys.insert((tbl, key));
+            let mask = r.get::<_, i64>(3)? as u64;
+            *keys.entry((tbl, key)).or_default() |= mask;
         }
         Ok(keys)
-    }
-
-    /// Applies the hub's answer to an upload: consumes the batch's log rows,
-    /// resolves conflicts by policy, moves invalid changes to
-    /// `_tether_rejected`. A batch the hub could not store is left in the log
-    /// whole, to be sent again.
-    ///
-    /// A hub row the local database refuses (the server's row of a conflict,
-    /// a deferred row) is held like a refused remote change (see
-    /// [`super::held`]) and the answer still applies.
-    pub fn apply_results(
-        &mut self,
-        batch: &Batch,
-        results: &[ChangeResult],
-    ) -> Result<ResultsApplied, LocalError> {
-        if results
-            .iter()
-            .any(|r| matches!(r.outcome, Outcome::MaterializeError { .. }))
-        {
-            return Ok(ResultsApplied::default());
-        }
-        let mut iso = Isolation::default();
-        loop {
-            iso.begin();
-            match self.results_tx(&mut iso, batch, results) {
-                Ok(done) => return Ok(done),
-                Err(abort) => iso.after(abort).map_err(sq(&self.name))?,
-            }
-        }
-    }
-
-    fn results_tx(
-        &self,
-        iso: &mut Isolation,
-        batch: &Batch,
-        results: &[ChangeResult],
-    ) -> Result<ResultsApplied, Abort> {
-        let mut done = ResultsApplied::default();
-        let by_seq: HashMap<u64, &Change> = batch.changes.iter().map(|c| (c.seq, c)).collect();
-        let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
-        tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])?;
-        let any_deferred: bool =
-            tx.query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
-                r.get(0)
-            })?;
-        let needs_keys = any_deferred
-            || results
-                .iter()
-                .any(|r| !matches!(r.outcome, Outcome::Applied { .. }));
-        // Rows the app wrote again after this batch was read.
-        let rewritten = if needs_keys {
-            self.logged_keys_after(&tx, batch.through)?
-        } else {
-            HashSet::new()
-        };
-        for r in results {
-            let Some(change) = by_seq.get(&r.seq) else {
-                tracing::warn!(db = %self.name, seq = r.seq, "hub answered a change that was not sent; ignored");
-                continue;
-            };
-            let Some(tbl) = self.tables.get(&change.table) else {
-                continue; // read from a table no longer synced
-            };
-            let pk = &change.pk;
-            let again = rewritten.contains(&(tbl.id, pk.clone()));
-            match &r.outcome {
-                Outcome::Applied { version } => {
-                    // The row's version is not recorded here: the hub knows
-                    // this client wrote it last, so the next local change to
-                    // it is not a conflict whatever its base, and a later
-                    // change by another client arrives with a higher version.
-                    if any_deferred && !again {
-                        apply_deferred(&tx, iso, tbl, pk, *version)?;
-                    }
-                }
-                Outcome::Conflict { server } => {
-                    let local = select_row(&tx, tbl, pk)?;
-                    let effective = match tbl.policy {
-                        ConflictPolicy::MergeColumns if local.is_none() || server.deleted => {
-                            ConflictPolicy::ServerWins
-                        }
-                        p => p,
-                    };
-                    match effective {
-                        ConflictPolicy::ServerWins => {
-                            if again {
-                                // The app wrote this row again meanwhile,
-                                // also without the hub's version: that write
-                                // meets the same conflict when it goes out.
-                                defer(&tx, tbl, pk, server_as_remote(server))?;
-                            } else {
-                                let written = iso.attempt(&tx, || {
-                                    write_server_row(&tx, tbl, pk, server)?;
-                                    held::supersede(&tx, &tbl.t.name, pk, server.version)
-                                })?;
-                                match written {
-                                    Ok(()) => done.server_rows_written += 1,
-                                    Err(why) => hold_server_row(&tx, tbl, pk, server, &why)?,
-                                }
-                                apply_deferred(&tx, iso, tbl, pk, server.version)?;
-                            }
-                        }
-                        ConflictPolicy::ClientWins => {
-                            set_ver_exact(&tx, tbl, pk, server.version)?;
-                            clear_deferred_upto(&tx, tbl, pk, server.version)?;
-                            if !again {
-                                let op = if local.is_some() { 1 } else { 2 };
-                                log_write(&tx, tbl, pk, op, change.mask)?;
-                            }
-                            done.resent += 1;
-                        }
-                        ConflictPolicy::MergeColumns => {
-                            let mut merged = server.values.clone();
-                            for (i, v) in local.unwrap_or_default().into_iter().enumerate() {
-                                if tbl.t.is_key(i) || change.mask & (Table::mask_bit(i) as u64) != 0
-                                {
-                                    if let Some(slot) = merged.get_mut(i) {
-                                        *slot = v;
-                                    }
-                                }
-                            }
-                            let written = iso.attempt(&tx, || {
-                                upsert_row(&tx, tbl, &merged)?;
-                                set_ver_exact(&tx, tbl, pk, server.version)?;
-                                clear_deferred_upto(&tx, tbl, pk, server.version)?;
-                                log_write(&tx, tbl, pk, 1, change.mask)
-                            })?;
-                            match written {
-                                Ok(()) => done.resent += 1,
-                                // The merged row cannot be written: the
-                                // hub's row is held, as with server_wins.
-                                Err(why) => hold_server_row(&tx, tbl, pk, server, &why)?,
-                            }
-                        }
-                    }
-                }
-                Outcome::Invalid { reason, message } => {
-                    tx.execute(
-                        "INSERT INTO _tether_rejected (seq, tbl, pk, op, vals, reason, message, at)
-                         VALUES (?1, ?2, ?3, ?4, ?5, ?6, ?7, unixepoch())",
-                        params![
-                            change.seq as i64,
-                            change.table,
-                            encode_key(pk),
-                            if change.op == Op::Upsert { 1 } else { 2 },
-                            encode_values(&change.values),
-                            reason.as_str(),
-                            message
-                        ],
-                    )?;
-                    done.rejected += 1;
-                }
-                Outcome::MaterializeError { .. } => unreachable!("handled above"),
-            }
-        }
-        done.consumed = consume(&tx, batch.through)?;
-        tx.execute("DELETE FROM _tether_applying", [])?;
-        tx.commit()?;
-        Ok(done)
     }
 }
 
@@ -986,7 +828,7 @@ fn set_meta(c: &Connection, key: &str, value: u64) -> rusqlite::Result<()> {
 
 /// Marks log rows up to `through` as answered and deletes them, except the
 /// newest log row (see the module docs). Returns how many were consumed.
-fn consume(c: &Connection, through: u64) -> rusqlite::Result<u64> {
+pub(super) fn consume(c: &Connection, through: u64) -> rusqlite::Result<u64> {
     let consumed = meta_u64(c, "consumed")?;
     if through <= consumed {
         return Ok(0);
@@ -1003,7 +845,13 @@ fn consume(c: &Connection, through: u64) -> rusqlite::Result<u64> {
 }
 
 /// Appends a log row written by tether itself (a change to send again).
-fn log_write(c: &Connection, t: &Tbl, pk: &[Value], op: i64, mask: u64) -> rusqlite::Result<()> {
+pub(super) fn log_write(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    op: i64,
+    mask: u64,
+) -> rusqlite::Result<()> {
     let extra = [Value::Integer(op), Value::Integer(mask as i64)];
     c.prepare_cached(&t.sql_log)?
         .execute(params_from_iter(pk.iter().chain(extra.iter())))?;
@@ -1041,13 +889,18 @@ pub(super) fn set_ver_if_newer(
     Ok(exec_ver(c, &t.sql_set_ver_if_newer, pk, version)? == 1)
 }
 
-fn set_ver(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
+pub(super) fn set_ver(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
     exec_ver(c, &t.sql_set_ver, pk, version).map(drop)
 }
 
 /// Sets the version even if lower than the stored one: after a conflict the
 /// hub's answer is authoritative for what the next upload is based on.
-fn set_ver_exact(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
+pub(super) fn set_ver_exact(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    version: u64,
+) -> rusqlite::Result<()> {
     exec_ver(c, &t.sql_set_ver_exact, pk, version).map(drop)
 }
 
@@ -1119,7 +972,11 @@ fn invalid_text(v: rusqlite::types::ValueRef<'_>) -> bool {
     matches!(v, rusqlite::types::ValueRef::Text(t) if std::str::from_utf8(t).is_err())
 }
 
-fn select_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Result<Option<Vec<Value>>> {
+pub(super) fn select_row(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+) -> rusqlite::Result<Option<Vec<Value>>> {
     let n = t.t.columns.len();
     c.prepare_cached(&t.sql_select_row)?
         .query_row(key_params(pk), |r| {
@@ -1139,131 +996,10 @@ pub(super) fn delete_row(c: &Connection, t: &Tbl, pk: &[Value]) -> rusqlite::Res
     Ok(())
 }
 
-fn write_server_row(c: &Connection, t: &Tbl, pk: &[Value], s: &ServerRow) -> rusqlite::Result<()> {
-    if s.deleted || s.values.len() != t.t.columns.len() {
-        delete_row(c, t, pk)?;
-    } else {
-        upsert_row(c, t, &s.values)?;
-    }
-    set_ver_exact(c, t, pk, s.version)
-}
-
-fn server_as_remote(s: &ServerRow) -> RemoteChange {
-    RemoteChange {
-        version: s.version,
-        table: String::new(),
-        op: if s.deleted { Op::Delete } else { Op::Upsert },
-        pk: Vec::new(),
-        values: s.values.clone(),
-    }
-}
-
-/// Keeps the hub's newest row for a key whose local change is still pending.
-pub(super) fn defer(
-    c: &Connection,
-    t: &Tbl,
-    pk: &[Value],
-    rc: RemoteChange,
-) -> rusqlite::Result<()> {
-    c.prepare_cached(
-        "INSERT INTO _tether_deferred (tbl, pk, version, op, vals) VALUES (?1, ?2, ?3, ?4, ?5)
-         ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, op = excluded.op, vals = excluded.vals
-         WHERE excluded.version > version",
-    )?
-    .execute(params![
-        t.t.name,
-        encode_key(pk),
-        rc.version as i64,
-        if rc.op == Op::Upsert { 1 } else { 2 },
-        encode_values(&rc.values)
-    ])?;
-    Ok(())
-}
-
-fn clear_deferred_upto(
-    c: &Connection,
-    t: &Tbl,
-    pk: &[Value],
-    version: u64,
-) -> rusqlite::Result<()> {
-    c.prepare_cached("DELETE FROM _tether_deferred WHERE tbl = ?1 AND pk = ?2 AND version <= ?3")?
-        .execute(params![t.t.name, encode_key(pk), version as i64])?;
-    Ok(())
-}
-
-/// After our change to a row was applied at `version`, applies a newer hub
-/// row that arrived while the change was pending; holds it if refused.
-fn apply_deferred(
-    c: &Connection,
-    iso: &mut Isolation,
-    t: &Tbl,
-    pk: &[Value],
-    version: u64,
-) -> Result<(), Abort> {
-    let key = encode_key(pk);
-    let found: Option<(i64, i64, Vec<u8>)> = c
-        .prepare_cached(
-            "SELECT version, op, vals FROM _tether_deferred WHERE tbl = ?1 AND pk = ?2",
-        )?
-        .query_row(params![t.t.name, key], |r| {
-            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-        })
-        .optional()?;
-    let Some((dv, op, vals)) = found else {
-        return Ok(());
-    };
-    c.prepare_cached("DELETE FROM _tether_deferred WHERE tbl = ?1 AND pk = ?2")?
-        .execute(params![t.t.name, key])?;
-    let dv = dv as u64;
-    if dv <= version {
-        return Ok(());
-    }
-    let op = if op == 2 { Op::Delete } else { Op::Upsert };
-    let values = match op {
-        Op::Delete => Vec::new(),
-        Op::Upsert => decode_values(&vals).unwrap_or_default(),
-    };
-    let written = iso.attempt(c, || {
-        match op {
-            Op::Delete => delete_row(c, t, pk)?,
-            Op::Upsert if values.len() != t.t.columns.len() => {
-                return Err(rusqlite::Error::ToSqlConversionFailure(
-                    format!(
-                        "the hub's row has {} values, the table has {} columns",
-                        values.len(),
-                        t.t.columns.len()
-                    )
-                    .into(),
-                ));
-            }
-            Op::Upsert => upsert_row(c, t, &values)?,
-        }
-        set_ver(c, t, pk, dv)?;
-        held::supersede(c, &t.t.name, pk, dv)
-    })?;
-    if let Err(why) = written {
-        let reason = held::reason(&t.t.name, pk, &why);
-        held::hold(c, &t.t.name, pk, dv, op, &values, &reason)?;
-    }
-    Ok(())
-}
-
-/// Holds the hub's row of a conflict that the local database refused.
-fn hold_server_row(
-    c: &Connection,
-    t: &Tbl,
-    pk: &[Value],
-    s: &ServerRow,
-    why: &str,
-) -> rusqlite::Result<()> {
-    let op = if s.deleted { Op::Delete } else { Op::Upsert };
-    let reason = held::reason(&t.t.name, pk, why);
-    held::hold(c, &t.t.name, pk, s.version, op, &s.values, &reason)
-}
-
 #[cfg(test)]
 mod tests {
     use super::*;
+    use crate::proto::{ChangeResult, Outcome, RemoteChange};
 
     fn setup() -> (tempfile::TempDir, Connection, Replica) {
         let dir = tempfile::tempdir().unwrap();
