@@ -148,3 +148,47 @@ async fn a_copy_tether_cannot_see_gets_its_own_identity_from_the_hub() {
         d.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_database_restored_from_a_backup_gets_back_what_it_wrote_after_the_backup() {
+    let world = World::new(&[("db", &["t"])]).await;
+    let a = app(&world.path("a.db"), T);
+    let b = app(&world.path("b.db"), T);
+    let da = world.daemon_for("a.db", &["t"], ConflictPolicy::ServerWins);
+    let db = world.daemon_for("b.db", &["t"], ConflictPolicy::ServerWins);
+    write(&a, "first", 3);
+    wait_rows(&b, &ids(&[("first", 3)])).await;
+    wait_idle(&da, "db").await;
+    // An online backup, as `sqlite3 a.db ".backup ..."` would take.
+    let backup = world.path("backup.db");
+    a.execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    write(&a, "after", 4);
+    wait_rows(&b, &ids(&[("first", 3), ("after", 4)])).await;
+    wait_idle(&da, "db").await;
+    da.stop().await;
+    // The disk is lost; the backup is put back in place (same file, same
+    // inode). Its own writes after the backup come back from the hub.
+    drop(a);
+    for f in ["a.db-wal", "a.db-shm"] {
+        let _ = std::fs::remove_file(world.path(f));
+    }
+    std::fs::copy(&backup, world.path("a.db")).unwrap();
+    let a = Connection::open(world.path("a.db")).unwrap();
+    let before = client_id(&a);
+    let da = world.daemon_for("a.db", &["t"], ConflictPolicy::ServerWins);
+    wait_rows(&a, &ids(&[("first", 3), ("after", 4)])).await;
+    // New writes after the restore reuse no sequence number the hub holds.
+    write(&a, "restored", 2);
+    let all = ids(&[("first", 3), ("after", 4), ("restored", 2)]);
+    wait_rows(&a, &all).await;
+    wait_rows(&b, &all).await;
+    assert_ne!(
+        client_id(&a),
+        before,
+        "the restored file took a new identity"
+    );
+    wait_idle(&da, "db").await;
+    da.stop().await;
+    db.stop().await;
+}

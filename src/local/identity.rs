@@ -189,13 +189,15 @@ mod tests {
         app.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, v TEXT)")
             .unwrap();
         let mut r = open(&a);
-        app.execute_batch("INSERT INTO t VALUES (1, 'x')").unwrap();
+        app.execute_batch("INSERT INTO t VALUES (1, 'x'); INSERT INTO _tether_meta VALUES ('cursor', 40) ON CONFLICT (key) DO UPDATE SET value = 40")
+            .unwrap();
         let before = r.read_batch(0, 100, 1 << 20).unwrap();
         let old = r.identity().clone();
         let new = r.renew_identity().unwrap().clone();
         assert_ne!(old.client_id, new.client_id);
         let after = r.read_batch(0, 100, 1 << 20).unwrap();
         assert_eq!(before.changes, after.changes);
+        assert_eq!(r.cursor().unwrap(), 0, "the dataset is downloaded again");
         drop(r);
         let r = open(&a);
         assert_eq!(r.identity(), &new);

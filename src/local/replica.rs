@@ -450,20 +450,27 @@ impl Replica {
         self.copied
     }
 
-    /// Takes a new identity: the hub found this file's sequence numbers used
-    /// by another file with the same identity (nothing of the refused batch
-    /// was stored). Pending changes stay and go out under the new identity.
+    /// Takes a new identity: the hub holds changes of this identity that
+    /// this file did not make (another file used its sequence numbers, or
+    /// the file was restored from a backup; nothing of a refused batch was
+    /// stored). Pending changes stay and go out under the new identity; the
+    /// cursor goes back to 0, since the other file's changes were skipped as
+    /// this file's own.
     pub fn renew_identity(&mut self) -> Result<&Identity, LocalError> {
         let e = sq(&self.name);
         let tx =
             Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
         let identity = identity::renew(&tx, &self.file).map_err(&e)?;
+        // Changes of the old identity were skipped as this file's own while
+        // another file used it: download the dataset again. Rows already
+        // here are applied over themselves; pending changes keep theirs.
+        set_meta(&tx, "cursor", 0).map_err(&e)?;
         tx.commit().map_err(&e)?;
         tracing::warn!(
             db = %self.name,
             old = %self.identity.client_id,
             new = %identity.client_id,
-            "the hub holds other writes under this database's sequence numbers (another file has its identity, as a copy would): took a new client identity; pending changes are kept and sent under it"
+            "the hub holds writes of this database's identity that this file did not make (a copy, or a restored backup): took a new client identity; pending changes are kept and sent under it, and the dataset is downloaded again"
         );
         self.identity = identity;
         Ok(&self.identity)
@@ -525,39 +532,6 @@ impl Replica {
             held,
             held_reason,
         })
-    }
-
-    /// Makes sure new local changes get sequence numbers above what the hub has
-    /// already seen from this client (the database may have been restored from
-    /// a backup). Pending changes are renumbered in that case, so they are sent
-    /// as new changes instead of being taken for duplicates.
-    pub fn ensure_seq_above(&mut self, hub_seq: u64) -> Result<bool, LocalError> {
-        let e = sq(&self.name);
-        if hub_seq > crate::proto::MAX_SEQ {
-            // Checked by the session before; never let it reach the log.
-            return Ok(false);
-        }
-        let tx =
-            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
-        let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
-        let max: Option<i64> = tx
-            .query_row("SELECT max(seq) FROM _tether_log", [], |r| r.get(0))
-            .map_err(&e)?;
-        let local = consumed.max(max.unwrap_or(0) as u64);
-        if local >= hub_seq {
-            return Ok(false);
-        }
-        // Every seq here is below hub_seq, so shifting by it cannot collide.
-        tx.execute("UPDATE _tether_log SET seq = seq + ?1", [hub_seq as i64])
-            .map_err(&e)?;
-        tx.execute(
-            "INSERT INTO _tether_log (seq, tbl, op, mask) VALUES (?1, 0, 0, 0) ON CONFLICT DO NOTHING",
-            [hub_seq as i64],
-        )
-        .map_err(&e)?;
-        set_meta(&tx, "consumed", (consumed + hub_seq).max(hub_seq)).map_err(&e)?;
-        tx.commit().map_err(&e)?;
-        Ok(true)
     }
 
     /// The next upload batch: log rows with a seq above `after` (rows at or
@@ -1113,27 +1087,6 @@ mod tests {
             .unwrap();
         let b3 = r.read_batch(0, 100, 1 << 20).unwrap();
         assert!(b3.changes[0].seq > b2.changes[0].seq);
-    }
-
-    #[test]
-    fn a_database_restored_from_a_backup_renumbers_above_the_hub() {
-        let (_d, app, mut r) = setup();
-        // The hub has seen seq 1000 from this client; the local log is at 1.
-        assert!(r.ensure_seq_above(1000).unwrap());
-        let b = r.read_batch(0, 100, 1 << 20).unwrap();
-        assert!(b.changes[0].seq > 1000, "pending change renumbered");
-        r.apply_results(&b, &[]).unwrap();
-        app.execute("UPDATE t SET a = 'later' WHERE id = 1", [])
-            .unwrap();
-        let b = r.read_batch(0, 100, 1 << 20).unwrap();
-        assert!(
-            b.changes[0].seq > 1000,
-            "new writes numbered above the hub's mark"
-        );
-        assert!(
-            !r.ensure_seq_above(1000).unwrap(),
-            "nothing to do the second time"
-        );
     }
 
     #[test]

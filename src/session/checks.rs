@@ -23,7 +23,7 @@ pub fn welcome(w: &Welcome, local_seq: u64) -> Result<(), Refused> {
     }
     if w.client_seq > MAX_SEQ || w.client_seq > local_seq.saturating_add(MAX_SEQ_JUMP) {
         return Err(format!(
-            "hub claims to have processed client seq {} of this database, which has numbered its writes only up to {local_seq}; refused, nothing was renumbered",
+            "hub claims to have processed client seq {} of this database, which has numbered its writes only up to {local_seq}: no file could have sent that many; refused, nothing changed",
             w.client_seq
         ));
     }

@@ -258,15 +258,6 @@ impl Session {
                     s.caught_up = false;
                 });
             }
-            Action::EnsureSeqAbove(hub_seq) => {
-                let renumber = move |r: &mut crate::local::Replica| r.ensure_seq_above(hub_seq);
-                match self.local(renumber).await {
-                    Ok(Ok(true)) => tracing::warn!(hub_seq, "the hub has seen newer changes from this database than it holds (restored from a backup?); pending changes were renumbered and will be sent"),
-                    Ok(Ok(false)) => {}
-                    Ok(Err(e)) => return local_failed(e.into()),
-                    Err(e) => return local_failed(e.into()),
-                }
-            }
             Action::RenewIdentity => {
                 // The replica logs the old and the new identity.
                 let renew = |r: &mut crate::local::Replica| r.renew_identity().map(|_| ());

@@ -139,10 +139,9 @@ pub enum Action {
     Ping,
     /// Close the connection with this reason (a close frame if possible).
     Close(&'static str),
-    /// Renumber the local log above the hub's mark for this client.
-    EnsureSeqAbove(u64),
     /// Give the database a new client identity (the hub found another file
-    /// using this one); the next connection says `hello` with it.
+    /// using this one, or changes of it this file never made) and download
+    /// the dataset again; the next connection says `hello` with it.
     RenewIdentity,
     /// Read the next upload batch after `after`; skip the read when
     /// `skip_if_version` equals the database's `data_version`. When `idle`
@@ -811,7 +810,19 @@ impl Machine {
                     if let Err(why) = checks::welcome(&w, local_seq) {
                         return self.fail(SessionError::Retry(why), now, out);
                     }
-                    out.push(Action::EnsureSeqAbove(w.client_seq));
+                    if w.client_seq > local_seq {
+                        // The hub holds changes of this identity that this
+                        // file never numbered: it is a restored backup or a
+                        // clone. Under a new identity it downloads them all
+                        // (they are no longer its own) and sends its pending
+                        // changes as new ones.
+                        out.push(Action::RenewIdentity);
+                        let why = format!(
+                            "the hub has processed client seq {} of this identity, but this database numbered its writes only up to {local_seq}: it was restored from a backup or copied; it takes a new identity and downloads the dataset again",
+                            w.client_seq
+                        );
+                        return self.fail(SessionError::Retry(why), now, out);
+                    }
                     out.push(Action::Note(Note::Connected {
                         cursor,
                         head: w.head,
@@ -1092,7 +1103,7 @@ mod tests {
             client_id: "c1".into(),
             client_key: "k1".into(),
             cursor: 7,
-            local_seq: 0,
+            local_seq: 5,
             tables: Vec::new(),
         }
     }
@@ -1238,23 +1249,25 @@ mod tests {
         );
         assert_eq!(m.next_deadline(), Some(t + WELCOME_TIMEOUT));
         let a = m.handle(welcome(Access::ReadWrite), t);
-        assert!(matches!(a[0], Action::EnsureSeqAbove(3)), "{a:?}");
         assert!(matches!(
-            a[1],
+            a[0],
             Action::Note(Note::Connected {
                 cursor: 7,
                 head: 9,
                 ..
             })
         ));
-        assert!(matches!(
-            a[2],
-            Action::ReadBatch {
-                after: 0,
-                skip_if_version: None,
-                idle: true
-            }
-        ));
+        assert!(
+            matches!(
+                a[1],
+                Action::ReadBatch {
+                    after: 0,
+                    skip_if_version: None,
+                    idle: true
+                }
+            ),
+            "{a:?}"
+        );
         assert!(matches!(m.state(), State::Live(_)));
     }
 
@@ -1928,9 +1941,37 @@ mod tests {
             t,
         );
         assert!(
-            !a.iter().any(|x| matches!(x, Action::EnsureSeqAbove(_))),
+            !a.iter().any(|x| matches!(x, Action::RenewIdentity)),
             "{a:?}"
         );
+        assert_eq!(failed(&a).map(|f| f.0), Some(FailureClass::Retry));
+    }
+
+    #[test]
+    fn a_welcome_beyond_this_files_numbering_renews_the_identity() {
+        // Restored from a backup, or a clone: the hub has seq 9 of this
+        // identity, the file numbered only up to 5.
+        let mut m = machine(false, false);
+        let t = Instant::now();
+        m.handle(Input::Tick, t);
+        m.handle(Input::Opened(info()), t);
+        let a = m.handle(
+            Input::Frame(
+                HubFrame::Welcome(Welcome {
+                    protocol: PROTOCOL_VERSION,
+                    head: 9,
+                    access: Access::ReadWrite,
+                    client_seq: 9,
+                    features: Vec::new(),
+                }),
+                10,
+            ),
+            t,
+        );
+        assert!(matches!(a[0], Action::RenewIdentity), "{a:?}");
+        assert!(!a
+            .iter()
+            .any(|x| matches!(x, Action::Note(Note::Connected { .. }))));
         assert_eq!(failed(&a).map(|f| f.0), Some(FailureClass::Retry));
     }
 
