@@ -387,6 +387,13 @@ pub struct HubConfig {
     /// Log filter when `RUST_LOG` is not set (as in `tether.toml`).
     #[serde(default)]
     pub log_level: Option<String>,
+    /// PEM certificate chain: with `tls_key`, the hub serves `wss://` (and
+    /// `https://` for `/healthz` and `/metrics`) instead of plain TCP.
+    #[serde(default)]
+    pub tls_cert: Option<PathBuf>,
+    /// PEM private key of `tls_cert`.
+    #[serde(default)]
+    pub tls_key: Option<PathBuf>,
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -449,6 +456,11 @@ impl HubConfig {
             ));
         }
         cfg.store_url().map_err(|m| bad("store".into(), m))?;
+        match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(_), None) => return Err(bad("tls_key".into(), "tls_cert is set but tls_key is not: set both (PEM files) to serve wss://, or neither for plain ws://".into())),
+            (None, Some(_)) => return Err(bad("tls_cert".into(), "tls_key is set but tls_cert is not: set both (PEM files) to serve wss://, or neither for plain ws://".into())),
+            _ => {}
+        }
         let mut names = HashSet::new();
         for (i, d) in cfg.datasets.iter().enumerate() {
             if !names.insert(d.name.clone()) {
@@ -499,5 +511,35 @@ impl HubConfig {
                 self.store
             )),
         }
+    }
+}
+
+#[cfg(test)]
+mod tls_tests {
+    use super::*;
+
+    #[test]
+    fn a_tls_certificate_without_its_key_is_refused_naming_the_key() {
+        let base = "listen = \"127.0.0.1:0\"\nstore = \"sqlite:/tmp/x.db\"\n";
+        let e = HubConfig::from_str(
+            Path::new("hub.toml"),
+            &format!("{base}tls_cert = \"c.pem\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls_key") && e.contains("set both"), "{e}");
+        let e = HubConfig::from_str(
+            Path::new("hub.toml"),
+            &format!("{base}tls_key = \"k.pem\"\n"),
+        )
+        .unwrap_err()
+        .to_string();
+        assert!(e.contains("tls_cert"), "{e}");
+        let ok = HubConfig::from_str(
+            Path::new("hub.toml"),
+            &format!("{base}tls_cert = \"c.pem\"\ntls_key = \"k.pem\"\n"),
+        )
+        .unwrap();
+        assert_eq!(ok.tls_key.as_deref(), Some(Path::new("k.pem")));
     }
 }

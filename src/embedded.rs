@@ -58,6 +58,8 @@ impl EmbeddedHub {
             metrics: true,
             log_level: None,
             read_timeout: Dur(Duration::from_secs(120)),
+            tls_cert: None,
+            tls_key: None,
         };
         Self::start_with(config, token).await
     }

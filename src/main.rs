@@ -401,7 +401,7 @@ async fn hub(
             let hub = match Hub::open(&cfg) {
                 Ok(h) => h,
                 Err(e) => {
-                    eprintln!("error: {}: store: {e}", config.display());
+                    eprintln!("error: {}: {e}", config.display());
                     return ExitCode::from(EX_CONFIG);
                 }
             };
@@ -422,7 +422,7 @@ async fn hub(
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| cfg.listen.clone());
-            tracing::info!(listen = %addr, datasets = cfg.datasets.len(), "hub started");
+            tracing::info!(listen = %addr, datasets = cfg.datasets.len(), tls = hub.serves_tls(), "hub started");
             tether::service::ready(&format!("listening on {addr}"));
             tokio::spawn(tether::service::watchdog(shutdown.clone()));
             let stop = shutdown.clone();

@@ -51,6 +51,8 @@ async fn hub_with_scoped_tokens(dir: &std::path::Path) -> (EmbeddedHub, String, 
         metrics: true,
         log_level: None,
         read_timeout: Dur(std::time::Duration::from_secs(60)),
+        tls_cert: None,
+        tls_key: None,
     };
     let hub = EmbeddedHub::start_with(config, full.clone()).await.unwrap();
     (hub, full, only_other)
@@ -363,6 +365,8 @@ async fn hub_for_limits(
         metrics: true,
         log_level: None,
         read_timeout: Dur(read_timeout),
+        tls_cert: None,
+        tls_key: None,
     };
     let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
     (hub, rw, ro)

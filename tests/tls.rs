@@ -1,5 +1,6 @@
-//! `wss://`: daemons verify the hub's certificate, sync through TLS, and
-//! report a certificate they cannot trust as a clear session error.
+//! `wss://`: the hub serves TLS, daemons verify its certificate and sync
+//! through it (or through a TLS-terminating proxy), and a certificate they
+//! cannot trust is a clear session error.
 
 mod common;
 
@@ -121,4 +122,58 @@ async fn a_hub_certificate_nobody_trusts_is_a_clear_session_error() {
         assert_eq!(status(&d, "db").connects, 0);
         d.stop().await;
     }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn the_hub_serves_wss_and_refuses_plain_clients() {
+    let certs = tempfile::tempdir().unwrap();
+    let cert = self_signed(certs.path(), "hub");
+    let world = World::with_hub_tls(&[("db", &["notes"])], &cert.cert, &cert.key).await;
+    assert!(world.hub().hub.serves_tls());
+    let url = format!("wss://{}/v1/sync", world.addr);
+    let a = app(&world.path("a.db"), NOTES);
+    let b = app(&world.path("b.db"), NOTES);
+    let da = daemon(&world, &url, Some(cert.cert.clone()), "a.db");
+    let db = daemon(&world, &url, Some(cert.cert.clone()), "b.db");
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+    a.execute(
+        "INSERT INTO notes (id, title) VALUES ('x', 'to a tls hub')",
+        [],
+    )
+    .unwrap();
+    wait_until("the row on B", || count(&b, "notes") == 1).await;
+    // A daemon speaking plain ws:// to it never connects, and says why.
+    let _c = app(&world.path("c.db"), NOTES);
+    let dc = daemon(&world, &world.url(), None, "c.db");
+    let rx = dc.status("db");
+    wait_until("a connection error for the plain client", || {
+        rx.borrow().last_error.is_some()
+    })
+    .await;
+    assert_eq!(status(&dc, "db").connects, 0);
+    for d in [da, db, dc] {
+        d.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hub_with_a_key_that_does_not_match_its_certificate_does_not_start() {
+    let dir = tempfile::tempdir().unwrap();
+    let cert = self_signed(dir.path(), "hub");
+    let other = self_signed(dir.path(), "other");
+    let world = World::new(&[("db", &["notes"])]).await;
+    let mut config = world.hub().config.clone();
+    config.listen = "127.0.0.1:0".into();
+    config.store = format!("sqlite:{}", dir.path().join("h.db").display());
+    config.tls_cert = Some(cert.cert.clone());
+    config.tls_key = Some(other.key.clone());
+    let e = match tether::hub::Hub::open(&config) {
+        Ok(_) => panic!("a hub with a mismatched key started"),
+        Err(e) => e.to_string(),
+    };
+    assert!(
+        e.contains("tls_key") && e.contains("other.key") && e.contains("does not match"),
+        "{e}"
+    );
 }

@@ -29,6 +29,7 @@ pub mod fanout;
 mod registry;
 mod session;
 pub mod store;
+mod stream;
 
 use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
@@ -46,6 +47,10 @@ use crate::metrics::HubMetrics;
 use auth::Tokens;
 use fanout::Fanout;
 use store::{sqlite::SqliteStore, HubStore, StoreError};
+use stream::HubStream;
+
+/// Time a client has to complete the TLS handshake.
+const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
 /// Most connections served at once; more wait in the listen backlog.
 pub const MAX_CONNECTIONS: usize = 4096;
@@ -72,6 +77,17 @@ pub(crate) struct HubInner {
     metrics: Arc<HubMetrics>,
     /// Whether `/metrics` is served.
     expose_metrics: bool,
+    /// TLS for every connection, when the hub has a certificate.
+    tls: Option<tokio_rustls::TlsAcceptor>,
+}
+
+/// Why a hub cannot start.
+#[derive(Debug, thiserror::Error)]
+pub enum OpenError {
+    #[error("store: {0}")]
+    Store(#[from] StoreError),
+    #[error("{0}")]
+    Tls(#[from] crate::tls::TlsError),
 }
 
 /// A configured hub, ready to serve a listener.
@@ -81,12 +97,27 @@ pub struct Hub {
 }
 
 impl Hub {
-    /// Opens the configured store.
-    pub fn open(cfg: &HubConfig) -> Result<Hub, StoreError> {
+    /// Opens the configured store and reads the TLS certificate, if any.
+    pub fn open(cfg: &HubConfig) -> Result<Hub, OpenError> {
+        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
+            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
+                crate::tls::server_config(cert, key)?,
+            )),
+            _ => None,
+        };
         let store: Arc<dyn HubStore> = match cfg.store_url().map_err(StoreError::Backend)? {
             StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(&path)?),
         };
-        Ok(Hub::with_store(cfg, store))
+        let mut hub = Hub::with_store(cfg, store);
+        Arc::get_mut(&mut hub.inner)
+            .expect("BUG: a new hub is not shared")
+            .tls = tls;
+        Ok(hub)
+    }
+
+    /// Whether connections are served over TLS.
+    pub fn serves_tls(&self) -> bool {
+        self.inner.tls.is_some()
     }
 
     pub fn with_store(cfg: &HubConfig, store: Arc<dyn HubStore>) -> Hub {
@@ -109,6 +140,7 @@ impl Hub {
                 faults: Arc::new(Faults::default()),
                 metrics,
                 expose_metrics: cfg.metrics,
+                tls: None,
             }),
         }
     }
@@ -126,10 +158,34 @@ impl Hub {
     /// Serves `listener` until `shutdown` is cancelled, then closes every
     /// session with a "going away" close frame and waits for them.
     pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) {
-        let accept = |mut stream: TcpStream, peer: SocketAddr| {
+        let accept = |tcp: TcpStream, peer: SocketAddr| {
             let inner = self.inner.clone();
             let shutdown = shutdown.clone();
             async move {
+                let mut stream = match &inner.tls {
+                    None => HubStream::Plain(tcp),
+                    Some(tls) => {
+                        let handshake =
+                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp));
+                        let done = tokio::select! {
+                            h = handshake => h,
+                            _ = shutdown.cancelled() => return,
+                        };
+                        match done {
+                            Ok(Ok(s)) => HubStream::Tls(Box::new(s)),
+                            Ok(Err(e)) => {
+                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                                inner.metrics.refused("tls_handshake");
+                                return;
+                            }
+                            Err(_) => {
+                                tracing::debug!(%peer, "no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}");
+                                inner.metrics.refused("tls_handshake");
+                                return;
+                            }
+                        }
+                    }
+                };
                 let head = tokio::select! {
                     h = http::read_request(&mut stream, peer) => h,
                     _ = shutdown.cancelled() => return,

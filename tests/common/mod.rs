@@ -120,6 +120,20 @@ impl World {
         w
     }
 
+    /// A world whose hub serves TLS with this certificate and key (PEM).
+    pub async fn with_hub_tls(
+        datasets: &[(&str, &[&str])],
+        cert: &std::path::Path,
+        key: &std::path::Path,
+    ) -> World {
+        let mut w = World::new(datasets).await;
+        w.stop_hub().await;
+        w.config.tls_cert = Some(cert.to_owned());
+        w.config.tls_key = Some(key.to_owned());
+        w.start_hub().await;
+        w
+    }
+
     /// A daemon for one database file with its own reconnect settings.
     pub fn daemon_with(
         &self,

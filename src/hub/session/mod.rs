@@ -11,7 +11,6 @@ use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
-use tokio::net::TcpStream;
 use tokio_tungstenite::tungstenite::handshake::server::{ErrorResponse, Request, Response};
 use tokio_tungstenite::tungstenite::http::StatusCode;
 use tokio_tungstenite::tungstenite::protocol::frame::coding::CloseCode;
@@ -22,6 +21,7 @@ use tokio_util::sync::CancellationToken;
 
 use super::auth::Grant;
 use super::store::StoreError;
+use super::stream::HubStream;
 use super::HubInner;
 use crate::counted::Counted;
 use crate::http::Prefixed;
@@ -36,7 +36,7 @@ use machine::{Machine, Params, Refusal};
 /// Time allowed for the WebSocket upgrade and for the `hello` frame.
 const HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
 
-type Ws = WebSocketStream<Counted<Prefixed<TcpStream>>>;
+type Ws = WebSocketStream<Counted<Prefixed<HubStream>>>;
 
 pub fn ws_config() -> WebSocketConfig {
     let mut c = WebSocketConfig::default();
@@ -111,7 +111,7 @@ async fn blocking<T: Send + 'static>(
 
 pub async fn serve(
     inner: Arc<HubInner>,
-    stream: Prefixed<TcpStream>,
+    stream: Prefixed<HubStream>,
     peer: SocketAddr,
     shutdown: CancellationToken,
 ) {
