@@ -357,3 +357,55 @@ async fn the_log_level_comes_from_the_config_unless_rust_log_is_set() {
         );
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn names_with_newlines_cannot_forge_hub_log_lines() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = tether::hub::auth::new_token();
+    let (hub, addr) = start_hub(
+        d,
+        "127.0.0.1:0",
+        &tether::hub::auth::hash_token(&token),
+        "hub",
+    )
+    .await;
+    let url = format!("ws://{addr}/v1/sync");
+    let forged = "\nFORGED level=ERROR the hub was compromised";
+    for (dataset, client) in [
+        ("notes".to_string(), format!("dev{forged}")),
+        (format!("notes{forged}"), "dev".to_string()),
+    ] {
+        let mut ws = raw_connect(&url, Some(&token), None).await.unwrap();
+        let mut hello = notes_hello(&dataset, &client);
+        if let tether::proto::ClientFrame::Hello(h) = &mut hello {
+            h.client_key = "k".into();
+        }
+        raw_send(&mut ws, tether::proto::encode(&hello)).await;
+        match raw_recv(&mut ws).await {
+            Some(tether::proto::HubFrame::Error(e)) => assert!(
+                matches!(
+                    e.code,
+                    tether::proto::ErrorCode::MalformedFrame
+                        | tether::proto::ErrorCode::UnknownDataset
+                ),
+                "{e:?}"
+            ),
+            other => panic!("expected a refusal, got {other:?}"),
+        }
+    }
+    // The refusals are logged, with the names escaped on one line.
+    wait_until("both refusals logged", || {
+        hub.log_text().matches("WARN").count() >= 2
+    })
+    .await;
+    let log = hub.log_text();
+    assert!(
+        !log.lines().any(|l| l.starts_with("FORGED")),
+        "a client's name started a log line:\n{log}"
+    );
+    assert!(
+        log.contains("\\nFORGED"),
+        "the name is logged escaped:\n{log}"
+    );
+}

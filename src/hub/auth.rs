@@ -56,7 +56,12 @@ impl Tokens {
 
     /// Checks an `Authorization` header value.
     pub fn check(&self, authorization: Option<&str>) -> Option<&Grant> {
-        let token = authorization?.strip_prefix("Bearer ")?.trim();
+        // The scheme is case-insensitive (RFC 9110, section 11.1).
+        let (scheme, token) = authorization?.trim_start().split_once(' ')?;
+        if !scheme.eq_ignore_ascii_case("bearer") {
+            return None;
+        }
+        let token = token.trim();
         self.by_hash.get(&hash_token(token))
     }
 }
@@ -76,4 +81,30 @@ pub fn token_block(name: &str, token: &str, dataset: &str, read_only: bool) -> S
         hash_token(token),
         if read_only { "read_only" } else { "read_write" }
     )
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn the_bearer_scheme_is_matched_without_regard_to_case() {
+        let token = new_token();
+        let tokens = Tokens::new(&[TokenConfig {
+            name: "t".into(),
+            sha256: hash_token(&token),
+            datasets: vec!["*".into()],
+            access: TokenAccess::ReadWrite,
+        }]);
+        for scheme in ["Bearer", "bearer", "BEARER", "bEaReR"] {
+            assert!(
+                tokens.check(Some(&format!("{scheme} {token}"))).is_some(),
+                "{scheme}"
+            );
+        }
+        assert!(tokens.check(Some(&format!("Basic {token}"))).is_none());
+        assert!(tokens.check(Some(&token)).is_none());
+        assert!(tokens.check(Some("Bearer wrong")).is_none());
+        assert!(tokens.check(None).is_none());
+    }
 }

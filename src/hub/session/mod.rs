@@ -184,8 +184,10 @@ pub async fn serve(
             return;
         }
     };
+    // Names chosen by the client are logged quoted and escaped (`?`): a
+    // newline in one cannot forge a log line.
     let span =
-        tracing::info_span!("session", dataset = %hello.dataset, client = %hello.client_id, %peer);
+        tracing::info_span!("session", dataset = ?hello.dataset, client = ?hello.client_id, %peer);
     let opened = tracing::Instrument::instrument(open(&inner, hello, &grant), span.clone()).await;
     let opened = match opened {
         Ok(o) => o,
@@ -317,10 +319,13 @@ fn check_hello(inner: &HubInner, hello: &Hello, grant: &Grant) -> Result<(), Ref
             ),
         ));
     }
-    if hello.client_id.is_empty() || hello.client_id.len() > 128 {
+    if hello.client_id.is_empty()
+        || hello.client_id.len() > 128
+        || hello.client_id.chars().any(char::is_control)
+    {
         return Err(Refusal::new(
             ErrorCode::MalformedFrame,
-            "client_id must be 1 to 128 characters",
+            "client_id must be 1 to 128 characters, none of them a control character",
         ));
     }
     for t in &hello.tables {
