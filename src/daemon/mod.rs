@@ -448,7 +448,7 @@ async fn supervise(
         s.last_error = None;
         s.backoff_ms = None;
     });
-    let _watch = match fswatch::watch(&db.path, wake_tx) {
+    let watch_guard = match fswatch::watch(&db.path, wake_tx) {
         Ok(w) => Some(w),
         Err(e) => {
             span.in_scope(|| tracing::warn!(error = %e, "cannot watch the database file; falling back to polling every {:?}", crate::session::POLL_INTERVAL));
@@ -458,6 +458,10 @@ async fn supervise(
     Session::new(params, local, status, wake_rx, ctl, events, shutdown)
         .run()
         .await;
+    // The watch goes first: closing the database removes its WAL file, and
+    // the kernel drops a watch on a removed file by itself (removing it
+    // again afterwards fails with a warning on every shutdown).
+    drop(watch_guard);
     // Let go of the database and its lock now: a restarted session (reload)
     // or `tether once` may open it next.
     if let Some(l) = cell.get() {

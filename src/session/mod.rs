@@ -38,6 +38,24 @@ pub enum TokenSource {
 
 impl TokenSource {
     fn read(&self) -> Result<String, SessionError> {
+        let token = self.read_raw()?;
+        // A token is one word of visible ASCII: anything else cannot go in
+        // an HTTP header, and usually means the file holds more than the
+        // token (the whole output of `tether hub new-token`, say).
+        if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+            let whence = match self {
+                TokenSource::Inline(_) => "hub.token in the daemon's config".to_owned(),
+                TokenSource::File(p) => format!("token file {}", p.display()),
+            };
+            return Err(SessionError::Unauthorized(format!(
+                "{whence} holds {} characters with {bad:?} among them, which no token contains: it must hold only the token itself (the `tth_...` line printed by `tether hub new-token`); the session tries again as soon as the file changes",
+                token.chars().count()
+            )));
+        }
+        Ok(token)
+    }
+
+    fn read_raw(&self) -> Result<String, SessionError> {
         match self {
             TokenSource::Inline(t) => Ok(t.clone()),
             TokenSource::File(p) => match std::fs::read_to_string(p) {
@@ -183,6 +201,30 @@ pub fn update_status(
 mod tests {
     use super::*;
     use crate::config::Dur;
+
+    #[test]
+    fn a_token_file_holding_more_than_a_token_names_the_file_and_the_fix() {
+        let dir = tempfile::tempdir().unwrap();
+        let f = dir.path().join("token");
+        std::fs::write(&f, "token (give this to the daemon):\ntth_abc\n").unwrap();
+        let e = TokenSource::File(f.clone()).read().unwrap_err();
+        assert!(
+            matches!(e, SessionError::Unauthorized(_)),
+            "retried when the file changes"
+        );
+        let e = e.to_string();
+        assert!(
+            e.contains(f.to_str().unwrap()) && e.contains("only the token"),
+            "{e}"
+        );
+        std::fs::write(&f, "tth_abc\n").unwrap();
+        assert_eq!(TokenSource::File(f).read().unwrap(), "tth_abc");
+        let e = TokenSource::Inline("two words".into())
+            .read()
+            .unwrap_err()
+            .to_string();
+        assert!(e.contains("hub.token"), "{e}");
+    }
 
     #[test]
     fn backoff_grows_exponentially_with_full_jitter_and_stays_under_max() {
