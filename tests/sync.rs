@@ -232,6 +232,8 @@ async fn concurrent_edits_of_the_same_rows_converge() {
     }
     wait_converged(&apps[0], &apps[1], "notes").await;
     wait_converged(&apps[0], &apps[2], "notes").await;
+    // Not only alike, but what the hub holds, values included.
+    assert_eq!(hub_dump(&world, NOTES, "notes"), dump(&apps[0], "notes"));
     for d in daemons {
         d.stop().await;
     }

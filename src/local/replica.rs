@@ -1038,7 +1038,7 @@ mod tests {
 
     #[test]
     fn tethers_own_writes_are_not_captured() {
-        let (_d, _app, mut r) = setup();
+        let (_d, app, mut r) = setup();
         let first = r.read_batch(0, 100, 1 << 20).unwrap();
         r.apply_results(&first, &[]).unwrap();
         r.apply_remote(
@@ -1052,7 +1052,11 @@ mod tests {
             5,
         )
         .unwrap();
-        assert_eq!(r.pending().unwrap().changes, 0);
+        let written: String = app
+            .query_row("SELECT a FROM t WHERE id = 9", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(written, "hub", "the hub's row was written");
+        assert_eq!(r.pending().unwrap().changes, 0, "and not captured");
         assert_eq!(r.cursor().unwrap(), 5);
         // The same change again is ignored (version not newer).
         assert_eq!(
@@ -1070,6 +1074,10 @@ mod tests {
             .applied,
             0
         );
+        let still: i64 = app
+            .query_row("SELECT count(*) FROM t WHERE id = 9", [], |row| row.get(0))
+            .unwrap();
+        assert_eq!(still, 1, "an older version does not delete the row");
     }
 
     #[test]

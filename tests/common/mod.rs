@@ -241,6 +241,35 @@ pub async fn wait_idle(d: &EmbeddedDaemon, name: &str) {
     .await;
 }
 
+/// The rows of `table` the hub holds now (each row's last change in the
+/// hub's log), formatted like [`dump`]: an app holding exactly these rows
+/// dumps the same lines. `schema` creates the table.
+pub fn hub_dump(world: &World, schema: &str, table: &str) -> Vec<String> {
+    let hub = Connection::open(world.path("hub.db")).unwrap();
+    let mut st = hub
+        .prepare(
+            "SELECT l.vals FROM rows_1 r JOIN log_1 l ON l.seq = r.version
+             WHERE r.tbl = ?1 AND r.deleted = 0",
+        )
+        .unwrap();
+    let rows: Vec<Vec<tether::proto::Value>> = st
+        .query_map([table], |r| r.get::<_, Vec<u8>>(0))
+        .unwrap()
+        .map(|v| tether::proto::decode_values(&v.unwrap()).unwrap())
+        .collect();
+    let mem = Connection::open_in_memory().unwrap();
+    mem.execute_batch(schema).unwrap();
+    for r in rows {
+        let marks = vec!["?"; r.len()].join(", ");
+        mem.execute(
+            &format!("INSERT INTO {table} VALUES ({marks})"),
+            rusqlite::params_from_iter(r.iter()),
+        )
+        .unwrap();
+    }
+    dump(&mem, table)
+}
+
 /// Waits until both apps hold the same rows of `table`.
 pub async fn wait_converged(a: &Connection, b: &Connection, table: &str) {
     let start = Instant::now();
