@@ -95,6 +95,7 @@ pub struct DaemonMetrics {
     downloaded_bytes: Family<DbLabel, Counter>,
     connects: Family<DbLabel, Counter>,
     reconnects: Family<DbLabel, Counter>,
+    recoveries: Family<DbLabel, Counter>,
     upload_latency: Latency,
 }
 
@@ -180,6 +181,12 @@ impl DaemonMetrics {
                 "Connection attempts after a connection ended or failed",
                 Family::default(),
             ),
+            recoveries: add(
+                &mut r,
+                "recoveries",
+                "Recoveries from a hub whose history went back (store restored): the database downloaded the dataset again and sent its rows",
+                Family::default(),
+            ),
             upload_latency: add(
                 &mut r,
                 "upload_latency_seconds",
@@ -206,6 +213,7 @@ impl DaemonMetrics {
             downloaded_bytes: self.downloaded_bytes.get_or_create_owned(&l),
             connects: self.connects.get_or_create_owned(&l),
             reconnects: self.reconnects.get_or_create_owned(&l),
+            recoveries: self.recoveries.get_or_create_owned(&l),
             upload_latency: Some(self.upload_latency.get_or_create_owned(&l)),
         }
     }
@@ -259,6 +267,7 @@ pub struct SessionMetrics {
     downloaded_bytes: Counter,
     pub connects: Counter,
     pub reconnects: Counter,
+    pub recoveries: Counter,
     upload_latency: Option<Histogram>,
 }
 

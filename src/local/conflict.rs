@@ -51,8 +51,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use super::held::{self, Abort, Isolation};
 use super::replica::{
-    consume, delete_row, log_write, select_row, set_ver, set_ver_exact, sq, upsert_row, Batch,
-    LocalError, Replica, ResultsApplied, Tbl,
+    consume, delete_row, log_write, raise_anchor, select_row, set_ver, set_ver_exact, sq,
+    upsert_row, Batch, LocalError, Replica, ResultsApplied, Tbl,
 };
 use super::schema::Table;
 use crate::config::ConflictPolicy;
@@ -201,6 +201,14 @@ impl Replica {
             let again = later.get(&(tbl.id, change.pk.clone())).copied();
             match &r.outcome {
                 Outcome::Applied { version } => {
+                    raise_anchor(
+                        &tx,
+                        *version,
+                        &change.table,
+                        change.op,
+                        &change.pk,
+                        &change.values,
+                    )?;
                     // The row's version is not recorded here: the hub knows
                     // this client wrote it last, so the next local change to
                     // it is not a conflict whatever its base, and a later

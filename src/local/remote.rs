@@ -8,7 +8,8 @@ use rusqlite::{Transaction, TransactionBehavior};
 use super::conflict::defer;
 use super::held::{self, Abort, HeldChange, Isolation, RemoteApplied, RetryReport};
 use super::replica::{
-    delete_row, get_ver, meta_u64, set_ver_if_newer, sq, upsert_row, LocalError, Replica, Tbl,
+    delete_row, get_ver, meta_u64, raise_anchor, set_ver_if_newer, sq, upsert_row, LocalError,
+    Replica, Tbl,
 };
 use crate::proto::{decode_values, Op, RemoteChange};
 
@@ -185,6 +186,16 @@ impl Replica {
                     n.held += 1;
                 }
             }
+        }
+        if let (Some(_), Some(last)) = (up_to, changes.last()) {
+            raise_anchor(
+                &tx,
+                last.version,
+                &last.table,
+                last.op,
+                &last.pk,
+                &last.values,
+            )?;
         }
         if let Some(up_to) = up_to {
             tx.prepare_cached(

@@ -429,6 +429,48 @@ impl Replica {
         &self.identity.client_id
     }
 
+    /// Recovers from a hub whose history went back (its store was restored
+    /// from a backup, so changes this database holds may be gone from it,
+    /// and their numbers handed out again): takes a new identity, sets the
+    /// cursor back to 0 to download what the hub holds now, and captures
+    /// every row of every synced table again, so that the rows the hub lost
+    /// go back to it. A row the hub also holds meets it under the table's
+    /// conflict policy. Pending changes are kept. Returns the rows captured.
+    pub fn recover(&mut self) -> Result<u64, LocalError> {
+        let e = sq(&self.name);
+        let tx =
+            Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
+        let identity = identity::renew(&tx, &self.file).map_err(&e)?;
+        set_meta(&tx, "cursor", 0).map_err(&e)?;
+        clear_anchor(&tx).map_err(&e)?;
+        let mut rows = 0u64;
+        for name in &self.order {
+            let t = &self.tables[name];
+            rows += tx
+                .execute(
+                    &format!(
+                        "INSERT INTO _tether_log (tbl, op, mask, {}) SELECT {}, 1, -1, {} FROM {}",
+                        t.t.key_cols(),
+                        t.id,
+                        t.t.pk_cols(),
+                        ident(&t.t.name)
+                    ),
+                    [],
+                )
+                .map_err(&e)? as u64;
+        }
+        tx.commit().map_err(&e)?;
+        tracing::warn!(
+            db = %self.name,
+            old = %self.identity.client_id,
+            new = %identity.client_id,
+            rows,
+            "the hub's history went back (its store was restored?): recovering under a new identity; the dataset is downloaded again and every row is sent again, conflicts settled by each table's policy"
+        );
+        self.identity = identity;
+        Ok(rows)
+    }
+
     /// Highest client seq this database ever numbered (answered or not).
     pub fn local_seq(&self) -> Result<u64, LocalError> {
         let e = sq(&self.name);
@@ -438,6 +480,27 @@ impl Replica {
             .query_row("SELECT max(seq) FROM _tether_log", [], |r| r.get(0))
             .map_err(&e)?;
         Ok(consumed.max(max.unwrap_or(0) as u64))
+    }
+
+    /// The newest change of the hub's log whose content this database knows,
+    /// sent in `hello` so that the hub can tell whether its log still holds
+    /// this database's history.
+    pub fn anchor(&self) -> Result<Option<crate::proto::Anchor>, LocalError> {
+        let e = sq(&self.name);
+        let version = meta_u64(&self.conn, "anchor_version").map_err(&e)?;
+        if version == 0 {
+            return Ok(None);
+        }
+        let digest: Option<String> = self
+            .conn
+            .query_row(
+                "SELECT value FROM _tether_meta WHERE key = 'anchor_digest'",
+                [],
+                |r| r.get(0),
+            )
+            .optional()
+            .map_err(&e)?;
+        Ok(digest.map(|digest| crate::proto::Anchor { version, digest }))
     }
 
     /// The identity sent in `hello` (id and key).
@@ -465,6 +528,7 @@ impl Replica {
         // another file used it: download the dataset again. Rows already
         // here are applied over themselves; pending changes keep theirs.
         set_meta(&tx, "cursor", 0).map_err(&e)?;
+        clear_anchor(&tx).map_err(&e)?;
         tx.commit().map_err(&e)?;
         tracing::warn!(
             db = %self.name,
@@ -782,6 +846,38 @@ fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
             source,
         }),
     }
+}
+
+/// Records that the hub's log holds this change at `version`, if it is the
+/// newest such change known here (see [`crate::proto::Anchor`]).
+pub(super) fn raise_anchor(
+    c: &Connection,
+    version: u64,
+    table: &str,
+    op: Op,
+    pk: &[Value],
+    values: &[Value],
+) -> rusqlite::Result<()> {
+    if version == 0 || version <= meta_u64(c, "anchor_version")? {
+        return Ok(());
+    }
+    let digest =
+        crate::proto::log_digest(version, table, op, &encode_key(pk), &encode_values(values));
+    set_meta(c, "anchor_version", version)?;
+    c.prepare_cached(
+        "INSERT INTO _tether_meta (key, value) VALUES ('anchor_digest', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+    )?
+    .execute([digest])?;
+    Ok(())
+}
+
+/// Forgets the anchor (the hub's history is to be learned anew).
+pub(super) fn clear_anchor(c: &Connection) -> rusqlite::Result<()> {
+    c.execute(
+        "DELETE FROM _tether_meta WHERE key IN ('anchor_version', 'anchor_digest')",
+        [],
+    )?;
+    Ok(())
 }
 
 pub(super) fn meta_u64(c: &Connection, key: &str) -> rusqlite::Result<u64> {

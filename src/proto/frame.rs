@@ -89,6 +89,20 @@ pub struct Hello {
     /// are paused: the session only uploads).
     #[serde(default = "yes")]
     pub subscribe: bool,
+    /// The newest change of the dataset's log whose content this client
+    /// knows (received, or its own answered `applied`), so that the hub can
+    /// tell whether its log still holds that history (a store restored from
+    /// a backup does not). Absent for a client that knows none.
+    #[serde(default, skip_serializing_if = "Option::is_none")]
+    pub anchor: Option<Anchor>,
+}
+
+/// One change of a dataset's log, by number and content digest
+/// ([`super::log_digest`]).
+#[derive(Clone, Debug, PartialEq, Eq, Serialize, Deserialize)]
+pub struct Anchor {
+    pub version: u64,
+    pub digest: String,
 }
 
 fn yes() -> bool {
@@ -367,6 +381,11 @@ pub enum ErrorCode {
     /// An upload's sequence numbers break the rules: zero, not increasing,
     /// above [`super::MAX_SEQ`], or too far above the client's last one.
     BadSequence,
+    /// The hub's log no longer holds the history this client has seen (its
+    /// cursor is past the head, or the change of its `anchor` differs): the
+    /// hub's store went back in time, as a restore from a backup does. The
+    /// client recovers: it downloads the dataset again and sends its rows.
+    HistoryDiverged,
 }
 
 impl ErrorCode {
@@ -401,6 +420,7 @@ impl ErrorCode {
             ErrorCode::IdentityConflict => "identity_conflict",
             ErrorCode::Replaced => "replaced",
             ErrorCode::BadSequence => "bad_sequence",
+            ErrorCode::HistoryDiverged => "history_diverged",
         }
     }
 }

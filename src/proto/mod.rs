@@ -73,6 +73,28 @@ pub fn decode<T: serde::de::DeserializeOwned>(bytes: &[u8]) -> Result<T, DecodeE
     Ok(rmp_serde::from_slice(bytes)?)
 }
 
+/// Digest of one change of a dataset's log, computed alike by the hub (from
+/// its log) and by a client (from a change it received or sent): lowercase
+/// hex of the first 16 bytes of SHA-256 over the version (8 bytes, big
+/// endian), the table name, a zero byte, the op (1 upsert, 2 delete), and the
+/// key and values as [`encode_key`] and [`encode_values`] write them.
+pub fn log_digest(version: u64, table: &str, op: Op, key: &[u8], values: &[u8]) -> String {
+    use sha2::{Digest, Sha256};
+    let mut h = Sha256::new();
+    h.update(version.to_be_bytes());
+    h.update(table.as_bytes());
+    h.update([
+        0,
+        match op {
+            Op::Upsert => 1,
+            Op::Delete => 2,
+        },
+    ]);
+    h.update(key);
+    h.update(values);
+    hex::encode(&h.finalize()[..16])
+}
+
 impl Change {
     /// Approximate encoded size, for batch limits and progress.
     pub fn wire_size(&self) -> usize {

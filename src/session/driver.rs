@@ -258,6 +258,22 @@ impl Session {
                     s.caught_up = false;
                 });
             }
+            Action::Recover => {
+                match self
+                    .local(|r: &mut crate::local::Replica| r.recover())
+                    .await
+                {
+                    Ok(Ok(rows)) => {
+                        self.params.metrics.recoveries.inc();
+                        self.update(|s| {
+                            s.recoveries += 1;
+                            s.last_recovery_rows = Some(rows);
+                        });
+                    }
+                    Ok(Err(e)) => return local_failed(e.into()),
+                    Err(e) => return local_failed(e.into()),
+                }
+            }
             Action::RenewIdentity => {
                 // The replica logs the old and the new identity.
                 let renew = |r: &mut crate::local::Replica| r.renew_identity().map(|_| ());
@@ -356,6 +372,7 @@ impl Session {
                     client_id: r.identity().client_id.clone(),
                     client_key: r.identity().client_key.clone(),
                     local_seq: r.local_seq()?,
+                    anchor: r.anchor()?,
                     cursor: r.cursor()?,
                     tables: r.wire_schemas(),
                 })

@@ -71,6 +71,8 @@ pub struct LocalInfo {
     pub cursor: u64,
     /// Highest client seq this database ever numbered (for the welcome check).
     pub local_seq: u64,
+    /// The newest change of the hub's log this database knows the content of.
+    pub anchor: Option<crate::proto::Anchor>,
     pub tables: Vec<TableSchema>,
 }
 
@@ -139,6 +141,9 @@ pub enum Action {
     Ping,
     /// Close the connection with this reason (a close frame if possible).
     Close(&'static str),
+    /// The hub's history went back (store restored): new identity, cursor
+    /// 0, every row captured again ([`crate::local::Replica::recover`]).
+    Recover,
     /// Give the database a new client identity (the hub found another file
     /// using this one, or changes of it this file never made) and download
     /// the dataset again; the next connection says `hello` with it.
@@ -757,6 +762,7 @@ impl Machine {
             tables: info.tables,
             echo_own: self.cfg.echo_own,
             subscribe: !self.download_paused,
+            anchor: info.anchor,
         });
         out.push(Action::Send(proto::encode(&hello)));
         self.state = State::Handshaking {
@@ -829,6 +835,10 @@ impl Machine {
                         access: w.access,
                     }));
                     self.state = State::Live(Box::new(Live::start(&w, cursor, &self.cfg, now)));
+                }
+                HubFrame::Error(e) if e.code == ErrorCode::HistoryDiverged => {
+                    out.push(Action::Recover);
+                    self.fail(hub_error(e.code, &e.message), now, out)
                 }
                 HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
                 other => self.fail(
@@ -1104,6 +1114,7 @@ mod tests {
             client_key: "k1".into(),
             cursor: 7,
             local_seq: 5,
+            anchor: None,
             tables: Vec::new(),
         }
     }

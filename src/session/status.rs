@@ -235,6 +235,13 @@ pub struct Status {
     pub downloaded_bytes: u64,
     /// Connections established since start.
     pub connects: u64,
+    /// Recoveries since start from a hub whose history went back (its store
+    /// restored from a backup): the dataset downloaded again, every row sent.
+    #[serde(default)]
+    pub recoveries: u64,
+    /// Rows the last recovery sent again.
+    #[serde(default)]
+    pub last_recovery_rows: Option<u64>,
 }
 
 impl Status {
@@ -265,6 +272,8 @@ impl Status {
             uploaded_bytes: 0,
             downloaded_bytes: 0,
             connects: 0,
+            recoveries: 0,
+            last_recovery_rows: None,
         }
     }
 }

@@ -366,6 +366,7 @@ pub fn notes_hello(dataset: &str, client: &str) -> tether::proto::ClientFrame {
         }],
         echo_own: false,
         subscribe: true,
+        anchor: None,
     })
 }
 

@@ -88,6 +88,10 @@ pub fn frames() -> Vec<(&'static str, Frame)> {
                 tables: vec![schema],
                 echo_own: false,
                 subscribe: true,
+                anchor: Some(Anchor {
+                    version: 40,
+                    digest: "6a1f0c55e2b34d7c9e8f1a2b3c4d5e6f".into(),
+                }),
             })),
         ),
         (

@@ -1304,6 +1304,7 @@ mod tests {
             tables: vec![],
             echo_own: false,
             subscribe: true,
+            anchor: None,
         };
         let a = m.handle(Input::Frame(ClientFrame::Hello(hello)), now);
         assert!(

@@ -231,21 +231,28 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         hello.client_id.clone(),
     );
     let key = hello.client_key.clone();
+    let (cursor, anchor) = (hello.cursor, hello.anchor.clone());
     let t0 = std::time::Instant::now();
-    let (head, client_seq) = blocking(move || {
+    let (head, client_seq, diverged) = blocking(move || {
+        let head = store.head(&ds)?;
+        let diverged = history_diverged(&*store, &ds, head, cursor, anchor.as_ref())?;
+        if diverged.is_some() {
+            return Ok((head, 0, diverged));
+        }
         store.register_schema(&ds, &tables)?;
         let client_seq = store.claim_identity(&ds, &client, &key)?;
-        Ok((store.head(&ds)?, client_seq))
+        Ok((head, client_seq, None))
     })
     .await?;
+    if let Some(why) = diverged {
+        inner.metrics.refused(ErrorCode::HistoryDiverged.as_str());
+        return Err(Refusal::new(ErrorCode::HistoryDiverged, why));
+    }
     inner
         .metrics
         .store_time(StoreOp::open_session, t0.elapsed());
-    let mut cursor = hello.cursor;
-    if cursor > head {
-        tracing::warn!(cursor, head, "client cursor is ahead of the hub (was the hub store restored?); sending from the hub's head");
-        cursor = head;
-    }
+    // Not past the head: `history_diverged` refused that.
+    let cursor = hello.cursor;
     // The key matched: this session is the identity's from now on.
     let (registration, replaced) = inner.sessions.register(&hello.dataset, &hello.client_id);
     if replaced {
@@ -291,6 +298,35 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         live,
         registration,
     })
+}
+
+/// Whether the hub's log still holds the history the client has seen: its
+/// cursor is not past the head, and the change of its anchor is the one the
+/// log holds at that number. A store restored from a backup fails one or
+/// the other (sequence numbers handed out again mean other changes).
+fn history_diverged(
+    store: &dyn super::store::HubStore,
+    dataset: &str,
+    head: u64,
+    cursor: u64,
+    anchor: Option<&crate::proto::Anchor>,
+) -> Result<Option<String>, StoreError> {
+    if cursor > head {
+        return Ok(Some(format!(
+            "this client holds the dataset up to change {cursor}, but the hub's log ends at {head}: the hub's store went back in time (restored from a backup?); the client downloads the dataset again and sends its rows, so that nothing is lost"
+        )));
+    }
+    if let Some(a) = anchor {
+        if a.version > head
+            || store.log_digest(dataset, a.version)?.as_deref() != Some(a.digest.as_str())
+        {
+            return Ok(Some(format!(
+                "change {} of the hub's log is not the one this client received: the hub's store went back in time and handed its numbers out again (restored from a backup?); the client downloads the dataset again and sends its rows, so that nothing is lost",
+                a.version
+            )));
+        }
+    }
+    Ok(None)
 }
 
 /// The checks of `hello` that need no store.

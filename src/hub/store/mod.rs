@@ -78,6 +78,10 @@ pub trait HubStore: Send + Sync + 'static {
     /// Last sequence number of the dataset (0 when empty).
     fn head(&self, dataset: &str) -> Result<u64, StoreError>;
 
+    /// [`crate::proto::log_digest`] of the log's change at `seq`; `None`
+    /// when the log holds no change there.
+    fn log_digest(&self, dataset: &str, seq: u64) -> Result<Option<String>, StoreError>;
+
     /// Highest client seq already applied for this client.
     fn client_seq(&self, dataset: &str, client: &str) -> Result<u64, StoreError>;
 

@@ -454,6 +454,25 @@ impl HubStore for SqliteStore {
         Ok(head.unwrap_or(0) as u64)
     }
 
+    fn log_digest(&self, dataset: &str, seq: u64) -> Result<Option<String>, StoreError> {
+        let c = self.reader.lock().expect("BUG: poisoned");
+        let Some(ds) = self.known_dataset(&c, dataset)? else {
+            return Ok(None);
+        };
+        let entry: Option<(String, Vec<u8>, i64, Vec<u8>)> = c
+            .prepare_cached(&format!(
+                "SELECT tbl, pk, op, vals FROM log_{ds} WHERE seq = ?1"
+            ))?
+            .query_row([seq as i64], |r| {
+                Ok((r.get(0)?, r.get(1)?, r.get(2)?, r.get(3)?))
+            })
+            .optional()?;
+        Ok(entry.map(|(tbl, pk, op, vals)| {
+            let op = if op == 2 { Op::Delete } else { Op::Upsert };
+            crate::proto::log_digest(seq, &tbl, op, &pk, &vals)
+        }))
+    }
+
     fn client_seq(&self, dataset: &str, client: &str) -> Result<u64, StoreError> {
         let c = self.reader.lock().expect("BUG: poisoned");
         let seq: Option<i64> = c
