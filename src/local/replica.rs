@@ -342,8 +342,9 @@ impl Replica {
                         // installs the triggers, so no write falls between.
                         let n = conn.execute(
                             &format!(
-                                "INSERT INTO _tether_log (tbl, op, mask, {}) SELECT {id}, 1, -1, {} FROM {}",
+                                "INSERT INTO _tether_log (tbl, op, mask, at, {}) SELECT {id}, 1, -1, {}, {} FROM {}",
                                 t.key_cols(),
+                                schema::NOW_MS,
                                 t.pk_cols(),
                                 ident(&t.name)
                             ),
@@ -449,9 +450,10 @@ impl Replica {
             rows += tx
                 .execute(
                     &format!(
-                        "INSERT INTO _tether_log (tbl, op, mask, {}) SELECT {}, 1, -1, {} FROM {}",
+                        "INSERT INTO _tether_log (tbl, op, mask, at, {}) SELECT {}, 1, -1, {}, {} FROM {}",
                         t.t.key_cols(),
                         t.id,
+                        schema::NOW_MS,
                         t.t.pk_cols(),
                         ident(&t.t.name)
                     ),
@@ -820,7 +822,10 @@ impl Replica {
 /// Takes the per-database lock file `<database>-tether.lock` (an advisory
 /// lock, released by the OS if the process dies).
 fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
-    let mut lock_path = path.as_os_str().to_owned();
+    // The lock sits beside the real file: a symlink or another spelling of
+    // the path leads to the same lock.
+    let real = std::fs::canonicalize(path).unwrap_or_else(|_| path.to_owned());
+    let mut lock_path = real.as_os_str().to_owned();
     lock_path.push("-tether.lock");
     let lock_path = std::path::PathBuf::from(lock_path);
     let shown = lock_path.display().to_string();
@@ -1090,6 +1095,21 @@ mod tests {
         let b = r.read_batch(0, 100, 1 << 20).unwrap();
         assert_eq!(b.changes.len(), 1);
         assert_eq!(b.changes[0].values[1], Value::Text("before".into()));
+        // With the time of capture, so that status shows how long it waits.
+        assert!(b.captured_ms[0] > 1_600_000_000_000, "{:?}", b.captured_ms);
+        assert!(r.pending().unwrap().oldest_at_ms.is_some());
+    }
+
+    #[test]
+    fn a_symlink_to_a_synced_database_is_refused_like_its_own_path() {
+        let (d, _app, _r) = setup();
+        let link = d.path().join("link.db");
+        std::os::unix::fs::symlink(d.path().join("t.db"), &link).unwrap();
+        let e = Replica::open("t", &link, &[("t".into(), ConflictPolicy::MergeColumns)]);
+        assert!(
+            matches!(e, Err(LocalError::Locked { .. })),
+            "a second process on one file"
+        );
     }
 
     #[test]

@@ -23,6 +23,10 @@ use sha2::{Digest, Sha256};
 
 use crate::proto::TableSchema;
 
+/// SQL for the current time in milliseconds since the epoch, for `at` in
+/// `_tether_log`; julianday() works on every SQLite an app may bring.
+pub const NOW_MS: &str = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+
 /// Quotes an SQL identifier.
 pub fn ident(name: &str) -> String {
     format!("\"{}\"", name.replace('"', "\"\""))
@@ -215,7 +219,7 @@ impl Table {
         // oldest pending write; julianday() works on every SQLite an app may
         // bring, unlike unixepoch('subsec').
         let log = format!("INSERT INTO _tether_log (tbl, op, mask, at, {keys})");
-        let now = "CAST((julianday('now') - 2440587.5) * 86400000 AS INTEGER)";
+        let now = NOW_MS;
         format!(
             "CREATE TABLE IF NOT EXISTS {ver} ({keys}, version INTEGER NOT NULL, PRIMARY KEY ({keys})) WITHOUT ROWID;
 DROP TRIGGER IF EXISTS {ins};
