@@ -192,3 +192,109 @@ async fn a_database_restored_from_a_backup_gets_back_what_it_wrote_after_the_bac
     da.stop().await;
     db.stop().await;
 }
+
+fn value(c: &Connection, id: &str) -> String {
+    c.query_row("SELECT v FROM t WHERE id = ?1", [id], |r| r.get(0))
+        .unwrap()
+}
+
+async fn wait_value(c: &Connection, id: &str, want: &str) {
+    wait_until(&format!("{id} = {want}"), || {
+        c.query_row("SELECT v FROM t WHERE id = ?1", [id], |r| {
+            r.get::<_, String>(0)
+        })
+        .map(|v| v == want)
+        .unwrap_or(false)
+    })
+    .await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_copy_never_sends_the_originals_old_pending_write_over_a_newer_one() {
+    let world = World::new(&[("db", &["t"])]).await;
+    let b = app(&world.path("b.db"), T);
+    let c = app(&world.path("c.db"), T);
+    let policy = ConflictPolicy::ClientWins;
+    let dc = world.daemon_for("c.db", &["t"], policy);
+    b.execute("INSERT INTO t VALUES ('k', 'orig')", []).unwrap();
+    let db = world.daemon_for("b.db", &["t"], policy);
+    wait_value(&c, "k", "orig").await;
+    wait_idle(&db, "db").await;
+    db.stop().await;
+    // A write still pending when the file is copied ...
+    b.execute("UPDATE t SET v = 'v1' WHERE id = 'k'", [])
+        .unwrap();
+    copy(&world, &b, "b.db", "e.db");
+    // ... which the original sends, and then overwrites.
+    let db = world.daemon_for("b.db", &["t"], policy);
+    wait_value(&c, "k", "v1").await;
+    b.execute("UPDATE t SET v = 'v2' WHERE id = 'k'", [])
+        .unwrap();
+    wait_value(&c, "k", "v2").await;
+    wait_idle(&db, "db").await;
+    // The copy starts: the app never wrote in it, so its inherited v1 must
+    // not win over v2, even under client_wins.
+    let e = Connection::open(world.path("e.db")).unwrap();
+    let de = world.daemon_for("e.db", &["t"], policy);
+    wait_value(&e, "k", "v2").await;
+    wait_idle(&de, "db").await;
+    // A later write in the copy follows the policy as any write does.
+    for (x, name) in [(&b, "b"), (&c, "c")] {
+        assert_eq!(value(x, "k"), "v2", "{name}");
+    }
+    e.execute("UPDATE t SET v = 'from e' WHERE id = 'k'", [])
+        .unwrap();
+    wait_value(&b, "k", "from e").await;
+    for d in [db, dc, de] {
+        d.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_backup_restored_in_place_gets_back_its_later_writes_however_much_it_writes_first() {
+    let world = World::new(&[("db", &["t"])]).await;
+    let a = app(&world.path("a.db"), T);
+    let c = app(&world.path("c.db"), T);
+    let da = world.daemon_for("a.db", &["t"], ConflictPolicy::ServerWins);
+    let dc = world.daemon_for("c.db", &["t"], ConflictPolicy::ServerWins);
+    write(&a, "r", 5);
+    wait_rows(&c, &ids(&[("r", 5)])).await;
+    wait_idle(&da, "db").await;
+    let backup = world.path("backup.db");
+    a.execute("VACUUM INTO ?1", [backup.to_str().unwrap()])
+        .unwrap();
+    for i in 0..3 {
+        a.execute(
+            "UPDATE t SET v = 'after backup' WHERE id = ?1",
+            [format!("r-{i}")],
+        )
+        .unwrap();
+    }
+    wait_value(&c, "r-2", "after backup").await;
+    wait_idle(&da, "db").await;
+    da.stop().await;
+    drop(a);
+    for f in ["a.db-wal", "a.db-shm"] {
+        let _ = std::fs::remove_file(world.path(f));
+    }
+    std::fs::copy(&backup, world.path("a.db")).unwrap();
+    // The app writes one row many times before tether starts: its numbers
+    // pass everything the hub had from this file.
+    let a = Connection::open(world.path("a.db")).unwrap();
+    for i in 0..30 {
+        a.execute(
+            "UPDATE t SET v = ?1 WHERE id = 'r-4'",
+            [format!("again {i}")],
+        )
+        .unwrap();
+    }
+    let da = world.daemon_for("a.db", &["t"], ConflictPolicy::ServerWins);
+    for i in 0..3 {
+        wait_value(&a, &format!("r-{i}"), "after backup").await;
+    }
+    wait_value(&c, "r-4", "again 29").await;
+    wait_idle(&da, "db").await;
+    for d in [da, dc] {
+        d.stop().await;
+    }
+}

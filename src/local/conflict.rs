@@ -51,8 +51,8 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use super::held::{self, Abort, Isolation};
 use super::replica::{
-    consume, delete_row, log_write, raise_anchor, select_row, set_ver, set_ver_exact, sq,
-    upsert_row, Batch, LocalError, Replica, ResultsApplied, Tbl,
+    consume, delete_row, log_write, meta_u64, raise_anchor, select_row, set_ver, set_ver_exact,
+    set_ver_if_newer, sq, upsert_row, Batch, LocalError, Replica, ResultsApplied, Tbl,
 };
 use super::schema::Table;
 use crate::config::ConflictPolicy;
@@ -159,7 +159,10 @@ impl Replica {
         loop {
             iso.begin();
             match self.results_tx(&mut iso, batch, results) {
-                Ok(done) => return Ok(done),
+                Ok(done) => {
+                    self.record_consumed(batch.through);
+                    return Ok(done);
+                }
                 Err(abort) => iso.after(abort).map_err(sq(&self.name))?,
             }
         }
@@ -174,6 +177,10 @@ impl Replica {
         let mut done = ResultsApplied::default();
         let by_seq: HashMap<u64, &Change> = batch.changes.iter().map(|c| (c.seq, c)).collect();
         let tx = Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate)?;
+        // Changes this file inherited from the file it is a copy of (see
+        // `identity`): the original may have sent them already, so they
+        // never win over the hub's newer row, whatever the table's policy.
+        let inherited = meta_u64(&tx, "inherited_through")?;
         tx.execute("INSERT INTO _tether_applying (x) VALUES (1)", [])?;
         let any_deferred: bool =
             tx.query_row("SELECT EXISTS (SELECT 1 FROM _tether_deferred)", [], |r| {
@@ -209,16 +216,26 @@ impl Replica {
                         &change.pk,
                         &change.values,
                     )?;
-                    // The row's version is not recorded here: the hub knows
-                    // this client wrote it last, so the next local change to
-                    // it is not a conflict whatever its base, and a later
-                    // change by another client arrives with a higher version.
+                    // The row's version is recorded: while this identity
+                    // lasts the hub would not call its next change a
+                    // conflict anyway (it wrote the row last), but a file
+                    // that takes a new identity (a copy, a restored backup)
+                    // must send the version it really holds as `base`, or
+                    // its own rows would all conflict.
+                    if *version > 0 {
+                        set_ver_if_newer(&tx, tbl, &change.pk, *version)?;
+                    }
                     if any_deferred && again.is_none() {
                         apply_deferred(&tx, iso, tbl, &change.pk, *version)?;
                     }
                 }
                 Outcome::Conflict { server } => {
-                    settle(&tx, iso, tbl, change, server, again, &mut done)?;
+                    let policy = if change.seq <= inherited {
+                        ConflictPolicy::ServerWins
+                    } else {
+                        tbl.policy
+                    };
+                    settle(&tx, iso, tbl, policy, change, server, again, &mut done)?;
                 }
                 Outcome::Invalid { reason, message } => {
                     reject(&tx, change, *reason, message)?;
@@ -236,10 +253,12 @@ impl Replica {
 
 /// Settles the conflict the hub answered `change` with; `later` as in
 /// [`decide`].
+#[allow(clippy::too_many_arguments)]
 fn settle(
     c: &Connection,
     iso: &mut Isolation,
     t: &Tbl,
+    policy: ConflictPolicy,
     change: &Change,
     server: &ServerRow,
     later: Option<u64>,
@@ -247,7 +266,7 @@ fn settle(
 ) -> Result<(), Abort> {
     let pk = &change.pk;
     let local = select_row(c, t, pk)?;
-    match decide(t.policy, &t.t, local.as_deref(), server, change.mask, later) {
+    match decide(policy, &t.t, local.as_deref(), server, change.mask, later) {
         Settlement::TakeServer => {
             let written = iso.attempt(c, || {
                 write_server_row(c, t, pk, server)?;

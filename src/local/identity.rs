@@ -39,6 +39,64 @@ pub enum Origin {
     /// The file is a copy of another (different machine, device or inode):
     /// it took a new identity.
     Copied,
+    /// The file went back in time (a backup put back in place: its log is
+    /// behind what the lock file says was answered): it took a new identity.
+    Restored,
+}
+
+/// What the lock file beside the database says was answered.
+pub fn recorded_consumed(lock: &std::fs::File) -> Option<u64> {
+    use std::io::Read;
+    let mut text = String::new();
+    (&*lock).read_to_string(&mut text).ok()?;
+    text.strip_prefix("tether consumed ")?.trim().parse().ok()
+}
+
+/// Writes the answered mark into the lock file (fixed width, in place).
+pub fn record_consumed(lock: &std::fs::File, through: u64) {
+    use std::os::unix::fs::FileExt;
+    let line = format!("tether consumed {through:020}\n");
+    if let Err(e) = lock.write_at(line.as_bytes(), 0) {
+        tracing::debug!(error = %e, "cannot note the answered mark in the lock file");
+    }
+}
+
+fn ms(t: std::io::Result<std::time::SystemTime>) -> Option<i64> {
+    t.ok()?
+        .duration_since(std::time::UNIX_EPOCH)
+        .ok()
+        .map(|d| d.as_millis() as i64)
+}
+
+/// When the lock file was last written (the original's last answer).
+pub fn modified_ms(lock: &std::fs::File) -> Option<i64> {
+    ms(lock.metadata().and_then(|m| m.modified()))
+}
+
+/// When the database file was created (a copy's birth).
+pub fn created_ms(path: &Path) -> Option<i64> {
+    ms(std::fs::metadata(path).and_then(|m| m.created()))
+}
+
+/// Marks the pending changes captured before `before_ms` (all of them when
+/// unknown) as inherited from the file this one was copied or restored
+/// from: the original may have sent them already, so on a conflict they
+/// never win over the hub's row, whatever the table's policy. Changes the
+/// app makes in this file later follow the policy.
+pub fn mark_inherited(c: &Connection, before_ms: Option<i64>) -> rusqlite::Result<()> {
+    let through: Option<i64> = match before_ms {
+        Some(t) => c.query_row(
+            "SELECT max(seq) FROM _tether_log WHERE at IS NULL OR at < ?1",
+            [t],
+            |r| r.get(0),
+        )?,
+        None => c.query_row("SELECT max(seq) FROM _tether_log", [], |r| r.get(0))?,
+    };
+    c.execute(
+        "INSERT INTO _tether_meta (key, value) VALUES ('inherited_through', ?1) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
+        [through.unwrap_or(0)],
+    )?;
+    Ok(())
 }
 
 /// Where this file lives: machine, device and inode. A copy has another.

@@ -254,7 +254,9 @@ pub struct Replica {
     pub(super) name: String,
     pub(super) conn: Connection,
     /// Held while this replica lives: one tether process per database.
-    _lock: std::fs::File,
+    lock: std::fs::File,
+    /// The answered mark last written into the lock file.
+    recorded: u64,
     pub(super) tables: HashMap<String, Tbl>,
     by_id: HashMap<i64, String>,
     order: Vec<String>,
@@ -402,7 +404,36 @@ impl Replica {
                 return Err(e(err));
             }
         };
+        // The lock file remembers how far this file's log was answered; a
+        // file behind that mark was put back from a backup in place.
+        let recorded = identity::recorded_consumed(&lock);
+        let consumed = meta_u64(&conn, "consumed").map_err(&e)?;
+        let (identity, origin) = match recorded {
+            Some(r) if origin == identity::Origin::Kept && r > consumed => {
+                let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
+                    .map_err(&e)?;
+                let renewed = identity::renew(&tx, &file).map_err(&e)?;
+                set_meta(&tx, "cursor", 0).map_err(&e)?;
+                clear_anchor(&tx).map_err(&e)?;
+                let before = identity::modified_ms(&lock);
+                identity::mark_inherited(&tx, before).map_err(&e)?;
+                tx.commit().map_err(&e)?;
+                // The mark starts again from what this file holds.
+                identity::record_consumed(&lock, consumed);
+                tracing::warn!(
+                    db = name,
+                    client_id = %renewed.client_id,
+                    answered = r,
+                    holds = consumed,
+                    "this database file went back in time (restored from a backup in place): it takes a new client identity and downloads the dataset again; changes it held from before the restore never win over newer rows on the hub"
+                );
+                (renewed, identity::Origin::Restored)
+            }
+            _ => (identity, origin),
+        };
         if origin == identity::Origin::Copied {
+            let before = identity::created_ms(path);
+            identity::mark_inherited(&conn, before).map_err(&e)?;
             tracing::warn!(
                 db = name,
                 client_id = %identity.client_id,
@@ -421,8 +452,9 @@ impl Replica {
             conn,
             identity,
             file,
-            copied: origin == identity::Origin::Copied,
-            _lock: lock,
+            copied: origin != identity::Origin::Kept && origin != identity::Origin::New,
+            lock,
+            recorded: consumed.min(recorded.unwrap_or(0)),
         })
     }
 
@@ -832,6 +864,7 @@ fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
     let file = std::fs::OpenOptions::new()
         .create(true)
         .truncate(false)
+        .read(true)
         .write(true)
         .open(&lock_path)
         .map_err(|source| LocalError::Lock {
@@ -850,6 +883,18 @@ fn take_lock(name: &str, path: &Path) -> Result<std::fs::File, LocalError> {
             lock: shown,
             source,
         }),
+    }
+}
+
+impl Replica {
+    /// Notes in the lock file how far the log was answered, so that a file
+    /// put back from a backup in place finds itself behind it at its next
+    /// open. Not synced: the mark may lag after a crash, never lead.
+    pub(super) fn record_consumed(&mut self, through: u64) {
+        if through > self.recorded {
+            identity::record_consumed(&self.lock, through);
+            self.recorded = through;
+        }
     }
 }
 
