@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Applied, HubStore, LogEntry, Page, StoreError};
+use super::{types, Applied, HubStore, LogEntry, Page, StoreError};
 use crate::proto::{
     decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
     Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES, MAX_SEQ, MAX_SEQ_JUMP,
@@ -21,6 +21,10 @@ use crate::proto::{
 /// and `rows_<id>` (per row: current version, tombstone flag and last writer;
 /// the row's values are those of its log entry at `version`).
 ///
+/// `tables`: per table of a dataset, the fingerprint of its schema and
+/// whether a read_write client announced it STRICT (its values are then
+/// checked by STRICT rules for every client).
+///
 /// `clients`: per client, its high-water mark `last_seq`, its `acked` mark
 /// (answers up to it were processed) and `key_hash`, the SHA-256 of the key
 /// that claimed the id (NULL: none yet). `client_batches`: the remembered
@@ -29,7 +33,7 @@ use crate::proto::{
 /// rows written by hubs older than digests).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
+CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, strict INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (dataset, name));
 CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, acked INTEGER NOT NULL DEFAULT 0, key_hash BLOB, UNIQUE (dataset, client));
 CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, digests BLOB, PRIMARY KEY (client_no, first));
 ";
@@ -40,6 +44,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("clients", "acked", "INTEGER NOT NULL DEFAULT 0"),
     ("clients", "key_hash", "BLOB"),
     ("client_batches", "digests", "BLOB"),
+    ("tables", "strict", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a store made by an older hub lacks.
@@ -291,10 +296,13 @@ fn conflict_result(
     })
 }
 
-/// Checks a change against the table's declared shape.
+/// Checks a change against the table's declared shape and types: the key
+/// values against the key columns' affinity, and, when the table is
+/// `strict`, every value against its declared type.
 fn validate(
     change: &Change,
     tables: &HashMap<String, TableSchema>,
+    strict: impl FnOnce(&str) -> bool,
 ) -> Result<(), (InvalidReason, String)> {
     let Some(t) = tables.get(&change.table) else {
         return Err((
@@ -366,6 +374,26 @@ fn validate(
             format!("table {:?}: a key value is NULL", change.table),
         ));
     }
+    let wrong_type = |message| Err((InvalidReason::WrongType, message));
+    for (k, &col) in change.pk.iter().zip(&t.pk) {
+        let (column, declared) = (&t.columns[col as usize], &t.types[col as usize]);
+        if let Some(m) = types::key_refusal(&change.table, column, declared, k) {
+            return wrong_type(m);
+        }
+    }
+    if strict(&change.table) {
+        // A delete carries the key values only.
+        let checked: Vec<(usize, &Value)> = match change.op {
+            Op::Upsert => change.values.iter().enumerate().collect(),
+            Op::Delete => t.pk.iter().map(|&c| c as usize).zip(&change.pk).collect(),
+        };
+        for (col, v) in checked {
+            if let Some(m) = types::strict_refusal(&change.table, &t.columns[col], &t.types[col], v)
+            {
+                return wrong_type(m);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -411,20 +439,25 @@ fn remembered(
 }
 
 impl HubStore for SqliteStore {
-    fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError> {
+    fn register_schema(
+        &self,
+        dataset: &str,
+        tables: &[TableSchema],
+        may_register: bool,
+    ) -> Result<(), StoreError> {
         let mut c = self.writer.lock().expect("BUG: poisoned");
         let ds = self.dataset_id(&c, dataset)?;
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for t in tables {
-            let known: Option<String> = tx
+            let known: Option<(String, bool)> = tx
                 .query_row(
-                    "SELECT fingerprint FROM tables WHERE dataset = ?1 AND name = ?2",
+                    "SELECT fingerprint, strict FROM tables WHERE dataset = ?1 AND name = ?2",
                     params![ds, t.name],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             match known {
-                Some(f) if f != t.fingerprint => {
+                Some((f, _)) if f != t.fingerprint => {
                     return Err(StoreError::SchemaMismatch {
                         dataset: dataset.to_owned(),
                         table: t.name.clone(),
@@ -432,11 +465,25 @@ impl HubStore for SqliteStore {
                         want: f.chars().take(12).collect(),
                     })
                 }
-                Some(_) => {}
+                Some((_, strict)) => {
+                    if t.strict && !strict && may_register {
+                        tx.execute(
+                            "UPDATE tables SET strict = 1 WHERE dataset = ?1 AND name = ?2",
+                            params![ds, t.name],
+                        )?;
+                        tracing::info!(dataset, table = %t.name, "a client announced the table STRICT: from now on its values are checked by STRICT rules for every client");
+                    }
+                }
+                None if !may_register => {
+                    return Err(StoreError::NotRegistered {
+                        dataset: dataset.to_owned(),
+                        table: t.name.clone(),
+                    })
+                }
                 None => {
                     tx.execute(
-                        "INSERT INTO tables (dataset, name, fingerprint) VALUES (?1, ?2, ?3)",
-                        params![ds, t.name, t.fingerprint],
+                        "INSERT INTO tables (dataset, name, fingerprint, strict) VALUES (?1, ?2, ?3, ?4)",
+                        params![ds, t.name, t.fingerprint, t.strict],
                     )?;
                 }
             }
@@ -554,6 +601,10 @@ impl HubStore for SqliteStore {
         let mut digests = Vec::with_capacity(changes.len() * DIGEST_BYTES);
         let mut logged = Vec::new();
         let mut seen: HashSet<(&str, Vec<u8>)> = HashSet::new();
+        // Whether each table was announced STRICT, read once per batch: a
+        // session opened before another client announced it is checked by
+        // STRICT rules too.
+        let mut strict: HashMap<String, bool> = HashMap::new();
         let mut new_hwm = hwm;
         // Seqs increase, so every resend comes before the first new change:
         // a refused resend returns before anything of the batch is written.
@@ -600,7 +651,14 @@ impl HubStore for SqliteStore {
             new_hwm = new_hwm.max(ch.seq);
             let vals = encode_values(&ch.values);
             digests.extend_from_slice(&content_digest(&ch.table, ch.op, &pk, &vals));
-            let invalid = validate(ch, tables).err().or_else(|| {
+            if !strict.contains_key(&ch.table) {
+                let recorded: Option<bool> = tx
+                    .prepare_cached("SELECT strict FROM tables WHERE dataset = ?1 AND name = ?2")?
+                    .query_row(params![ds, ch.table], |r| r.get(0))
+                    .optional()?;
+                strict.insert(ch.table.clone(), recorded.unwrap_or(false));
+            }
+            let invalid = validate(ch, tables, |t| strict[t]).err().or_else(|| {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
                         InvalidReason::DuplicateRow,
@@ -792,6 +850,7 @@ mod tests {
             types: vec!["TEXT".into(), "BLOB".into()],
             pk: vec![0],
             fingerprint: String::new(),
+            strict: false,
         };
         HashMap::from([(t.name.clone(), t)])
     }
@@ -845,6 +904,7 @@ mod rule_tests {
             types: vec!["TEXT".into(), "TEXT".into()],
             pk: vec![0],
             fingerprint: String::new(),
+            strict: false,
         };
         HashMap::from([(t.name.clone(), t)])
     }
