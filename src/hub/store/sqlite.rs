@@ -1265,3 +1265,221 @@ mod rule_tests {
         assert!(store.claim_identity("ds", "c", "other").is_err());
     }
 }
+
+#[cfg(test)]
+mod type_tests {
+    //! Types at the door: key values by their column's affinity, values of
+    //! STRICT tables by their declared types, and who may register a table.
+
+    use super::*;
+
+    /// `people (id INTEGER PRIMARY KEY, email TEXT, n INTEGER)`, announced
+    /// STRICT when `strict`.
+    fn people(strict: bool) -> TableSchema {
+        let (columns, types): (Vec<String>, Vec<String>) =
+            [("id", "INTEGER"), ("email", "TEXT"), ("n", "INTEGER")]
+                .iter()
+                .map(|(c, t)| (c.to_string(), t.to_string()))
+                .unzip();
+        TableSchema {
+            name: "people".into(),
+            fingerprint: crate::local::schema::fingerprint("people", &columns, &types, &[0]),
+            columns,
+            types,
+            pk: vec![0],
+            strict,
+        }
+    }
+
+    fn tables(t: TableSchema) -> HashMap<String, TableSchema> {
+        HashMap::from([(t.name.clone(), t)])
+    }
+
+    fn row(seq: u64, id: Value, n: Value) -> Change {
+        Change {
+            seq,
+            table: "people".into(),
+            op: Op::Upsert,
+            pk: vec![id.clone()],
+            values: vec![id, Value::Text(format!("p{seq}@example.org")), n],
+            base: 0,
+            mask: u64::MAX,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        (dir, s)
+    }
+
+    /// The reason and message of an `invalid` outcome.
+    fn invalid(o: &Outcome) -> (InvalidReason, &str) {
+        match o {
+            Outcome::Invalid { reason, message } => (*reason, message),
+            o => panic!("expected invalid, got {o:?}"),
+        }
+    }
+
+    fn logged_keys(a: &Applied) -> Vec<Value> {
+        a.logged.iter().map(|e| e.change.pk[0].clone()).collect()
+    }
+
+    #[test]
+    fn a_key_value_its_column_would_convert_is_wrong_type_and_the_rest_of_the_batch_goes_on() {
+        let (_d, s) = store();
+        let t = tables(people(false));
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let text_42 = row(2, Value::Text("42".into()), Value::Integer(1));
+        let mut delete_text = row(4, Value::Text("7".into()), Value::Null);
+        delete_text.op = Op::Delete;
+        delete_text.values.clear();
+        let batch = [
+            row(1, Value::Integer(42), Value::Integer(1)),
+            text_42,
+            row(3, Value::Real(7.0), Value::Integer(1)),
+            delete_text,
+            row(5, Value::Integer(8), Value::Integer(1)),
+        ];
+        let a = s.apply_batch("ds", "c", &t, &batch, 0).unwrap();
+        let (reason, m) = invalid(&a.results[1].outcome);
+        assert_eq!(reason, InvalidReason::WrongType);
+        assert!(
+            m.contains("table \"people\", key column \"id\": a text value")
+                && m.contains("declared INTEGER"),
+            "{m}"
+        );
+        assert!(invalid(&a.results[2].outcome).1.contains("a real value"));
+        assert_eq!(invalid(&a.results[3].outcome).0, InvalidReason::WrongType);
+        // Only the integer keys were stored and will be pushed.
+        assert_eq!(logged_keys(&a), vec![Value::Integer(42), Value::Integer(8)]);
+        assert_eq!(s.head("ds").unwrap(), 2);
+        let page = s.changes_since("ds", 0, None, 100, 1 << 20).unwrap();
+        assert_eq!(page.changes.len(), 2);
+        // A resend is answered the same, from memory.
+        let again = s.apply_batch("ds", "c", &t, &batch, 0).unwrap();
+        assert_eq!(again.results, a.results);
+    }
+
+    #[test]
+    fn a_text_key_column_takes_no_number_so_42_and_the_text_42_never_alias() {
+        let (_d, s) = store();
+        let mut notes = people(false);
+        notes.types[0] = "TEXT".into();
+        notes.fingerprint =
+            crate::local::schema::fingerprint("people", &notes.columns, &notes.types, &[0]);
+        s.register_schema("ds", &[notes.clone()], true).unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "c",
+                &tables(notes),
+                &[
+                    row(1, Value::Text("42".into()), Value::Integer(1)),
+                    row(2, Value::Integer(42), Value::Integer(2)),
+                ],
+                0,
+            )
+            .unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+        let (reason, m) = invalid(&a.results[1].outcome);
+        assert_eq!(reason, InvalidReason::WrongType);
+        assert!(
+            m.contains("an integer value") && m.contains("TEXT affinity"),
+            "{m}"
+        );
+        assert_eq!(logged_keys(&a), vec![Value::Text("42".into())]);
+    }
+
+    #[test]
+    fn a_strict_table_refuses_a_value_of_another_type_for_every_client() {
+        let (_d, s) = store();
+        // The table is registered by a client that announced it STRICT; the
+        // uploading client's own description says nothing of it (an older
+        // daemon, or a device whose table is not STRICT).
+        s.register_schema("ds", &[people(true)], true).unwrap();
+        let loose = tables(people(false));
+        let batch = [
+            row(1, Value::Integer(1), Value::Text("three".into())),
+            row(2, Value::Integer(2), Value::Integer(2)),
+            row(3, Value::Integer(3), Value::Null),
+            row(4, Value::Integer(4), Value::Real(4.0)),
+        ];
+        let a = s.apply_batch("ds", "c", &loose, &batch, 0).unwrap();
+        let (reason, m) = invalid(&a.results[0].outcome);
+        assert_eq!(reason, InvalidReason::WrongType);
+        assert_eq!(
+            m,
+            "table \"people\", column \"n\": a text value cannot be stored in a column declared INTEGER of a STRICT table; the devices' SQLite would refuse it"
+        );
+        assert!(matches!(a.results[1].outcome, Outcome::Applied { .. }));
+        assert!(matches!(a.results[2].outcome, Outcome::Applied { .. }));
+        assert_eq!(invalid(&a.results[3].outcome).0, InvalidReason::WrongType);
+        assert_eq!(logged_keys(&a), vec![Value::Integer(2), Value::Integer(3)]);
+    }
+
+    #[test]
+    fn a_table_not_announced_strict_takes_any_value_type_outside_its_key() {
+        let (_d, s) = store();
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "c",
+                &tables(people(false)),
+                &[row(1, Value::Integer(1), Value::Text("three".into()))],
+                0,
+            )
+            .unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+    }
+
+    #[test]
+    fn a_read_write_client_announcing_strict_makes_the_table_strict_for_good() {
+        let (_d, s) = store();
+        let loose = tables(people(false));
+        let bad = |seq| row(seq, Value::Integer(seq as i64), Value::Text("x".into()));
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(1)], 0).unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+        // A read_only client's word does not change the table.
+        s.register_schema("ds", &[people(true)], false).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(2)], 0).unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+        // A read_write one does, for the session already open too.
+        s.register_schema("ds", &[people(true)], true).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(3)], 0).unwrap();
+        assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
+        // A later client without STRICT does not undo it.
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(4)], 0).unwrap();
+        assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
+    }
+
+    #[test]
+    fn a_read_only_client_registers_nothing_and_syncs_only_registered_tables() {
+        let (_d, s) = store();
+        // A poisoned schema: same table, another key.
+        let mut poison = people(false);
+        poison.pk = vec![1];
+        poison.fingerprint =
+            crate::local::schema::fingerprint("people", &poison.columns, &poison.types, &[1]);
+        let e = s
+            .register_schema("ds", &[poison.clone()], false)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NotRegistered { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("table \"people\" of dataset \"ds\" is not registered")
+                && m.contains("read_only token cannot register")
+                && m.contains("read_write token"),
+            "{m}"
+        );
+        // Nothing was recorded: the legitimate schema registers, and the
+        // read_only client is then welcome with it but not with its own.
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        s.register_schema("ds", &[people(false)], false).unwrap();
+        let e = s.register_schema("ds", &[poison], false).unwrap_err();
+        assert!(matches!(e, StoreError::SchemaMismatch { .. }), "{e:?}");
+    }
+}
