@@ -97,7 +97,8 @@ pub fn kind(v: &Value) -> &'static str {
 /// it; -0.0 is one of them, equal to 0).
 fn real_equals_no_integer(f: f64) -> bool {
     const TWO_63: f64 = 9_223_372_036_854_775_808.0;
-    !f.is_nan() && !(f.fract() == 0.0 && (-TWO_63..TWO_63).contains(&f))
+    let whole_in_range = f.fract() == 0.0 && (-TWO_63..TWO_63).contains(&f);
+    !(f.is_nan() || whole_in_range)
 }
 
 /// Whether a key column of this affinity takes `v` (never NULL: a NULL key
@@ -107,7 +108,10 @@ pub fn key_fits(v: &Value, affinity: Affinity) -> bool {
         (_, Value::Null) => false,
         (Affinity::Integer, Value::Integer(_)) => true,
         (Affinity::Text, Value::Text(_) | Value::Blob(_)) => true,
-        (Affinity::Real, Value::Real(f)) => !f.is_nan() && !(*f == 0.0 && f.is_sign_negative()),
+        (Affinity::Real, Value::Real(f)) => {
+            let minus_zero = *f == 0.0 && f.is_sign_negative();
+            !(f.is_nan() || minus_zero)
+        }
         (Affinity::Numeric, Value::Integer(_) | Value::Blob(_)) => true,
         (Affinity::Numeric | Affinity::Blob, Value::Real(f)) => real_equals_no_integer(*f),
         (Affinity::Blob, Value::Integer(_) | Value::Text(_) | Value::Blob(_)) => true,
