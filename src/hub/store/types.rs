@@ -148,15 +148,21 @@ pub fn is_strict_type(declared: &str) -> bool {
 /// the declared type, or anything for ANY; never a NaN, which SQLite stores
 /// as NULL. A type that is not a STRICT type takes anything.
 pub fn strict_fits(v: &Value, declared: &str) -> bool {
-    match (declared.trim().to_ascii_uppercase().as_str(), v) {
-        (_, Value::Null) => true,
-        (_, Value::Real(f)) if f.is_nan() => false,
-        ("INT" | "INTEGER", Value::Integer(_)) => true,
-        ("REAL", Value::Real(_)) => true,
-        ("TEXT", Value::Text(_)) => true,
-        ("BLOB", Value::Blob(_)) => true,
-        ("INT" | "INTEGER" | "REAL" | "TEXT" | "BLOB", _) => false,
-        _ => true,
+    let d = declared.trim();
+    let is = |t: &str| d.eq_ignore_ascii_case(t);
+    let (int, real, text, blob) = (
+        is("INT") || is("INTEGER"),
+        is("REAL"),
+        is("TEXT"),
+        is("BLOB"),
+    );
+    match v {
+        Value::Null => true,
+        Value::Real(f) if f.is_nan() => false,
+        Value::Integer(_) => !(real || text || blob),
+        Value::Real(_) => !(int || text || blob),
+        Value::Text(_) => !(int || real || blob),
+        Value::Blob(_) => !(int || real || text),
     }
 }
 
