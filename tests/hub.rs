@@ -87,7 +87,14 @@ async fn wrong_missing_or_out_of_scope_tokens_are_refused() {
         raw_recv(&mut ws).await.is_none(),
         "connection closed after a fatal error"
     );
-    // A read-only token may download; its uploads are refused, never applied.
+    // A read-only token may download (once a read_write client registered
+    // the table); its uploads are refused, never applied.
+    let mut reg = raw_connect(&url, Some(&full), Some("other")).await.unwrap();
+    raw_send(&mut reg, proto::encode(&notes_hello("other", "registrar"))).await;
+    assert!(matches!(
+        raw_recv(&mut reg).await,
+        Some(HubFrame::Welcome(_))
+    ));
     let mut ws = raw_connect(&url, Some(&other_only), Some("other"))
         .await
         .unwrap();
@@ -130,7 +137,6 @@ async fn wrong_missing_or_out_of_scope_tokens_are_refused() {
     let err = status(&d, "db").last_error.unwrap();
     assert!(err.contains("401") && err.contains("token"), "{err}");
     d.stop().await;
-    drop(full);
     hub.stop().await;
 }
 
@@ -474,6 +480,8 @@ async fn a_client_that_never_reads_is_dropped_while_others_keep_being_served() {
     let read_timeout = std::time::Duration::from_secs(2);
     let (hub, rw, ro) = hub_for_limits(dir.path(), read_timeout).await;
     let url = hub.url();
+    // A read_write client registers the table; a read_only one may not.
+    drop(session_at(&url, &rw, &hello("registrar", false)).await);
     // The reader that never reads: hello, then only pings (it is alive).
     let mut idle = raw_connect(&url, Some(&ro), Some("db")).await.unwrap();
     raw_send(&mut idle, proto::encode(&hello("idle", false))).await;
@@ -942,4 +950,369 @@ async fn a_second_connection_of_one_identity_replaces_the_first() {
         matches!(got[..], [Outcome::Applied { version: 2 }]),
         "{got:?}"
     );
+}
+
+const PEOPLE: &str = "CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT, n INTEGER)";
+const PEOPLE_STRICT: &str =
+    "CREATE TABLE people (id INTEGER PRIMARY KEY, email TEXT, n INTEGER) STRICT";
+const TAGS: &str = "CREATE TABLE tags (name TEXT PRIMARY KEY, n INTEGER)";
+
+/// A table's description as a daemon announces it.
+fn schema(name: &str, cols: &[(&str, &str)], strict: bool) -> proto::TableSchema {
+    let (columns, types): (Vec<String>, Vec<String>) = cols
+        .iter()
+        .map(|(c, t)| (c.to_string(), t.to_string()))
+        .unzip();
+    proto::TableSchema {
+        name: name.into(),
+        fingerprint: tether::local::schema::fingerprint(name, &columns, &types, &[0]),
+        columns,
+        types,
+        pk: vec![0],
+        strict,
+    }
+}
+
+fn people_schema(strict: bool) -> proto::TableSchema {
+    schema(
+        "people",
+        &[("id", "INTEGER"), ("email", "TEXT"), ("n", "INTEGER")],
+        strict,
+    )
+}
+
+/// A hello of `client` on dataset `db` for these tables.
+fn hello_for(client: &str, tables: Vec<proto::TableSchema>) -> ClientFrame {
+    let mut h = notes_hello("db", client);
+    if let ClientFrame::Hello(h) = &mut h {
+        h.tables = tables;
+    }
+    h
+}
+
+/// An upsert of a row of `table` whose key is `key`, with `rest` after it.
+fn row_of(seq: u64, table: &str, key: Value, rest: Vec<Value>) -> Change {
+    let mut values = vec![key.clone()];
+    values.extend(rest);
+    Change {
+        seq,
+        table: table.into(),
+        op: Op::Upsert,
+        pk: vec![key],
+        values,
+        base: 0,
+        mask: u64::MAX,
+    }
+}
+
+fn person(seq: u64, id: Value, email: &str, n: Value) -> Change {
+    row_of(seq, "people", id, vec![Value::Text(email.into()), n])
+}
+
+/// The message of a `wrong_type` answer.
+fn wrong_type(o: &Outcome) -> &str {
+    match o {
+        Outcome::Invalid { reason, message } => {
+            assert_eq!(*reason, InvalidReason::WrongType, "{message}");
+            message
+        }
+        other => panic!("expected wrong_type, got {other:?}"),
+    }
+}
+
+/// The hub's changes a device's database refused and holds.
+fn held_rows(c: &rusqlite::Connection) -> Vec<String> {
+    c.prepare("SELECT tbl || ': ' || reason FROM _tether_held")
+        .unwrap()
+        .query_map([], |r| r.get(0))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap()
+}
+
+/// Key values in the hub's log, with their SQLite type, as text.
+fn hub_keys(world: &World) -> Vec<String> {
+    let c = rusqlite::Connection::open(world.path("hub.db")).unwrap();
+    c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
+    let mut st = c.prepare("SELECT tbl, pk FROM log_1 ORDER BY seq").unwrap();
+    st.query_map([], |r| {
+        let (t, pk): (String, Vec<u8>) = (r.get(0)?, r.get(1)?);
+        Ok(format!("{t} {:?}", proto::decode_key(&pk).unwrap()))
+    })
+    .unwrap()
+    .collect::<Result<_, _>>()
+    .unwrap()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_key_of_another_type_with_the_same_digits_is_refused_and_devices_keep_their_rows() {
+    let world = World::new(&[("db", &["people", "tags"])]).await;
+    let schema_sql = format!("{PEOPLE}; {TAGS}");
+    let a = app(&world.path("a.db"), &schema_sql);
+    let b = app(&world.path("b.db"), &schema_sql);
+    let da = world.daemon_for("a.db", &["people", "tags"], ConflictPolicy::ServerWins);
+    let db = world.daemon_for("b.db", &["people", "tags"], ConflictPolicy::ServerWins);
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+    a.execute_batch(
+        "INSERT INTO people VALUES (42, 'ann@example.org', 1);
+         INSERT INTO tags VALUES ('42', 1);",
+    )
+    .unwrap();
+    wait_until("A's rows on B", || {
+        count(&b, "people") == 1 && count(&b, "tags") == 1
+    })
+    .await;
+
+    // The attacker's keys name the same rows on every device (SQLite turns
+    // '42' into 42 in an INTEGER key, 42 into '42' in a TEXT key, and finds
+    // 42.0 equal to 42), but other rows on the hub.
+    let tags = schema("tags", &[("name", "TEXT"), ("n", "INTEGER")], false);
+    let (mut evil, _) = session_with(
+        &world,
+        &hello_for("mallory", vec![people_schema(false), tags]),
+    )
+    .await;
+    let mut delete = person(3, Value::Text("42".into()), "", Value::Null);
+    delete.op = Op::Delete;
+    delete.values.clear();
+    let got = upload_answered(
+        &mut evil,
+        1,
+        vec![
+            person(
+                1,
+                Value::Text("42".into()),
+                "evil@example.org",
+                Value::Integer(66),
+            ),
+            person(2, Value::Real(42.0), "evil@example.org", Value::Integer(66)),
+            delete,
+            row_of(4, "tags", Value::Integer(42), vec![Value::Integer(66)]),
+            person(5, Value::Integer(43), "bob@example.org", Value::Integer(2)),
+        ],
+    )
+    .await;
+    let m = wrong_type(&got[0]);
+    assert!(
+        m.contains("table \"people\", key column \"id\": a text value")
+            && m.contains("declared INTEGER"),
+        "{m}"
+    );
+    assert!(wrong_type(&got[1]).contains("a real value"));
+    wrong_type(&got[2]);
+    let m = wrong_type(&got[3]);
+    assert!(
+        m.contains("table \"tags\", key column \"name\": an integer value")
+            && m.contains("declared TEXT"),
+        "{m}"
+    );
+    // The rest of the batch went on.
+    assert!(matches!(got[4], Outcome::Applied { .. }), "{got:?}");
+
+    // Every device holds the right rows, and keeps syncing.
+    wait_until("row 43 on A and B", || {
+        count(&a, "people") == 2 && count(&b, "people") == 2
+    })
+    .await;
+    a.execute("UPDATE people SET n = 3 WHERE id = 42", [])
+        .unwrap();
+    wait_until("the update on B", || {
+        dump(&b, "people")[0] == dump(&a, "people")[0]
+    })
+    .await;
+    for c in [&a, &b] {
+        assert_eq!(
+            dump(c, "people"),
+            vec![
+                "Integer(42)|Text(\"ann@example.org\")|Integer(3)",
+                "Integer(43)|Text(\"bob@example.org\")|Integer(2)",
+            ]
+        );
+        assert_eq!(dump(c, "tags"), vec!["Text(\"42\")|Integer(1)"]);
+        assert!(held_rows(c).is_empty(), "{:?}", held_rows(c));
+    }
+    assert_eq!(
+        hub_keys(&world),
+        vec![
+            "people [Integer(42)]",
+            "tags [Text(\"42\")]",
+            "people [Integer(43)]",
+            "people [Integer(42)]",
+        ]
+    );
+    da.stop().await;
+    db.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_value_a_strict_table_refuses_is_refused_at_the_hub_and_held_by_no_device() {
+    let world = World::new(&[("db", &["people"])]).await;
+    let a = app(&world.path("a.db"), PEOPLE_STRICT);
+    let b = app(&world.path("b.db"), PEOPLE_STRICT);
+    let da = world.daemon_for("a.db", &["people"], ConflictPolicy::ServerWins);
+    let db = world.daemon_for("b.db", &["people"], ConflictPolicy::ServerWins);
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+
+    // A table announced STRICT must declare STRICT types.
+    let mut odd = people_schema(true);
+    odd.types[1] = "VARCHAR(80)".into();
+    odd.fingerprint =
+        tether::local::schema::fingerprint("people", &odd.columns, &odd.types, &odd.pk);
+    let mut ws = raw_connect(&world.url(), Some(&world.token), Some("db"))
+        .await
+        .unwrap();
+    raw_send(&mut ws, proto::encode(&hello_for("odd", vec![odd]))).await;
+    let m = refused_with(&mut ws, ErrorCode::MalformedFrame).await;
+    assert!(m.contains("STRICT") && m.contains("\"VARCHAR(80)\""), "{m}");
+
+    // The attacker does not say STRICT: the hub knows it from the devices.
+    let (mut evil, _) =
+        session_with(&world, &hello_for("mallory", vec![people_schema(false)])).await;
+    let got = upload_answered(
+        &mut evil,
+        1,
+        vec![
+            person(
+                1,
+                Value::Integer(7),
+                "evil@example.org",
+                Value::Text("three".into()),
+            ),
+            person(2, Value::Integer(8), "ok@example.org", Value::Integer(8)),
+        ],
+    )
+    .await;
+    assert_eq!(
+        wrong_type(&got[0]),
+        "table \"people\", column \"n\": a text value cannot be stored in a column declared INTEGER of a STRICT table; the devices' SQLite would refuse it"
+    );
+    assert!(matches!(got[1], Outcome::Applied { .. }), "{got:?}");
+    // Row 8 came after row 7 in the batch: had row 7 been pushed, it would
+    // have reached the devices first.
+    wait_until("row 8 on A and B", || {
+        count(&a, "people") == 1 && count(&b, "people") == 1
+    })
+    .await;
+    b.execute("INSERT INTO people VALUES (9, 'cy@example.org', 9)", [])
+        .unwrap();
+    wait_converged(&a, &b, "people").await;
+    for (c, d) in [(&a, &da), (&b, &db)] {
+        assert!(held_rows(c).is_empty(), "{:?}", held_rows(c));
+        assert_eq!(status(d, "db").held_changes, 0);
+    }
+    assert_eq!(count(&a, "people"), 2);
+    da.stop().await;
+    db.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_loose_devices_value_that_a_strict_device_refuses_is_refused_at_the_hub_not_held() {
+    // Same columns, types and key (same fingerprint): A's table is not
+    // STRICT, B's is. B announced it STRICT, so the hub refuses for every
+    // client what B's SQLite would refuse.
+    let world = World::new(&[("db", &["people"])]).await;
+    let a = app(&world.path("a.db"), PEOPLE);
+    let b = app(&world.path("b.db"), PEOPLE_STRICT);
+    let da = world.daemon_for("a.db", &["people"], ConflictPolicy::ServerWins);
+    let db = world.daemon_for("b.db", &["people"], ConflictPolicy::ServerWins);
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+    a.execute_batch(
+        "INSERT INTO people VALUES (3, 'bob@example.org', 'three');
+         INSERT INTO people VALUES (4, 'cy@example.org', 4);",
+    )
+    .unwrap();
+    wait_until("row 4 on B", || count(&b, "people") == 1).await;
+    wait_idle(&da, "db").await;
+    // A keeps its row and is told why the hub refused it.
+    let rejected: Vec<(String, String)> = a
+        .prepare("SELECT reason, message FROM _tether_rejected")
+        .unwrap()
+        .query_map([], |r| Ok((r.get(0)?, r.get(1)?)))
+        .unwrap()
+        .collect::<Result<_, _>>()
+        .unwrap();
+    assert_eq!(rejected.len(), 1, "{rejected:?}");
+    assert_eq!(rejected[0].0, "wrong_type");
+    assert!(
+        rejected[0].1.contains("column \"n\": a text value") && rejected[0].1.contains("STRICT"),
+        "{rejected:?}"
+    );
+    assert!(held_rows(&b).is_empty(), "{:?}", held_rows(&b));
+    assert_eq!(status(&db, "db").held_changes, 0);
+    // Writes keep flowing both ways.
+    b.execute("INSERT INTO people VALUES (5, 'dee@example.org', 5)", [])
+        .unwrap();
+    wait_until("row 5 on A", || count(&a, "people") == 3).await;
+    da.stop().await;
+    db.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_read_only_token_cannot_register_a_schema_and_lock_devices_out() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, ro) = hub_for_limits(dir.path(), std::time::Duration::from_secs(60)).await;
+    let url = hub.url();
+    // The schema of a table no client registered yet, with another key.
+    let poisoned = || {
+        let mut t = schema(
+            "notes",
+            &[
+                ("id", "TEXT"),
+                ("title", "TEXT"),
+                ("body", "TEXT"),
+                ("n", "INTEGER"),
+            ],
+            false,
+        );
+        t.pk = vec![3];
+        t.fingerprint = tether::local::schema::fingerprint("notes", &t.columns, &t.types, &t.pk);
+        hello_for("mallory", vec![t])
+    };
+    let mut ws = raw_connect(&url, Some(&ro), Some("db")).await.unwrap();
+    raw_send(&mut ws, proto::encode(&poisoned())).await;
+    let m = refused_with(&mut ws, ErrorCode::Forbidden).await;
+    assert!(
+        m.contains("table \"notes\" of dataset \"db\" is not registered")
+            && m.contains("read_only token cannot register")
+            && m.contains("read_write token"),
+        "{m}"
+    );
+    // The legitimate devices register the table and sync.
+    let path = |f: &str| dir.path().join(f);
+    let (a, b) = (app(&path("a.db"), NOTES), app(&path("b.db"), NOTES));
+    let daemon = |f: &str| {
+        tether::embedded::EmbeddedDaemon::start(
+            &url,
+            &rw,
+            vec![tether::embedded::database(
+                "db",
+                path(f),
+                &["notes"],
+                ConflictPolicy::ServerWins,
+            )],
+        )
+    };
+    let (da, db) = (daemon("a.db"), daemon("b.db"));
+    da.wait_connected(DEADLINE).await.unwrap();
+    db.wait_connected(DEADLINE).await.unwrap();
+    a.execute("INSERT INTO notes VALUES ('one', 't', 'b', 1)", [])
+        .unwrap();
+    wait_converged(&a, &b, "notes").await;
+    assert_eq!(count(&b, "notes"), 1);
+    // From now on the poisoned schema is a mismatch, and the registered one
+    // is welcome to download.
+    let mut ws = raw_connect(&url, Some(&ro), Some("db")).await.unwrap();
+    raw_send(&mut ws, proto::encode(&poisoned())).await;
+    refused_with(&mut ws, ErrorCode::SchemaMismatch).await;
+    let mut reader = session_at(&url, &ro, &hello("reader", false)).await;
+    b.execute("INSERT INTO notes VALUES ('two', 't', 'b', 2)", [])
+        .unwrap();
+    receives_row(&mut reader, "two").await;
+    wait_converged(&a, &b, "notes").await;
+    da.stop().await;
+    db.stop().await;
+    hub.stop().await;
 }

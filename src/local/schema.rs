@@ -66,6 +66,9 @@ pub struct Table {
     pub types: Vec<String>,
     /// Column indexes of the key, in key order.
     pub pk: Vec<usize>,
+    /// Declared `STRICT`: SQLite refuses values of another type than the
+    /// declared one (announced in `hello`, so the hub refuses them too).
+    pub strict: bool,
 }
 
 impl Table {
@@ -112,6 +115,13 @@ impl Table {
             });
         }
         pk.sort();
+        let strict: i64 = conn
+            .query_row(
+                "SELECT coalesce(max(strict), 0) FROM pragma_table_list(?1)",
+                [name],
+                |r| r.get(0),
+            )
+            .map_err(sql_err)?;
         if pk.len() > MAX_KEY_COLUMNS {
             return Err(SchemaError::KeyTooWide {
                 db: db.into(),
@@ -125,6 +135,7 @@ impl Table {
             columns: rows.iter().map(|r| r.0.clone()).collect(),
             types: rows.iter().map(|r| r.1.to_uppercase()).collect(),
             pk: pk.into_iter().map(|(_, i)| i).collect(),
+            strict: strict != 0,
         })
     }
 
@@ -137,6 +148,7 @@ impl Table {
             types: self.types.clone(),
             fingerprint: fingerprint(&self.name, &self.columns, &self.types, &pk),
             pk,
+            strict: self.strict,
         }
     }
 
@@ -287,3 +299,25 @@ CREATE TABLE IF NOT EXISTS _tether_deferred (tbl TEXT NOT NULL, pk BLOB NOT NULL
 CREATE TABLE IF NOT EXISTS _tether_rejected (id INTEGER PRIMARY KEY, seq INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, reason TEXT NOT NULL, message TEXT NOT NULL, at INTEGER NOT NULL);
 CREATE TABLE IF NOT EXISTS _tether_held (tbl TEXT NOT NULL, pk BLOB NOT NULL, version INTEGER NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, reason TEXT NOT NULL, since INTEGER NOT NULL, attempts INTEGER NOT NULL, PRIMARY KEY (tbl, pk));
 ";
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn a_strict_table_is_announced_strict_with_the_fingerprint_of_its_loose_twin() {
+        let c = rusqlite::Connection::open_in_memory().unwrap();
+        c.execute_batch(
+            "CREATE TABLE loose (id INTEGER PRIMARY KEY, n INTEGER);
+             CREATE TABLE tight (id INTEGER PRIMARY KEY, n INTEGER) STRICT;",
+        )
+        .unwrap();
+        let loose = Table::introspect(&c, "mem", "loose").unwrap().wire_schema();
+        let tight = Table::introspect(&c, "mem", "tight").unwrap().wire_schema();
+        assert!(!loose.strict && tight.strict);
+        assert_eq!(
+            tight.fingerprint,
+            fingerprint("tight", &loose.columns, &loose.types, &loose.pk)
+        );
+    }
+}

@@ -120,7 +120,15 @@ pub struct TableSchema {
     /// Indexes into `columns` of the primary key, in key order.
     pub pk: Vec<u32>,
     /// Lowercase hex SHA-256 of the canonical schema text; see PROTOCOL.md.
+    /// STRICT is not part of it: devices whose tables differ only in
+    /// STRICT sync the same table.
     pub fingerprint: String,
+    /// The table is STRICT on this device (`CREATE TABLE ... STRICT`): its
+    /// SQLite refuses a value whose type differs from the declared one.
+    /// Once a read_write client announced a table STRICT, the hub refuses
+    /// such values for every client (`wrong_type`). Absent means false.
+    #[serde(default, skip_serializing_if = "std::ops::Not::not")]
+    pub strict: bool,
 }
 
 /// What a change does to a row.
@@ -249,6 +257,11 @@ pub enum InvalidReason {
     /// The change is larger than [`super::MAX_CHANGE_BYTES`]: no frame could
     /// carry it to the other devices.
     TooLarge,
+    /// A value's type does not fit its column: a key value the key column's
+    /// type affinity would convert (or that would equal another key on the
+    /// devices), or, in a STRICT table, a value of another type than the
+    /// declared one. Every device would store it differently or refuse it.
+    WrongType,
 }
 
 impl InvalidReason {
@@ -259,6 +272,7 @@ impl InvalidReason {
             InvalidReason::WrongKey => "wrong_key",
             InvalidReason::DuplicateRow => "duplicate_row",
             InvalidReason::TooLarge => "too_large",
+            InvalidReason::WrongType => "wrong_type",
         }
     }
 }

@@ -363,6 +363,7 @@ pub fn notes_hello(dataset: &str, client: &str) -> tether::proto::ClientFrame {
             columns: cols,
             types,
             pk: vec![0],
+            strict: false,
         }],
         echo_own: false,
         subscribe: true,

@@ -53,6 +53,29 @@ pub fn frames() -> Vec<(&'static str, Frame)> {
             ],
             &[0],
         ),
+        strict: false,
+    };
+    // A STRICT table: `strict` is sent, the fingerprint is that of the same
+    // table without STRICT.
+    let strict_schema = TableSchema {
+        name: "people".into(),
+        columns: vec!["id".into(), "n".into()],
+        types: vec!["INTEGER".into(), "INT".into()],
+        pk: vec![0],
+        fingerprint: tether::local::schema::fingerprint(
+            "people",
+            &["id".into(), "n".into()],
+            &["INTEGER".into(), "INT".into()],
+            &[0],
+        ),
+        strict: true,
+    };
+    let wrong_type = ChangeResult {
+        seq: 12,
+        outcome: Outcome::Invalid {
+            reason: InvalidReason::WrongType,
+            message: "table \"people\", column \"n\": a text value cannot be stored in a column declared INT of a STRICT table".into(),
+        },
     };
     let server = ServerRow {
         version: 9,
@@ -92,6 +115,19 @@ pub fn frames() -> Vec<(&'static str, Frame)> {
                     version: 40,
                     digest: "6a1f0c55e2b34d7c9e8f1a2b3c4d5e6f".into(),
                 }),
+            })),
+        ),
+        (
+            "hello_strict_table",
+            Frame::Client(ClientFrame::Hello(Hello {
+                protocol: PROTOCOL_VERSION,
+                client_id: "6f1c0c1e-4d0a-4c59-9a3e-0c5d1b2a9f10".into(),
+                client_key: "0d3f6a8e2b9c41d7a5e0f2c4b6d8e1a3".into(),
+                dataset: "people".into(),
+                cursor: 0,
+                tables: vec![strict_schema],
+                echo_own: false,
+                subscribe: true,
             })),
         ),
         (
@@ -201,6 +237,15 @@ pub fn frames() -> Vec<(&'static str, Frame)> {
                     },
                 }]),
                 more: true,
+            })),
+        ),
+        (
+            "upload_result_wrong_type",
+            Frame::Hub(HubFrame::UploadResult(UploadResult {
+                batch: 6,
+                summary: UploadSummary::of(std::slice::from_ref(&wrong_type)),
+                results: vec![wrong_type],
+                more: false,
             })),
         ),
         (

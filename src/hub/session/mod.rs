@@ -20,6 +20,7 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Grant;
+use super::store::types::{is_strict_type, STRICT_TYPES};
 use super::store::StoreError;
 use super::stream::HubStream;
 use super::HubInner;
@@ -28,7 +29,7 @@ use crate::http::Prefixed;
 use crate::local::schema::fingerprint;
 use crate::metrics::StoreOp;
 use crate::proto::{
-    self, ClientFrame, ErrorCode, ErrorFrame, Hello, HubFrame, TableSchema, Welcome,
+    self, Access, ClientFrame, ErrorCode, ErrorFrame, Hello, HubFrame, TableSchema, Welcome,
     DATASET_HEADER, MAX_FRAME_BYTES, PROTOCOL_VERSION,
 };
 use machine::{Machine, Params, Refusal};
@@ -49,6 +50,7 @@ impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         let code = match e {
             StoreError::SchemaMismatch { .. } => ErrorCode::SchemaMismatch,
+            StoreError::NotRegistered { .. } => ErrorCode::Forbidden,
             StoreError::IdentityRefused { .. } => ErrorCode::IdentityRefused,
             StoreError::IdentityConflict(_) => ErrorCode::IdentityConflict,
             StoreError::BadSequence(_) => ErrorCode::BadSequence,
@@ -232,6 +234,9 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
     );
     let key = hello.client_key.clone();
     let (cursor, anchor) = (hello.cursor, hello.anchor.clone());
+    // Only a read_write token registers tables (or marks them STRICT): a
+    // read_only one cannot fix the schema legitimate devices must match.
+    let may_register = grant.access == Access::ReadWrite;
     let t0 = std::time::Instant::now();
     let (head, client_seq, diverged) = blocking(move || {
         let head = store.head(&ds)?;
@@ -239,7 +244,7 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         if diverged.is_some() {
             return Ok((head, 0, diverged));
         }
-        store.register_schema(&ds, &tables)?;
+        store.register_schema(&ds, &tables, may_register)?;
         let client_seq = store.claim_identity(&ds, &client, &key)?;
         Ok((head, client_seq, None))
     })
@@ -380,6 +385,21 @@ fn check_hello(inner: &HubInner, hello: &Hello, grant: &Grant) -> Result<(), Ref
                 format!(
                     "table {:?}: schema description is inconsistent with its fingerprint",
                     t.name
+                ),
+            ));
+        }
+        if let Some((c, ty)) = t
+            .columns
+            .iter()
+            .zip(&t.types)
+            .find(|(_, ty)| t.strict && !is_strict_type(ty))
+        {
+            return Err(Refusal::new(
+                ErrorCode::MalformedFrame,
+                format!(
+                    "table {:?} is announced STRICT but column {c:?} is declared {ty:?}; a STRICT table declares each column {}",
+                    t.name,
+                    STRICT_TYPES.join(", ")
                 ),
             ));
         }

@@ -6,6 +6,7 @@
 //! inside each implementation; [`sqlite::SqliteStore`] is the embedded one.
 
 pub mod sqlite;
+pub mod types;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -47,6 +48,10 @@ pub enum StoreError {
         got: String,
         want: String,
     },
+    /// A read_only token's `hello` named a table the dataset has not
+    /// registered: only read_write clients register tables.
+    #[error("table {table:?} of dataset {dataset:?} is not registered on the hub yet, and a read_only token cannot register a table (it may sync only tables a read_write client registered); connect a device with a read_write token that syncs {table:?} first, or remove the table from this device's `tables`")]
+    NotRegistered { dataset: String, table: String },
     /// `hello` carried another key than the one recorded for the client id
     /// (or none while one is recorded).
     #[error("client id {client:?} of dataset {dataset:?} belongs to another device: this connection did not present the key of the device that created the identity. If this database file is a copy of another device's, tether gives it a new identity by itself; otherwise check which other device or program uses this client id")]
@@ -72,8 +77,18 @@ impl From<rusqlite::Error> for StoreError {
 /// Storage behind the hub.
 pub trait HubStore: Send + Sync + 'static {
     /// Records each table's schema the first time it is seen in a dataset and
-    /// refuses a table whose fingerprint differs from the recorded one.
-    fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError>;
+    /// refuses a table whose fingerprint differs from the recorded one. Only
+    /// when `may_register` (a read_write token): a table the dataset has not
+    /// registered yet is recorded, and a table announced STRICT is recorded
+    /// STRICT for good (its values are then checked by STRICT rules, see
+    /// [`HubStore::apply_batch`]); otherwise an unregistered table is
+    /// [`StoreError::NotRegistered`] and nothing is recorded.
+    fn register_schema(
+        &self,
+        dataset: &str,
+        tables: &[TableSchema],
+        may_register: bool,
+    ) -> Result<(), StoreError>;
 
     /// Last sequence number of the dataset (0 when empty).
     fn head(&self, dataset: &str) -> Result<u64, StoreError>;
@@ -106,6 +121,12 @@ pub trait HubStore: Send + Sync + 'static {
     ///   resend only if remembered with the same content (table, op, key,
     ///   values); it is answered as the first time and not applied again.
     ///   Other content, or a seq not remembered: `IdentityConflict`.
+    ///
+    /// Each new change is then validated (answered `invalid`, never stored,
+    /// the rest of the batch going on): shape, size, and types: key values
+    /// must fit the key columns' affinity (see [`types::key_refusal`]), and
+    /// in a table recorded STRICT every value its declared type
+    /// ([`types::strict_refusal`]).
     ///
     /// Answers of changes up to the acked mark may be forgotten.
     fn apply_batch(

@@ -10,7 +10,7 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
-use super::{Applied, HubStore, LogEntry, Page, StoreError};
+use super::{types, Applied, HubStore, LogEntry, Page, StoreError};
 use crate::proto::{
     decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
     Outcome, RemoteChange, ServerRow, TableSchema, Value, MAX_CHANGE_BYTES, MAX_SEQ, MAX_SEQ_JUMP,
@@ -21,6 +21,10 @@ use crate::proto::{
 /// and `rows_<id>` (per row: current version, tombstone flag and last writer;
 /// the row's values are those of its log entry at `version`).
 ///
+/// `tables`: per table of a dataset, the fingerprint of its schema and
+/// whether a read_write client announced it STRICT (its values are then
+/// checked by STRICT rules for every client).
+///
 /// `clients`: per client, its high-water mark `last_seq`, its `acked` mark
 /// (answers up to it were processed) and `key_hash`, the SHA-256 of the key
 /// that claimed the id (NULL: none yet). `client_batches`: the remembered
@@ -29,7 +33,7 @@ use crate::proto::{
 /// rows written by hubs older than digests).
 const SCHEMA: &str = "
 CREATE TABLE IF NOT EXISTS datasets (id INTEGER PRIMARY KEY, name TEXT NOT NULL UNIQUE, head INTEGER NOT NULL DEFAULT 0);
-CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, PRIMARY KEY (dataset, name));
+CREATE TABLE IF NOT EXISTS tables (dataset INTEGER NOT NULL, name TEXT NOT NULL, fingerprint TEXT NOT NULL, strict INTEGER NOT NULL DEFAULT 0, PRIMARY KEY (dataset, name));
 CREATE TABLE IF NOT EXISTS clients (no INTEGER PRIMARY KEY, dataset INTEGER NOT NULL, client TEXT NOT NULL, last_seq INTEGER NOT NULL DEFAULT 0, acked INTEGER NOT NULL DEFAULT 0, key_hash BLOB, UNIQUE (dataset, client));
 CREATE TABLE IF NOT EXISTS client_batches (client_no INTEGER NOT NULL, first INTEGER NOT NULL, last INTEGER NOT NULL, results BLOB NOT NULL, digests BLOB, PRIMARY KEY (client_no, first));
 ";
@@ -40,6 +44,7 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("clients", "acked", "INTEGER NOT NULL DEFAULT 0"),
     ("clients", "key_hash", "BLOB"),
     ("client_batches", "digests", "BLOB"),
+    ("tables", "strict", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a store made by an older hub lacks.
@@ -291,10 +296,13 @@ fn conflict_result(
     })
 }
 
-/// Checks a change against the table's declared shape.
+/// Checks a change against the table's declared shape and types: the key
+/// values against the key columns' affinity, and, when the table is
+/// `strict`, every value against its declared type.
 fn validate(
     change: &Change,
     tables: &HashMap<String, TableSchema>,
+    strict: impl FnOnce(&str) -> bool,
 ) -> Result<(), (InvalidReason, String)> {
     let Some(t) = tables.get(&change.table) else {
         return Err((
@@ -366,6 +374,26 @@ fn validate(
             format!("table {:?}: a key value is NULL", change.table),
         ));
     }
+    let wrong_type = |message| Err((InvalidReason::WrongType, message));
+    for (k, &col) in change.pk.iter().zip(&t.pk) {
+        let (column, declared) = (&t.columns[col as usize], &t.types[col as usize]);
+        if let Some(m) = types::key_refusal(&change.table, column, declared, k) {
+            return wrong_type(m);
+        }
+    }
+    if strict(&change.table) {
+        // A delete carries the key values only.
+        let checked: Vec<(usize, &Value)> = match change.op {
+            Op::Upsert => change.values.iter().enumerate().collect(),
+            Op::Delete => t.pk.iter().map(|&c| c as usize).zip(&change.pk).collect(),
+        };
+        for (col, v) in checked {
+            if let Some(m) = types::strict_refusal(&change.table, &t.columns[col], &t.types[col], v)
+            {
+                return wrong_type(m);
+            }
+        }
+    }
     Ok(())
 }
 
@@ -411,20 +439,25 @@ fn remembered(
 }
 
 impl HubStore for SqliteStore {
-    fn register_schema(&self, dataset: &str, tables: &[TableSchema]) -> Result<(), StoreError> {
+    fn register_schema(
+        &self,
+        dataset: &str,
+        tables: &[TableSchema],
+        may_register: bool,
+    ) -> Result<(), StoreError> {
         let mut c = self.writer.lock().expect("BUG: poisoned");
         let ds = self.dataset_id(&c, dataset)?;
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
         for t in tables {
-            let known: Option<String> = tx
+            let known: Option<(String, bool)> = tx
                 .query_row(
-                    "SELECT fingerprint FROM tables WHERE dataset = ?1 AND name = ?2",
+                    "SELECT fingerprint, strict FROM tables WHERE dataset = ?1 AND name = ?2",
                     params![ds, t.name],
-                    |r| r.get(0),
+                    |r| Ok((r.get(0)?, r.get(1)?)),
                 )
                 .optional()?;
             match known {
-                Some(f) if f != t.fingerprint => {
+                Some((f, _)) if f != t.fingerprint => {
                     return Err(StoreError::SchemaMismatch {
                         dataset: dataset.to_owned(),
                         table: t.name.clone(),
@@ -432,11 +465,25 @@ impl HubStore for SqliteStore {
                         want: f.chars().take(12).collect(),
                     })
                 }
-                Some(_) => {}
+                Some((_, strict)) => {
+                    if t.strict && !strict && may_register {
+                        tx.execute(
+                            "UPDATE tables SET strict = 1 WHERE dataset = ?1 AND name = ?2",
+                            params![ds, t.name],
+                        )?;
+                        tracing::info!(dataset, table = %t.name, "a client announced the table STRICT: from now on its values are checked by STRICT rules for every client");
+                    }
+                }
+                None if !may_register => {
+                    return Err(StoreError::NotRegistered {
+                        dataset: dataset.to_owned(),
+                        table: t.name.clone(),
+                    })
+                }
                 None => {
                     tx.execute(
-                        "INSERT INTO tables (dataset, name, fingerprint) VALUES (?1, ?2, ?3)",
-                        params![ds, t.name, t.fingerprint],
+                        "INSERT INTO tables (dataset, name, fingerprint, strict) VALUES (?1, ?2, ?3, ?4)",
+                        params![ds, t.name, t.fingerprint, t.strict],
                     )?;
                 }
             }
@@ -573,6 +620,10 @@ impl HubStore for SqliteStore {
         let mut digests = Vec::with_capacity(changes.len() * DIGEST_BYTES);
         let mut logged = Vec::new();
         let mut seen: HashSet<(&str, Vec<u8>)> = HashSet::new();
+        // Whether each table was announced STRICT, read once per batch: a
+        // session opened before another client announced it is checked by
+        // STRICT rules too.
+        let mut strict: HashMap<String, bool> = HashMap::new();
         let mut new_hwm = hwm;
         // Seqs increase, so every resend comes before the first new change:
         // a refused resend returns before anything of the batch is written.
@@ -619,7 +670,14 @@ impl HubStore for SqliteStore {
             new_hwm = new_hwm.max(ch.seq);
             let vals = encode_values(&ch.values);
             digests.extend_from_slice(&content_digest(&ch.table, ch.op, &pk, &vals));
-            let invalid = validate(ch, tables).err().or_else(|| {
+            if !strict.contains_key(&ch.table) {
+                let recorded: Option<bool> = tx
+                    .prepare_cached("SELECT strict FROM tables WHERE dataset = ?1 AND name = ?2")?
+                    .query_row(params![ds, ch.table], |r| r.get(0))
+                    .optional()?;
+                strict.insert(ch.table.clone(), recorded.unwrap_or(false));
+            }
+            let invalid = validate(ch, tables, |t| strict[t]).err().or_else(|| {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
                         InvalidReason::DuplicateRow,
@@ -811,6 +869,7 @@ mod tests {
             types: vec!["TEXT".into(), "BLOB".into()],
             pk: vec![0],
             fingerprint: String::new(),
+            strict: false,
         };
         HashMap::from([(t.name.clone(), t)])
     }
@@ -864,6 +923,7 @@ mod rule_tests {
             types: vec!["TEXT".into(), "TEXT".into()],
             pk: vec![0],
             fingerprint: String::new(),
+            strict: false,
         };
         HashMap::from([(t.name.clone(), t)])
     }
@@ -1222,5 +1282,223 @@ mod rule_tests {
         // Opening again changes nothing.
         let store = SqliteStore::open(&path).unwrap();
         assert!(store.claim_identity("ds", "c", "other").is_err());
+    }
+}
+
+#[cfg(test)]
+mod type_tests {
+    //! Types at the door: key values by their column's affinity, values of
+    //! STRICT tables by their declared types, and who may register a table.
+
+    use super::*;
+
+    /// `people (id INTEGER PRIMARY KEY, email TEXT, n INTEGER)`, announced
+    /// STRICT when `strict`.
+    fn people(strict: bool) -> TableSchema {
+        let (columns, types): (Vec<String>, Vec<String>) =
+            [("id", "INTEGER"), ("email", "TEXT"), ("n", "INTEGER")]
+                .iter()
+                .map(|(c, t)| (c.to_string(), t.to_string()))
+                .unzip();
+        TableSchema {
+            name: "people".into(),
+            fingerprint: crate::local::schema::fingerprint("people", &columns, &types, &[0]),
+            columns,
+            types,
+            pk: vec![0],
+            strict,
+        }
+    }
+
+    fn tables(t: TableSchema) -> HashMap<String, TableSchema> {
+        HashMap::from([(t.name.clone(), t)])
+    }
+
+    fn row(seq: u64, id: Value, n: Value) -> Change {
+        Change {
+            seq,
+            table: "people".into(),
+            op: Op::Upsert,
+            pk: vec![id.clone()],
+            values: vec![id, Value::Text(format!("p{seq}@example.org")), n],
+            base: 0,
+            mask: u64::MAX,
+        }
+    }
+
+    fn store() -> (tempfile::TempDir, SqliteStore) {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        (dir, s)
+    }
+
+    /// The reason and message of an `invalid` outcome.
+    fn invalid(o: &Outcome) -> (InvalidReason, &str) {
+        match o {
+            Outcome::Invalid { reason, message } => (*reason, message),
+            o => panic!("expected invalid, got {o:?}"),
+        }
+    }
+
+    fn logged_keys(a: &Applied) -> Vec<Value> {
+        a.logged.iter().map(|e| e.change.pk[0].clone()).collect()
+    }
+
+    #[test]
+    fn a_key_value_its_column_would_convert_is_wrong_type_and_the_rest_of_the_batch_goes_on() {
+        let (_d, s) = store();
+        let t = tables(people(false));
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let text_42 = row(2, Value::Text("42".into()), Value::Integer(1));
+        let mut delete_text = row(4, Value::Text("7".into()), Value::Null);
+        delete_text.op = Op::Delete;
+        delete_text.values.clear();
+        let batch = [
+            row(1, Value::Integer(42), Value::Integer(1)),
+            text_42,
+            row(3, Value::Real(7.0), Value::Integer(1)),
+            delete_text,
+            row(5, Value::Integer(8), Value::Integer(1)),
+        ];
+        let a = s.apply_batch("ds", "c", &t, &batch, 0).unwrap();
+        let (reason, m) = invalid(&a.results[1].outcome);
+        assert_eq!(reason, InvalidReason::WrongType);
+        assert!(
+            m.contains("table \"people\", key column \"id\": a text value")
+                && m.contains("declared INTEGER"),
+            "{m}"
+        );
+        assert!(invalid(&a.results[2].outcome).1.contains("a real value"));
+        assert_eq!(invalid(&a.results[3].outcome).0, InvalidReason::WrongType);
+        // Only the integer keys were stored and will be pushed.
+        assert_eq!(logged_keys(&a), vec![Value::Integer(42), Value::Integer(8)]);
+        assert_eq!(s.head("ds").unwrap(), 2);
+        let page = s.changes_since("ds", 0, None, 100, 1 << 20).unwrap();
+        assert_eq!(page.changes.len(), 2);
+        // A resend is answered the same, from memory.
+        let again = s.apply_batch("ds", "c", &t, &batch, 0).unwrap();
+        assert_eq!(again.results, a.results);
+    }
+
+    #[test]
+    fn a_text_key_column_takes_no_number_so_42_and_the_text_42_never_alias() {
+        let (_d, s) = store();
+        let mut notes = people(false);
+        notes.types[0] = "TEXT".into();
+        notes.fingerprint =
+            crate::local::schema::fingerprint("people", &notes.columns, &notes.types, &[0]);
+        s.register_schema("ds", &[notes.clone()], true).unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "c",
+                &tables(notes),
+                &[
+                    row(1, Value::Text("42".into()), Value::Integer(1)),
+                    row(2, Value::Integer(42), Value::Integer(2)),
+                ],
+                0,
+            )
+            .unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+        let (reason, m) = invalid(&a.results[1].outcome);
+        assert_eq!(reason, InvalidReason::WrongType);
+        assert!(
+            m.contains("an integer value") && m.contains("TEXT affinity"),
+            "{m}"
+        );
+        assert_eq!(logged_keys(&a), vec![Value::Text("42".into())]);
+    }
+
+    #[test]
+    fn a_strict_table_refuses_a_value_of_another_type_for_every_client() {
+        let (_d, s) = store();
+        // The table is registered by a client that announced it STRICT; the
+        // uploading client's own description says nothing of it (an older
+        // daemon, or a device whose table is not STRICT).
+        s.register_schema("ds", &[people(true)], true).unwrap();
+        let loose = tables(people(false));
+        let batch = [
+            row(1, Value::Integer(1), Value::Text("three".into())),
+            row(2, Value::Integer(2), Value::Integer(2)),
+            row(3, Value::Integer(3), Value::Null),
+            row(4, Value::Integer(4), Value::Real(4.0)),
+        ];
+        let a = s.apply_batch("ds", "c", &loose, &batch, 0).unwrap();
+        let (reason, m) = invalid(&a.results[0].outcome);
+        assert_eq!(reason, InvalidReason::WrongType);
+        assert_eq!(
+            m,
+            "table \"people\", column \"n\": a text value cannot be stored in a column declared INTEGER of a STRICT table; the devices' SQLite would refuse it"
+        );
+        assert!(matches!(a.results[1].outcome, Outcome::Applied { .. }));
+        assert!(matches!(a.results[2].outcome, Outcome::Applied { .. }));
+        assert_eq!(invalid(&a.results[3].outcome).0, InvalidReason::WrongType);
+        assert_eq!(logged_keys(&a), vec![Value::Integer(2), Value::Integer(3)]);
+    }
+
+    #[test]
+    fn a_table_not_announced_strict_takes_any_value_type_outside_its_key() {
+        let (_d, s) = store();
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "c",
+                &tables(people(false)),
+                &[row(1, Value::Integer(1), Value::Text("three".into()))],
+                0,
+            )
+            .unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+    }
+
+    #[test]
+    fn a_read_write_client_announcing_strict_makes_the_table_strict_for_good() {
+        let (_d, s) = store();
+        let loose = tables(people(false));
+        let bad = |seq| row(seq, Value::Integer(seq as i64), Value::Text("x".into()));
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(1)], 0).unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+        // A read_only client's word does not change the table.
+        s.register_schema("ds", &[people(true)], false).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(2)], 0).unwrap();
+        assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
+        // A read_write one does, for the session already open too.
+        s.register_schema("ds", &[people(true)], true).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(3)], 0).unwrap();
+        assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
+        // A later client without STRICT does not undo it.
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        let a = s.apply_batch("ds", "c", &loose, &[bad(4)], 0).unwrap();
+        assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
+    }
+
+    #[test]
+    fn a_read_only_client_registers_nothing_and_syncs_only_registered_tables() {
+        let (_d, s) = store();
+        // A poisoned schema: same table, another key.
+        let mut poison = people(false);
+        poison.pk = vec![1];
+        poison.fingerprint =
+            crate::local::schema::fingerprint("people", &poison.columns, &poison.types, &[1]);
+        let e = s
+            .register_schema("ds", &[poison.clone()], false)
+            .unwrap_err();
+        assert!(matches!(e, StoreError::NotRegistered { .. }), "{e:?}");
+        let m = e.to_string();
+        assert!(
+            m.contains("table \"people\" of dataset \"ds\" is not registered")
+                && m.contains("read_only token cannot register")
+                && m.contains("read_write token"),
+            "{m}"
+        );
+        // Nothing was recorded: the legitimate schema registers, and the
+        // read_only client is then welcome with it but not with its own.
+        s.register_schema("ds", &[people(false)], true).unwrap();
+        s.register_schema("ds", &[people(false)], false).unwrap();
+        let e = s.register_schema("ds", &[poison], false).unwrap_err();
+        assert!(matches!(e, StoreError::SchemaMismatch { .. }), "{e:?}");
     }
 }
