@@ -128,6 +128,7 @@ pub fn frames() -> Vec<(&'static str, Frame)> {
                 tables: vec![strict_schema],
                 echo_own: false,
                 subscribe: true,
+                anchor: None,
             })),
         ),
         (
