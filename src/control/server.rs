@@ -1050,3 +1050,141 @@ fn event_db(e: &Event) -> &str {
         | Event::Error { db, .. } => db,
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Whoever looks at the path while the socket is being made sees
+    /// either nothing or a socket of mode 0660, never a wider mode.
+    #[tokio::test]
+    async fn the_socket_file_never_exists_with_another_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = std::thread::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            move || {
+                let (mut looks, mut seen) = (0u64, Vec::new());
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        looks += 1;
+                        let mode = m.permissions().mode() & 0o777;
+                        if mode != SOCKET_MODE {
+                            seen.push(mode);
+                        }
+                    }
+                }
+                (looks, seen)
+            }
+        });
+        for _ in 0..300 {
+            let s = bind(&path).await.unwrap();
+            assert_eq!(mode(&path), SOCKET_MODE);
+            drop(s);
+            assert!(!path.exists(), "the socket file goes with the socket");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (looks, seen) = watcher.join().unwrap();
+        assert!(looks > 0, "the watcher saw the socket at least once");
+        assert!(seen.is_empty(), "modes seen besides 0660: {seen:?}");
+        // Nothing is left of the private directories.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "tether.sock.lock")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let s = bind(&path).await.unwrap();
+        let c = UnixStream::connect(&path).await.unwrap();
+        drop(c);
+        drop(s);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_socket_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        std::fs::write(&path, "data").unwrap();
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::NotASocket(_)), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        let target = dir.path().join("elsewhere.sock");
+        let _live = std::os::unix::net::UnixListener::bind(&target).unwrap();
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = bind(&link).await.err().unwrap();
+        assert!(matches!(e, BindError::NotASocket(_)), "{e}");
+    }
+
+    /// A live daemon too busy to accept (its queue of new connections is
+    /// full: connecting fails with "try again", not "refused") keeps its
+    /// socket.
+    #[tokio::test]
+    async fn a_busy_live_socket_is_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        let sock = tokio::net::UnixSocket::new_stream().unwrap();
+        sock.bind(&path).unwrap();
+        let _listener = sock.listen(1).unwrap();
+        let inode = std::fs::symlink_metadata(&path).unwrap().ino();
+        let mut queued = Vec::new();
+        let full = loop {
+            match UnixStream::connect(&path).await {
+                Ok(c) => queued.push(c),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 100, "the queue never filled");
+        };
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::Unsure { .. }), "{e}");
+        assert!(e.to_string().contains("left alone"), "{e}");
+        assert_eq!(std::fs::symlink_metadata(&path).unwrap().ino(), inode);
+    }
+
+    /// The lock, not only the file, says a daemon owns the path: a second
+    /// one is refused even when the first one's file is gone, and the
+    /// first one, when it stops, removes only its own file.
+    #[tokio::test]
+    async fn a_running_daemon_keeps_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        let first = bind(&path).await.unwrap();
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::InUse(_)), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::InUse(_)), "{e}");
+        std::fs::write(&path, "someone else's").unwrap();
+        drop(first);
+        assert!(path.exists(), "a file that is not its own stays");
+        std::fs::remove_file(&path).unwrap();
+        let again = bind(&path).await.unwrap();
+        assert!(path.exists());
+        drop(again);
+    }
+
+    #[test]
+    fn a_throttle_logs_at_most_once_a_minute_with_the_count() {
+        let mut t = Throttle::default();
+        assert_eq!(t.note(), Some(1));
+        assert_eq!(t.note(), None);
+        assert_eq!(t.note(), None);
+        t.last = Some(Instant::now() - Duration::from_secs(61));
+        assert_eq!(t.note(), Some(3));
+    }
+}
