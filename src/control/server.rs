@@ -1092,7 +1092,10 @@ mod tests {
         stop.store(true, Ordering::Relaxed);
         let (looks, seen) = watcher.join().unwrap();
         assert!(looks > 0, "the watcher saw the socket at least once");
-        assert!(seen.is_empty(), "modes seen besides 0660 (mode: times): {seen:?}");
+        assert!(
+            seen.is_empty(),
+            "modes seen besides 0660 (mode: times): {seen:?}"
+        );
         // Nothing is left of the private directories.
         let left: Vec<_> = std::fs::read_dir(dir.path())
             .unwrap()
