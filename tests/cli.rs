@@ -260,6 +260,37 @@ fn a_daemon_that_never_answers_fails_the_cli_within_its_timeout() {
     assert_eq!(code, 75, "{err}");
     assert!(err.contains("did not answer within 1s"), "{err}");
     assert!(took < Duration::from_secs(10), "gave up after {took:?}");
+    // Its queue of new connections full: connecting is tried again until
+    // the timeout.
+    let full = dir.path().join("full.sock");
+    let rt = tokio::runtime::Runtime::new().unwrap();
+    let (_listener, _queued) = rt.block_on(async {
+        let s = tokio::net::UnixSocket::new_stream().unwrap();
+        s.bind(&full).unwrap();
+        let listener = s.listen(1).unwrap();
+        let mut queued = Vec::new();
+        while let Ok(c) = tokio::net::UnixStream::connect(&full).await {
+            queued.push(c);
+            assert!(queued.len() < 100, "the queue never filled");
+        }
+        (listener, queued)
+    });
+    let (code, err, took) = run_within(
+        &[
+            "status",
+            "--socket",
+            full.to_str().unwrap(),
+            "--timeout",
+            "1s",
+        ],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, 75, "{err}");
+    assert!(
+        err.contains("did not answer within 1s (connecting"),
+        "{err}"
+    );
+    assert!(took < Duration::from_secs(10), "gave up after {took:?}");
     // A stream's first line is bounded too (a `wait` with a timeout: that
     // timeout and a grace period).
     let (code, err, _) = run_within(
