@@ -97,6 +97,25 @@ fn config_errors_name_the_file_and_key_and_exit_78() {
             assert!(err.contains(n), "message for\n{text}\nlacks {n:?}: {err}");
         }
     }
+    // Names in [control] are looked up when the daemon starts.
+    std::fs::write(
+        &path,
+        format!(
+            "control_socket = \"{}\"\n[control]\nallow_groups = [\"no-such-group-here\"]\n[hub]\nurl = \"ws://127.0.0.1:9/v1/sync\"\ntoken = \"t\"\n",
+            dir.path().join("t.sock").display()
+        ),
+    )
+    .unwrap();
+    let (code, err, _) = run_within(
+        &["daemon", "--config", path.to_str().unwrap()],
+        Duration::from_secs(20),
+    );
+    assert_eq!(code, 78, "{err}");
+    assert!(
+        err.contains("control.allow_groups: no group named \"no-such-group-here\""),
+        "{err}"
+    );
+    assert!(!dir.path().join("t.sock").exists());
     let (code, _, err) = run(tether().args(["daemon", "--config", "/nonexistent/tether.toml"]));
     assert_eq!(code, 78);
     assert!(

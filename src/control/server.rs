@@ -119,6 +119,8 @@ pub async fn bind(path: &Path) -> Result<ControlSocket, BindError> {
         .truncate(false)
         .write(true)
         .mode(0o600)
+        // The lock file itself, never a file a symbolic link points to.
+        .custom_flags(nix::libc::O_NOFOLLOW)
         .open(lock_path(path))
         .map_err(io_err)?;
     match lock.try_lock() {
