@@ -42,6 +42,15 @@ pub struct Dirs {
     pub download: bool,
 }
 
+/// How long a one-answer control command waits for the daemon.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct Patience {
+    /// Give up when the daemon has not answered within this long ("5s",
+    /// "1m"; default 30s, reload 2m): exit 75.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
+}
+
 #[derive(Debug, Subcommand)]
 pub enum Command {
     /// Run the sync daemon: one session per configured database
@@ -55,6 +64,8 @@ pub enum Command {
         db: Option<String>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Pause syncing a database (both directions unless --upload/--download).
     /// Local writes keep being captured.
@@ -62,17 +73,23 @@ pub enum Command {
         db: String,
         #[command(flatten)]
         dirs: Dirs,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Resume a paused database.
     Resume {
         db: String,
         #[command(flatten)]
         dirs: Dirs,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Make every session that is disconnected or waiting in backoff try now.
     Reconnect {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Wait until local changes are on the hub (upload) and/or the hub's
     /// changes are here (download). Exit 3 on timeout.
@@ -80,7 +97,8 @@ pub enum Command {
         db: String,
         #[command(flatten)]
         dirs: Dirs,
-        /// Give up after this long ("30s", "2m"); the transfer goes on.
+        /// Give up after this long ("30s", "2m"): exit 3, the transfer goes
+        /// on. Without it the wait has no end.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
         #[arg(long)]
@@ -110,12 +128,16 @@ pub enum Command {
     Reload {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Print the daemon's metrics (Prometheus / OpenMetrics text): the
     /// same figures `metrics_listen` serves over HTTP.
     Metrics {
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// List the hub's changes that a database refused (a UNIQUE or CHECK
     /// constraint, a trigger, a type in a STRICT table, a table not synced
@@ -124,6 +146,8 @@ pub enum Command {
         db: Option<String>,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Apply a database's held changes again now (after fixing the cause)
     /// and print how many applied.
@@ -131,10 +155,13 @@ pub enum Command {
         db: String,
         #[arg(long)]
         json: bool,
+        #[command(flatten)]
+        patience: Patience,
     },
     /// Upload then download once and print the result.
     Sync {
         db: String,
+        /// Give up after this long (default 5m): exit 3, the transfer goes on.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
         #[arg(long)]

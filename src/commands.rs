@@ -5,7 +5,7 @@ use std::io::IsTerminal;
 use std::path::Path;
 use std::process::ExitCode;
 
-use tether::control::client::{Client, ClientError};
+use tether::control::client::{request, ClientError, Limits};
 use tether::control::{Direction, Directions, ErrorCode, Progress, Request, Response};
 use tether::daemon::DaemonState;
 use tether::session::{Event, Status};
@@ -22,21 +22,29 @@ macro_rules! say {
 pub const EXIT_TIMEOUT: u8 = 3;
 /// Exit status when no daemon answers (EX_UNAVAILABLE).
 pub const EXIT_NO_DAEMON: u8 = 69;
+/// Exit status when a daemon is there but did not answer in time, or kept
+/// turning this client away (EX_TEMPFAIL: try again later).
+pub const EXIT_NO_ANSWER: u8 = 75;
+/// Exit status when this user may not use the control socket (EX_NOPERM).
+pub const EXIT_NOT_ALLOWED: u8 = 77;
 
 fn fail(e: ClientError) -> ExitCode {
     eprintln!("error: {e}");
     match e {
         ClientError::NoDaemon { .. } => ExitCode::from(EXIT_NO_DAEMON),
-        _ => ExitCode::FAILURE,
+        ClientError::NoAnswer { .. } | ClientError::Busy { .. } => ExitCode::from(EXIT_NO_ANSWER),
+        ClientError::Denied { .. } => ExitCode::from(EXIT_NOT_ALLOWED),
+        ClientError::Lost(_) | ClientError::Garbled(_) => ExitCode::FAILURE,
     }
 }
 
 fn error_exit(code: ErrorCode, message: &str) -> ExitCode {
     eprintln!("error: {message}");
-    if code == ErrorCode::Timeout {
-        ExitCode::from(EXIT_TIMEOUT)
-    } else {
-        ExitCode::FAILURE
+    match code {
+        ErrorCode::Timeout => ExitCode::from(EXIT_TIMEOUT),
+        ErrorCode::NotAllowed => ExitCode::from(EXIT_NOT_ALLOWED),
+        ErrorCode::TooManyClients => ExitCode::from(EXIT_NO_ANSWER),
+        _ => ExitCode::FAILURE,
     }
 }
 
@@ -47,20 +55,22 @@ pub enum Output {
     Human,
 }
 
-pub async fn run(socket: &Path, req: Request, out: Output) -> ExitCode {
-    let mut client = match Client::connect(socket).await {
+/// Sends `req` and prints the answers, within the limits of
+/// [`Limits::of`] (`timeout` is the command's `--timeout`).
+pub async fn run(
+    socket: &Path,
+    req: Request,
+    out: Output,
+    timeout: Option<std::time::Duration>,
+) -> ExitCode {
+    let limits = Limits::of(&req, timeout);
+    let started = tokio::time::Instant::now();
+    let (mut client, mut resp) = match request(socket, &req, limits.first).await {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
-    if let Err(e) = client.send(&req).await {
-        return fail(e);
-    }
     let bars = (out == Output::Human && std::io::stderr().is_terminal()).then(Bars::new);
     loop {
-        let resp = match client.next().await {
-            Ok(r) => r,
-            Err(e) => return fail(e),
-        };
         let last = resp.is_final();
         let mut text = String::new();
         match out {
@@ -89,6 +99,14 @@ pub async fn run(socket: &Path, req: Request, out: Output) -> ExitCode {
             }
             return ExitCode::SUCCESS;
         }
+        let next = match limits.all {
+            Some(all) => client.next_by(started + all, all).await,
+            None => client.next().await,
+        };
+        resp = match next {
+            Ok(r) => r,
+            Err(e) => return fail(e),
+        };
     }
 }
 

@@ -73,6 +73,10 @@ pub struct DaemonConfig {
     /// Path of the local control socket (used by the `tether` CLI).
     #[serde(default = "default_control_socket")]
     pub control_socket: PathBuf,
+    /// `[control]`: who may use the control socket, and how long a client
+    /// may stay silent.
+    #[serde(default)]
+    pub control: ControlConfig,
     /// On SIGTERM, how long sessions may wait for the hub to answer uploads
     /// already sent. Whatever is not answered stays captured for next time.
     #[serde(default = "d_shutdown")]
@@ -95,6 +99,86 @@ pub struct DaemonConfig {
 
 pub fn default_control_socket() -> PathBuf {
     PathBuf::from("/run/tether/tether.sock")
+}
+
+/// `[control]` of `tether.toml`: the control socket's guard. Read at
+/// start; a change takes effect when the daemon restarts.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields)]
+pub struct ControlConfig {
+    /// Users (names or uids) allowed to use the control socket, checked
+    /// against each client's credentials. Default: root and the daemon's
+    /// own user.
+    #[serde(default)]
+    pub allow_users: Option<Vec<IdOrName>>,
+    /// Groups (names or gids) whose members may use the control socket.
+    /// Default: the daemon's own group.
+    #[serde(default)]
+    pub allow_groups: Option<Vec<IdOrName>>,
+    /// A client that sends no request for this long is disconnected; one
+    /// whose request is running (`wait`, `watch`, ...) is not idle.
+    #[serde(default = "d_control_idle")]
+    pub idle_timeout: Dur,
+}
+
+impl Default for ControlConfig {
+    fn default() -> Self {
+        ControlConfig {
+            allow_users: None,
+            allow_groups: None,
+            idle_timeout: d_control_idle(),
+        }
+    }
+}
+
+fn d_control_idle() -> Dur {
+    Dur(Duration::from_secs(5))
+}
+
+/// A user or group named by its number or its name.
+#[derive(Clone, Debug, PartialEq, Eq)]
+pub enum IdOrName {
+    Id(u32),
+    Name(String),
+}
+
+impl fmt::Display for IdOrName {
+    fn fmt(&self, f: &mut fmt::Formatter) -> fmt::Result {
+        match self {
+            IdOrName::Id(n) => write!(f, "{n}"),
+            IdOrName::Name(s) => write!(f, "{s:?}"),
+        }
+    }
+}
+
+impl<'de> Deserialize<'de> for IdOrName {
+    fn deserialize<D: Deserializer<'de>>(d: D) -> Result<IdOrName, D::Error> {
+        struct V;
+        impl serde::de::Visitor<'_> for V {
+            type Value = IdOrName;
+            fn expecting(&self, f: &mut fmt::Formatter) -> fmt::Result {
+                f.write_str("a name such as \"tether\" or a number such as 1000")
+            }
+            fn visit_i64<E: serde::de::Error>(self, n: i64) -> Result<IdOrName, E> {
+                u32::try_from(n)
+                    .map(IdOrName::Id)
+                    .map_err(|_| E::custom(format!("{n} is not a uid or gid (0 to {})", u32::MAX)))
+            }
+            fn visit_u64<E: serde::de::Error>(self, n: u64) -> Result<IdOrName, E> {
+                self.visit_i64(i64::try_from(n).unwrap_or(-1))
+            }
+            fn visit_str<E: serde::de::Error>(self, s: &str) -> Result<IdOrName, E> {
+                if let Ok(n) = s.parse::<u32>() {
+                    return Ok(IdOrName::Id(n));
+                }
+                if s.is_empty() || s.contains(|c: char| c.is_whitespace() || c == ':') {
+                    return Err(E::custom(format!("{s:?} is not a user or group name")));
+                }
+                Ok(IdOrName::Name(s.to_owned()))
+            }
+        }
+        d.deserialize_any(V)
+    }
 }
 
 /// `[hub]` of `tether.toml`.
@@ -256,6 +340,12 @@ impl DaemonConfig {
             message,
         };
         check_log_level(cfg.log_level.as_deref()).map_err(|m| bad("log_level".into(), m))?;
+        if cfg.control.idle_timeout.0.is_zero() {
+            return Err(bad(
+                "control.idle_timeout".into(),
+                "must be above zero, like \"5s\"".into(),
+            ));
+        }
         if !(cfg.hub.url.starts_with("ws://") || cfg.hub.url.starts_with("wss://")) {
             return Err(bad(
                 "hub.url".into(),

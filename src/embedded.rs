@@ -144,6 +144,7 @@ impl EmbeddedDaemon {
     pub fn start(url: &str, token: &str, databases: Vec<DatabaseConfig>) -> EmbeddedDaemon {
         let config = DaemonConfig {
             control_socket: PathBuf::from("/nonexistent/tether.sock"),
+            control: Default::default(),
             shutdown_timeout: Dur(Duration::from_secs(10)),
             metrics_listen: None,
             log_level: None,

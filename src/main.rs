@@ -125,30 +125,41 @@ fn out(json: bool) -> Output {
     }
 }
 
-/// The control-socket request a CLI command stands for, and whether its
-/// output is JSON; `None` for commands that do not talk to a daemon.
-fn control_request(cmd: &Command) -> Option<(Request, bool)> {
+/// The control-socket request a CLI command stands for, whether its
+/// output is JSON, and its `--timeout` (for those that have one); `None`
+/// for commands that do not talk to a daemon.
+fn control_request(cmd: &Command) -> Option<(Request, bool, Option<std::time::Duration>)> {
     match cmd {
-        Command::Status { db, json } => Some((Request::Status { db: db.clone() }, *json)),
-        Command::Pause { db, dirs } => Some((
+        Command::Status { db, json, patience } => {
+            Some((Request::Status { db: db.clone() }, *json, patience.timeout))
+        }
+        Command::Pause { db, dirs, patience } => Some((
             Request::Pause {
                 db: db.clone(),
                 dirs: commands::dirs(dirs.upload, dirs.download),
             },
             false,
+            patience.timeout,
         )),
-        Command::Resume { db, dirs } => Some((
+        Command::Resume { db, dirs, patience } => Some((
             Request::Resume {
                 db: db.clone(),
                 dirs: commands::dirs(dirs.upload, dirs.download),
             },
             false,
+            patience.timeout,
         )),
-        Command::Reconnect { json } => Some((Request::Reconnect {}, *json)),
-        Command::Reload { json } => Some((Request::Reload {}, *json)),
-        Command::Metrics { json } => Some((Request::Metrics {}, *json)),
-        Command::Held { db, json } => Some((Request::Held { db: db.clone() }, *json)),
-        Command::Retry { db, json } => Some((Request::Retry { db: db.clone() }, *json)),
+        Command::Reconnect { json, patience } => {
+            Some((Request::Reconnect {}, *json, patience.timeout))
+        }
+        Command::Reload { json, patience } => Some((Request::Reload {}, *json, patience.timeout)),
+        Command::Metrics { json, patience } => Some((Request::Metrics {}, *json, patience.timeout)),
+        Command::Held { db, json, patience } => {
+            Some((Request::Held { db: db.clone() }, *json, patience.timeout))
+        }
+        Command::Retry { db, json, patience } => {
+            Some((Request::Retry { db: db.clone() }, *json, patience.timeout))
+        }
         Command::Wait {
             db,
             dirs,
@@ -161,6 +172,7 @@ fn control_request(cmd: &Command) -> Option<(Request, bool)> {
                 timeout_ms: timeout.map(|t| t.as_millis() as u64),
             },
             *json,
+            None,
         )),
         Command::Progress {
             db,
@@ -174,14 +186,16 @@ fn control_request(cmd: &Command) -> Option<(Request, bool)> {
                 follow: *follow,
             },
             *json,
+            None,
         )),
-        Command::Watch { db, json } => Some((Request::Watch { db: db.clone() }, *json)),
+        Command::Watch { db, json } => Some((Request::Watch { db: db.clone() }, *json, None)),
         Command::Sync { db, timeout, json } => Some((
             Request::Sync {
                 db: db.clone(),
                 timeout_ms: timeout.map(|t| t.as_millis() as u64),
             },
             *json,
+            None,
         )),
         _ => None,
     }
@@ -190,7 +204,7 @@ fn control_request(cmd: &Command) -> Option<(Request, bool)> {
 async fn run(cli: Cli) -> ExitCode {
     let socket = || control::client::socket_path(cli.socket.as_deref(), cli.config.as_deref());
     let control_request = control_request(&cli.command);
-    if let Some((req, json)) = control_request {
+    if let Some((req, json, timeout)) = control_request {
         let path = match socket() {
             Ok(p) => p,
             Err(e) => {
@@ -198,7 +212,7 @@ async fn run(cli: Cli) -> ExitCode {
                 return ExitCode::from(EX_CONFIG);
             }
         };
-        return commands::run(&path, req, out(json)).await;
+        return commands::run(&path, req, out(json), timeout).await;
     }
     match cli.command {
         Command::Daemon => daemon(cli.config.as_deref(), cli.log_format).await,
@@ -323,6 +337,13 @@ async fn daemon(config: Option<&std::path::Path>, log_format: cli::LogFormat) ->
     if cfg.databases.is_empty() {
         tracing::warn!(config = %config.display(), "no [[database]] configured; nothing to sync");
     }
+    let control = match control::server::Settings::from_config(&cfg.control) {
+        Ok(c) => c,
+        Err(e) => {
+            eprintln!("error: {}: {e}", config.display());
+            return ExitCode::from(EX_CONFIG);
+        }
+    };
     let listener = match control::server::bind(&cfg.control_socket).await {
         Ok(l) => l,
         Err(e) => {
@@ -352,6 +373,7 @@ async fn daemon(config: Option<&std::path::Path>, log_format: cli::LogFormat) ->
         listener,
         daemon.clone(),
         shutdown.clone(),
+        control,
     ));
     let metrics_server = metrics_listener
         .map(|l| tokio::spawn(serve_daemon_metrics(l, daemon.clone(), shutdown.clone())));
@@ -368,7 +390,6 @@ async fn daemon(config: Option<&std::path::Path>, log_format: cli::LogFormat) ->
     if let Some(m) = metrics_server {
         let _ = m.await;
     }
-    let _ = std::fs::remove_file(&cfg.control_socket);
     tracing::info!("daemon stopped");
     ExitCode::SUCCESS
 }

@@ -390,6 +390,15 @@ async fn the_control_socket_survives_garbage_and_guards_its_path() {
         std::fs::metadata(&sock).unwrap().permissions().mode() & 0o777,
         0o660
     );
+    // Made in a private directory beside it and linked into place: none
+    // is left; the lock that keeps a second daemon off the path is there.
+    let leftovers: Vec<_> = std::fs::read_dir(d)
+        .unwrap()
+        .map(|e| e.unwrap().file_name().to_string_lossy().into_owned())
+        .filter(|n| n.starts_with(".tether-"))
+        .collect();
+    assert!(leftovers.is_empty(), "{leftovers:?}");
+    assert!(d.join("a.sock.lock").exists());
     let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
     let (r, mut w) = stream.into_split();
     let mut lines = BufReader::new(r).lines();
@@ -1313,4 +1322,255 @@ async fn sync_connects_now_instead_of_waiting_out_a_backoff() {
     assert_eq!(code, 0, "{out}{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["upload"]["applied"], 1, "{last}");
+}
+
+// ---------------------------------------------------------------------
+// The control socket as a careless or hostile client meets it.
+
+/// A daemon with `[control]` settings `control` and one database, whose
+/// hub never answers (nothing listens on its port: it keeps retrying);
+/// returns it and its socket once the socket listens.
+async fn start_guarded(dir: &Path, control: &str) -> (Proc, std::path::PathBuf) {
+    let cfg = dir.join("guarded.toml");
+    let sock = dir.join("guarded.sock");
+    app(&dir.join("g.db"), NOTES);
+    std::fs::write(
+        &cfg,
+        format!(
+            "control_socket = \"{}\"\n[control]\n{control}\n[hub]\nurl = \"ws://127.0.0.1:9/v1/sync\"\ntoken = \"t\"\n[[database]]\nname = \"one\"\npath = \"{}\"\ntables = [\"notes\"]\n",
+            sock.display(),
+            dir.join("g.db").display()
+        ),
+    )
+    .unwrap();
+    let mut p = Proc::spawn(&["daemon", "--config", c(&cfg)], dir.join("guarded.log"));
+    wait_until("the control socket listens", || {
+        p.assert_running();
+        p.log_text().contains("control socket listening")
+    })
+    .await;
+    (p, sock)
+}
+
+/// Every line a raw client receives until the daemon hangs up; what came
+/// before the deadline, with a last `null` if it did not hang up by then.
+async fn lines_until_closed(s: tokio::net::UnixStream) -> Vec<serde_json::Value> {
+    use tokio::io::AsyncBufReadExt;
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut lines = tokio::io::BufReader::new(s).lines();
+    let mut out = Vec::new();
+    loop {
+        match tokio::time::timeout_at(deadline, lines.next_line()).await {
+            Ok(Ok(Some(l))) => out.push(serde_json::from_str(&l).unwrap()),
+            // Closed, or reset after it closed with our request unread.
+            Ok(Ok(None)) | Ok(Err(_)) => return out,
+            Err(_) => {
+                out.push(serde_json::Value::Null);
+                return out;
+            }
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_user_the_allow_list_leaves_out_is_told_who_is_allowed_and_logged_once() {
+    use tokio::io::AsyncWriteExt;
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    // The tests may run as root: the list leaves out root and everyone else
+    // this process could be.
+    let (p, sock) = start_guarded(d, "allow_users = [12345]\nallow_groups = []").await;
+    let me = nix::unistd::geteuid().as_raw();
+    for send_first in [false, true] {
+        let mut s = tokio::net::UnixStream::connect(&sock).await.unwrap();
+        if send_first {
+            // The request is not read: the refusal comes first.
+            let _ = s.write_all(b"{\"cmd\":\"status\"}\n").await;
+        }
+        let got = lines_until_closed(s).await;
+        assert_eq!(got.len(), 1, "one line, then the daemon hangs up: {got:?}");
+        assert_eq!(got[0]["code"], "not_allowed", "{got:?}");
+        let msg = got[0]["message"].as_str().unwrap();
+        for needle in [
+            &format!("uid {me} "),
+            "may not use the control socket",
+            "allowed: uid 12345",
+            "allow_users",
+        ] {
+            assert!(msg.contains(needle), "{msg:?} lacks {needle:?}");
+        }
+    }
+    let (code, out, err, _) = cli_async(
+        &["status", "--socket", c(&sock), "--timeout", "10s"],
+        CLI_LIMIT,
+    )
+    .await;
+    assert_eq!(code, 77, "exit 77 (EX_NOPERM): {out}{err}");
+    assert!(err.contains("may not use the control socket"), "{err}");
+    // The refusal is logged before it is sent: all three are in the log.
+    let log = p.log_text();
+    let logged = log.matches("refused a client").count();
+    assert_eq!(logged, 1, "three refusals of one uid, logged once:\n{log}");
+    assert!(log.contains(&format!("uid={me}")), "{log}");
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_hundred_idle_clients_cannot_lock_status_out() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_p, sock) = start_guarded(d, "idle_timeout = \"1s\"").await;
+    // A watcher has sent its request: it is not idle, however long it
+    // then stays silent.
+    let watcher = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (r, mut w) = watcher.into_split();
+    let mut watched = tokio::io::BufReader::new(r).lines();
+    w.write_all(b"{\"cmd\":\"watch\"}\n").await.unwrap();
+    let first = tokio::time::timeout(DEADLINE, watched.next_line())
+        .await
+        .unwrap()
+        .unwrap()
+        .unwrap();
+    assert!(first.contains("\"watching\""), "{first}");
+    // A hundred clients that never send anything.
+    let mut idle = Vec::new();
+    for _ in 0..100 {
+        idle.push(tokio::net::UnixStream::connect(&sock).await.unwrap());
+    }
+    // `status` gets through (turned away while every place is taken, it
+    // asks again until idle clients are closed).
+    let status = tokio::task::spawn_blocking({
+        let sock = sock.clone();
+        move || {
+            cli_within(
+                &["status", "--json", "--socket", c(&sock), "--timeout", "20s"],
+                CLI_LIMIT,
+            )
+        }
+    });
+    let readers: Vec<_> = idle
+        .into_iter()
+        .map(|s| {
+            tokio::spawn(async move {
+                let start = std::time::Instant::now();
+                (lines_until_closed(s).await, start.elapsed())
+            })
+        })
+        .collect();
+    let (mut turned_away, mut timed_out) = (0, 0);
+    for r in readers {
+        let (got, took) = r.await.unwrap();
+        assert_eq!(got.len(), 1, "one line, then the daemon hangs up: {got:?}");
+        match got[0]["code"].as_str() {
+            Some("too_many_clients") => {
+                turned_away += 1;
+                let msg = got[0]["message"].as_str().unwrap();
+                assert!(msg.contains("too many control clients"), "{msg}");
+                // At once, not when a place frees up.
+                assert!(took < Duration::from_secs(1), "turned away after {took:?}");
+            }
+            Some("idle_timeout") => {
+                timed_out += 1;
+                let msg = got[0]["message"].as_str().unwrap();
+                assert!(msg.contains("no request within 1s"), "{msg}");
+            }
+            _ => panic!("unexpected answer to an idle client: {got:?}"),
+        }
+    }
+    // The watcher holds one place; the CLI may hold another.
+    assert!(
+        (62..=63).contains(&timed_out) && turned_away == 100 - timed_out,
+        "{timed_out} closed for idling, {turned_away} turned away"
+    );
+    let (code, out, err, took) = status.await.unwrap();
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("\"databases\""), "{out}");
+    assert!(took < Duration::from_secs(15), "status took {took:?}");
+    // The watcher outlived the idle ones and still hears what happens.
+    let (code, _, err, _) = cli_async(&["pause", "one", "--socket", c(&sock)], CLI_LIMIT).await;
+    assert_eq!(code, 0, "{err}");
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    loop {
+        let event = tokio::time::timeout_at(deadline, watched.next_line())
+            .await
+            .expect("the watcher hears of the pause")
+            .unwrap()
+            .expect("the watcher is still connected");
+        if event.contains("\"new\":\"paused\"") {
+            break;
+        }
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn every_kind_of_garbage_gets_an_error_line_and_others_are_served_meanwhile() {
+    use tokio::io::{AsyncBufReadExt, AsyncWriteExt, BufReader};
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let (_p, sock) = start_guarded(d, "").await;
+    let other = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (other_r, mut other_w) = other.into_split();
+    let mut other_lines = BufReader::new(other_r).lines();
+    let stream = tokio::net::UnixStream::connect(&sock).await.unwrap();
+    let (r, mut w) = stream.into_split();
+    let mut lines = BufReader::new(r).lines();
+    let cases: &[(&[u8], &str)] = &[
+        (b"{\"cmd\":\"st\xff\xfeatus\"}\n", "not UTF-8"),
+        (b"this is not json\n", "not valid JSON"),
+        (b"{\"cmd\":\"status\"\n", "not valid JSON"),
+        (b"42\n", "not a JSON object"),
+        (b"{\"db\":\"one\"}\n", "no `cmd` field"),
+        (
+            b"{\"cmd\":\"launch\"}\n",
+            "unknown request type \\\"launch\\\"",
+        ),
+        (
+            b"{\"cmd\":\"pause\"}\n",
+            "request `pause`: missing field `db`",
+        ),
+        (
+            b"{\"cmd\":\"wait\",\"db\":\"one\",\"timeout_ms\":-1}\n",
+            "request `wait`: invalid value",
+        ),
+    ];
+    for (line, want) in cases {
+        w.write_all(line).await.unwrap();
+        let got = tokio::time::timeout(DEADLINE, lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .expect("an answer, not a hang-up");
+        assert!(
+            got.contains("\"code\":\"bad_request\"") && got.contains(want),
+            "{:?}: {got} lacks {want:?}",
+            String::from_utf8_lossy(line)
+        );
+        // Everyone else is served meanwhile.
+        other_w.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+        let l = tokio::time::timeout(DEADLINE, other_lines.next_line())
+            .await
+            .unwrap()
+            .unwrap()
+            .unwrap();
+        assert!(l.contains("\"databases\""), "{l}");
+    }
+    // The same connection still serves requests.
+    w.write_all(b"{\"cmd\":\"status\"}\n").await.unwrap();
+    let l = lines.next_line().await.unwrap().unwrap();
+    assert!(l.contains("\"databases\""), "{l}");
+    // An overlong line is answered, then the connection is closed.
+    let _ = w.write_all(&vec![b'x'; 200 * 1024]).await;
+    let l = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap()
+        .unwrap_or_default()
+        .unwrap_or_default();
+    assert!(
+        l.contains("bad_request") && l.contains("longer than 65536 bytes"),
+        "{l}"
+    );
+    let end = tokio::time::timeout(DEADLINE, lines.next_line())
+        .await
+        .unwrap();
+    assert!(matches!(end, Ok(None) | Err(_)), "{end:?}");
 }

@@ -15,6 +15,7 @@ use tether::session::ConnectionState;
 fn daemon_on_a_db(world: &World, hub: HubConn, reconnect: Reconnect) -> EmbeddedDaemon {
     EmbeddedDaemon::start_with(DaemonConfig {
         control_socket: world.path("unused.sock"),
+        control: Default::default(),
         shutdown_timeout: Dur(Duration::from_secs(5)),
         metrics_listen: None,
         log_level: None,

@@ -62,6 +62,7 @@ async fn tls_front(cert: &Cert, hub: String) -> String {
 fn daemon(world: &World, url: &str, ca_file: Option<PathBuf>, file: &str) -> EmbeddedDaemon {
     EmbeddedDaemon::start_with(tether::config::DaemonConfig {
         control_socket: PathBuf::from("/nonexistent/tether.sock"),
+        control: Default::default(),
         shutdown_timeout: tether::config::Dur(std::time::Duration::from_secs(10)),
         metrics_listen: None,
         log_level: None,

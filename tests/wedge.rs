@@ -430,6 +430,7 @@ async fn a_slow_link_whose_bytes_keep_moving_is_never_taken_for_a_dead_one() {
     };
     let cfg = |x: &proxy::Proxy, file: &str| tether::config::DaemonConfig {
         control_socket: std::path::PathBuf::from("/nonexistent/tether.sock"),
+        control: Default::default(),
         shutdown_timeout: tether::config::Dur(Duration::from_secs(10)),
         metrics_listen: None,
         log_level: None,

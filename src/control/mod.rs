@@ -4,6 +4,7 @@
 //! [`Request`] and [`Response`] are shared by the daemon ([`server`]) and the
 //! CLI ([`client`]); `proto/CONTROL.md` documents them.
 
+pub mod access;
 pub mod client;
 pub mod server;
 
@@ -16,7 +17,8 @@ use crate::session::{Event, ReconnectOutcome, Status};
 
 /// Longest request line accepted, in bytes.
 pub const MAX_LINE: usize = 64 * 1024;
-/// Control clients served at once; more wait for a slot.
+/// Control clients served at once; one more is answered
+/// `too_many_clients` at once and disconnected.
 pub const MAX_CLIENTS: usize = 64;
 
 /// Most held changes listed per database in one `held` answer.
@@ -99,6 +101,68 @@ pub enum Request {
 }
 
 impl Request {
+    /// Every `cmd` there is.
+    pub const CMDS: [&'static str; 12] = [
+        "status",
+        "pause",
+        "resume",
+        "reconnect",
+        "wait",
+        "progress",
+        "watch",
+        "sync",
+        "reload",
+        "metrics",
+        "held",
+        "retry",
+    ];
+
+    /// Reads one request line (without its newline): `None` for a blank
+    /// line; for anything else that is not a request, what is wrong with it.
+    pub fn parse(line: &[u8]) -> Result<Option<Request>, String> {
+        const LIKE: &str = r#"send one JSON object per line, like {"cmd":"status"}"#;
+        let text = std::str::from_utf8(line).map_err(|e| {
+            let at = e.valid_up_to();
+            format!(
+                "the request is not UTF-8 text (byte 0x{:02x} at offset {at}); {LIKE}",
+                line[at]
+            )
+        })?;
+        if text.trim().is_empty() {
+            return Ok(None);
+        }
+        let value: serde_json::Value = serde_json::from_str(text)
+            .map_err(|e| format!("the request is not valid JSON ({e}); {LIKE}"))?;
+        let Some(fields) = value.as_object() else {
+            return Err(format!("the request is not a JSON object; {LIKE}"));
+        };
+        let cmd = match fields.get("cmd") {
+            Some(serde_json::Value::String(c)) => c.as_str(),
+            Some(other) => {
+                return Err(format!(
+                    "`cmd` is {other}, not the name of a request; one of: {}",
+                    Self::CMDS.join(", ")
+                ))
+            }
+            None => {
+                return Err(format!(
+                    "the request has no `cmd` field naming what to do; one of: {}",
+                    Self::CMDS.join(", ")
+                ))
+            }
+        };
+        if !Self::CMDS.contains(&cmd) {
+            return Err(format!(
+                "unknown request type {cmd:?}; known: {}",
+                Self::CMDS.join(", ")
+            ));
+        }
+        let cmd = cmd.to_owned();
+        serde_json::from_value(value)
+            .map(Some)
+            .map_err(|e| format!("request `{cmd}`: {e}; see proto/CONTROL.md"))
+    }
+
     /// The `cmd` it is sent as.
     pub fn cmd(&self) -> &'static str {
         match self {
@@ -189,6 +253,15 @@ pub enum ErrorCode {
     ShuttingDown,
     /// A reload found the config file invalid; the old config stays.
     InvalidConfig,
+    /// The client's user is not allowed to use the control socket
+    /// (`[control]` in `tether.toml`); the connection is closed.
+    NotAllowed,
+    /// As many clients as the daemon serves at once are connected; the
+    /// connection is closed. Try again shortly.
+    TooManyClients,
+    /// The client sent no request for `[control] idle_timeout`; the
+    /// connection is closed.
+    IdleTimeout,
 }
 
 /// One response line.
@@ -314,6 +387,61 @@ mod tests {
     fn a_request_names_itself_as_it_is_sent() {
         for r in every_request() {
             assert_eq!(serde_json::to_value(&r).unwrap()["cmd"], r.cmd());
+        }
+        let cmds: Vec<&str> = every_request().iter().map(Request::cmd).collect();
+        assert_eq!(cmds, Request::CMDS);
+    }
+
+    #[test]
+    fn every_request_reads_back_as_it_was_sent() {
+        for r in every_request() {
+            let line = serde_json::to_string(&r).unwrap();
+            assert_eq!(Request::parse(line.as_bytes()), Ok(Some(r)));
+        }
+        assert_eq!(Request::parse(b""), Ok(None));
+        assert_eq!(Request::parse(b" \r"), Ok(None));
+        assert_eq!(
+            Request::parse(b"{\"cmd\":\"status\"}\r"),
+            Ok(Some(Request::Status { db: None }))
+        );
+    }
+
+    /// Each kind of garbage gets a message naming what is wrong.
+    #[test]
+    fn garbage_is_named() {
+        let cases: &[(&[u8], &str)] = &[
+            (
+                b"{\"cmd\":\"st\xffatus\"}",
+                "not UTF-8 text (byte 0xff at offset 10)",
+            ),
+            (
+                b"this is not json",
+                "not valid JSON (expected ident at line 1 column 2)",
+            ),
+            (
+                b"{\"cmd\":\"status\"",
+                "not valid JSON (EOF while parsing an object",
+            ),
+            (b"[1,2]", "not a JSON object"),
+            (b"{\"db\":\"notes\"}", "no `cmd` field"),
+            (b"{\"cmd\":7}", "`cmd` is 7, not the name of a request"),
+            (
+                b"{\"cmd\":\"launch\"}",
+                "unknown request type \"launch\"; known: status, pause",
+            ),
+            (b"{\"cmd\":\"wait\"}", "request `wait`: missing field `db`"),
+            (
+                b"{\"cmd\":\"wait\",\"db\":\"n\",\"timeout_ms\":\"soon\"}",
+                "request `wait`: invalid type: string \"soon\", expected u64",
+            ),
+        ];
+        for (line, want) in cases {
+            let e = Request::parse(line).unwrap_err();
+            assert!(
+                e.contains(want),
+                "{:?}: {e:?} lacks {want:?}",
+                String::from_utf8_lossy(line)
+            );
         }
     }
 

@@ -5,22 +5,25 @@
 #![allow(clippy::result_large_err)]
 
 use std::io;
-use std::os::unix::fs::{FileTypeExt, PermissionsExt};
-use std::path::Path;
+use std::os::unix::fs::{FileTypeExt, MetadataExt, OpenOptionsExt, PermissionsExt};
+use std::path::{Path, PathBuf};
 use std::sync::Arc;
 use std::time::Duration;
 
 use futures_util::{SinkExt, StreamExt};
 use tokio::net::{UnixListener, UnixStream};
-use tokio::sync::{broadcast, oneshot};
+use tokio::sync::{broadcast, oneshot, Semaphore};
 use tokio::time::Instant;
-use tokio_util::codec::{Framed, LinesCodec, LinesCodecError};
+use tokio_util::codec::{AnyDelimiterCodec, AnyDelimiterCodecError, Framed};
 use tokio_util::sync::CancellationToken;
+use tokio_util::task::TaskTracker;
 
+use super::access::{Access, RefusalLog};
 use super::{
     Direction, Directions, ErrorCode, Progress, Request, Response, Woken, MAX_CLIENTS, MAX_LINE,
 };
 use crate::clock::sleep_opt;
+use crate::config::ControlConfig;
 use crate::daemon::{Daemon, DaemonState, SessionHandle};
 use crate::session::status::UploadState;
 use crate::session::{ConnectionState, Control, Event, SessionState, Status};
@@ -32,6 +35,12 @@ pub enum BindError {
     InUse(String),
     #[error("{0} exists and is not a socket; refusing to remove it: fix `control_socket`")]
     NotASocket(String),
+    #[error("cannot tell whether a daemon answers on control socket {path} ({source}); it is left alone: stop whatever listens there, or remove the file if nothing does")]
+    Unsure {
+        path: String,
+        #[source]
+        source: io::Error,
+    },
     #[error("cannot create control socket {path}: {source}")]
     Io {
         path: String,
@@ -40,41 +49,197 @@ pub enum BindError {
     },
 }
 
-/// Binds the control socket with mode 0660. A socket left by a crashed
-/// daemon is replaced; a live one is refused; anything else is left alone.
-pub async fn bind(path: &Path) -> Result<UnixListener, BindError> {
+/// Mode of the control socket file: its owner and group may connect.
+pub const SOCKET_MODE: u32 = 0o660;
+
+/// The daemon's control socket: the listener, and the lock that makes its
+/// path this daemon's. Dropping it removes the socket file (if it is still
+/// this daemon's), then lets go of the lock.
+pub struct ControlSocket {
+    listener: UnixListener,
+    path: PathBuf,
+    /// Device and inode of the socket file, to remove only our own.
+    file: (u64, u64),
+    /// Held (`flock`) for the daemon's life: two daemons starting at once
+    /// on the same path cannot both decide the socket there is stale.
+    _lock: std::fs::File,
+}
+
+impl Drop for ControlSocket {
+    fn drop(&mut self) {
+        if let Ok(m) = std::fs::symlink_metadata(&self.path) {
+            if (m.dev(), m.ino()) == self.file {
+                let _ = std::fs::remove_file(&self.path);
+            }
+        }
+    }
+}
+
+/// The lock file beside a control socket.
+fn lock_path(path: &Path) -> PathBuf {
+    let mut p = path.as_os_str().to_owned();
+    p.push(".lock");
+    PathBuf::from(p)
+}
+
+/// Creates the control socket at `path` with mode 0660 from the start.
+///
+/// The mode is never wider, not even for an instant: the socket is bound
+/// inside a fresh directory of mode 0700 beside `path` (nobody else can
+/// reach a file in it), set to 0660 there, then hard-linked to `path`.
+/// The link is atomic and the file appears with its final mode; it also
+/// fails, rather than replaces, when `path` exists. (Setting the umask
+/// around `bind` would do too, but the umask belongs to the whole process,
+/// and its other threads may be creating files at that moment.)
+///
+/// Whatever is at `path` already: a live daemon's socket (it accepts a
+/// connection) is refused; a socket nothing listens on (connecting is
+/// refused) is left by a daemon that died and is replaced; anything else
+/// (not a socket, or a socket that cannot be probed) is left alone. A lock
+/// file beside the socket (`path` + `.lock`) is held while the daemon runs,
+/// so that two daemons starting at once cannot both take the path.
+pub async fn bind(path: &Path) -> Result<ControlSocket, BindError> {
     let shown = path.display().to_string();
     let io_err = |source| BindError::Io {
         path: shown.clone(),
         source,
     };
-    if let Ok(meta) = std::fs::symlink_metadata(path) {
-        if !meta.file_type().is_socket() {
-            return Err(BindError::NotASocket(shown));
-        }
-        if UnixStream::connect(path).await.is_ok() {
+    let dir = match path.parent() {
+        Some(d) if !d.as_os_str().is_empty() => d,
+        _ => Path::new("."),
+    };
+    if !dir.is_dir() {
+        return Err(io_err(io::Error::new(
+            io::ErrorKind::NotFound,
+            format!("directory {} does not exist", dir.display()),
+        )));
+    }
+    let lock = std::fs::OpenOptions::new()
+        .create(true)
+        .truncate(false)
+        .write(true)
+        .mode(0o600)
+        // The lock file itself, never a file a symbolic link points to.
+        .custom_flags(nix::libc::O_NOFOLLOW)
+        .open(lock_path(path))
+        .map_err(io_err)?;
+    match lock.try_lock() {
+        Ok(()) => {}
+        Err(std::fs::TryLockError::WouldBlock) => return Err(BindError::InUse(shown)),
+        Err(std::fs::TryLockError::Error(e)) => return Err(io_err(e)),
+    }
+    clear_stale(path).await?;
+    let private = tempfile::Builder::new()
+        .prefix(".tether-")
+        .rand_bytes(6)
+        .permissions(std::fs::Permissions::from_mode(0o700))
+        .tempdir_in(dir)
+        .map_err(io_err)?;
+    // The umask may have narrowed it further; never wider than 0700.
+    std::fs::set_permissions(private.path(), std::fs::Permissions::from_mode(0o700))
+        .map_err(io_err)?;
+    let hidden = private.path().join("s");
+    let listener = UnixListener::bind(&hidden).map_err(io_err)?;
+    std::fs::set_permissions(&hidden, std::fs::Permissions::from_mode(SOCKET_MODE))
+        .map_err(io_err)?;
+    match std::fs::hard_link(&hidden, path) {
+        Ok(()) => {}
+        Err(e) if e.kind() == io::ErrorKind::AlreadyExists => {
             return Err(BindError::InUse(shown));
         }
-        std::fs::remove_file(path).map_err(io_err)?;
+        Err(e) => return Err(io_err(e)),
     }
-    if let Some(dir) = path.parent() {
-        if !dir.as_os_str().is_empty() && !dir.exists() {
-            return Err(io_err(io::Error::new(
-                io::ErrorKind::NotFound,
-                format!("directory {} does not exist", dir.display()),
-            )));
-        }
-    }
-    let listener = UnixListener::bind(path).map_err(io_err)?;
-    std::fs::set_permissions(path, std::fs::Permissions::from_mode(0o660)).map_err(io_err)?;
-    Ok(listener)
+    let m = std::fs::symlink_metadata(path).map_err(io_err)?;
+    // `private` goes, with the socket's first name; `path` stays.
+    Ok(ControlSocket {
+        listener,
+        path: path.to_owned(),
+        file: (m.dev(), m.ino()),
+        _lock: lock,
+    })
 }
+
+/// Removes a socket file at `path` that no daemon answers on.
+async fn clear_stale(path: &Path) -> Result<(), BindError> {
+    let shown = path.display().to_string();
+    let meta = match std::fs::symlink_metadata(path) {
+        Ok(m) => m,
+        Err(e) if e.kind() == io::ErrorKind::NotFound => return Ok(()),
+        Err(source) => {
+            return Err(BindError::Io {
+                path: shown,
+                source,
+            })
+        }
+    };
+    if !meta.file_type().is_socket() {
+        return Err(BindError::NotASocket(shown));
+    }
+    let probe = tokio::time::timeout(Duration::from_secs(2), UnixStream::connect(path)).await;
+    match probe {
+        Ok(Ok(_)) => Err(BindError::InUse(shown)),
+        // Only "refused" means nobody listens; a full backlog (a busy
+        // daemon) or a permission error says nothing about that.
+        Ok(Err(e)) if e.kind() == io::ErrorKind::ConnectionRefused => {
+            match std::fs::remove_file(path) {
+                Ok(()) => Ok(()),
+                Err(e) if e.kind() == io::ErrorKind::NotFound => Ok(()),
+                Err(source) => Err(BindError::Io {
+                    path: shown,
+                    source,
+                }),
+            }
+        }
+        Ok(Err(source)) => Err(BindError::Unsure {
+            path: shown,
+            source,
+        }),
+        Err(_) => Err(BindError::Unsure {
+            path: shown,
+            source: io::Error::new(io::ErrorKind::TimedOut, "connecting took over 2s"),
+        }),
+    }
+}
+
+/// How the control socket guards itself, from `[control]`.
+#[derive(Clone, Debug)]
+pub struct Settings {
+    /// Who may use it.
+    pub access: Access,
+    /// How long a client may wait before sending a request.
+    pub idle_timeout: Duration,
+}
+
+impl Settings {
+    /// Resolves `[control]` (user and group names are looked up now).
+    pub fn from_config(cfg: &ControlConfig) -> Result<Settings, String> {
+        Ok(Settings {
+            access: Access::resolve(cfg)?,
+            idle_timeout: cfg.idle_timeout.0,
+        })
+    }
+}
+
+/// How long one response line may wait for a client that does not read.
+const SEND_TIMEOUT: Duration = Duration::from_secs(30);
 
 /// Serves control clients until every session has stopped after
 /// `shutdown`: during the drain (sessions waiting for the hub to answer
 /// their uploads in flight) `status` shows the daemon `dying`, and requests
-/// that would start new work are refused with `shutting_down`.
-pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, shutdown: CancellationToken) {
+/// that would start new work are refused with `shutting_down`. Then the
+/// socket file is removed.
+///
+/// At most [`MAX_CLIENTS`] are served at once; one more is answered
+/// `too_many_clients` and disconnected at once (never left waiting). A
+/// client whose user `settings` does not allow is answered `not_allowed`
+/// and disconnected; one that sends no request for the idle timeout is
+/// answered `idle_timeout` and disconnected.
+pub async fn serve(
+    socket: ControlSocket,
+    daemon: Arc<Daemon>,
+    shutdown: CancellationToken,
+    settings: Settings,
+) {
     let closed = CancellationToken::new();
     tokio::spawn({
         let (daemon, shutdown, closed) = (daemon.clone(), shutdown.clone(), closed.clone());
@@ -84,13 +249,94 @@ pub async fn serve(listener: UnixListener, daemon: Arc<Daemon>, shutdown: Cancel
             closed.cancel();
         }
     });
+    tracing::info!(socket = %socket.path.display(), allowed = %settings.access.describe(), idle_timeout = ?settings.idle_timeout, "control socket listening");
     let ctx = Ctx {
         daemon,
         shutdown,
         closed: closed.clone(),
+        access: Arc::new(settings.access),
+        idle: settings.idle_timeout,
+        refusals: Arc::new(RefusalLog::default()),
+        path: socket.path.display().to_string().into(),
     };
-    let accept = |stream, _peer| client(stream, ctx.clone());
-    crate::listen::serve(listener, MAX_CLIENTS, "control socket", &closed, accept).await;
+    let slots = Arc::new(Semaphore::new(MAX_CLIENTS));
+    let tracker = TaskTracker::new();
+    let mut turned_away = Throttle::default();
+    loop {
+        let stream = tokio::select! {
+            a = socket.listener.accept() => match a {
+                Ok((s, _)) => s,
+                Err(e) => {
+                    // Out of file descriptors and the like: try again soon.
+                    tracing::warn!(error = %e, "control socket: accept failed");
+                    tokio::select! {
+                        _ = tokio::time::sleep(Duration::from_millis(50)) => continue,
+                        _ = closed.cancelled() => break,
+                    }
+                }
+            },
+            _ = closed.cancelled() => break,
+        };
+        match slots.clone().try_acquire_owned() {
+            Ok(permit) => {
+                let ctx = ctx.clone();
+                tracker.spawn(async move {
+                    client(stream, ctx).await;
+                    drop(permit);
+                });
+            }
+            Err(_) => {
+                if let Some(n) = turned_away.note() {
+                    tracing::warn!(
+                        turned_away = n,
+                        "control socket: {MAX_CLIENTS} clients connected; turning new ones away (logged at most once a minute)"
+                    );
+                }
+                turn_away(stream);
+            }
+        }
+    }
+    tracker.close();
+    tracker.wait().await;
+    drop(socket);
+}
+
+/// Counts events, telling when to log them: at most once a minute.
+#[derive(Default)]
+struct Throttle {
+    last: Option<Instant>,
+    count: u64,
+}
+
+impl Throttle {
+    /// Counts one; the number since the last log when one is due.
+    fn note(&mut self) -> Option<u64> {
+        self.count += 1;
+        let due = self
+            .last
+            .is_none_or(|l| l.elapsed() >= Duration::from_secs(60));
+        if !due {
+            return None;
+        }
+        self.last = Some(Instant::now());
+        Some(std::mem::take(&mut self.count))
+    }
+}
+
+/// Answers a client over the limit `too_many_clients` and hangs up, without
+/// waiting on it: a new connection's send buffer is empty, so one short
+/// line written without blocking goes through whole.
+fn turn_away(stream: UnixStream) {
+    use std::io::Write as _;
+    let r = Response::error(
+        ErrorCode::TooManyClients,
+        format!("too many control clients ({MAX_CLIENTS} connected); try again shortly"),
+    );
+    let mut line = serde_json::to_string(&r).expect("BUG: responses serialize");
+    line.push('\n');
+    if let Ok(s) = stream.into_std() {
+        let _ = (&s).write(line.as_bytes());
+    }
 }
 
 /// What every client task shares.
@@ -101,13 +347,30 @@ struct Ctx {
     shutdown: CancellationToken,
     /// Every session has stopped: the socket closes.
     closed: CancellationToken,
+    access: Arc<Access>,
+    /// How long a client may take to send a request.
+    idle: Duration,
+    refusals: Arc<RefusalLog>,
+    /// The socket's path, for messages.
+    path: Arc<str>,
 }
 
-type Conn = Framed<UnixStream, LinesCodec>;
+type Conn = Framed<UnixStream, AnyDelimiterCodec>;
 
+/// Request lines are read as bytes (a line that is not UTF-8 is answered,
+/// not a broken stream), at most [`MAX_LINE`] long.
+fn codec() -> AnyDelimiterCodec {
+    AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE)
+}
+
+/// Sends one line; false when the client is gone or has not read for
+/// [`SEND_TIMEOUT`].
 async fn send(conn: &mut Conn, r: &Response) -> bool {
     let line = serde_json::to_string(r).expect("BUG: responses serialize");
-    conn.send(line).await.is_ok()
+    matches!(
+        tokio::time::timeout(SEND_TIMEOUT, conn.send(line)).await,
+        Ok(Ok(()))
+    )
 }
 
 /// The answer to a client still connected when the daemon has stopped.
@@ -115,12 +378,67 @@ fn stopped() -> Response {
     Response::error(ErrorCode::ShuttingDown, "the daemon has stopped")
 }
 
+/// The answer to a client whose user may not use the socket.
+fn not_allowed(path: &str, access: &Access, uid: u32, gid: u32) -> Response {
+    Response::error(
+        ErrorCode::NotAllowed,
+        format!(
+            "uid {uid} (gid {gid}) may not use the control socket {path}; allowed: {}. To allow it, add the user to `allow_users` (or one of its groups to `allow_groups`) under [control] in the daemon's tether.toml and restart the daemon",
+            access.describe()
+        ),
+    )
+}
+
 /// One control client: any number of requests, one at a time.
 async fn client(stream: UnixStream, ctx: Ctx) {
-    let mut conn = Framed::new(stream, LinesCodec::new_with_max_length(MAX_LINE));
+    let cred = stream.peer_cred();
+    let mut conn = Framed::new(stream, codec());
+    match cred {
+        Ok(c) if ctx.access.allows(c.uid(), c.gid()) => {}
+        Ok(c) => {
+            if ctx.refusals.first(c.uid()) {
+                tracing::warn!(
+                    uid = c.uid(),
+                    gid = c.gid(),
+                    pid = c.pid(),
+                    allowed = %ctx.access.describe(),
+                    "control socket: refused a client whose user [control] does not allow (logged once per uid)"
+                );
+            }
+            let _ = send(
+                &mut conn,
+                &not_allowed(&ctx.path, &ctx.access, c.uid(), c.gid()),
+            )
+            .await;
+            return;
+        }
+        Err(e) => {
+            tracing::warn!(error = %e, "control socket: cannot read a client's credentials; closing it");
+            let r = Response::error(
+                ErrorCode::NotAllowed,
+                format!("the daemon cannot read this connection's credentials ({e}); closing it"),
+            );
+            let _ = send(&mut conn, &r).await;
+            return;
+        }
+    }
+    // Garbage and blank lines are answered but do not keep a client: only
+    // a request (once answered) starts its idle time again.
+    let mut idle_until = Instant::now() + ctx.idle;
     loop {
         let line = tokio::select! {
             l = conn.next() => l,
+            _ = tokio::time::sleep_until(idle_until) => {
+                let r = Response::error(
+                    ErrorCode::IdleTimeout,
+                    format!(
+                        "no request within {} (idle_timeout under [control]); closing this connection",
+                        humantime::format_duration(ctx.idle)
+                    ),
+                );
+                let _ = send(&mut conn, &r).await;
+                return;
+            }
             _ = ctx.closed.cancelled() => {
                 let _ = send(&mut conn, &stopped()).await;
                 return;
@@ -129,26 +447,23 @@ async fn client(stream: UnixStream, ctx: Ctx) {
         let line = match line {
             None => return,
             Some(Ok(l)) => l,
-            Some(Err(LinesCodecError::MaxLineLengthExceeded)) => {
+            Some(Err(AnyDelimiterCodecError::MaxChunkLengthExceeded)) => {
                 let _ = send(
                     &mut conn,
                     &Response::error(
                         ErrorCode::BadRequest,
-                        format!("request longer than {MAX_LINE} bytes"),
+                        format!("request longer than {MAX_LINE} bytes; closing this connection"),
                     ),
                 )
                 .await;
                 return;
             }
-            Some(Err(LinesCodecError::Io(_))) => return,
+            Some(Err(AnyDelimiterCodecError::Io(_))) => return,
         };
-        if line.trim().is_empty() {
-            continue;
-        }
-        let req: Request = match serde_json::from_str(&line) {
-            Ok(r) => r,
-            Err(e) => {
-                let msg = format!("not a valid request ({e}); see proto/CONTROL.md");
+        let req = match Request::parse(&line) {
+            Ok(Some(r)) => r,
+            Ok(None) => continue,
+            Err(msg) => {
                 if !send(&mut conn, &Response::error(ErrorCode::BadRequest, msg)).await {
                     return;
                 }
@@ -158,6 +473,7 @@ async fn client(stream: UnixStream, ctx: Ctx) {
         if !handle(&mut conn, &ctx, req).await {
             return;
         }
+        idle_until = Instant::now() + ctx.idle;
     }
 }
 
@@ -734,5 +1050,146 @@ fn event_db(e: &Event) -> &str {
         | Event::Upload { db, .. }
         | Event::Download { db, .. }
         | Event::Error { db, .. } => db,
+    }
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use std::sync::atomic::{AtomicBool, Ordering};
+
+    fn mode(p: &Path) -> u32 {
+        std::fs::symlink_metadata(p).unwrap().permissions().mode() & 0o777
+    }
+
+    /// Whoever looks at the path while the socket is being made sees
+    /// either nothing or a socket of mode 0660, never a wider mode.
+    #[tokio::test]
+    async fn the_socket_file_never_exists_with_another_mode() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        let stop = Arc::new(AtomicBool::new(false));
+        let watcher = std::thread::spawn({
+            let (path, stop) = (path.clone(), stop.clone());
+            move || {
+                let (mut looks, mut seen) = (0u64, std::collections::BTreeMap::new());
+                while !stop.load(Ordering::Relaxed) {
+                    if let Ok(m) = std::fs::symlink_metadata(&path) {
+                        looks += 1;
+                        let mode = m.permissions().mode() & 0o777;
+                        if mode != SOCKET_MODE {
+                            *seen.entry(format!("{mode:o}")).or_insert(0u64) += 1;
+                        }
+                    }
+                }
+                (looks, seen)
+            }
+        });
+        for _ in 0..300 {
+            let s = bind(&path).await.unwrap();
+            assert_eq!(mode(&path), SOCKET_MODE);
+            drop(s);
+            assert!(!path.exists(), "the socket file goes with the socket");
+        }
+        stop.store(true, Ordering::Relaxed);
+        let (looks, seen) = watcher.join().unwrap();
+        assert!(looks > 0, "the watcher saw the socket at least once");
+        assert!(
+            seen.is_empty(),
+            "modes seen besides 0660 (mode: times): {seen:?}"
+        );
+        // Nothing is left of the private directories.
+        let left: Vec<_> = std::fs::read_dir(dir.path())
+            .unwrap()
+            .map(|e| e.unwrap().file_name())
+            .filter(|n| n != "tether.sock.lock")
+            .collect();
+        assert!(left.is_empty(), "{left:?}");
+    }
+
+    #[tokio::test]
+    async fn a_socket_nobody_listens_on_is_replaced() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        drop(std::os::unix::net::UnixListener::bind(&path).unwrap());
+        assert!(path.exists());
+        let s = bind(&path).await.unwrap();
+        let c = UnixStream::connect(&path).await.unwrap();
+        drop(c);
+        drop(s);
+    }
+
+    #[tokio::test]
+    async fn what_is_not_a_socket_is_left_alone() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        std::fs::write(&path, "data").unwrap();
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::NotASocket(_)), "{e}");
+        assert_eq!(std::fs::read_to_string(&path).unwrap(), "data");
+        let target = dir.path().join("elsewhere.sock");
+        let _live = std::os::unix::net::UnixListener::bind(&target).unwrap();
+        let link = dir.path().join("link.sock");
+        std::os::unix::fs::symlink(&target, &link).unwrap();
+        let e = bind(&link).await.err().unwrap();
+        assert!(matches!(e, BindError::NotASocket(_)), "{e}");
+    }
+
+    /// A live daemon too busy to accept (its queue of new connections is
+    /// full: connecting fails with "try again", not "refused") keeps its
+    /// socket.
+    #[tokio::test]
+    async fn a_busy_live_socket_is_never_removed() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        let sock = tokio::net::UnixSocket::new_stream().unwrap();
+        sock.bind(&path).unwrap();
+        let _listener = sock.listen(1).unwrap();
+        let inode = std::fs::symlink_metadata(&path).unwrap().ino();
+        let mut queued = Vec::new();
+        let full = loop {
+            match UnixStream::connect(&path).await {
+                Ok(c) => queued.push(c),
+                Err(e) => break e,
+            }
+            assert!(queued.len() < 100, "the queue never filled");
+        };
+        assert_eq!(full.kind(), io::ErrorKind::WouldBlock, "{full}");
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::Unsure { .. }), "{e}");
+        assert!(e.to_string().contains("left alone"), "{e}");
+        assert_eq!(std::fs::symlink_metadata(&path).unwrap().ino(), inode);
+    }
+
+    /// The lock, not only the file, says a daemon owns the path: a second
+    /// one is refused even when the first one's file is gone, and the
+    /// first one, when it stops, removes only its own file.
+    #[tokio::test]
+    async fn a_running_daemon_keeps_its_path() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("tether.sock");
+        let first = bind(&path).await.unwrap();
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::InUse(_)), "{e}");
+        std::fs::remove_file(&path).unwrap();
+        let e = bind(&path).await.err().unwrap();
+        assert!(matches!(e, BindError::InUse(_)), "{e}");
+        std::fs::write(&path, "someone else's").unwrap();
+        drop(first);
+        assert!(path.exists(), "a file that is not its own stays");
+        std::fs::remove_file(&path).unwrap();
+        let again = bind(&path).await.unwrap();
+        assert!(path.exists());
+        drop(again);
+    }
+
+    #[test]
+    fn a_throttle_logs_at_most_once_a_minute_with_the_count() {
+        let mut t = Throttle::default();
+        assert_eq!(t.note(), Some(1));
+        assert_eq!(t.note(), None);
+        assert_eq!(t.note(), None);
+        t.last = Some(Instant::now() - Duration::from_secs(61));
+        assert_eq!(t.note(), Some(3));
     }
 }

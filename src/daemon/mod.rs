@@ -306,6 +306,7 @@ impl Daemon {
                 ("log_level", old.log_level != cfg.log_level),
                 ("metrics_listen", old.metrics_listen != cfg.metrics_listen),
                 ("control_socket", old.control_socket != cfg.control_socket),
+                ("[control]", old.control != cfg.control),
             ];
             for (key, _) in restart_only.iter().filter(|(_, changed)| *changed) {
                 report.warnings.push(format!(

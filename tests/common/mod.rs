@@ -143,6 +143,7 @@ impl World {
     ) -> EmbeddedDaemon {
         EmbeddedDaemon::start_with(tether::config::DaemonConfig {
             control_socket: PathBuf::from("/nonexistent/tether.sock"),
+            control: Default::default(),
             shutdown_timeout: tether::config::Dur(Duration::from_secs(10)),
             metrics_listen: None,
             log_level: None,
