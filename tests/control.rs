@@ -147,6 +147,13 @@ async fn pause_resume_wait_sync_and_status_from_the_cli() {
     })
     .await;
     assert!(!has_row(&d.join("b.db"), "held-back"));
+    // Still waiting, counted, while the session is live for downloads.
+    let st = status_json(&acfg, "one");
+    assert_eq!(
+        (st["pending_changes"].as_u64(), st["connection"].as_str()),
+        (Some(1), Some("connected")),
+        "{st}"
+    );
     let (code, _, _) = cli(&["resume", "one", "--upload", "--config", c(&acfg)]);
     assert_eq!(code, 0);
 
@@ -156,6 +163,14 @@ async fn pause_resume_wait_sync_and_status_from_the_cli() {
     assert_eq!(code, 0, "{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["type"], "sync", "{out}");
+    assert_eq!(
+        last["upload"]["applied"], 1,
+        "sync sent the one new row: {out}"
+    );
+    wait_until("the synced row on b", || {
+        has_row(&d.join("b.db"), "for-sync")
+    })
+    .await;
     wait_until("held-back row arrives after resume", || {
         has_row(&d.join("b.db"), "held-back")
     })
@@ -203,27 +218,31 @@ async fn wait_times_out_with_its_own_exit_code_while_the_hub_is_down() {
 async fn reconnect_wakes_a_session_in_a_long_backoff() {
     let s = setup();
     let d = s.dir.path();
-    // Reserve a port, then leave it closed: the daemon starts with no hub.
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
-    let slow = "initial = \"60s\"\nmax = \"120s\"";
-    let (_a, acfg) = start_daemon(d, "a", &port, &s.token_file, &[("one", "a1.db")], slow).await;
+    // The daemon starts with no hub behind its address.
+    let gate = Gate::start().await;
+    let slow = "initial = \"300s\"\nmax = \"600s\"";
+    let (_a, acfg) =
+        start_daemon(d, "a", &gate.addr, &s.token_file, &[("one", "a1.db")], slow).await;
     // Full jitter draws each delay between 0 and the exponential value, so a
-    // draw may be short; a short one is over at once and the next is drawn.
-    wait_until("in a long backoff", || {
+    // draw may be short; a short one is over soon and the next is drawn.
+    wait_until("in a backoff of at least 20 s", || {
         status_json(&acfg, "one")["backoff_ms"]
             .as_u64()
-            .is_some_and(|ms| ms >= 5000)
+            .is_some_and(|ms| ms >= 20_000)
     })
     .await;
-    let (_hub, _) = start_hub(d, &port, &s.token_hash, "hub").await;
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    gate.open_to(&addr);
+    let asked = std::time::Instant::now();
     let (code, out, err) = cli(&["reconnect", "--config", c(&acfg)]);
     assert_eq!(code, 0, "{err}");
     assert!(out.contains("one: woken"), "{out}");
-    wait_connected_cli(&acfg, "one").await;
+    // Well inside the backoff it was woken from (at least 20 s).
+    let sock = d.join("a.sock");
+    tokio::time::timeout(Duration::from_secs(10), wait_connected(&sock, "one"))
+        .await
+        .expect("connected at once, not after the backoff");
+    assert!(asked.elapsed() < Duration::from_secs(10));
     let (_, out, _) = cli(&["reconnect", "--json", "--config", c(&acfg)]);
     let v: serde_json::Value = serde_json::from_str(out.trim()).unwrap();
     assert_eq!(v["sessions"][0]["outcome"], "already_connected", "{out}");
@@ -257,28 +276,24 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
         status_json(&acfg, "one")["pending_changes"] == 500
     })
     .await;
-    // Progress of the outstanding upload, started before the resume.
-    let progress = std::process::Command::new(bin())
-        .args([
-            "progress",
-            "one",
-            "--upload",
-            "--json",
-            "--config",
-            c(&acfg),
-        ])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
-    cli(&["resume", "one", "--config", c(&acfg)]);
-    let out = tokio::task::spawn_blocking(move || progress.wait_with_output().unwrap())
-        .await
-        .unwrap();
-    assert!(out.status.success());
-    let lines: Vec<serde_json::Value> = String::from_utf8_lossy(&out.stdout)
-        .lines()
-        .map(|l| serde_json::from_str(l).unwrap())
-        .collect();
+    // Progress of the outstanding upload: its first line (the target) is
+    // out before the resume, so it follows the whole transfer.
+    let mut progress = Follow::start(&[
+        "progress",
+        "one",
+        "--upload",
+        "--json",
+        "--config",
+        c(&acfg),
+    ]);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    let mut lines = vec![progress.next(deadline, "the first progress line").await];
+    assert_eq!(lines[0]["transferred_changes"], 0, "{}", lines[0]);
+    let (code, _, err) = cli(&["resume", "one", "--config", c(&acfg)]);
+    assert_eq!(code, 0, "{err}");
+    while lines.last().unwrap()["type"] != "done" {
+        lines.push(progress.next(deadline, "the progress to end").await);
+    }
     let last_progress = lines
         .iter()
         .rev()
@@ -428,7 +443,18 @@ async fn the_control_socket_survives_garbage_and_guards_its_path() {
     let second = Proc::spawn(&["daemon", "--config", c(&acfg)], d.join("second.log"));
     let out = tokio::task::spawn_blocking(move || {
         let mut second = second;
-        let status = second.child.wait().unwrap();
+        let start = std::time::Instant::now();
+        let status = loop {
+            if let Some(s) = second.child.try_wait().unwrap() {
+                break s;
+            }
+            assert!(
+                start.elapsed() < DEADLINE,
+                "a second daemon on the same socket kept running: {}",
+                second.log_text()
+            );
+            std::thread::park_timeout(Duration::from_millis(10));
+        };
         (status, second.log_text())
     })
     .await
@@ -786,6 +812,51 @@ async fn cli_async(args: &[&str], limit: Duration) -> (i32, String, String, Dura
 
 /// A bounded CLI run.
 const CLI_LIMIT: Duration = Duration::from_secs(20);
+
+/// A port held for a hub that is not there yet: connections are cut at once
+/// until [`Gate::open_to`] names the hub, then forwarded to it. Nothing else
+/// can take the port in between (no port reserved by binding and letting go).
+struct Gate {
+    addr: String,
+    target: std::sync::Arc<std::sync::Mutex<Option<String>>>,
+    task: tokio::task::JoinHandle<()>,
+}
+
+impl Gate {
+    async fn start() -> Gate {
+        let listener = tokio::net::TcpListener::bind("127.0.0.1:0").await.unwrap();
+        let addr = listener.local_addr().unwrap().to_string();
+        let target = std::sync::Arc::new(std::sync::Mutex::new(None::<String>));
+        let t = target.clone();
+        let task = tokio::spawn(async move {
+            // Bounded: a test connects a few hundred times at most.
+            for _ in 0..10_000 {
+                let Ok((mut conn, _)) = listener.accept().await else {
+                    return;
+                };
+                let Some(hub) = t.lock().unwrap().clone() else {
+                    continue; // dropped: the hub is not there
+                };
+                tokio::spawn(async move {
+                    if let Ok(mut up) = tokio::net::TcpStream::connect(hub).await {
+                        let _ = tokio::io::copy_bidirectional(&mut conn, &mut up).await;
+                    }
+                });
+            }
+        });
+        Gate { addr, target, task }
+    }
+
+    fn open_to(&self, hub: &str) {
+        *self.target.lock().unwrap() = Some(hub.to_owned());
+    }
+}
+
+impl Drop for Gate {
+    fn drop(&mut self) {
+        self.task.abort();
+    }
+}
 
 /// `tether status DB --json` (bounded), the database's object and the
 /// daemon's state; `None` when the daemon did not answer.
@@ -1288,15 +1359,11 @@ async fn sync_reports_every_batch_answered_during_the_call_not_the_last_one() {
 async fn sync_connects_now_instead_of_waiting_out_a_backoff() {
     let s = setup();
     let d = s.dir.path();
-    // Reserve a port, then leave it closed: the daemon starts with no hub
-    // and draws long backoff delays (uniform up to 600 s at first).
-    let port = std::net::TcpListener::bind("127.0.0.1:0")
-        .unwrap()
-        .local_addr()
-        .unwrap()
-        .to_string();
+    // The daemon starts with no hub behind its address and draws long
+    // backoff delays (uniform up to 600 s at first).
+    let gate = Gate::start().await;
     let slow = "initial = \"600s\"\nmax = \"1200s\"";
-    let (_a, _) = start_daemon(d, "a", &port, &s.token_file, &[("one", "a1.db")], slow).await;
+    let (_a, _) = start_daemon(d, "a", &gate.addr, &s.token_file, &[("one", "a1.db")], slow).await;
     let sock = d.join("a.sock");
     wait_for("in a long backoff", || async {
         status_of(&sock, "one")
@@ -1304,7 +1371,8 @@ async fn sync_connects_now_instead_of_waiting_out_a_backoff() {
             .is_some_and(|(st, _)| st["backoff_ms"].as_u64().is_some_and(|ms| ms >= 30_000))
     })
     .await;
-    let (_hub, _) = start_hub(d, &port, &s.token_hash, "hub").await;
+    let (_hub, addr) = start_hub(d, "127.0.0.1:0", &s.token_hash, "hub").await;
+    gate.open_to(&addr);
     insert(&d.join("a1.db"), "now");
     let (code, out, err, _) = cli_async(
         &[
