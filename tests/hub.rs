@@ -113,6 +113,16 @@ async fn wrong_missing_or_out_of_scope_tokens_are_refused() {
         Some(HubFrame::Error(e)) => assert_eq!(e.code, ErrorCode::Forbidden),
         other => panic!("expected forbidden, got {other:?}"),
     }
+    // Nothing of it reached the store: the dataset's log is empty.
+    let store = rusqlite::Connection::open(dir.path().join("hub.db")).unwrap();
+    let logged: i64 = store
+        .query_row(
+            "SELECT coalesce(sum(head), 0) FROM datasets WHERE name = 'other'",
+            [],
+            |r| r.get(0),
+        )
+        .unwrap();
+    assert_eq!(logged, 0, "a read-only upload was stored");
 
     // A daemon with a bad token says so and waits for a new one.
     let d = tether::embedded::EmbeddedDaemon::start(
@@ -311,6 +321,12 @@ async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     };
     assert_eq!(again.results, first.results);
     wait_until("B got the one good row", || count(&b, "notes") == 1).await;
+    // Applied once in the store, not only answered alike.
+    let hub = rusqlite::Connection::open(world.path("hub.db")).unwrap();
+    let entries: i64 = hub
+        .query_row("SELECT count(*) FROM log_1", [], |r| r.get(0))
+        .unwrap();
+    assert_eq!(entries, 1, "the resent batch was stored again");
 
     // Meanwhile the daemons kept syncing.
     a.execute("INSERT INTO notes VALUES ('after', 't', 'b', 2)", [])
@@ -328,7 +344,9 @@ async fn oversized_frames_are_refused_without_hurting_the_hub() {
     let big = tokio_tungstenite::tungstenite::Message::Binary(
         vec![0x90; proto::MAX_FRAME_BYTES + 1].into(),
     );
-    // The hub may cut the connection while the frame is still being written.
+    // The hub may cut the connection while the frame is still being
+    // written, so the client may see a reset rather than the error frame;
+    // the hub's own count says why it ended the session.
     if ws.send(big).await.is_ok() {
         match raw_recv(&mut ws).await {
             None => {}
@@ -336,6 +354,14 @@ async fn oversized_frames_are_refused_without_hurting_the_hub() {
             Some(other) => panic!("expected a refusal, got {other:?}"),
         }
     }
+    let metrics = world.hub().hub.metrics();
+    wait_until("the refusal counted as frame_too_large", || {
+        metrics
+            .render()
+            .lines()
+            .any(|l| l.starts_with("tether_hub_refused_total{code=\"frame_too_large\"} 1"))
+    })
+    .await;
     // The hub still serves new sessions.
     let _ws = raw_session(&world, "next").await;
 }
