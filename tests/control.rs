@@ -308,11 +308,13 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
     assert_eq!(lines.last().unwrap()["type"], "done");
 
     // watch reports the connection going down and coming back.
-    let mut watch = std::process::Command::new(bin())
-        .args(["watch", "one", "--json", "--config", c(&acfg)])
-        .stdout(std::process::Stdio::piped())
-        .spawn()
-        .unwrap();
+    let mut watch = Killed(
+        std::process::Command::new(bin())
+            .args(["watch", "one", "--json", "--config", c(&acfg)])
+            .stdout(std::process::Stdio::piped())
+            .spawn()
+            .unwrap(),
+    );
     let stdout = watch.stdout.take().unwrap();
     let (tx, mut rx) = tokio::sync::mpsc::channel::<String>(256);
     std::thread::spawn(move || {
@@ -812,6 +814,29 @@ async fn cli_async(args: &[&str], limit: Duration) -> (i32, String, String, Dura
 
 /// A bounded CLI run.
 const CLI_LIMIT: Duration = Duration::from_secs(20);
+
+/// A child process killed when dropped (a failing test leaves none behind).
+struct Killed(std::process::Child);
+
+impl std::ops::Deref for Killed {
+    type Target = std::process::Child;
+    fn deref(&self) -> &std::process::Child {
+        &self.0
+    }
+}
+
+impl std::ops::DerefMut for Killed {
+    fn deref_mut(&mut self) -> &mut std::process::Child {
+        &mut self.0
+    }
+}
+
+impl Drop for Killed {
+    fn drop(&mut self) {
+        let _ = self.0.kill();
+        let _ = self.0.wait();
+    }
+}
 
 /// A port held for a hub that is not there yet: connections are cut at once
 /// until [`Gate::open_to`] names the hub, then forwarded to it. Nothing else
