@@ -53,6 +53,7 @@ async fn hub_with_scoped_tokens(dir: &std::path::Path) -> (EmbeddedHub, String, 
         read_timeout: Dur(std::time::Duration::from_secs(60)),
         tls_cert: None,
         tls_key: None,
+        limits: Default::default(),
     };
     let hub = EmbeddedHub::start_with(config, full.clone()).await.unwrap();
     (hub, full, only_other)
@@ -367,6 +368,7 @@ async fn hub_for_limits(
         read_timeout: Dur(read_timeout),
         tls_cert: None,
         tls_key: None,
+        limits: Default::default(),
     };
     let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
     (hub, rw, ro)
