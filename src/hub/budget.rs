@@ -344,6 +344,13 @@ impl Conn {
         }
     }
 
+    /// The session started: what was read up to its `hello` is done with.
+    /// (Bytes read ahead of the next message are forgotten with it: at most
+    /// one read of the socket.)
+    pub fn session_started(&self) {
+        self.consumed(u64::MAX, false);
+    }
+
     /// Bytes of uploads held so far (for [`Conn::applied`]).
     pub fn held(&self) -> u64 {
         self.held.load(Ordering::Relaxed)

@@ -110,6 +110,9 @@ pub(super) async fn run(
     } = opened;
     let metrics = inner.metrics.session(&dataset);
     let conn = ws.get_ref().get_ref().get_ref().conn().cloned();
+    if let Some(c) = &conn {
+        c.session_started();
+    }
     let limits = inner.budget.limits();
     let per_second =
         std::num::NonZeroU32::new(limits.max_frames_per_second).expect("BUG: validated above zero");
