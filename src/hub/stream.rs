@@ -58,6 +58,9 @@ impl AsyncRead for HubStream {
         buf: &mut ReadBuf<'_>,
     ) -> Poll<io::Result<()>> {
         let this = self.get_mut();
+        if this.conn.as_ref().is_some_and(|c| c.tripped().is_some()) {
+            return poll_discard(&mut this.io, cx);
+        }
         let before = buf.filled().len();
         let r = match &mut this.io {
             Io::Plain(s) => Pin::new(s).poll_read(cx, buf),
@@ -71,6 +74,29 @@ impl AsyncRead for HubStream {
         }
         r
     }
+}
+
+/// Past a limit, what the client still sends is read and dropped until it
+/// closes (end of stream), so the connection's last frames are not lost to a
+/// reset; nothing of it reaches the WebSocket.
+fn poll_discard(io: &mut Io, cx: &mut Context<'_>) -> Poll<io::Result<()>> {
+    let mut scratch = [0u8; 8192];
+    // A client that keeps sending does not keep this task: after 128 KiB,
+    // other tasks run first.
+    for _ in 0..16 {
+        let mut b = ReadBuf::new(&mut scratch);
+        let r = match io {
+            Io::Plain(s) => Pin::new(s).poll_read(cx, &mut b),
+            Io::Tls(s) => Pin::new(s.as_mut()).poll_read(cx, &mut b),
+        };
+        match r {
+            Poll::Ready(Ok(())) if b.filled().is_empty() => return Poll::Ready(Ok(())),
+            Poll::Ready(Ok(())) => continue,
+            other => return other,
+        }
+    }
+    cx.waker().wake_by_ref();
+    Poll::Pending
 }
 
 impl AsyncWrite for HubStream {

@@ -42,6 +42,10 @@ use crate::proto::{
 /// take to be written before the connection is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
 
+/// Longest time a refused session reads (and drops) what its client still
+/// sends, waiting for it to close, after the error and close frames.
+const LINGER: Duration = Duration::from_secs(2);
+
 type Pending<T> = Option<JoinHandle<T>>;
 
 /// What an apply task did: `None` when the session was replaced before the
@@ -148,7 +152,21 @@ pub(super) async fn run(
     loop {
         for a in actions.drain(..) {
             if let Some(ending) = d.perform(a) {
-                return d.finish(ending).await;
+                let linger =
+                    matches!(&ending.1, Ending::Refuse(r) if r.code != ErrorCode::ShuttingDown);
+                d.finish(ending).await;
+                if linger {
+                    // What the client still sends is read and dropped for a
+                    // moment: closing with unread bytes would answer them
+                    // with a reset, which can destroy the error frame on its
+                    // way to the client.
+                    let drain = async { while let Some(Ok(_)) = reader.next().await {} };
+                    tokio::select! {
+                        _ = tokio::time::timeout(LINGER, drain) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+                return;
             }
         }
         if d.out.flushed() != reported {
