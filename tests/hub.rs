@@ -1160,23 +1160,49 @@ async fn sessions_and_each_tokens_connections_stop_at_their_limits_with_a_clear_
 
 #[tokio::test(flavor = "multi_thread", worker_threads = 2)]
 async fn a_session_sending_frames_past_its_rate_is_refused_and_others_keep_syncing() {
-    use futures_util::SinkExt;
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
     let dir = tempfile::tempdir().unwrap();
     let (hub, rw, other) = budget_hub(dir.path(), |l| l.max_frames_per_second = 20).await;
     let url = hub.url();
     let mut calm = session_at(&url, &other, &hello("calm", false)).await;
-    let mut busy = session_at(&url, &rw, &hello("busy", false)).await;
-    let ping = tokio_tungstenite::tungstenite::Message::Ping(vec![1].into());
-    for _ in 0..100 {
-        if busy.send(ping.clone()).await.is_err() {
-            break;
+    let busy = session_at(&url, &rw, &hello("busy", false)).await;
+    // Pings as fast as they go, still coming while the hub refuses: the
+    // error frame must reach the client all the same.
+    let (mut tx, mut rx) = busy.split();
+    let sender = tokio::spawn(async move {
+        let ping = Message::Ping(vec![1].into());
+        for _ in 0..20_000 {
+            if tx.send(ping.clone()).await.is_err() {
+                return;
+            }
         }
-    }
-    let m = refused_with(&mut busy, ErrorCode::Internal).await;
+    });
+    let error = loop {
+        let m = tokio::time::timeout(DEADLINE, rx.next())
+            .await
+            .expect("the hub answers within the deadline");
+        match m {
+            Some(Ok(Message::Binary(b))) => match proto::decode::<HubFrame>(&b).unwrap() {
+                HubFrame::Error(e) => break e,
+                f => panic!("expected an error frame, got {f:?}"),
+            },
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("connection broken before the error frame: {e}"),
+            None => panic!("closed without an error frame"),
+        }
+    };
+    assert_eq!(error.code, ErrorCode::Internal, "{}", error.message);
     assert!(
-        m.contains("more than 20 frames a second") && m.contains("max_frames_per_second"),
-        "{m}"
+        error.message.contains("more than 20 frames a second")
+            && error.message.contains("max_frames_per_second"),
+        "{}",
+        error.message
     );
+    tokio::time::timeout(DEADLINE, sender)
+        .await
+        .expect("the sender stops once the connection closes")
+        .unwrap();
     assert_eq!(limited(&hub, Limit::max_frames_per_second), 1);
     let got = upload_answered(&mut calm, 1, vec![row_change(1, "calm", 4)]).await;
     assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
