@@ -484,6 +484,116 @@ pub struct HubConfig {
     /// PEM private key of `tls_cert`.
     #[serde(default)]
     pub tls_key: Option<PathBuf>,
+    /// `[limits]`: budgets that keep one client, or a flood of connections,
+    /// from taking the hub from everyone else.
+    #[serde(default)]
+    pub limits: HubLimits,
+}
+
+/// `[limits]` of `hub.toml`. Each limit is named in the error a client gets
+/// when it meets it, and counted in `tether_hub_limited_total{limit=...}`.
+#[derive(Clone, Debug, Deserialize, PartialEq)]
+#[serde(deny_unknown_fields, default)]
+pub struct HubLimits {
+    /// Connections past the token check (upgrade, `hello`, live sessions).
+    pub max_sessions: usize,
+    /// Connections that have not presented a valid token yet (TLS
+    /// handshake, request head). A newcomer past this closes the one that
+    /// waited longest, so a flood never keeps a daemon out.
+    pub max_unauthenticated: usize,
+    /// The same, per source address.
+    pub max_unauthenticated_per_address: usize,
+    /// Time a connection has to present a valid token (TLS handshake and
+    /// request head together).
+    pub unauthenticated_timeout: Dur,
+    /// Connections presenting the same token at once.
+    pub max_connections_per_token: usize,
+    /// Frames (any WebSocket message, pings included) a session may send in
+    /// one second, on average; as many may come in one burst.
+    pub max_frames_per_second: u32,
+    /// Bytes of incomplete frames buffered across all connections, in MiB.
+    pub max_partial_frames_mib: u64,
+    /// Bytes received from one token's connections and not yet done with
+    /// (incomplete frames, uploads waiting to be applied), in MiB.
+    pub max_in_flight_mib_per_token: u64,
+    /// Changes in one `upload`: a larger batch would hold its dataset for
+    /// long. At least [`crate::proto::MAX_BATCH_CHANGES`], what daemons send.
+    pub max_upload_changes: usize,
+}
+
+impl Default for HubLimits {
+    fn default() -> Self {
+        HubLimits {
+            max_sessions: 4096,
+            max_unauthenticated: 1024,
+            max_unauthenticated_per_address: 64,
+            unauthenticated_timeout: Dur(Duration::from_secs(5)),
+            max_connections_per_token: 512,
+            max_frames_per_second: 1000,
+            max_partial_frames_mib: 256,
+            max_in_flight_mib_per_token: 128,
+            max_upload_changes: 2 * crate::proto::MAX_BATCH_CHANGES,
+        }
+    }
+}
+
+impl HubLimits {
+    /// The first key whose value is out of range, and why.
+    fn check(&self) -> Result<(), (&'static str, String)> {
+        let positive = [
+            ("max_sessions", self.max_sessions as u64),
+            ("max_unauthenticated", self.max_unauthenticated as u64),
+            (
+                "max_unauthenticated_per_address",
+                self.max_unauthenticated_per_address as u64,
+            ),
+            (
+                "max_connections_per_token",
+                self.max_connections_per_token as u64,
+            ),
+            (
+                "max_frames_per_second",
+                u64::from(self.max_frames_per_second),
+            ),
+            ("max_partial_frames_mib", self.max_partial_frames_mib),
+            (
+                "max_in_flight_mib_per_token",
+                self.max_in_flight_mib_per_token,
+            ),
+        ];
+        if let Some((key, _)) = positive.iter().find(|(_, v)| *v == 0) {
+            return Err((key, "must be at least 1".into()));
+        }
+        if self.unauthenticated_timeout.0.is_zero() {
+            return Err((
+                "unauthenticated_timeout",
+                "must be above zero, like \"5s\"".into(),
+            ));
+        }
+        if self.max_upload_changes < crate::proto::MAX_BATCH_CHANGES {
+            return Err((
+                "max_upload_changes",
+                format!(
+                    "{} is below {}, the changes a tether daemon may put in one batch: its uploads would be refused",
+                    self.max_upload_changes,
+                    crate::proto::MAX_BATCH_CHANGES
+                ),
+            ));
+        }
+        let mib = u64::MAX >> 20;
+        for (key, v) in [
+            ("max_partial_frames_mib", self.max_partial_frames_mib),
+            (
+                "max_in_flight_mib_per_token",
+                self.max_in_flight_mib_per_token,
+            ),
+        ] {
+            if v > mib {
+                return Err((key, format!("{v} MiB is more than can be counted")));
+            }
+        }
+        Ok(())
+    }
 }
 
 #[derive(Clone, Debug, Deserialize)]
@@ -551,6 +661,9 @@ impl HubConfig {
             (None, Some(_)) => return Err(bad("tls_cert".into(), "tls_key is set but tls_cert is not: set both (PEM files) to serve wss://, or neither for plain ws://".into())),
             _ => {}
         }
+        cfg.limits
+            .check()
+            .map_err(|(key, m)| bad(format!("limits.{key}"), m))?;
         let mut names = HashSet::new();
         for (i, d) in cfg.datasets.iter().enumerate() {
             if !names.insert(d.name.clone()) {
@@ -631,5 +744,49 @@ mod tls_tests {
         )
         .unwrap();
         assert_eq!(ok.tls_key.as_deref(), Some(Path::new("k.pem")));
+    }
+}
+
+#[cfg(test)]
+mod limits_tests {
+    use super::*;
+
+    const BASE: &str = "listen = \"127.0.0.1:0\"\nstore = \"sqlite:/tmp/x.db\"\n";
+
+    fn load(extra: &str) -> Result<HubConfig, String> {
+        HubConfig::from_str(Path::new("hub.toml"), &format!("{BASE}{extra}"))
+            .map_err(|e| e.to_string())
+    }
+
+    #[test]
+    fn limits_default_when_absent_and_are_read_from_their_table() {
+        assert_eq!(load("").unwrap().limits, HubLimits::default());
+        let l = load("[limits]\nmax_sessions = 10\nunauthenticated_timeout = \"2s\"\n")
+            .unwrap()
+            .limits;
+        assert_eq!(l.max_sessions, 10);
+        assert_eq!(l.unauthenticated_timeout, Dur(Duration::from_secs(2)));
+        assert_eq!(
+            l.max_upload_changes,
+            HubLimits::default().max_upload_changes
+        );
+    }
+
+    #[test]
+    fn out_of_range_limits_are_refused_naming_the_key() {
+        let e = load("[limits]\nmax_frames_per_second = 0\n").unwrap_err();
+        assert!(
+            e.contains("limits.max_frames_per_second") && e.contains("at least 1"),
+            "{e}"
+        );
+        let e = load("[limits]\nunauthenticated_timeout = \"0s\"\n").unwrap_err();
+        assert!(e.contains("limits.unauthenticated_timeout"), "{e}");
+        let e = load("[limits]\nmax_upload_changes = 100\n").unwrap_err();
+        assert!(
+            e.contains("limits.max_upload_changes") && e.contains("4000"),
+            "{e}"
+        );
+        let e = load("[limits]\nmax_conections = 3\n").unwrap_err();
+        assert!(e.contains("max_conections"), "{e}");
     }
 }

@@ -60,6 +60,7 @@ impl EmbeddedHub {
             read_timeout: Dur(Duration::from_secs(120)),
             tls_cert: None,
             tls_key: None,
+            limits: Default::default(),
         };
         Self::start_with(config, token).await
     }

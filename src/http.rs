@@ -31,6 +31,8 @@ pub struct Head {
     pub path: String,
     /// Whether the client asks for a WebSocket upgrade.
     pub websocket: bool,
+    /// The `Authorization` header, when there is one.
+    pub authorization: Option<String>,
     /// Every byte read from the connection so far (the head, maybe more).
     pub raw: Vec<u8>,
 }
@@ -67,12 +69,19 @@ pub async fn read_head<S: AsyncRead + Unpin>(s: &mut S) -> Result<Head, HeadErro
                             .to_ascii_lowercase()
                             .contains("websocket")
                 });
+                let authorization = req
+                    .headers
+                    .iter()
+                    .find(|h| h.name.eq_ignore_ascii_case("authorization"))
+                    .and_then(|h| std::str::from_utf8(h.value).ok())
+                    .map(str::to_owned);
                 let target = req.path.unwrap_or("/");
                 let path = target.split('?').next().unwrap_or("/").to_owned();
                 return Ok(Head {
                     method: req.method.unwrap_or("").to_owned(),
                     path,
                     websocket,
+                    authorization,
                     raw,
                 });
             }
@@ -108,6 +117,7 @@ fn reason(status: u16) -> &'static str {
         404 => "Not Found",
         405 => "Method Not Allowed",
         426 => "Upgrade Required",
+        429 => "Too Many Requests",
         503 => "Service Unavailable",
         _ => "",
     }
@@ -204,6 +214,11 @@ impl<S> Prefixed<S> {
             inner,
         }
     }
+
+    /// The stream the bytes come from after the prefix.
+    pub fn get_ref(&self) -> &S {
+        &self.inner
+    }
 }
 
 impl<S: AsyncRead + Unpin> AsyncRead for Prefixed<S> {
@@ -265,6 +280,7 @@ mod tests {
         assert_eq!(head.method, "GET");
         assert_eq!(head.path, "/metrics");
         assert!(head.websocket);
+        assert_eq!(head.authorization, None);
         let mut again = Prefixed::new(head.raw, server);
         let mut buf = vec![0u8; req.len()];
         again.read_exact(&mut buf).await.unwrap();

@@ -342,6 +342,50 @@ struct OpLabel {
     op: StoreOp,
 }
 
+/// A hub limit (a key of `[limits]` in `hub.toml`), as counted in
+/// `tether_hub_limited_total`.
+#[derive(Clone, Copy, Debug, Hash, PartialEq, Eq, EncodeLabelValue)]
+#[allow(non_camel_case_types)]
+pub enum Limit {
+    /// An unauthenticated connection closed for a newer one (hub budget).
+    max_unauthenticated,
+    /// The same, for the budget of its source address.
+    max_unauthenticated_per_address,
+    /// An unauthenticated connection that presented no valid token in time.
+    unauthenticated_timeout,
+    /// A connection with a valid token refused: every session place taken.
+    max_sessions,
+    /// The same: its token's connections were all taken.
+    max_connections_per_token,
+    /// A session that sent frames faster than allowed.
+    max_frames_per_second,
+    /// A connection closed: incomplete frames across the hub at their limit.
+    max_partial_frames_mib,
+    /// A connection closed: its token's bytes in flight at their limit.
+    max_in_flight_mib_per_token,
+    /// An upload of more changes than allowed.
+    max_upload_changes,
+}
+
+impl Limit {
+    pub const ALL: [Limit; 9] = [
+        Limit::max_unauthenticated,
+        Limit::max_unauthenticated_per_address,
+        Limit::unauthenticated_timeout,
+        Limit::max_sessions,
+        Limit::max_connections_per_token,
+        Limit::max_frames_per_second,
+        Limit::max_partial_frames_mib,
+        Limit::max_in_flight_mib_per_token,
+        Limit::max_upload_changes,
+    ];
+}
+
+#[derive(Clone, Debug, Hash, PartialEq, Eq, EncodeLabelSet)]
+struct LimitLabel {
+    limit: Limit,
+}
+
 /// The hub's metrics; see the README for what each one means.
 #[derive(Debug)]
 pub struct HubMetrics {
@@ -355,6 +399,9 @@ pub struct HubMetrics {
     bytes_out: Family<DatasetLabel, Counter>,
     fanout: Family<DatasetLabel, Histogram, fn() -> Histogram>,
     store: Family<OpLabel, Histogram, fn() -> Histogram>,
+    limited: Family<LimitLabel, Counter>,
+    unauthenticated: Gauge,
+    partial_bytes: Gauge,
 }
 
 impl Default for HubMetrics {
@@ -366,7 +413,7 @@ impl Default for HubMetrics {
 impl HubMetrics {
     pub fn new() -> HubMetrics {
         let mut r = Registry::with_prefix("tether_hub");
-        HubMetrics {
+        let m = HubMetrics {
             sessions: add(
                 &mut r,
                 "sessions",
@@ -421,12 +468,55 @@ impl HubMetrics {
                 "Time of store operations",
                 Family::new_with_constructor(latency as fn() -> Histogram),
             ),
+            limited: add(
+                &mut r,
+                "limited",
+                "Connections closed or refused, or sessions ended, by the [limits] key of hub.toml they met",
+                Family::default(),
+            ),
+            unauthenticated: add(
+                &mut r,
+                "unauthenticated_connections",
+                "Connections that have not presented a valid token yet",
+                Gauge::default(),
+            ),
+            partial_bytes: add(
+                &mut r,
+                "partial_frame_bytes",
+                "Bytes read from connections with a valid token and not yet part of a complete message",
+                Gauge::default(),
+            ),
             registry: r,
+        };
+        // Every limit shows, at zero, before it is ever met.
+        for limit in Limit::ALL {
+            let _ = m.limited.get_or_create(&LimitLabel { limit });
         }
+        m
     }
 
     pub fn render(&self) -> String {
         encode(&self.registry)
+    }
+
+    /// A connection or session met `limit`.
+    pub fn limited(&self, limit: Limit) {
+        self.limited.get_or_create(&LimitLabel { limit }).inc();
+    }
+
+    /// How many times `limit` was met so far.
+    pub fn limited_count(&self, limit: Limit) -> u64 {
+        self.limited.get_or_create(&LimitLabel { limit }).get()
+    }
+
+    /// Unauthenticated connections came (`1`) or went (`-1`).
+    pub fn unauthenticated(&self, delta: i64) {
+        self.unauthenticated.inc_by(delta);
+    }
+
+    /// Bytes of incomplete frames were read (positive) or taken (negative).
+    pub fn partial_bytes(&self, delta: i64) {
+        self.partial_bytes.inc_by(delta);
     }
 
     /// Shows a configured dataset's figures (at zero) before any session.

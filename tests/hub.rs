@@ -53,6 +53,7 @@ async fn hub_with_scoped_tokens(dir: &std::path::Path) -> (EmbeddedHub, String, 
         read_timeout: Dur(std::time::Duration::from_secs(60)),
         tls_cert: None,
         tls_key: None,
+        limits: Default::default(),
     };
     let hub = EmbeddedHub::start_with(config, full.clone()).await.unwrap();
     (hub, full, only_other)
@@ -399,6 +400,7 @@ async fn hub_for_limits(
         read_timeout: Dur(read_timeout),
         tls_cert: None,
         tls_key: None,
+        limits: Default::default(),
     };
     let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
     (hub, rw, ro)
@@ -1340,5 +1342,388 @@ async fn a_read_only_token_cannot_register_a_schema_and_lock_devices_out() {
     wait_converged(&a, &b, "notes").await;
     da.stop().await;
     db.stop().await;
+}
+
+// ---- Budgets: what one client, one token or a flood may take ----
+
+use tether::config::HubLimits;
+use tether::metrics::Limit;
+
+/// A hub with dataset `db` (table `notes`), two read-write tokens (`rw`,
+/// `other`) and the given limits.
+async fn budget_hub(
+    dir: &std::path::Path,
+    limits: impl FnOnce(&mut HubLimits),
+) -> (EmbeddedHub, String, String) {
+    let (rw, other) = (new_token(), new_token());
+    let mut l = HubLimits::default();
+    limits(&mut l);
+    let token = |name: &str, t: &str| TokenConfig {
+        name: name.into(),
+        sha256: hash_token(t),
+        datasets: vec!["*".into()],
+        access: TokenAccess::ReadWrite,
+    };
+    let config = HubConfig {
+        listen: "127.0.0.1:0".into(),
+        store: format!("sqlite:{}", dir.join("hub.db").display()),
+        datasets: vec![tether::config::DatasetConfig {
+            name: "db".into(),
+            tables: vec!["notes".into()],
+        }],
+        tokens: vec![token("rw", &rw), token("other", &other)],
+        metrics: true,
+        log_level: None,
+        read_timeout: Dur(std::time::Duration::from_secs(60)),
+        tls_cert: None,
+        tls_key: None,
+        limits: l,
+    };
+    let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
+    (hub, rw, other)
+}
+
+fn limited(hub: &EmbeddedHub, limit: Limit) -> u64 {
+    hub.hub.metrics().limited_count(limit)
+}
+
+/// The value of an unlabelled gauge in the hub's metrics.
+fn gauge(hub: &EmbeddedHub, name: &str) -> f64 {
+    let text = hub.hub.metrics().render();
+    text.lines()
+        .find_map(|l| l.strip_prefix(name)?.strip_prefix(' ')?.parse().ok())
+        .unwrap_or_else(|| panic!("no {name} in\n{text}"))
+}
+
+/// The status and body of an HTTP refusal at the upgrade.
+fn http_refusal(e: WsError) -> (u16, String) {
+    match e {
+        WsError::Http(resp) => (
+            resp.status().as_u16(),
+            String::from_utf8_lossy(resp.body().as_deref().unwrap_or_default()).into_owned(),
+        ),
+        other => panic!("expected an HTTP refusal, got {other}"),
+    }
+}
+
+/// A session opened with `token` uploads one row and gets it answered.
+async fn still_served(url: &str, token: &str, client: &str) {
+    let mut ws = session_at(url, token, &hello(client, false)).await;
+    let got = upload_answered(&mut ws, 1, vec![row_change(1, client, 4)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+}
+
+/// Opens `n` TCP connections to `addr` that send nothing.
+async fn idle_sockets(addr: std::net::SocketAddr, n: usize) -> Vec<tokio::net::TcpStream> {
+    let mut out = Vec::with_capacity(n);
+    let deadline = tokio::time::Instant::now() + DEADLINE;
+    for i in 0..n {
+        let s = tokio::time::timeout_at(deadline, tokio::net::TcpStream::connect(addr))
+            .await
+            .unwrap_or_else(|_| panic!("{i} of {n} idle sockets connected within {DEADLINE:?}"))
+            .unwrap();
+        out.push(s);
+    }
+    out
+}
+
+/// Reads what the hub sends on a socket until it closes it; `None` when it
+/// is still open at the deadline.
+async fn closed_with(s: &mut tokio::net::TcpStream, within: std::time::Duration) -> Option<String> {
+    use tokio::io::AsyncReadExt;
+    let mut got = Vec::new();
+    match tokio::time::timeout(within, s.read_to_end(&mut got)).await {
+        Ok(_) => Some(String::from_utf8_lossy(&got).into_owned()),
+        Err(_) => None,
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_flood_of_unauthenticated_sockets_never_keeps_a_daemon_out() {
+    // More idle sockets than the hub ever served at once: first with the
+    // default limits (all come from one address, so its own budget of 64
+    // fills), then with no address budget to speak of (the hub's budget of
+    // unauthenticated connections fills).
+    const FLOOD: usize = 4200;
+    for per_address in [
+        HubLimits::default().max_unauthenticated_per_address,
+        100_000,
+    ] {
+        let dir = tempfile::tempdir().unwrap();
+        let (hub, rw, other) = budget_hub(dir.path(), |l| {
+            l.max_unauthenticated_per_address = per_address;
+        })
+        .await;
+        let url = hub.url();
+        let mut live = session_at(&url, &other, &hello("live", false)).await;
+        let mut flood = idle_sockets(hub.addr, FLOOD).await;
+        // A daemon's connect, hello and welcome, while the flood is open.
+        let t0 = std::time::Instant::now();
+        let newcomer = hello("newcomer", false);
+        let connect = session_at(&url, &rw, &newcomer);
+        let mut ws = tokio::time::timeout(std::time::Duration::from_secs(5), connect)
+            .await
+            .unwrap_or_else(|_| panic!("no session within 5 s behind {FLOOD} idle sockets"));
+        let took = t0.elapsed();
+        let got = upload_answered(&mut ws, 1, vec![row_change(1, "new", 4)]).await;
+        assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+        // The session that was live all along is served too.
+        let got = upload_answered(&mut live, 1, vec![row_change(1, "live", 4)]).await;
+        assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+        // The oldest flood socket was closed with a clear answer.
+        let first = closed_with(&mut flood[0], DEADLINE)
+            .await
+            .expect("the oldest idle socket is closed");
+        assert!(
+            first.starts_with("HTTP/1.1 503") && first.contains("waited longest"),
+            "{first}"
+        );
+        let (address, overall) = (
+            limited(&hub, Limit::max_unauthenticated_per_address),
+            limited(&hub, Limit::max_unauthenticated),
+        );
+        let evicted = if per_address < 1000 { address } else { overall };
+        assert!(evicted as usize >= FLOOD - 1024, "{address} {overall}");
+        let pending = gauge(&hub, "tether_hub_unauthenticated_connections");
+        assert!(pending <= 1024.0, "{pending}");
+        eprintln!(
+            "per address {per_address}: session after {took:?} behind {FLOOD} idle sockets; closed {address} for their address, {overall} for the hub"
+        );
+        drop(flood);
+        hub.stop().await;
+    }
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_connection_that_presents_no_token_in_time_is_closed() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, _) = budget_hub(dir.path(), |l| {
+        l.unauthenticated_timeout = Dur(std::time::Duration::from_millis(300));
+    })
+    .await;
+    let mut idle = idle_sockets(hub.addr, 1).await;
+    // Well before the 10 s a request head may take otherwise.
+    let got = closed_with(&mut idle[0], std::time::Duration::from_secs(5)).await;
+    assert_eq!(got.as_deref(), Some(""), "closed without an answer");
+    assert_eq!(limited(&hub, Limit::unauthenticated_timeout), 1);
+    still_served(&hub.url(), &rw, "legit").await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn sessions_and_each_tokens_connections_stop_at_their_limits_with_a_clear_answer() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, other) = budget_hub(dir.path(), |l| {
+        l.max_sessions = 3;
+        l.max_connections_per_token = 2;
+    })
+    .await;
+    let url = hub.url();
+    let mut a1 = session_at(&url, &rw, &hello("a1", false)).await;
+    let _a2 = session_at(&url, &rw, &hello("a2", false)).await;
+    let e = raw_connect(&url, Some(&rw), Some("db")).await.unwrap_err();
+    let (status, body) = http_refusal(e);
+    assert_eq!(status, 429, "{body}");
+    assert!(
+        body.contains("token \"rw\"") && body.contains("max_connections_per_token"),
+        "{body}"
+    );
+    // Another token still connects, up to the hub's sessions.
+    let mut b1 = session_at(&url, &other, &hello("b1", false)).await;
+    let e = raw_connect(&url, Some(&other), Some("db"))
+        .await
+        .unwrap_err();
+    let (status, body) = http_refusal(e);
+    assert_eq!(status, 503, "{body}");
+    assert!(body.contains("max_sessions"), "{body}");
+    assert_eq!(limited(&hub, Limit::max_connections_per_token), 1);
+    assert_eq!(limited(&hub, Limit::max_sessions), 1);
+    // The sessions in place are served; one leaving makes room.
+    let got = upload_answered(&mut b1, 1, vec![row_change(1, "b", 4)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+    let got = upload_answered(&mut a1, 1, vec![row_change(1, "a", 4)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+    drop(a1);
+    let metrics = hub.hub.metrics();
+    wait_until("the closed session left", || {
+        metrics
+            .render()
+            .lines()
+            .any(|l| l == "tether_hub_sessions{dataset=\"db\"} 2")
+    })
+    .await;
+    still_served(&url, &other, "b2").await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_session_sending_frames_past_its_rate_is_refused_and_others_keep_syncing() {
+    use futures_util::{SinkExt, StreamExt};
+    use tokio_tungstenite::tungstenite::Message;
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, other) = budget_hub(dir.path(), |l| l.max_frames_per_second = 20).await;
+    let url = hub.url();
+    let mut calm = session_at(&url, &other, &hello("calm", false)).await;
+    let busy = session_at(&url, &rw, &hello("busy", false)).await;
+    // Pings as fast as they go, still coming while the hub refuses: the
+    // error frame must reach the client all the same.
+    let (mut tx, mut rx) = busy.split();
+    let sender = tokio::spawn(async move {
+        let ping = Message::Ping(vec![1].into());
+        for _ in 0..20_000 {
+            if tx.send(ping.clone()).await.is_err() {
+                return;
+            }
+        }
+    });
+    let error = loop {
+        let m = tokio::time::timeout(DEADLINE, rx.next())
+            .await
+            .expect("the hub answers within the deadline");
+        match m {
+            Some(Ok(Message::Binary(b))) => match proto::decode::<HubFrame>(&b).unwrap() {
+                HubFrame::Error(e) => break e,
+                f => panic!("expected an error frame, got {f:?}"),
+            },
+            Some(Ok(_)) => continue,
+            Some(Err(e)) => panic!("connection broken before the error frame: {e}"),
+            None => panic!("closed without an error frame"),
+        }
+    };
+    assert_eq!(error.code, ErrorCode::Internal, "{}", error.message);
+    assert!(
+        error.message.contains("more than 20 frames a second")
+            && error.message.contains("max_frames_per_second"),
+        "{}",
+        error.message
+    );
+    tokio::time::timeout(DEADLINE, sender)
+        .await
+        .expect("the sender stops once the connection closes")
+        .unwrap();
+    assert_eq!(limited(&hub, Limit::max_frames_per_second), 1);
+    let got = upload_answered(&mut calm, 1, vec![row_change(1, "calm", 4)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn an_upload_of_more_changes_than_allowed_is_refused_and_a_daemons_largest_batch_is_applied()
+{
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, other) = budget_hub(dir.path(), |_| {}).await;
+    let url = hub.url();
+    let mut watcher = session_at(&url, &other, &hello("watcher", false)).await;
+    // As probed: 100,000 small changes in one frame.
+    let mut huge = session_at(&url, &rw, &hello("huge", false)).await;
+    let changes: Vec<Change> = (1..=100_000)
+        .map(|n| row_change(n, &format!("k{n}"), 4))
+        .collect();
+    raw_send(&mut huge, proto::encode(&upload(1, changes))).await;
+    let m = refused_with(&mut huge, ErrorCode::FrameTooLarge).await;
+    assert!(
+        m.contains("upload of 100000 changes") && m.contains("max_upload_changes"),
+        "{m}"
+    );
+    assert_eq!(limited(&hub, Limit::max_upload_changes), 1);
+    // Nothing of it was stored; a daemon's largest batch is applied whole.
+    let mut daemon = session_at(&url, &rw, &hello("daemon", false)).await;
+    let changes: Vec<Change> = (1..=proto::MAX_BATCH_CHANGES as u64)
+        .map(|n| row_change(n, &format!("d{n}"), 4))
+        .collect();
+    let got = upload_answered(&mut daemon, 1, changes).await;
+    assert_eq!(got.len(), proto::MAX_BATCH_CHANGES);
+    assert!(
+        got.iter().enumerate().all(|(i, o)| *o
+            == Outcome::Applied {
+                version: i as u64 + 1
+            }),
+        "versions start at 1: nothing of the refused batch was stored"
+    );
+    receives_row(&mut watcher, "d1").await;
+    hub.stop().await;
+}
+
+/// Starts a binary message of `total` payload bytes on `ws`'s socket
+/// (masked with a zero key, as a client must) and sends its first `sent`
+/// bytes of `payload`.
+async fn start_frame(ws: &mut RawWs, payload: &[u8], sent: usize) {
+    use tokio::io::AsyncWriteExt;
+    let mut head = vec![0x82, 0x80 | 127];
+    head.extend_from_slice(&(payload.len() as u64).to_be_bytes());
+    head.extend_from_slice(&[0, 0, 0, 0]);
+    head.extend_from_slice(&payload[..sent]);
+    let tokio_tungstenite::MaybeTlsStream::Plain(s) = ws.get_mut() else {
+        panic!("plain TCP expected")
+    };
+    // The hub may close while the bytes are still on their way.
+    let _ = tokio::time::timeout(DEADLINE, s.write_all(&head)).await;
+}
+
+/// Sends the rest of a message started by [`start_frame`].
+async fn finish_frame(ws: &mut RawWs, payload: &[u8], sent: usize) {
+    use tokio::io::AsyncWriteExt;
+    let tokio_tungstenite::MaybeTlsStream::Plain(s) = ws.get_mut() else {
+        panic!("plain TCP expected")
+    };
+    tokio::time::timeout(DEADLINE, s.write_all(&payload[sent..]))
+        .await
+        .expect("written within the deadline")
+        .unwrap();
+}
+
+const MIB: usize = 1 << 20;
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn incomplete_frames_past_the_hubs_budget_close_the_connection_that_went_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, other) = budget_hub(dir.path(), |l| l.max_partial_frames_mib = 4).await;
+    let url = hub.url();
+    // A slow upload of about 3.5 MiB, 3 MiB of it sent.
+    let mut slow = session_at(&url, &rw, &hello("slow", false)).await;
+    let big = proto::encode(&upload(1, vec![big_change(1, "notes", "big", 7 * MIB / 2)]));
+    start_frame(&mut slow, &big, 3 * MIB).await;
+    wait_until("the slow frame's bytes are held", || {
+        gauge(&hub, "tether_hub_partial_frame_bytes") >= (3 * MIB) as f64
+    })
+    .await;
+    // Another connection's 2 MiB more go past the 4 MiB.
+    let mut greedy = session_at(&url, &other, &hello("greedy", false)).await;
+    let payload = vec![0x90; 3 * MIB];
+    start_frame(&mut greedy, &payload, 2 * MIB).await;
+    let m = refused_with(&mut greedy, ErrorCode::Internal).await;
+    assert!(m.contains("max_partial_frames_mib"), "{m}");
+    assert_eq!(limited(&hub, Limit::max_partial_frames_mib), 1);
+    // Its bytes are given back; small frames and the slow upload go through.
+    still_served(&url, &other, "small").await;
+    finish_frame(&mut slow, &big, 3 * MIB).await;
+    let (results, _) = answer(&mut slow, 1).await;
+    assert!(matches!(results[0].outcome, Outcome::Applied { .. }));
+    wait_until("nothing incomplete is held", || {
+        gauge(&hub, "tether_hub_partial_frame_bytes") == 0.0
+    })
+    .await;
+    hub.stop().await;
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_tokens_bytes_in_flight_past_its_limit_end_the_session_that_went_past() {
+    let dir = tempfile::tempdir().unwrap();
+    let (hub, rw, other) = budget_hub(dir.path(), |l| l.max_in_flight_mib_per_token = 2).await;
+    let url = hub.url();
+    let mut calm = session_at(&url, &other, &hello("calm", false)).await;
+    let mut greedy = session_at(&url, &rw, &hello("greedy", false)).await;
+    let payload = vec![0x90; 4 * MIB];
+    start_frame(&mut greedy, &payload, 3 * MIB).await;
+    let m = refused_with(&mut greedy, ErrorCode::Internal).await;
+    assert!(
+        m.contains("token \"rw\"") && m.contains("max_in_flight_mib_per_token"),
+        "{m}"
+    );
+    assert_eq!(limited(&hub, Limit::max_in_flight_mib_per_token), 1);
+    // The other token is not held back, and the token itself connects again.
+    let got = upload_answered(&mut calm, 1, vec![big_change(1, "notes", "c", MIB)]).await;
+    assert!(matches!(got[..], [Outcome::Applied { .. }]), "{got:?}");
+    still_served(&url, &rw, "again").await;
     hub.stop().await;
 }

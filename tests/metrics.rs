@@ -330,3 +330,82 @@ async fn metrics_parse_and_follow_what_the_hub_and_daemons_do() {
     .await;
     assert!(a.terminate().success());
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_limit_set_in_hub_toml_is_answered_and_counted_and_every_limit_shows_from_zero() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let token = tether::hub::auth::new_token();
+    std::fs::write(d.join("token"), &token).unwrap();
+    app(&d.join("a.db"), NOTES);
+    let cfg = d.join("hub.toml");
+    std::fs::write(
+        &cfg,
+        format!(
+            "listen = \"127.0.0.1:0\"\nstore = \"sqlite:{}\"\n[limits]\nmax_connections_per_token = 1\n[[dataset]]\nname = \"notes\"\ntables = [\"notes\"]\n[[token]]\nname = \"t\"\nsha256 = \"{}\"\ndatasets = [\"*\"]\n",
+            d.join("hub.db").display(),
+            tether::hub::auth::hash_token(&token)
+        ),
+    )
+    .unwrap();
+    let hub = Proc::spawn(
+        &["hub", "--config", cfg.to_str().unwrap()],
+        d.join("hub.log"),
+    );
+    let addr = wait_log_field(&hub, "hub started", "listen").await;
+    let limits = [
+        "max_unauthenticated",
+        "max_unauthenticated_per_address",
+        "unauthenticated_timeout",
+        "max_sessions",
+        "max_connections_per_token",
+        "max_frames_per_second",
+        "max_partial_frames_mib",
+        "max_in_flight_mib_per_token",
+        "max_upload_changes",
+    ];
+    let m = scrape(&addr);
+    for l in limits {
+        assert_eq!(
+            value(&m, &format!("tether_hub_limited_total{{limit=\"{l}\"}}")),
+            0.0
+        );
+    }
+    assert_eq!(value(&m, "tether_hub_partial_frame_bytes"), 0.0);
+    let (a, acfg) = start_daemon(d, "a", &addr, &d.join("token"), &[("one", "a.db")], FAST).await;
+    wait_connected_cli(&acfg, "one").await;
+    // A second connection with the same token is one too many.
+    let (status, _, body) = http(
+        &addr,
+        &format!("GET /v1/sync HTTP/1.1\r\nHost: t\r\nUpgrade: websocket\r\nConnection: Upgrade\r\nSec-WebSocket-Key: dGhlIHNhbXBsZSBub25jZQ==\r\nSec-WebSocket-Version: 13\r\nAuthorization: Bearer {token}\r\n\r\n"),
+    );
+    assert!(status.starts_with("HTTP/1.1 429"), "{status}");
+    assert!(
+        body.contains("token \"t\"") && body.contains("max_connections_per_token"),
+        "{body}"
+    );
+    let m = scrape(&addr);
+    for l in limits {
+        let want = if l == "max_connections_per_token" {
+            1.0
+        } else {
+            0.0
+        };
+        assert_eq!(
+            value(&m, &format!("tether_hub_limited_total{{limit=\"{l}\"}}")),
+            want,
+            "{l}"
+        );
+    }
+    // The daemon that holds the token's connection keeps syncing.
+    insert_rows(&d.join("a.db"), "r", 5);
+    wait_until("the hub applied A's rows", || {
+        value(
+            &scrape(&addr),
+            "tether_hub_changes_total{dataset=\"notes\",outcome=\"applied\"}",
+        ) == 5.0
+    })
+    .await;
+    assert!(a.terminate().success());
+    assert!(hub.terminate().success());
+}

@@ -4,7 +4,11 @@
 //!
 //! Tasks:
 //!
-//! * one accept loop ([`Hub::run`]), at most [`MAX_CONNECTIONS`] connections;
+//! * one accept loop ([`Hub::run`]) that never waits for a place: a new
+//!   connection takes one among the unauthenticated ones, closing the one
+//!   that waited longest when that budget is full ([`budget`]); once its
+//!   request presents a valid token it takes a session's place and one of
+//!   its token's (full: answered 503 or 429), and its reads are metered;
 //! * per connection, the session's driver (`session::serve`, or a plain HTTP
 //!   answer for `/metrics` and `/healthz`). After the upgrade and `hello`
 //!   checks (the client key must match the one that claimed the client
@@ -25,6 +29,7 @@
 //!   session stops reading past 8 unanswered batches).
 
 pub mod auth;
+pub mod budget;
 pub mod fanout;
 mod registry;
 mod session;
@@ -37,6 +42,7 @@ use std::sync::atomic::AtomicU32;
 use std::sync::Arc;
 use std::time::Duration;
 
+use futures_util::FutureExt;
 use tokio::net::{TcpListener, TcpStream};
 use tokio_util::sync::CancellationToken;
 
@@ -45,15 +51,13 @@ use crate::http::{self, Head, Prefixed, Reply};
 use crate::listen;
 use crate::metrics::HubMetrics;
 use auth::Tokens;
+use budget::{Budget, Expiry, Unauthenticated};
 use fanout::Fanout;
 use store::{sqlite::SqliteStore, HubStore, StoreError};
 use stream::HubStream;
 
 /// Time a client has to complete the TLS handshake.
 const TLS_HANDSHAKE_TIMEOUT: Duration = Duration::from_secs(10);
-
-/// Most connections served at once; more wait in the listen backlog.
-pub const MAX_CONNECTIONS: usize = 4096;
 
 /// Fault injection for tests; all off by default.
 #[doc(hidden)]
@@ -79,6 +83,8 @@ pub(crate) struct HubInner {
     expose_metrics: bool,
     /// TLS for every connection, when the hub has a certificate.
     tls: Option<tokio_rustls::TlsAcceptor>,
+    /// What connections, tokens and sessions may take (`[limits]`).
+    budget: Arc<Budget>,
 }
 
 /// Why a hub cannot start.
@@ -138,9 +144,10 @@ impl Hub {
                 sessions: Arc::default(),
                 read_timeout: cfg.read_timeout.0,
                 faults: Arc::new(Faults::default()),
-                metrics,
+                metrics: metrics.clone(),
                 expose_metrics: cfg.metrics,
                 tls: None,
+                budget: Arc::new(Budget::new(cfg.limits.clone(), metrics.clone())),
             }),
         }
     }
@@ -158,49 +165,129 @@ impl Hub {
     /// Serves `listener` until `shutdown` is cancelled, then closes every
     /// session with a "going away" close frame and waits for them.
     pub async fn run(&self, listener: TcpListener, shutdown: CancellationToken) {
+        let limits = self.inner.budget.limits();
+        // A bound on file descriptors only: the budgets close connections
+        // well before it (evicted ones may take a moment to end).
+        let max = limits.max_sessions + 2 * limits.max_unauthenticated;
         let accept = |tcp: TcpStream, peer: SocketAddr| {
-            let inner = self.inner.clone();
-            let shutdown = shutdown.clone();
-            async move {
-                let mut stream = match &inner.tls {
-                    None => HubStream::Plain(tcp),
-                    Some(tls) => {
-                        let handshake =
-                            tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp));
-                        let done = tokio::select! {
-                            h = handshake => h,
-                            _ = shutdown.cancelled() => return,
-                        };
-                        match done {
-                            Ok(Ok(s)) => HubStream::Tls(Box::new(s)),
-                            Ok(Err(e)) => {
-                                tracing::debug!(%peer, error = %e, "TLS handshake failed");
-                                inner.metrics.refused("tls_handshake");
-                                return;
-                            }
-                            Err(_) => {
-                                tracing::debug!(%peer, "no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}");
-                                inner.metrics.refused("tls_handshake");
-                                return;
-                            }
-                        }
-                    }
-                };
-                let head = tokio::select! {
-                    h = http::read_request(&mut stream, peer) => h,
-                    _ = shutdown.cancelled() => return,
-                };
-                match head {
-                    Some(head) if head.websocket => {
-                        let stream = Prefixed::new(head.raw, stream);
-                        session::serve(inner, stream, peer, shutdown).await;
-                    }
-                    Some(head) => http::answer(&mut stream, &head, plain(&inner, &head)).await,
-                    None => {}
+            // Taken in the accept loop itself: where the budget is full, the
+            // connection that waited longest is told to close right now.
+            let pending = self.inner.budget.admit(peer.ip());
+            connection(self.inner.clone(), tcp, peer, pending, shutdown.clone())
+        };
+        listen::serve(listener, max, "hub", &shutdown, accept).await;
+    }
+}
+
+/// How a step of an unauthenticated connection ended.
+enum Step<T> {
+    Done(T),
+    Expired(Expiry),
+    Shutdown,
+}
+
+/// Runs `f` until it ends, the connection's unauthenticated time runs out,
+/// or the hub shuts down.
+async fn step<T>(
+    pending: &Unauthenticated,
+    shutdown: &CancellationToken,
+    f: impl std::future::Future<Output = T>,
+) -> Step<T> {
+    tokio::select! {
+        v = f => Step::Done(v),
+        e = pending.expired() => Step::Expired(e),
+        _ = shutdown.cancelled() => Step::Shutdown,
+    }
+}
+
+fn log_expired(peer: SocketAddr, e: Expiry, pending: &Unauthenticated) {
+    match e {
+        Expiry::Timeout => tracing::debug!(
+            %peer,
+            "no valid token presented within {:?} (unauthenticated_timeout); closing",
+            pending.timeout()
+        ),
+        Expiry::Evicted(limit) => tracing::debug!(
+            %peer,
+            limit = ?limit,
+            "closing a connection that has not presented a token: a newer one needed its place"
+        ),
+    }
+}
+
+/// One connection: TLS handshake and request head within the
+/// unauthenticated budget, then a session (valid token) or a plain answer.
+async fn connection(
+    inner: Arc<HubInner>,
+    tcp: TcpStream,
+    peer: SocketAddr,
+    pending: Unauthenticated,
+    shutdown: CancellationToken,
+) {
+    let mut stream = match &inner.tls {
+        None => HubStream::plain(tcp),
+        Some(tls) => {
+            let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp));
+            match step(&pending, &shutdown, handshake).await {
+                Step::Done(Ok(Ok(s))) => HubStream::tls(s),
+                Step::Done(Ok(Err(e))) => {
+                    tracing::debug!(%peer, error = %e, "TLS handshake failed");
+                    inner.metrics.refused("tls_handshake");
+                    return;
+                }
+                Step::Done(Err(_)) => {
+                    tracing::debug!(%peer, "no TLS handshake within {TLS_HANDSHAKE_TIMEOUT:?}");
+                    inner.metrics.refused("tls_handshake");
+                    return;
+                }
+                Step::Expired(e) => return log_expired(peer, e, &pending),
+                Step::Shutdown => return,
+            }
+        }
+    };
+    let head = match step(&pending, &shutdown, http::read_request(&mut stream, peer)).await {
+        Step::Done(Some(h)) => h,
+        Step::Done(None) | Step::Shutdown => return,
+        Step::Expired(e) => {
+            log_expired(peer, e, &pending);
+            if let Expiry::Evicted(limit) = e {
+                let reply = Reply::text(
+                    503,
+                    format!("the hub has too many connections that have not presented a token ({limit:?} in the [limits] of hub.toml) and this one waited longest; retry\n"),
+                );
+                // Never waited for: a flood must not keep sockets open.
+                let _ = http::respond(&mut stream, false, &reply).now_or_never();
+            }
+            return;
+        }
+    };
+    if head.websocket {
+        if let Some(grant) = inner.tokens.check(head.authorization.as_deref()) {
+            match pending.authenticate(&grant.name) {
+                Ok(conn) => stream.attach(conn),
+                Err(full) => {
+                    tracing::warn!(%peer, token = ?grant.name, limit = ?full.limit, "{}", full.message);
+                    let reply = Reply::text(full.status, format!("{}\n", full.message));
+                    // A fresh socket takes a short answer at once.
+                    let _ = http::respond(&mut stream, false, &reply).now_or_never();
+                    return;
                 }
             }
-        };
-        listen::serve(listener, MAX_CONNECTIONS, "hub", &shutdown, accept).await;
+            let stream = Prefixed::new(head.raw, stream);
+            return session::serve(inner, stream, peer, shutdown).await;
+        }
+        // No valid token: refused at the upgrade, within the
+        // unauthenticated budget still.
+        let stream = Prefixed::new(head.raw, stream);
+        let serve = session::serve(inner.clone(), stream, peer, shutdown.clone());
+        if let Step::Expired(e) = step(&pending, &shutdown, serve).await {
+            log_expired(peer, e, &pending);
+        }
+        return;
+    }
+    let answer = http::answer(&mut stream, &head, plain(&inner, &head));
+    if let Step::Expired(e) = step(&pending, &shutdown, answer).await {
+        log_expired(peer, e, &pending);
     }
 }
 

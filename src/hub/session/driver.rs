@@ -25,20 +25,26 @@ use tokio_util::sync::CancellationToken;
 use super::machine::{Action, Ending, Input, Refusal, WRITE_QUEUE_FRAMES};
 use super::{refusal_messages, Opened, Ws};
 use crate::counted::Progress;
+use crate::hub::budget::{client_wire_size, Conn};
 use crate::hub::fanout::Published;
 use crate::hub::registry::Registration;
 use crate::hub::store::{Applied, Page, StoreError};
 use crate::hub::HubInner;
+use crate::metrics::Limit;
 use crate::metrics::{HubSessionMetrics, StoreOp};
 use crate::outgoing::Outgoing;
 use crate::proto::{
     self, Change, ChangeResult, ClientFrame, ErrorCode, Outcome, TableSchema, Upload,
-    UploadSummary, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES,
+    UploadSummary, MAX_BATCH_CHANGES, MAX_FRAME_BYTES, MAX_PAGE_BYTES, MAX_PAGE_CHANGES,
 };
 
 /// Longest time a refused session's last frames (answers, error, close) may
 /// take to be written before the connection is dropped anyway.
 const CLOSE_TIMEOUT: Duration = Duration::from_secs(5);
+
+/// Longest time a refused session reads (and drops) what its client still
+/// sends, waiting for it to close, after the error and close frames.
+const LINGER: Duration = Duration::from_secs(2);
 
 type Pending<T> = Option<JoinHandle<T>>;
 
@@ -47,8 +53,15 @@ type Pending<T> = Option<JoinHandle<T>>;
 type ApplyDone = Result<Option<Applied>, StoreError>;
 
 /// The upload being applied: its batch number, its changes (to answer a
-/// failure) and the store task.
-type Applying = Option<(u64, Arc<Vec<Change>>, JoinHandle<ApplyDone>)>;
+/// failure), the bytes it holds in its token's budget and the store task.
+type Applying = Option<(u64, Arc<Vec<Change>>, u64, JoinHandle<ApplyDone>)>;
+
+/// A session's frame rate limit (`max_frames_per_second`).
+type FrameRate = governor::DefaultDirectRateLimiter;
+
+/// Upload frames at least this large are counted before they are decoded,
+/// so an oversized batch is refused without being built in memory.
+const PRESCAN_BYTES: usize = 64 << 10;
 
 /// A session's I/O and what its store tasks need.
 struct Driver {
@@ -67,6 +80,13 @@ struct Driver {
     /// The page being read: the page and the head.
     read: Pending<Result<(Page, u64), StoreError>>,
     apply: Applying,
+    /// The connection's places in the hub's budgets.
+    conn: Option<Arc<Conn>>,
+    frames: FrameRate,
+    /// Bytes of the uploads received and not yet being applied, in order.
+    held: std::collections::VecDeque<u64>,
+    /// Whether uploads are applied (a read-only token's are refused).
+    holds_uploads: bool,
 }
 
 /// Runs an opened session until it ends; never returns while a send waits on
@@ -93,6 +113,15 @@ pub(super) async fn run(
         registration,
     } = opened;
     let metrics = inner.metrics.session(&dataset);
+    let conn = ws.get_ref().get_ref().get_ref().conn().cloned();
+    if let Some(c) = &conn {
+        c.session_started();
+    }
+    let limits = inner.budget.limits();
+    let per_second =
+        std::num::NonZeroU32::new(limits.max_frames_per_second).expect("BUG: validated above zero");
+    let frames = governor::RateLimiter::direct(governor::Quota::per_second(per_second));
+    let holds_uploads = machine.applies_uploads();
     let (sink, mut reader) = ws.split();
     let mut d = Driver {
         out: Outgoing::new(sink),
@@ -105,6 +134,10 @@ pub(super) async fn run(
         read: None,
         apply: None,
         registration,
+        conn,
+        frames,
+        held: Default::default(),
+        holds_uploads,
     };
     let replaced = d.registration.replaced.clone();
     let mut told_replaced = false;
@@ -119,7 +152,21 @@ pub(super) async fn run(
     loop {
         for a in actions.drain(..) {
             if let Some(ending) = d.perform(a) {
-                return d.finish(ending).await;
+                let linger =
+                    matches!(&ending.1, Ending::Refuse(r) if r.code != ErrorCode::ShuttingDown);
+                d.finish(ending).await;
+                if linger {
+                    // What the client still sends is read and dropped for a
+                    // moment: closing with unread bytes would answer them
+                    // with a reset, which can destroy the error frame on its
+                    // way to the client.
+                    let drain = async { while let Some(Ok(_)) = reader.next().await {} };
+                    tokio::select! {
+                        _ = tokio::time::timeout(LINGER, drain) => {}
+                        _ = shutdown.cancelled() => {}
+                    }
+                }
+                return;
             }
         }
         if d.out.flushed() != reported {
@@ -132,7 +179,7 @@ pub(super) async fn run(
         }
         let deadline = machine.deadline().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
-            m = reader.next(), if machine.wants_inbound() => match inbound(m, &d.metrics) {
+            m = reader.next(), if machine.wants_inbound() => match d.inbound(m) {
                 // The head is read here, when the question arrives.
                 Input::Frame(ClientFrame::Head(h)) => Input::HeadAsked {
                     id: h.id,
@@ -168,7 +215,10 @@ pub(super) async fn run(
                 }
             }
             r = join_apply(&mut d.apply), if d.apply.is_some() => {
-                let (batch, changes, _) = d.apply.take().expect("BUG: apply polled while none");
+                let (batch, changes, held, _) = d.apply.take().expect("BUG: apply polled while none");
+                if let Some(c) = &d.conn {
+                    c.applied(held);
+                }
                 if matches!(r, Ok(None)) {
                     told_replaced = true;
                 }
@@ -285,7 +335,8 @@ impl Driver {
             }
             Ok(Some(applied))
         });
-        self.apply = Some((up.batch, changes, task));
+        let held = self.held.pop_front().unwrap_or(0);
+        self.apply = Some((up.batch, changes, held, task));
     }
 
     /// Turns a finished apply into the machine's input, with logs, metrics
@@ -392,31 +443,134 @@ impl Driver {
     }
 }
 
-/// Maps what the socket gave to an input.
-fn inbound(m: Option<Result<Message, WsError>>, metrics: &HubSessionMetrics) -> Input {
-    match m {
-        None => Input::Gone,
-        Some(Err(WsError::Capacity(e))) => Input::Bad(Refusal::new(
-            ErrorCode::FrameTooLarge,
-            format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
-        )),
-        Some(Err(e)) => {
-            tracing::info!(error = %e, "connection lost");
-            Input::Gone
+impl Driver {
+    /// Maps what the socket gave to an input, keeping the session within its
+    /// limits: frames a second, changes per upload, bytes in flight.
+    fn inbound(&mut self, m: Option<Result<Message, WsError>>) -> Input {
+        let m = match m {
+            None => return Input::Gone,
+            Some(Err(WsError::Capacity(e))) => {
+                return Input::Bad(Refusal::new(
+                    ErrorCode::FrameTooLarge,
+                    format!("{e}; frames are limited to {MAX_FRAME_BYTES} bytes"),
+                ))
+            }
+            Some(Err(e)) => {
+                if let Some(t) = self.conn.as_ref().and_then(|c| c.tripped()) {
+                    return Input::Bad(Refusal::new(ErrorCode::Internal, t.message.clone()));
+                }
+                tracing::info!(error = %e, "connection lost");
+                return Input::Gone;
+            }
+            Some(Ok(m)) => m,
+        };
+        let payload = match &m {
+            Message::Binary(b) => b.len(),
+            Message::Text(t) => t.len(),
+            Message::Ping(p) | Message::Pong(p) => p.len(),
+            Message::Close(_) | Message::Frame(_) => 0,
+        };
+        let wire = client_wire_size(payload);
+        if self.frames.check().is_err() {
+            if let Some(c) = &self.conn {
+                c.consumed(wire, false);
+            }
+            self.inner.metrics.limited(Limit::max_frames_per_second);
+            let per_second = self.inner.budget.limits().max_frames_per_second;
+            return Input::Bad(Refusal::new(
+                ErrorCode::Internal,
+                format!("more than {per_second} frames a second, the limit of a session (max_frames_per_second in the [limits] of hub.toml); reconnect and send fewer"),
+            ));
         }
-        Some(Ok(Message::Binary(b))) => {
-            metrics.bytes_in.inc_by(b.len() as u64);
-            match proto::decode::<ClientFrame>(&b) {
-                Ok(f) => Input::Frame(f),
-                Err(e) => Input::Bad(Refusal::new(ErrorCode::MalformedFrame, e.to_string())),
+        let Message::Binary(b) = m else {
+            if let Some(c) = &self.conn {
+                c.consumed(wire, false);
+            }
+            return match m {
+                Message::Text(_) => Input::Bad(Refusal::new(
+                    ErrorCode::MalformedFrame,
+                    "text message; frames are binary MessagePack",
+                )),
+                Message::Close(_) => Input::Gone,
+                _ => Input::Heard,
+            };
+        };
+        self.metrics.bytes_in.inc_by(b.len() as u64);
+        let max = self.inner.budget.limits().max_upload_changes;
+        if b.len() >= PRESCAN_BYTES {
+            if let Some(n) = upload_changes(&b).filter(|&n| n > max) {
+                if let Some(c) = &self.conn {
+                    c.consumed(wire, false);
+                }
+                self.inner.metrics.limited(Limit::max_upload_changes);
+                return Input::Bad(too_many_changes(n, max));
             }
         }
-        Some(Ok(Message::Text(_))) => Input::Bad(Refusal::new(
-            ErrorCode::MalformedFrame,
-            "text message; frames are binary MessagePack",
-        )),
-        Some(Ok(Message::Close(_))) => Input::Gone,
-        Some(Ok(_)) => Input::Heard,
+        let frame = proto::decode::<ClientFrame>(&b);
+        let hold = self.holds_uploads && matches!(frame, Ok(ClientFrame::Upload(_)));
+        if let Some(c) = &self.conn {
+            c.consumed(wire, hold);
+        }
+        if hold {
+            self.held.push_back(wire);
+        }
+        match frame {
+            Ok(ClientFrame::Upload(up)) if up.changes.len() > max => {
+                self.inner.metrics.limited(Limit::max_upload_changes);
+                Input::Bad(too_many_changes(up.changes.len(), max))
+            }
+            Ok(f) => Input::Frame(f),
+            Err(e) => Input::Bad(Refusal::new(ErrorCode::MalformedFrame, e.to_string())),
+        }
+    }
+}
+
+fn too_many_changes(n: usize, max: usize) -> Refusal {
+    Refusal::new(
+        ErrorCode::FrameTooLarge,
+        format!(
+            "upload of {n} changes; this hub takes at most {max} in one batch (max_upload_changes in the [limits] of hub.toml), tether daemons send at most {MAX_BATCH_CHANGES}"
+        ),
+    )
+}
+
+/// The number of changes of an `upload` frame, counted without building
+/// them; `None` for another frame or one that does not parse.
+fn upload_changes(bytes: &[u8]) -> Option<usize> {
+    use serde::de::{IgnoredAny, SeqAccess, Visitor};
+
+    struct Count(usize);
+    impl<'de> serde::Deserialize<'de> for Count {
+        fn deserialize<D: serde::Deserializer<'de>>(d: D) -> Result<Count, D::Error> {
+            struct V;
+            impl<'de> Visitor<'de> for V {
+                type Value = Count;
+                fn expecting(&self, f: &mut std::fmt::Formatter) -> std::fmt::Result {
+                    f.write_str("a list of changes")
+                }
+                fn visit_seq<A: SeqAccess<'de>>(self, mut seq: A) -> Result<Count, A::Error> {
+                    let mut n = 0;
+                    while seq.next_element::<IgnoredAny>()?.is_some() {
+                        n += 1;
+                    }
+                    Ok(Count(n))
+                }
+            }
+            d.deserialize_seq(V)
+        }
+    }
+    #[derive(serde::Deserialize)]
+    struct UploadShape {
+        changes: Count,
+    }
+    #[derive(serde::Deserialize)]
+    #[serde(rename_all = "snake_case")]
+    enum Shape {
+        Upload(UploadShape),
+    }
+    match rmp_serde::from_slice::<Shape>(bytes) {
+        Ok(Shape::Upload(u)) => Some(u.changes.0),
+        Err(_) => None,
     }
 }
 
@@ -431,7 +585,7 @@ async fn join<T>(h: &mut Pending<Result<T, StoreError>>) -> Result<T, StoreError
 
 async fn join_apply(h: &mut Applying) -> ApplyDone {
     match h {
-        Some((_, _, h)) => h
+        Some((_, _, _, h)) => h
             .await
             .map_err(|e| StoreError::Backend(format!("store task failed: {e}")))?,
         None => std::future::pending().await,
@@ -455,4 +609,31 @@ fn materialize_error(changes: &[Change], message: String) -> Vec<ChangeResult> {
             },
         })
         .collect()
+}
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+
+    #[test]
+    fn an_upload_is_counted_without_decoding_its_changes() {
+        let change = |seq| Change {
+            seq,
+            table: "t".into(),
+            op: proto::Op::Upsert,
+            pk: vec![proto::Value::Integer(seq as i64)],
+            values: vec![proto::Value::Integer(seq as i64)],
+            base: 0,
+            mask: u64::MAX,
+        };
+        let up = ClientFrame::Upload(Upload {
+            batch: 3,
+            acked: 1,
+            changes: (1..=5000).map(change).collect(),
+        });
+        assert_eq!(upload_changes(&proto::encode(&up)), Some(5000));
+        let head = ClientFrame::Head(proto::HeadAsk { id: 1 });
+        assert_eq!(upload_changes(&proto::encode(&head)), None);
+        assert_eq!(upload_changes(&[0xc1, 0x00]), None);
+    }
 }

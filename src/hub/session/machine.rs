@@ -272,6 +272,11 @@ impl Machine {
         self.cursor
     }
 
+    /// Whether uploads are applied (a read-only token's are refused).
+    pub fn applies_uploads(&self) -> bool {
+        self.params.access == Access::ReadWrite
+    }
+
     /// Whether the driver should read the socket now.
     pub fn wants_inbound(&self) -> bool {
         !matches!(self.state, State::Draining(_) | State::Closed)
