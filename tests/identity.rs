@@ -298,3 +298,48 @@ async fn a_backup_restored_in_place_gets_back_its_later_writes_however_much_it_w
         d.stop().await;
     }
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_clone_the_hub_tells_about_never_sends_an_old_pending_write_over_a_newer_one() {
+    let world = World::new(&[("db", &["t"])]).await;
+    let b = app(&world.path("b.db"), T);
+    let c = app(&world.path("c.db"), T);
+    let policy = ConflictPolicy::ClientWins;
+    let dc = world.daemon_for("c.db", &["t"], policy);
+    b.execute("INSERT INTO t VALUES ('k', 'orig')", []).unwrap();
+    let db = world.daemon_for("b.db", &["t"], policy);
+    wait_value(&c, "k", "orig").await;
+    wait_idle(&db, "db").await;
+    db.stop().await;
+    b.execute("UPDATE t SET v = 'v1' WHERE id = 'k'", [])
+        .unwrap();
+    copy(&world, &b, "b.db", "e.db");
+    // A cloned machine: same machine id and inode as far as the copy knows.
+    let e = Connection::open(world.path("e.db")).unwrap();
+    let here = tether::local::identity::file_id(&world.path("e.db")).unwrap();
+    e.execute(
+        "UPDATE _tether_meta SET value = ?1 WHERE key = 'file_id'",
+        [&here],
+    )
+    .unwrap();
+    let db = world.daemon_for("b.db", &["t"], policy);
+    wait_value(&c, "k", "v1").await;
+    b.execute("UPDATE t SET v = 'v2' WHERE id = 'k'", [])
+        .unwrap();
+    wait_value(&c, "k", "v2").await;
+    wait_idle(&db, "db").await;
+    let shared = client_id(&b);
+    // The clone is behind the identity's numbering: the hub's welcome tells
+    // it, it renews, and its inherited v1 must not win under client_wins.
+    let de = world.daemon_for("e.db", &["t"], policy);
+    wait_until("the clone renewed", || client_id(&e) != shared).await;
+    wait_value(&e, "k", "v2").await;
+    wait_idle(&de, "db").await;
+    wait_idle(&db, "db").await;
+    for (x, name) in [(&b, "b"), (&c, "c"), (&e, "e")] {
+        assert_eq!(value(x, "k"), "v2", "{name}");
+    }
+    for d in [db, dc, de] {
+        d.stop().await;
+    }
+}

@@ -151,3 +151,35 @@ async fn a_device_offline_across_two_restores_brings_back_what_only_it_holds() {
     da.stop().await;
     db.stop().await;
 }
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_row_deleted_after_the_backup_comes_back_on_every_device_alike() {
+    let mut world = World::new(&[("db", &["t"])]).await;
+    let a = app(&world.path("a.db"), T);
+    let b = app(&world.path("b.db"), T);
+    let da = daemon(&world, "a.db");
+    let db = daemon(&world, "b.db");
+    write(&a, "k");
+    write(&a, "keep");
+    wait_rows(&b, &["k", "keep"]).await;
+    wait_idle(&da, "db").await;
+    wait_idle(&db, "db").await;
+    backup(&world, "backup.db");
+    a.execute("DELETE FROM t WHERE id = 'k'", []).unwrap();
+    write(&a, "after");
+    wait_rows(&b, &["keep", "after"]).await;
+    wait_idle(&da, "db").await;
+    wait_idle(&db, "db").await;
+    restore(&mut world, "backup.db").await;
+    // The restored store holds k again; the devices recover and agree with
+    // it (the delete is the restore's to undo), and `after` comes back.
+    let all = ["k", "keep", "after"];
+    wait_rows(&a, &all).await;
+    wait_rows(&b, &all).await;
+    wait_idle(&da, "db").await;
+    wait_idle(&db, "db").await;
+    assert_eq!(hub_dump(&world, T, "t"), dump(&a, "t"));
+    assert_eq!(dump(&a, "t"), dump(&b, "t"));
+    da.stop().await;
+    db.stop().await;
+}

@@ -265,6 +265,13 @@ fn settle(
     done: &mut ResultsApplied,
 ) -> Result<(), Abort> {
     let pk = &change.pk;
+    // The hub's row is its log's change at that version: known content.
+    let op = if server.deleted {
+        Op::Delete
+    } else {
+        Op::Upsert
+    };
+    raise_anchor(c, server.version, &t.t.name, op, pk, &server.values)?;
     let local = select_row(c, t, pk)?;
     match decide(policy, &t.t, local.as_deref(), server, change.mask, later) {
         Settlement::TakeServer => {

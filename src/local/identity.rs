@@ -146,14 +146,24 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// Reads the file's identity, creating one on first open and a new one when
-/// the file is a copy. Runs inside the caller's write transaction.
-pub fn load(c: &Connection, file: &str) -> rusqlite::Result<(Identity, Origin)> {
+/// the file is a copy (then the changes captured before `created_ms`, the
+/// copy's birth, are marked inherited). Runs inside the caller's write
+/// transaction, so a crash leaves either all of it or none.
+pub fn load(
+    c: &Connection,
+    file: &str,
+    created_ms: Option<i64>,
+) -> rusqlite::Result<(Identity, Origin)> {
     let id = meta_text(c, "client_id")?;
     let key = meta_text(c, "client_key")?;
     let bound = meta_text(c, "file_id")?;
     match (id, bound) {
         (None, _) => Ok((make(c, file)?, Origin::New)),
-        (Some(_), Some(b)) if b != file => Ok((make(c, file)?, Origin::Copied)),
+        (Some(_), Some(b)) if b != file => {
+            let made = make(c, file)?;
+            mark_inherited(c, created_ms)?;
+            Ok((made, Origin::Copied))
+        }
         (Some(client_id), bound) => {
             // Databases from before keys and file binding get both now: the
             // file they are in is taken as their own.

@@ -394,7 +394,7 @@ impl Replica {
             source,
         })?;
         conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
-        let (identity, origin) = match identity::load(&conn, &file) {
+        let (identity, origin) = match identity::load(&conn, &file, identity::created_ms(path)) {
             Ok(found) => {
                 conn.execute_batch("COMMIT").map_err(&e)?;
                 found
@@ -432,8 +432,6 @@ impl Replica {
             _ => (identity, origin),
         };
         if origin == identity::Origin::Copied {
-            let before = identity::created_ms(path);
-            identity::mark_inherited(&conn, before).map_err(&e)?;
             tracing::warn!(
                 db = name,
                 client_id = %identity.client_id,
@@ -476,9 +474,18 @@ impl Replica {
         let identity = identity::renew(&tx, &self.file).map_err(&e)?;
         set_meta(&tx, "cursor", 0).map_err(&e)?;
         clear_anchor(&tx).map_err(&e)?;
+        // The versions held here number a history the hub no longer has (it
+        // hands those numbers out again for other changes): forget them, and
+        // the hub's rows kept aside with them. Every row then goes out made
+        // against nothing, so a row the hub holds meets it under the
+        // table's policy, and every change downloaded applies.
+        tx.execute_batch("DELETE FROM _tether_deferred; DELETE FROM _tether_held;")
+            .map_err(&e)?;
         let mut rows = 0u64;
         for name in &self.order {
             let t = &self.tables[name];
+            tx.execute_batch(&format!("DELETE FROM {}", t.t.ver_table()))
+                .map_err(&e)?;
             rows += tx
                 .execute(
                     &format!(
@@ -558,6 +565,9 @@ impl Replica {
         let tx =
             Transaction::new_unchecked(&self.conn, TransactionBehavior::Immediate).map_err(&e)?;
         let identity = identity::renew(&tx, &self.file).map_err(&e)?;
+        // Pending changes may have been sent under the old identity by the
+        // other file (or by this one before it went back): they never win.
+        identity::mark_inherited(&tx, None).map_err(&e)?;
         // Changes of the old identity were skipped as this file's own while
         // another file used it: download the dataset again. Rows already
         // here are applied over themselves; pending changes keep theirs.
