@@ -197,6 +197,7 @@ impl Replica {
         } else {
             HashMap::new()
         };
+        let mut newest: Option<(u64, &Change)> = None;
         for r in results {
             let Some(change) = by_seq.get(&r.seq) else {
                 tracing::warn!(db = %self.name, seq = r.seq, "hub answered a change that was not sent; ignored");
@@ -208,14 +209,9 @@ impl Replica {
             let again = later.get(&(tbl.id, change.pk.clone())).copied();
             match &r.outcome {
                 Outcome::Applied { version } => {
-                    raise_anchor(
-                        &tx,
-                        *version,
-                        &change.table,
-                        change.op,
-                        &change.pk,
-                        &change.values,
-                    )?;
+                    if newest.is_none_or(|(v, _)| *version > v) {
+                        newest = Some((*version, *change));
+                    }
                     // The row's version is recorded: while this identity
                     // lasts the hub would not call its next change a
                     // conflict anyway (it wrote the row last), but a file
@@ -243,6 +239,10 @@ impl Replica {
                 }
                 Outcome::MaterializeError { .. } => unreachable!("handled above"),
             }
+        }
+        // One anchor per answer: the newest change it applied.
+        if let Some((version, c)) = newest {
+            raise_anchor(&tx, version, &c.table, c.op, &c.pk, &c.values)?;
         }
         done.consumed = consume(&tx, batch.through)?;
         tx.execute("DELETE FROM _tether_applying", [])?;
