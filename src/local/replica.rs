@@ -388,56 +388,7 @@ impl Replica {
                 return Err(e(err));
             }
         };
-        let file = identity::file_id(path).map_err(|source| LocalError::Io {
-            db: name.to_owned(),
-            path: path.display().to_string(),
-            source,
-        })?;
-        conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
-        let (identity, origin) = match identity::load(&conn, &file, identity::created_ms(path)) {
-            Ok(found) => {
-                conn.execute_batch("COMMIT").map_err(&e)?;
-                found
-            }
-            Err(err) => {
-                let _ = conn.execute_batch("ROLLBACK");
-                return Err(e(err));
-            }
-        };
-        // The lock file remembers how far this file's log was answered; a
-        // file behind that mark was put back from a backup in place.
-        let recorded = identity::recorded_consumed(&lock);
-        let consumed = meta_u64(&conn, "consumed").map_err(&e)?;
-        let (identity, origin) = match recorded {
-            Some(r) if origin == identity::Origin::Kept && r > consumed => {
-                let tx = Transaction::new_unchecked(&conn, TransactionBehavior::Immediate)
-                    .map_err(&e)?;
-                let renewed = identity::renew(&tx, &file).map_err(&e)?;
-                set_meta(&tx, "cursor", 0).map_err(&e)?;
-                clear_anchor(&tx).map_err(&e)?;
-                let before = identity::modified_ms(&lock);
-                identity::mark_inherited(&tx, before).map_err(&e)?;
-                tx.commit().map_err(&e)?;
-                // The mark starts again from what this file holds.
-                identity::record_consumed(&lock, consumed);
-                tracing::warn!(
-                    db = name,
-                    client_id = %renewed.client_id,
-                    answered = r,
-                    holds = consumed,
-                    "this database file went back in time (restored from a backup in place): it takes a new client identity and downloads the dataset again; changes it held from before the restore never win over newer rows on the hub"
-                );
-                (renewed, identity::Origin::Restored)
-            }
-            _ => (identity, origin),
-        };
-        if origin == identity::Origin::Copied {
-            tracing::warn!(
-                db = name,
-                client_id = %identity.client_id,
-                "this database file is a copy of another (it was created on another machine, device or inode): it takes a new client identity so that its writes are never taken for the original's; its pending changes are kept and sent under the new identity"
-            );
-        }
+        let (identity, origin, file, recorded) = settle_identity(name, path, &conn, &lock)?;
         let order = installed.iter().map(|t| t.t.name.clone()).collect();
         Ok(Replica {
             name: name.to_owned(),
@@ -452,7 +403,7 @@ impl Replica {
             file,
             copied: origin != identity::Origin::Kept && origin != identity::Origin::New,
             lock,
-            recorded: consumed.min(recorded.unwrap_or(0)),
+            recorded,
         })
     }
 
@@ -859,6 +810,72 @@ impl Replica {
         }
         Ok(keys)
     }
+}
+
+/// Which identity the file has: its own, a new one on first open, or a new
+/// one when it is a copy (another machine, device or inode) or went back in
+/// time (its log is behind the answered mark the lock file keeps). Returns
+/// it with how it was found, the file's place ([`identity::file_id`]) and
+/// the answered mark now in the lock file.
+fn settle_identity(
+    name: &str,
+    path: &Path,
+    conn: &Connection,
+    lock: &std::fs::File,
+) -> Result<(Identity, identity::Origin, String, u64), LocalError> {
+    let e = sq(name);
+    let file = identity::file_id(path).map_err(|source| LocalError::Io {
+        db: name.to_owned(),
+        path: path.display().to_string(),
+        source,
+    })?;
+    conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
+    let (identity, origin) = match identity::load(conn, &file, identity::created_ms(path)) {
+        Ok(found) => {
+            conn.execute_batch("COMMIT").map_err(&e)?;
+            found
+        }
+        Err(err) => {
+            let _ = conn.execute_batch("ROLLBACK");
+            return Err(e(err));
+        }
+    };
+    // The lock file remembers how far this file's log was answered; a
+    // file behind that mark was put back from a backup in place.
+    let recorded = identity::recorded_consumed(lock);
+    let consumed = meta_u64(conn, "consumed").map_err(&e)?;
+    let (identity, origin) = match recorded {
+        Some(r) if origin == identity::Origin::Kept && r > consumed => {
+            let tx =
+                Transaction::new_unchecked(conn, TransactionBehavior::Immediate).map_err(&e)?;
+            let renewed = identity::renew(&tx, &file).map_err(&e)?;
+            set_meta(&tx, "cursor", 0).map_err(&e)?;
+            clear_anchor(&tx).map_err(&e)?;
+            let before = identity::modified_ms(lock);
+            identity::mark_inherited(&tx, before).map_err(&e)?;
+            tx.commit().map_err(&e)?;
+            // The mark starts again from what this file holds.
+            identity::record_consumed(lock, consumed);
+            tracing::warn!(
+                db = name,
+                client_id = %renewed.client_id,
+                answered = r,
+                holds = consumed,
+                "this database file went back in time (restored from a backup in place): it takes a new client identity and downloads the dataset again; changes it held from before the restore never win over newer rows on the hub"
+            );
+            (renewed, identity::Origin::Restored)
+        }
+        _ => (identity, origin),
+    };
+    if origin == identity::Origin::Copied {
+        tracing::warn!(
+            db = name,
+            client_id = %identity.client_id,
+            "this database file is a copy of another (it was created on another machine, device or inode): it takes a new client identity so that its writes are never taken for the original's; its pending changes are kept and sent under the new identity"
+        );
+    }
+    let marked = consumed.min(recorded.unwrap_or(0));
+    Ok((identity, origin, file, marked))
 }
 
 /// Takes the per-database lock file `<database>-tether.lock` (an advisory

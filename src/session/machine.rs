@@ -806,36 +806,47 @@ impl Machine {
         };
     }
 
+    /// `welcome`: checked, then the session is live (or, for a file behind
+    /// its identity's numbering, renewed and tried again).
+    fn welcomed(
+        &mut self,
+        w: Welcome,
+        cursor: u64,
+        local_seq: u64,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        if let Err(why) = checks::welcome(&w, local_seq) {
+            return self.fail(SessionError::Retry(why), now, out);
+        }
+        if w.client_seq > local_seq {
+            // The hub holds changes of this identity that this
+            // file never numbered: it is a restored backup or a
+            // clone. Under a new identity it downloads them all
+            // (they are no longer its own) and sends its pending
+            // changes as new ones.
+            out.push(Action::RenewIdentity);
+            let why = format!(
+                "the hub has processed client seq {} of this identity, but this database numbered its writes only up to {local_seq}: it was restored from a backup or copied; it takes a new identity and downloads the dataset again",
+                w.client_seq
+            );
+            return self.fail(SessionError::Retry(why), now, out);
+        }
+        out.push(Action::Note(Note::Connected {
+            cursor,
+            head: w.head,
+            access: w.access,
+        }));
+        self.state = State::Live(Box::new(Live::start(&w, cursor, &self.cfg, now)));
+    }
+
     fn frame(&mut self, f: HubFrame, bytes: usize, now: Instant, out: &mut Vec<Action>) {
         if let State::Handshaking {
             cursor, local_seq, ..
         } = self.state
         {
             return match f {
-                HubFrame::Welcome(w) => {
-                    if let Err(why) = checks::welcome(&w, local_seq) {
-                        return self.fail(SessionError::Retry(why), now, out);
-                    }
-                    if w.client_seq > local_seq {
-                        // The hub holds changes of this identity that this
-                        // file never numbered: it is a restored backup or a
-                        // clone. Under a new identity it downloads them all
-                        // (they are no longer its own) and sends its pending
-                        // changes as new ones.
-                        out.push(Action::RenewIdentity);
-                        let why = format!(
-                            "the hub has processed client seq {} of this identity, but this database numbered its writes only up to {local_seq}: it was restored from a backup or copied; it takes a new identity and downloads the dataset again",
-                            w.client_seq
-                        );
-                        return self.fail(SessionError::Retry(why), now, out);
-                    }
-                    out.push(Action::Note(Note::Connected {
-                        cursor,
-                        head: w.head,
-                        access: w.access,
-                    }));
-                    self.state = State::Live(Box::new(Live::start(&w, cursor, &self.cfg, now)));
-                }
+                HubFrame::Welcome(w) => self.welcomed(w, cursor, local_seq, now, out),
                 HubFrame::Error(e) if e.code == ErrorCode::HistoryDiverged => {
                     out.push(Action::Recover);
                     self.fail(hub_error(e.code, &e.message), now, out)
