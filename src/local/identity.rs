@@ -73,13 +73,8 @@ pub fn modified_ms(lock: &std::fs::File) -> Option<i64> {
     ms(lock.metadata().and_then(|m| m.modified()))
 }
 
-/// When the database file was created (a copy's birth).
-pub fn created_ms(path: &Path) -> Option<i64> {
-    ms(std::fs::metadata(path).and_then(|m| m.created()))
-}
-
 /// Marks the pending changes captured before `before_ms` (all of them when
-/// unknown) as inherited from the file this one was copied or restored
+/// `None`) as inherited from the file this one was copied or restored
 /// from: the original may have sent them already, so on a conflict they
 /// never win over the hub's row, whatever the table's policy. Changes the
 /// app makes in this file later follow the policy.
@@ -146,14 +141,12 @@ fn random_hex(bytes: usize) -> String {
 }
 
 /// Reads the file's identity, creating one on first open and a new one when
-/// the file is a copy (then the changes captured before `created_ms`, the
-/// copy's birth, are marked inherited). Runs inside the caller's write
-/// transaction, so a crash leaves either all of it or none.
-pub fn load(
-    c: &Connection,
-    file: &str,
-    created_ms: Option<i64>,
-) -> rusqlite::Result<(Identity, Origin)> {
+/// the file is a copy (then every change pending in it is marked inherited:
+/// the copy's first open is the first moment tether sees it, and capture
+/// times cannot tell a write made just before a copy from one just after,
+/// least of all across two machines' clocks). Runs inside the caller's
+/// write transaction, so a crash leaves either all of it or none.
+pub fn load(c: &Connection, file: &str) -> rusqlite::Result<(Identity, Origin)> {
     let id = meta_text(c, "client_id")?;
     let key = meta_text(c, "client_key")?;
     let bound = meta_text(c, "file_id")?;
@@ -161,7 +154,7 @@ pub fn load(
         (None, _) => Ok((make(c, file)?, Origin::New)),
         (Some(_), Some(b)) if b != file => {
             let made = make(c, file)?;
-            mark_inherited(c, created_ms)?;
+            mark_inherited(c, None)?;
             Ok((made, Origin::Copied))
         }
         (Some(client_id), bound) => {

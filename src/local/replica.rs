@@ -830,7 +830,7 @@ fn settle_identity(
         source,
     })?;
     conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
-    let (identity, origin) = match identity::load(conn, &file, identity::created_ms(path)) {
+    let (identity, origin) = match identity::load(conn, &file) {
         Ok(found) => {
             conn.execute_batch("COMMIT").map_err(&e)?;
             found
