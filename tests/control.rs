@@ -382,12 +382,19 @@ async fn progress_reaches_all_and_watch_sees_a_hub_restart() {
     // Events for the watch to print into the closed pipe.
     cli(&["pause", "one", "--config", c(&acfg)]);
     cli(&["resume", "one", "--config", c(&acfg)]);
+    let pid = watch.id().to_string();
     let out = tokio::time::timeout(
         DEADLINE,
         tokio::task::spawn_blocking(move || watch.wait_with_output().unwrap()),
     )
     .await
-    .expect("the watch ends once its reader is gone")
+    .unwrap_or_else(|_| {
+        // Not left running behind a failed test.
+        let _ = std::process::Command::new("kill")
+            .args(["-KILL", &pid])
+            .status();
+        panic!("the watch did not end once its reader was gone")
+    })
     .unwrap();
     let err = String::from_utf8_lossy(&out.stderr);
     assert!(out.status.success(), "{:?}: {err}", out.status);

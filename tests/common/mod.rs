@@ -325,20 +325,46 @@ pub async fn raw_send(ws: &mut RawWs, bytes: Vec<u8>) {
     .unwrap();
 }
 
-/// The next hub frame, or None when the connection closed.
-pub async fn raw_recv(ws: &mut RawWs) -> Option<tether::proto::HubFrame> {
+/// How a raw connection's next read ended.
+#[derive(Debug)]
+pub enum Next {
+    Frame(tether::proto::HubFrame),
+    /// The hub closed the connection (a close frame, or the stream's end
+    /// after one).
+    Closed,
+    /// The connection broke without a close: a reset, or the TCP stream
+    /// ending with no close frame.
+    Broken(String),
+}
+
+/// The next read of a raw connection, bounded by [`DEADLINE`].
+pub async fn raw_next(ws: &mut RawWs) -> Next {
     use futures_util::StreamExt;
+    use tokio_tungstenite::tungstenite::{Error, Message};
     loop {
         let m = tokio::time::timeout(DEADLINE, ws.next())
             .await
-            .expect("hub answers within the deadline")?;
+            .expect("hub answers within the deadline");
         match m {
-            Ok(tokio_tungstenite::tungstenite::Message::Binary(b)) => {
-                return Some(tether::proto::decode(&b).expect("hub frames decode"))
+            Some(Ok(Message::Binary(b))) => {
+                return Next::Frame(tether::proto::decode(&b).expect("hub frames decode"))
             }
-            Ok(tokio_tungstenite::tungstenite::Message::Close(_)) | Err(_) => return None,
-            Ok(_) => continue,
+            Some(Ok(Message::Close(_))) | None => return Next::Closed,
+            Some(Err(Error::ConnectionClosed | Error::AlreadyClosed)) => return Next::Closed,
+            Some(Err(e)) => return Next::Broken(e.to_string()),
+            Some(Ok(_)) => continue,
         }
+    }
+}
+
+/// The next hub frame, or None when the hub closed the connection. A
+/// connection that breaks without a close fails the test: use
+/// [`raw_next`] where that is allowed.
+pub async fn raw_recv(ws: &mut RawWs) -> Option<tether::proto::HubFrame> {
+    match raw_next(ws).await {
+        Next::Frame(f) => Some(f),
+        Next::Closed => None,
+        Next::Broken(e) => panic!("the connection broke instead of closing: {e}"),
     }
 }
 
