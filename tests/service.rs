@@ -103,7 +103,13 @@ async fn hangup_hub() -> String {
 fn recv_until(sock: &UnixDatagram, want: &str) -> Vec<String> {
     let mut seen = Vec::new();
     let mut buf = vec![0u8; 4096];
+    let start = std::time::Instant::now();
     while !seen.iter().any(|m: &String| m.contains(want)) {
+        assert!(
+            start.elapsed() < DEADLINE,
+            "no {want} within {DEADLINE:?}; got {:?}",
+            &seen[seen.len().saturating_sub(5)..]
+        );
         let n = sock
             .recv(&mut buf)
             .unwrap_or_else(|e| panic!("no {want} within the deadline ({e}); got {seen:?}"));
