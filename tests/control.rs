@@ -163,10 +163,14 @@ async fn pause_resume_wait_sync_and_status_from_the_cli() {
     assert_eq!(code, 0, "{err}");
     let last: serde_json::Value = serde_json::from_str(out.lines().last().unwrap()).unwrap();
     assert_eq!(last["type"], "sync", "{out}");
-    assert_eq!(
-        last["upload"]["applied"], 1,
-        "sync sent the one new row: {out}"
+    // The row went out during the call or just before it (the session is
+    // live); either way nothing is pending once sync returns, and the call
+    // counts at most that one row.
+    assert!(
+        last["upload"]["applied"].as_u64().is_some_and(|n| n <= 1),
+        "{out}"
     );
+    assert_eq!(status_json(&acfg, "two")["pending_changes"], 0, "{out}");
     wait_until("the synced row on b", || {
         has_row(&d.join("b.db"), "for-sync")
     })
