@@ -323,61 +323,7 @@ impl Replica {
             found.push((Table::introspect(&conn, name, t)?, *policy));
         }
         conn.execute_batch("BEGIN IMMEDIATE").map_err(&e)?;
-        let installed = (|| -> rusqlite::Result<Vec<Tbl>> {
-            conn.execute_batch(schema::BASE_SQL)?;
-            let mut out = Vec::new();
-            for (t, policy) in found {
-                let known: Option<i64> = conn
-                    .query_row(
-                        "SELECT id FROM _tether_tables WHERE name = ?1",
-                        [&t.name],
-                        |r| r.get(0),
-                    )
-                    .optional()?;
-                let id = match known {
-                    Some(id) => id,
-                    None => {
-                        conn.execute("INSERT INTO _tether_tables (name) VALUES (?1)", [&t.name])?;
-                        let id = conn.last_insert_rowid();
-                        // First time this table is synced: the rows it already
-                        // holds are captured too, in the same transaction that
-                        // installs the triggers, so no write falls between.
-                        let n = conn.execute(
-                            &format!(
-                                "INSERT INTO _tether_log (tbl, op, mask, at, {}) SELECT {id}, 1, -1, {}, {} FROM {}",
-                                t.key_cols(),
-                                schema::NOW_MS,
-                                t.pk_cols(),
-                                ident(&t.name)
-                            ),
-                            [],
-                        )?;
-                        if n > 0 {
-                            tracing::info!(db = name, table = %t.name, rows = n, "captured the rows the table already held");
-                        }
-                        id
-                    }
-                };
-                conn.execute_batch(&t.install_sql(id))?;
-                out.push(Tbl::new(id, t, policy));
-            }
-            // Tables no longer configured stop being captured.
-            let names: Vec<String> = conn
-                .prepare("SELECT name FROM _tether_tables")?
-                .query_map([], |r| r.get(0))?
-                .collect::<Result<_, _>>()?;
-            for n in names {
-                if !out.iter().any(|t| t.t.name == n) {
-                    for kind in ["ins", "upd", "updkey", "del"] {
-                        conn.execute_batch(&format!(
-                            "DROP TRIGGER IF EXISTS {}",
-                            ident(&format!("_tether_{n}_{kind}"))
-                        ))?;
-                    }
-                }
-            }
-            Ok(out)
-        })();
+        let installed = install(&conn, name, found);
         let installed = match installed {
             Ok(t) => {
                 conn.execute_batch("COMMIT").map_err(&e)?;
@@ -437,19 +383,7 @@ impl Replica {
             let t = &self.tables[name];
             tx.execute_batch(&format!("DELETE FROM {}", t.t.ver_table()))
                 .map_err(&e)?;
-            rows += tx
-                .execute(
-                    &format!(
-                        "INSERT INTO _tether_log (tbl, op, mask, at, {}) SELECT {}, 1, -1, {}, {} FROM {}",
-                        t.t.key_cols(),
-                        t.id,
-                        schema::NOW_MS,
-                        t.t.pk_cols(),
-                        ident(&t.t.name)
-                    ),
-                    [],
-                )
-                .map_err(&e)? as u64;
+            rows += tx.execute(&capture_rows_sql(t.id, &t.t), []).map_err(&e)? as u64;
         }
         tx.commit().map_err(&e)?;
         tracing::warn!(
@@ -810,6 +744,71 @@ impl Replica {
         }
         Ok(keys)
     }
+}
+
+/// Installs tether's tables and each synced table's capture in one
+/// transaction (the caller's); a table synced for the first time has the
+/// rows it already holds captured in it, so no write falls between.
+fn install(
+    conn: &Connection,
+    name: &str,
+    found: Vec<(Table, ConflictPolicy)>,
+) -> rusqlite::Result<Vec<Tbl>> {
+    conn.execute_batch(schema::BASE_SQL)?;
+    let mut out = Vec::new();
+    for (t, policy) in found {
+        let known: Option<i64> = conn
+            .query_row(
+                "SELECT id FROM _tether_tables WHERE name = ?1",
+                [&t.name],
+                |r| r.get(0),
+            )
+            .optional()?;
+        let id = match known {
+            Some(id) => id,
+            None => {
+                conn.execute("INSERT INTO _tether_tables (name) VALUES (?1)", [&t.name])?;
+                let id = conn.last_insert_rowid();
+                // First time this table is synced: the rows it already
+                // holds are captured too, in the same transaction that
+                // installs the triggers, so no write falls between.
+                let n = conn.execute(&capture_rows_sql(id, &t), [])?;
+                if n > 0 {
+                    tracing::info!(db = name, table = %t.name, rows = n, "captured the rows the table already held");
+                }
+                id
+            }
+        };
+        conn.execute_batch(&t.install_sql(id))?;
+        out.push(Tbl::new(id, t, policy));
+    }
+    // Tables no longer configured stop being captured.
+    let names: Vec<String> = conn
+        .prepare("SELECT name FROM _tether_tables")?
+        .query_map([], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    for n in names {
+        if !out.iter().any(|t| t.t.name == n) {
+            for kind in ["ins", "upd", "updkey", "del"] {
+                conn.execute_batch(&format!(
+                    "DROP TRIGGER IF EXISTS {}",
+                    ident(&format!("_tether_{n}_{kind}"))
+                ))?;
+            }
+        }
+    }
+    Ok(out)
+}
+
+/// SQL capturing every row a table holds now as a pending change.
+fn capture_rows_sql(id: i64, t: &Table) -> String {
+    format!(
+        "INSERT INTO _tether_log (tbl, op, mask, at, {}) SELECT {id}, 1, -1, {}, {} FROM {}",
+        t.key_cols(),
+        schema::NOW_MS,
+        t.pk_cols(),
+        ident(&t.name)
+    )
 }
 
 /// Which identity the file has: its own, a new one on first open, or a new

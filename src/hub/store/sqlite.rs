@@ -103,6 +103,196 @@ fn key_hash(key: &str) -> Vec<u8> {
 /// Checks the seqs of a batch before anything of it is looked at: each in
 /// `1..=MAX_SEQ`, strictly increasing, and at most [`MAX_SEQ_JUMP`] above the
 /// previous one (the client's high-water mark `hwm` for the first new one).
+/// The client's row number, last seq and acknowledged mark (the row is made
+/// on the first batch of a client the hub has not seen).
+fn client_marks(tx: &Connection, ds: i64, client: &str) -> Result<(i64, u64, i64), StoreError> {
+    tx.prepare_cached(
+        "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
+    )?
+    .execute(params![ds, client])?;
+    let (client_no, hwm, acked_mark): (i64, i64, i64) = tx
+        .prepare_cached(
+            "SELECT no, last_seq, acked FROM clients WHERE dataset = ?1 AND client = ?2",
+        )?
+        .query_row(params![ds, client], |r| {
+            Ok((r.get(0)?, r.get(1)?, r.get(2)?))
+        })?;
+    Ok((client_no, hwm as u64, acked_mark))
+}
+
+/// Keeps a batch's answers, with the content digest of each new change, to
+/// answer a resend exactly as the first time.
+fn remember_answers(
+    tx: &Connection,
+    client_no: i64,
+    remember: &[(u64, Remembered)],
+    digests: Vec<u8>,
+) -> Result<(), StoreError> {
+    if let (Some(first), Some(last)) = (remember.first(), remember.last()) {
+        tx.prepare_cached(
+            "INSERT INTO client_batches (client_no, first, last, results, digests) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results, digests = excluded.digests",
+        )?
+        .execute(params![
+            client_no,
+            first.0 as i64,
+            last.0 as i64,
+            rmp_serde::to_vec(remember).expect("BUG: encodes"),
+            digests
+        ])?;
+    }
+    Ok(())
+}
+
+/// The dataset's statements of a batch, named once per batch rather than
+/// per row.
+struct BatchSql {
+    upsert_row: String,
+    update_row: String,
+    log: String,
+}
+
+impl BatchSql {
+    fn new(ds: i64) -> BatchSql {
+        BatchSql {
+            upsert_row: format!(
+                "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
+                 ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = 0, client_no = excluded.client_no
+                 WHERE version = ?5 OR client_no = ?4"
+            ),
+            update_row: format!(
+                "UPDATE rows_{ds} SET version = ?3, deleted = ?4, client_no = ?5 WHERE tbl = ?1 AND pk = ?2"
+            ),
+            log: format!(
+                "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
+            ),
+        }
+    }
+}
+
+/// The answer to a change whose seq this client used before (`marks` =
+/// its acknowledged mark and its last seq): the first answer again, if the
+/// hub remembers that seq with the same content; otherwise two files share
+/// the identity, and nothing of the batch may be stored.
+fn resend_answer(
+    tx: &Connection,
+    ds: i64,
+    client: &str,
+    ch: &Change,
+    pk: &[u8],
+    (acked_mark, hwm): (u64, u64),
+    remembered: &HashMap<u64, (Remembered, Option<[u8; DIGEST_BYTES]>)>,
+) -> Result<Outcome, StoreError> {
+    if ch.seq <= acked_mark {
+        return Err(conflict(
+            client,
+            ch.seq,
+            &format!("was answered and the client acknowledged that answer (acked up to {acked_mark}), so it is never sent again"),
+        ));
+    }
+    let Some((first, digest)) = remembered.get(&ch.seq) else {
+        return Err(conflict(
+            client,
+            ch.seq,
+            &format!("was used before (the client's last seq is {hwm}) by a change this hub does not remember"),
+        ));
+    };
+    let same = digest
+        .is_none_or(|d| d == content_digest(&ch.table, ch.op, pk, &encode_values(&ch.values)));
+    if !same {
+        return Err(conflict(client, ch.seq, "was stored with other content"));
+    }
+    Ok(match first {
+        Remembered::Applied(v) => Outcome::Applied { version: *v },
+        Remembered::Invalid(reason, message) => Outcome::Invalid {
+            reason: *reason,
+            message: message.clone(),
+        },
+        Remembered::Conflict => Outcome::Conflict {
+            server: server_row(tx, ds, load_row(tx, ds, &ch.table, pk)?.as_ref())?,
+        },
+    })
+}
+
+/// Writes one valid new change: its answer to remember, the outcome, and
+/// whether it was stored in the log at the new `head`.
+///
+/// A change conflicts when the row exists, moved since the version the
+/// change was made against, and was last written by another client (a row
+/// this client wrote last was the base of its new change).
+#[allow(clippy::too_many_arguments)]
+fn write_change(
+    tx: &Connection,
+    sql: &BatchSql,
+    ds: i64,
+    client_no: i64,
+    head: &mut u64,
+    ch: &Change,
+    pk: &[u8],
+    vals: Vec<u8>,
+) -> Result<(Remembered, Outcome, bool), StoreError> {
+    let conflicted = |row: Option<RowState>| -> Result<_, StoreError> {
+        let server = server_row(tx, ds, row.as_ref())?;
+        Ok((Remembered::Conflict, Outcome::Conflict { server }, false))
+    };
+    let (op, deleted) = match ch.op {
+        Op::Upsert => (1, false),
+        Op::Delete => (2, true),
+    };
+    if ch.op == Op::Upsert {
+        // Fast path: one statement writes the row unless it conflicts.
+        let written = tx.prepare_cached(&sql.upsert_row)?.execute(params![
+            ch.table,
+            pk,
+            (*head + 1) as i64,
+            client_no,
+            ch.base as i64
+        ])?;
+        if written == 0 {
+            return conflicted(load_row(tx, ds, &ch.table, pk)?);
+        }
+        *head += 1;
+    } else {
+        let row = load_row(tx, ds, &ch.table, pk)?;
+        if row
+            .as_ref()
+            .is_some_and(|r| r.version != ch.base && r.client_no != client_no)
+        {
+            return conflicted(row);
+        }
+        if row.as_ref().map(|r| r.deleted).unwrap_or(true) {
+            // Deleting what is not there changes nothing.
+            let version = row.map(|r| r.version).unwrap_or(0);
+            return Ok((
+                Remembered::Applied(version),
+                Outcome::Applied { version },
+                false,
+            ));
+        }
+        *head += 1;
+        tx.prepare_cached(&sql.update_row)?.execute(params![
+            ch.table,
+            pk,
+            *head as i64,
+            deleted,
+            client_no
+        ])?;
+    }
+    tx.prepare_cached(&sql.log)?.execute(params![
+        *head as i64,
+        ch.table,
+        pk,
+        op,
+        vals,
+        client_no
+    ])?;
+    Ok((
+        Remembered::Applied(*head),
+        Outcome::Applied { version: *head },
+        true,
+    ))
+}
+
 fn check_seqs(client: &str, changes: &[Change], hwm: u64) -> Result<(), StoreError> {
     let refuse = |what: String| {
         Err(StoreError::BadSequence(format!(
@@ -278,21 +468,6 @@ fn server_row(c: &Connection, ds: i64, row: Option<&RowState>) -> Result<ServerR
         version: r.version,
         deleted: r.deleted,
         values,
-    })
-}
-
-/// The answer to a conflicting change: the row's current state.
-fn conflict_result(
-    c: &Connection,
-    ds: i64,
-    seq: u64,
-    row: Option<&RowState>,
-) -> Result<ChangeResult, StoreError> {
-    Ok(ChangeResult {
-        seq,
-        outcome: Outcome::Conflict {
-            server: server_row(c, ds, row)?,
-        },
     })
 }
 
@@ -579,18 +754,7 @@ impl HubStore for SqliteStore {
         let mut head: u64 = tx
             .prepare_cached("SELECT head FROM datasets WHERE id = ?1")?
             .query_row([ds], |r| r.get::<_, i64>(0))? as u64;
-        tx.prepare_cached(
-            "INSERT INTO clients (dataset, client) VALUES (?1, ?2) ON CONFLICT DO NOTHING",
-        )?
-        .execute(params![ds, client])?;
-        let (client_no, hwm, acked_mark): (i64, i64, i64) = tx
-            .prepare_cached(
-                "SELECT no, last_seq, acked FROM clients WHERE dataset = ?1 AND client = ?2",
-            )?
-            .query_row(params![ds, client], |r| {
-                Ok((r.get(0)?, r.get(1)?, r.get(2)?))
-            })?;
-        let hwm = hwm as u64;
+        let (client_no, hwm, acked_mark) = client_marks(&tx, ds, client)?;
         check_seqs(client, changes, hwm)?;
         // Answers up to here were processed by the client: it never sends
         // those seqs again, and their answers may be forgotten.
@@ -602,18 +766,7 @@ impl HubStore for SqliteStore {
         } else {
             HashMap::new()
         };
-        // The dataset's statements, named once per batch rather than per row.
-        let sql_upsert_row = format!(
-            "INSERT INTO rows_{ds} (tbl, pk, version, deleted, client_no) VALUES (?1, ?2, ?3, 0, ?4)
-             ON CONFLICT (tbl, pk) DO UPDATE SET version = excluded.version, deleted = 0, client_no = excluded.client_no
-             WHERE version = ?5 OR client_no = ?4"
-        );
-        let sql_update_row = format!(
-            "UPDATE rows_{ds} SET version = ?3, deleted = ?4, client_no = ?5 WHERE tbl = ?1 AND pk = ?2"
-        );
-        let sql_log = format!(
-            "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
-        );
+        let sql = BatchSql::new(ds);
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());
@@ -629,38 +782,10 @@ impl HubStore for SqliteStore {
         // a refused resend returns before anything of the batch is written.
         for ch in changes {
             let pk = encode_key(&ch.pk);
-            if ch.seq <= acked_mark {
-                return Err(conflict(
-                    client,
-                    ch.seq,
-                    &format!("was answered and the client acknowledged that answer (acked up to {acked_mark}), so it is never sent again"),
-                ));
-            }
             if ch.seq <= hwm {
                 // A resend: answer as the first time, apply nothing.
-                let Some((first, digest)) = remembered.get(&ch.seq) else {
-                    return Err(conflict(
-                        client,
-                        ch.seq,
-                        &format!("was used before (the client's last seq is {hwm}) by a change this hub does not remember"),
-                    ));
-                };
-                let same = digest.is_none_or(|d| {
-                    d == content_digest(&ch.table, ch.op, &pk, &encode_values(&ch.values))
-                });
-                if !same {
-                    return Err(conflict(client, ch.seq, "was stored with other content"));
-                }
-                let outcome = match first {
-                    Remembered::Applied(v) => Outcome::Applied { version: *v },
-                    Remembered::Invalid(reason, message) => Outcome::Invalid {
-                        reason: *reason,
-                        message: message.clone(),
-                    },
-                    Remembered::Conflict => Outcome::Conflict {
-                        server: server_row(&tx, ds, load_row(&tx, ds, &ch.table, &pk)?.as_ref())?,
-                    },
-                };
+                let outcome =
+                    resend_answer(&tx, ds, client, ch, &pk, (acked_mark, hwm), &remembered)?;
                 results.push(ChangeResult {
                     seq: ch.seq,
                     outcome,
@@ -696,97 +821,27 @@ impl HubStore for SqliteStore {
                 });
                 continue;
             }
-            // A change conflicts when the row exists, moved since the version
-            // the change was made against, and was last written by another
-            // client (a row this client wrote last was the base of its new
-            // change).
-            let (op, deleted) = match ch.op {
-                Op::Upsert => (1, false),
-                Op::Delete => (2, true),
-            };
-            if ch.op == Op::Upsert {
-                // Fast path: one statement writes the row unless it conflicts.
-                let written = tx.prepare_cached(&sql_upsert_row)?.execute(params![
-                    ch.table,
-                    pk,
-                    (head + 1) as i64,
-                    client_no,
-                    ch.base as i64
-                ])?;
-                if written == 0 {
-                    let row = load_row(&tx, ds, &ch.table, &pk)?;
-                    remember.push((ch.seq, Remembered::Conflict));
-                    results.push(conflict_result(&tx, ds, ch.seq, row.as_ref())?);
-                    continue;
-                }
-                head += 1;
-            } else {
-                let row = load_row(&tx, ds, &ch.table, &pk)?;
-                let conflict = match &row {
-                    None => false,
-                    Some(r) => r.version != ch.base && r.client_no != client_no,
-                };
-                if conflict {
-                    remember.push((ch.seq, Remembered::Conflict));
-                    results.push(conflict_result(&tx, ds, ch.seq, row.as_ref())?);
-                    continue;
-                }
-                if row.as_ref().map(|r| r.deleted).unwrap_or(true) {
-                    // Deleting what is not there changes nothing.
-                    let version = row.map(|r| r.version).unwrap_or(0);
-                    remember.push((ch.seq, Remembered::Applied(version)));
-                    results.push(ChangeResult {
-                        seq: ch.seq,
-                        outcome: Outcome::Applied { version },
-                    });
-                    continue;
-                }
-                head += 1;
-                tx.prepare_cached(&sql_update_row)?.execute(params![
-                    ch.table,
-                    pk,
-                    head as i64,
-                    deleted,
-                    client_no
-                ])?;
+            let (first, outcome, stored) =
+                write_change(&tx, &sql, ds, client_no, &mut head, ch, &pk, vals)?;
+            if stored {
+                logged.push(LogEntry {
+                    change: RemoteChange {
+                        version: head,
+                        table: ch.table.clone(),
+                        op: ch.op,
+                        pk: ch.pk.clone(),
+                        values: ch.values.clone(),
+                    },
+                    client: client_arc.clone(),
+                });
             }
-            tx.prepare_cached(&sql_log)?.execute(params![
-                head as i64,
-                ch.table,
-                pk,
-                op,
-                vals,
-                client_no
-            ])?;
-            remember.push((ch.seq, Remembered::Applied(head)));
+            remember.push((ch.seq, first));
             results.push(ChangeResult {
                 seq: ch.seq,
-                outcome: Outcome::Applied { version: head },
-            });
-            logged.push(LogEntry {
-                change: RemoteChange {
-                    version: head,
-                    table: ch.table.clone(),
-                    op: ch.op,
-                    pk: ch.pk.clone(),
-                    values: ch.values.clone(),
-                },
-                client: client_arc.clone(),
+                outcome,
             });
         }
-        if let (Some(first), Some(last)) = (remember.first(), remember.last()) {
-            tx.prepare_cached(
-                "INSERT INTO client_batches (client_no, first, last, results, digests) VALUES (?1, ?2, ?3, ?4, ?5)
-                 ON CONFLICT (client_no, first) DO UPDATE SET last = excluded.last, results = excluded.results, digests = excluded.digests",
-            )?
-            .execute(params![
-                client_no,
-                first.0 as i64,
-                last.0 as i64,
-                rmp_serde::to_vec(&remember).expect("BUG: encodes"),
-                digests
-            ])?;
-        }
+        remember_answers(&tx, client_no, &remember, digests)?;
         tx.prepare_cached("UPDATE clients SET last_seq = ?1, acked = ?2 WHERE no = ?3")?
             .execute(params![new_hwm as i64, acked_mark as i64, client_no])?;
         tx.prepare_cached("UPDATE datasets SET head = ?1 WHERE id = ?2")?
