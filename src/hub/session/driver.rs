@@ -112,33 +112,27 @@ pub(super) async fn run(
         mut live,
         registration,
     } = opened;
-    let metrics = inner.metrics.session(&dataset);
     let conn = ws.get_ref().get_ref().get_ref().conn().cloned();
-    if let Some(c) = &conn {
-        c.session_started();
-    }
-    let limits = inner.budget.limits();
-    let per_second =
-        std::num::NonZeroU32::new(limits.max_frames_per_second).expect("BUG: validated above zero");
-    let frames = governor::RateLimiter::direct(governor::Quota::per_second(per_second));
-    let holds_uploads = machine.applies_uploads();
     let (sink, mut reader) = ws.split();
     let mut d = Driver {
+        metrics: inner.metrics.session(&dataset),
+        frames: frame_rate(&inner),
         out: Outgoing::new(sink),
         client,
         echo_own,
         inner,
         dataset,
         tables,
-        metrics,
         read: None,
         apply: None,
         registration,
         conn,
-        frames,
         held: Default::default(),
-        holds_uploads,
+        holds_uploads: machine.applies_uploads(),
     };
+    if let Some(c) = &d.conn {
+        c.session_started();
+    }
     let replaced = d.registration.replaced.clone();
     let mut told_replaced = false;
     let mut actions = start;
@@ -152,21 +146,7 @@ pub(super) async fn run(
     loop {
         for a in actions.drain(..) {
             if let Some(ending) = d.perform(a) {
-                let linger =
-                    matches!(&ending.1, Ending::Refuse(r) if r.code != ErrorCode::ShuttingDown);
-                d.finish(ending).await;
-                if linger {
-                    // What the client still sends is read and dropped for a
-                    // moment: closing with unread bytes would answer them
-                    // with a reset, which can destroy the error frame on its
-                    // way to the client.
-                    let drain = async { while let Some(Ok(_)) = reader.next().await {} };
-                    tokio::select! {
-                        _ = tokio::time::timeout(LINGER, drain) => {}
-                        _ = shutdown.cancelled() => {}
-                    }
-                }
-                return;
+                return end(d, ending, reader, &shutdown).await;
             }
         }
         if d.out.flushed() != reported {
@@ -187,16 +167,7 @@ pub(super) async fn run(
                 },
                 i => i,
             },
-            p = live.recv(), if machine.wants_live() => match p {
-                Ok(p) => Input::Published(p),
-                Err(RecvError::Lagged(n)) => {
-                    tracing::debug!(missed = n, "fell behind the live stream; reading from the store");
-                    Input::Lagged
-                }
-                Err(RecvError::Closed) => {
-                    Input::StoreFailed(Refusal::new(ErrorCode::Internal, "fan-out closed"))
-                }
-            },
+            p = live.recv(), if machine.wants_live() => live_input(p),
             r = d.out.drive(), if d.out.waiting() => match r {
                 Ok(()) => {
                     reported = d.out.flushed();
@@ -215,33 +186,16 @@ pub(super) async fn run(
                 }
             }
             r = join_apply(&mut d.apply), if d.apply.is_some() => {
-                let (batch, changes, held, _) = d.apply.take().expect("BUG: apply polled while none");
-                if let Some(c) = &d.conn {
-                    c.applied(held);
-                }
-                if matches!(r, Ok(None)) {
-                    told_replaced = true;
-                }
-                d.applied(batch, &changes, r)
+                // Not applied: the session was replaced meanwhile.
+                told_replaced |= matches!(r, Ok(None));
+                d.apply_done(r)
             }
             _ = progress_check.tick(), if machine.writing() => {
-                let now = progress.written();
-                if now != seen_written {
-                    seen_written = now;
-                    Input::Progress
-                } else {
-                    Input::Tick
-                }
+                moved(progress.written(), &mut seen_written, Input::Progress)
             }
             // A frame still arriving on a slow link counts as heard.
             _ = sleep_until(deadline), if deadline.is_some() => {
-                let now = progress.read();
-                if now != seen_read {
-                    seen_read = now;
-                    Input::Heard
-                } else {
-                    Input::Tick
-                }
+                moved(progress.read(), &mut seen_read, Input::Heard)
             }
             _ = replaced.cancelled(), if !told_replaced => {
                 told_replaced = true;
@@ -256,7 +210,71 @@ pub(super) async fn run(
     }
 }
 
+/// `then` when the byte count moved since last seen, else a plain tick.
+fn moved(now: u64, seen: &mut u64, then: Input) -> Input {
+    if now != *seen {
+        *seen = now;
+        then
+    } else {
+        Input::Tick
+    }
+}
+
+/// The session's frame-rate limiter, from the hub's budget.
+fn frame_rate(inner: &HubInner) -> FrameRate {
+    let per_second = std::num::NonZeroU32::new(inner.budget.limits().max_frames_per_second)
+        .expect("BUG: validated above zero");
+    governor::RateLimiter::direct(governor::Quota::per_second(per_second))
+}
+
+/// What the live stream brought, as the machine's input.
+fn live_input(p: Result<Arc<Published>, RecvError>) -> Input {
+    match p {
+        Ok(p) => Input::Published(p),
+        Err(RecvError::Lagged(n)) => {
+            tracing::debug!(
+                missed = n,
+                "fell behind the live stream; reading from the store"
+            );
+            Input::Lagged
+        }
+        Err(RecvError::Closed) => {
+            Input::StoreFailed(Refusal::new(ErrorCode::Internal, "fan-out closed"))
+        }
+    }
+}
+
+/// Ends the session. After a refusal, what the client still sends is read
+/// and dropped for a moment: closing with unread bytes would answer them
+/// with a reset, which can destroy the error frame on its way to the client.
+async fn end(
+    d: Driver,
+    ending: (Vec<Vec<u8>>, Ending),
+    mut reader: futures_util::stream::SplitStream<Ws>,
+    shutdown: &CancellationToken,
+) {
+    let linger = matches!(&ending.1, Ending::Refuse(r) if r.code != ErrorCode::ShuttingDown);
+    d.finish(ending).await;
+    if linger {
+        let drain = async { while let Some(Ok(_)) = reader.next().await {} };
+        tokio::select! {
+            _ = tokio::time::timeout(LINGER, drain) => {}
+            _ = shutdown.cancelled() => {}
+        }
+    }
+}
+
 impl Driver {
+    /// The apply task ended: its budget is given back, and its result is the
+    /// machine's input.
+    fn apply_done(&mut self, r: ApplyDone) -> Input {
+        let (batch, changes, held, _) = self.apply.take().expect("BUG: apply polled while none");
+        if let Some(c) = &self.conn {
+            c.applied(held);
+        }
+        self.applied(batch, &changes, r)
+    }
+
     /// Carries out one action; returns how the session ends on `Close`.
     fn perform(&mut self, action: Action) -> Option<(Vec<Vec<u8>>, Ending)> {
         match action {
