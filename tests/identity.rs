@@ -37,22 +37,9 @@ fn copy(world: &World, app: &Connection, from: &str, to: &str) {
     std::fs::copy(world.path(from), world.path(to)).unwrap();
 }
 
-/// Waits until `c` holds exactly the rows `want` (ids).
+/// Waits until `c` holds exactly the rows `want` (ids) in `t`.
 async fn wait_rows(c: &Connection, want: &[String]) {
-    let mut want = want.to_vec();
-    want.sort();
-    wait_until(&format!("{} rows everywhere", want.len()), || {
-        let mut got: Vec<String> = c
-            .prepare("SELECT id FROM t")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        got.sort();
-        got == want
-    })
-    .await;
+    wait_ids(c, "t", want).await
 }
 
 fn ids(prefixes: &[(&str, usize)]) -> Vec<String> {

@@ -15,22 +15,9 @@ fn write(c: &Connection, id: &str) {
     c.execute("INSERT INTO t VALUES (?1, 'x')", [id]).unwrap();
 }
 
-/// Waits until `c` holds exactly the rows `want` (ids).
+/// Waits until `c` holds exactly the rows `want` (ids) in `t`.
 async fn wait_rows(c: &Connection, want: &[&str]) {
-    let mut want: Vec<String> = want.iter().map(|s| s.to_string()).collect();
-    want.sort();
-    wait_until(&format!("rows {want:?}"), || {
-        let mut got: Vec<String> = c
-            .prepare("SELECT id FROM t")
-            .unwrap()
-            .query_map([], |r| r.get(0))
-            .unwrap()
-            .collect::<Result<_, _>>()
-            .unwrap();
-        got.sort();
-        got == want
-    })
-    .await;
+    wait_ids(c, "t", want).await
 }
 
 /// An online backup of the hub's store, as `sqlite3 hub.db ".backup ..."`.

@@ -271,6 +271,25 @@ pub fn hub_dump(world: &World, schema: &str, table: &str) -> Vec<String> {
     dump(&mem, table)
 }
 
+/// Waits until `table` in `c` holds exactly the rows whose first column
+/// (`id`) is in `want`, whatever their order.
+pub async fn wait_ids(c: &Connection, table: &str, want: &[impl AsRef<str>]) {
+    let mut want: Vec<String> = want.iter().map(|s| s.as_ref().to_owned()).collect();
+    want.sort();
+    wait_until(&format!("{table} holding {want:?}"), || {
+        let mut got: Vec<String> = c
+            .prepare(&format!("SELECT id FROM {table}"))
+            .unwrap()
+            .query_map([], |r| r.get(0))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap();
+        got.sort();
+        got == want
+    })
+    .await;
+}
+
 /// Waits until both apps hold the same rows of `table`.
 pub async fn wait_converged(a: &Connection, b: &Connection, table: &str) {
     let start = Instant::now();

@@ -64,32 +64,29 @@ impl Proxy {
     /// Two peers that each stop reading while they send wedge at once here,
     /// where loopback's megabytes of buffers would hide it for a while.
     pub async fn start_narrow(target: String) -> Proxy {
-        let socket = small_buffers();
-        socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
-        let listener = socket.listen(16).unwrap();
-        let addr = listener.local_addr().unwrap().to_string();
-        let stop = CancellationToken::new();
-        let conns = stop.clone();
-        let task = tokio::spawn(async move {
-            while let Ok((client, _)) = listener.accept().await {
-                let Ok(server) = small_buffers().connect(target.parse().unwrap()).await else {
-                    continue;
-                };
-                spawn_until(&conns, one_way_at_a_time(client, server));
-            }
-        });
-        Proxy {
-            addr,
-            blackhole: Arc::new(AtomicBool::new(false)),
-            task,
-            stop,
-        }
+        Proxy::small(target, |client, server, conns| {
+            spawn_until(conns, one_way_at_a_time(client, server));
+        })
     }
 
     /// Forwards 127.0.0.1:<new port> to `target` at about `rate` bytes per
     /// second in each direction, like a slow cellular link: small socket
     /// buffers, so a large frame really takes its time.
     pub async fn start_slow(target: String, rate: usize) -> Proxy {
+        Proxy::small(target, move |client, server, conns| {
+            let (cr, cw) = client.into_split();
+            let (sr, sw) = server.into_split();
+            spawn_until(conns, paced(cr, sw, rate));
+            spawn_until(conns, paced(sr, cw, rate));
+        })
+    }
+
+    /// A proxy whose sockets have small kernel buffers; `link` starts the
+    /// copying of each accepted connection and its upstream.
+    fn small(
+        target: String,
+        link: impl Fn(TcpStream, TcpStream, &CancellationToken) + Send + 'static,
+    ) -> Proxy {
         let socket = small_buffers();
         socket.bind("127.0.0.1:0".parse().unwrap()).unwrap();
         let listener = socket.listen(16).unwrap();
@@ -101,10 +98,7 @@ impl Proxy {
                 let Ok(server) = small_buffers().connect(target.parse().unwrap()).await else {
                     continue;
                 };
-                let (cr, cw) = client.into_split();
-                let (sr, sw) = server.into_split();
-                spawn_until(&conns, paced(cr, sw, rate));
-                spawn_until(&conns, paced(sr, cw, rate));
+                link(client, server, &conns);
             }
         });
         Proxy {
