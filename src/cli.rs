@@ -196,14 +196,34 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
-    /// Check a config file and exit (0 = valid, 78 = invalid).
+    /// Check a config file against reality and exit (0 = valid, 78 =
+    /// invalid): keys and values, then that each database and table exists
+    /// with a primary key and the token file holds one token (a daemon
+    /// config), or that the store's directory is writable (a hub config).
     Check {
         /// tether.toml or hub.toml.
         file: PathBuf,
         /// The file is a hub config.
         #[arg(long)]
         hub: bool,
+        /// Check keys and values only, not the files they name (what
+        /// tether.service runs before starting: the daemon waits for a
+        /// database that is missing at start).
+        #[arg(long)]
+        keys_only: bool,
     },
+    /// Write a daemon config (tether.toml, or the file given with --config)
+    /// syncing one database through a hub. Refuses to overwrite a file
+    /// unless --force.
+    Init(crate::setup::InitArgs),
+    /// Print a shell completion script: `tether completions bash >
+    /// /etc/bash_completion.d/tether`.
+    Completions {
+        #[arg(value_enum)]
+        shell: clap_complete::Shell,
+    },
+    /// Print the manual page (roff): `tether man | man -l -`.
+    Man,
 }
 
 #[derive(Debug, Args)]
@@ -214,7 +234,9 @@ pub struct HubArgs {
 
 #[derive(Debug, Subcommand)]
 pub enum HubCommand {
-    /// Print a fresh random token and the [[token]] block for hub.toml.
+    /// Make a fresh random token: print it and the [[token]] block for
+    /// hub.toml, or write the token to a file and append the block to
+    /// hub.toml (--token-file, --append-to).
     NewToken {
         /// A name for the token (who or what uses it).
         #[arg(long)]
@@ -225,5 +247,16 @@ pub enum HubCommand {
         /// The token may download but not upload.
         #[arg(long)]
         read_only: bool,
+        /// Write the token to this file (mode 0600, which must not exist
+        /// yet) instead of printing it: the daemon's `token_file`.
+        #[arg(long, value_name = "PATH")]
+        token_file: Option<PathBuf>,
+        /// Append the [[token]] block to this hub config instead of
+        /// printing it (checked first: the result must be a valid hub.toml).
+        #[arg(long, value_name = "HUB_TOML")]
+        append_to: Option<PathBuf>,
     },
+    /// Write a hub config (hub.toml, or the file given with --config) with
+    /// one dataset. Refuses to overwrite a file unless --force.
+    Init(crate::setup::HubInitArgs),
 }

@@ -65,7 +65,12 @@ pub async fn run(
 ) -> ExitCode {
     let limits = Limits::of(&req, timeout);
     let started = tokio::time::Instant::now();
-    let (mut client, mut resp) = match request(socket, &req, limits.first).await {
+    if out == Output::Human {
+        if let Some(what) = waiting_for(&req) {
+            eprintln!("{what}");
+        }
+    }
+    let (mut client, mut resp) = match first_answer(socket, &req, limits.first, out).await {
         Ok(c) => c,
         Err(e) => return fail(e),
     };
@@ -109,6 +114,69 @@ pub async fn run(
         };
     }
 }
+
+/// What a long command waits for and how long, said on stderr before it
+/// starts waiting (none for commands that answer at once).
+fn waiting_for(req: &Request) -> Option<String> {
+    let limit = |ms: Option<u64>, default: Option<std::time::Duration>| {
+        match ms.map(std::time::Duration::from_millis).or(default) {
+            Some(d) => format!("gives up after {}, --timeout", humantime::format_duration(d)),
+            None => "no time limit; set one with --timeout".to_owned(),
+        }
+    };
+    match req {
+        Request::Sync { db, timeout_ms } => Some(format!(
+            "waiting for {db}: local changes stored by the hub and the hub's changes applied here ({})",
+            limit(*timeout_ms, Some(tether::control::client::SYNC_TIMEOUT))
+        )),
+        Request::Wait { db, dirs, timeout_ms } => {
+            let what = match (dirs.upload, dirs.download) {
+                (true, false) => "local changes stored by the hub",
+                (false, true) => "the hub's changes applied here",
+                _ => "local changes stored by the hub and the hub's changes applied here",
+            };
+            Some(format!("waiting for {db}: {what} ({})", limit(*timeout_ms, None)))
+        }
+        _ => None,
+    }
+}
+
+/// Sends `req` and reads the first answer within `limit`. `sync` and
+/// `wait` are commands that wait anyway: a daemon that is not listening
+/// yet (just started in the background) is waited for within the same
+/// limit, saying so; the other commands fail at once.
+async fn first_answer(
+    socket: &Path,
+    req: &Request,
+    limit: std::time::Duration,
+    out: Output,
+) -> Result<(tether::control::client::Client, Response), ClientError> {
+    let patient = matches!(req, Request::Sync { .. } | Request::Wait { .. });
+    let deadline = tokio::time::Instant::now() + limit;
+    let mut said = false;
+    loop {
+        let left = deadline.saturating_duration_since(tokio::time::Instant::now());
+        match request(socket, req, if said { left } else { limit }).await {
+            Err(ClientError::NoDaemon { .. })
+                if patient && tokio::time::Instant::now() + NO_DAEMON_PAUSE < deadline =>
+            {
+                if !said && out == Output::Human {
+                    eprintln!(
+                        "waiting for a daemon to listen on {} (gives up after {})",
+                        socket.display(),
+                        humantime::format_duration(limit)
+                    );
+                    said = true;
+                }
+                tokio::time::sleep(NO_DAEMON_PAUSE).await;
+            }
+            r => return r,
+        }
+    }
+}
+
+/// How often `sync` and `wait` look for a daemon that is not there yet.
+const NO_DAEMON_PAUSE: std::time::Duration = std::time::Duration::from_millis(100);
 
 /// Writes to stdout; false once stdout is closed.
 fn emit(text: &str) -> bool {

@@ -97,8 +97,10 @@ pub struct DaemonConfig {
     pub databases: Vec<DatabaseConfig>,
 }
 
+/// `/run/tether/tether.sock` for root, a per-user path otherwise (see
+/// [`crate::places::control_socket`]).
 pub fn default_control_socket() -> PathBuf {
-    PathBuf::from("/run/tether/tether.sock")
+    crate::places::control_socket()
 }
 
 /// `[control]` of `tether.toml`: the control socket's guard. Read at

@@ -29,6 +29,7 @@
 //! * [`listen`]: the accept loop every listener shares.
 //! * [`counted`]: sockets that count bytes written, for stall detection.
 //! * [`outgoing`]: frames written while the same task keeps reading.
+//! * [`places`]: default paths (the control socket with or without root).
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
@@ -46,6 +47,7 @@ pub mod listen;
 pub mod local;
 pub mod metrics;
 pub mod outgoing;
+pub mod places;
 pub mod proto;
 pub mod service;
 pub mod session;

@@ -8,10 +8,12 @@ use tokio_util::sync::CancellationToken;
 
 use tether::config::{DaemonConfig, HubConfig};
 use tether::daemon::Daemon;
-use tether::hub::{auth, Hub};
+use tether::hub::Hub;
 
+mod check;
 mod cli;
 mod commands;
+mod setup;
 use cli::{Cli, Command, HubCommand};
 use commands::Output;
 use tether::control::{self, Request};
@@ -207,6 +209,11 @@ async fn run(cli: Cli) -> ExitCode {
     if let Some((req, json, timeout)) = control_request {
         let path = match socket() {
             Ok(p) => p,
+            Err(e) if matches!(req, Request::Reload {}) => {
+                // What the README promises for an invalid file: exit 1.
+                eprintln!("error: reload refused, not sent to the daemon (it keeps its current config): {e}");
+                return ExitCode::FAILURE;
+            }
             Err(e) => {
                 eprintln!("error: {e}");
                 return ExitCode::from(EX_CONFIG);
@@ -278,23 +285,37 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
-        Command::Check { file: config, hub } => {
-            let r = if hub {
-                HubConfig::load(&config).map(|_| ())
-            } else {
-                DaemonConfig::load(&config).map(|_| ())
-            };
-            match r {
-                Ok(()) => {
-                    println!("{}: ok", config.display());
-                    ExitCode::SUCCESS
-                }
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    ExitCode::from(EX_CONFIG)
-                }
+        Command::Check {
+            file,
+            hub,
+            keys_only,
+        } => match check::check(&file, hub, keys_only) {
+            Ok(said) => {
+                println!("{said}");
+                ExitCode::SUCCESS
             }
+            Err(problems) => {
+                for p in problems {
+                    eprintln!("error: {p}");
+                }
+                ExitCode::from(EX_CONFIG)
+            }
+        },
+        Command::Init(args) => {
+            let out = cli.config.unwrap_or_else(|| "tether.toml".into());
+            said(setup::init(&args, &out))
         }
+        Command::Completions { shell } => {
+            setup::completions(shell);
+            ExitCode::SUCCESS
+        }
+        Command::Man => match setup::man() {
+            Ok(()) => ExitCode::SUCCESS,
+            Err(e) => {
+                eprintln!("error: {e}");
+                ExitCode::FAILURE
+            }
+        },
         _ => unreachable!("control commands are handled above"),
     }
 }
@@ -344,6 +365,10 @@ async fn daemon(config: Option<&std::path::Path>, log_format: cli::LogFormat) ->
             return ExitCode::from(EX_CONFIG);
         }
     };
+    if let Err(e) = tether::places::prepare_socket_dir(&cfg.control_socket) {
+        eprintln!("error: {}: control_socket: {e}", config.display());
+        return ExitCode::from(EX_CONFIG);
+    }
     let listener = match control::server::bind(&cfg.control_socket).await {
         Ok(l) => l,
         Err(e) => {
@@ -394,6 +419,20 @@ async fn daemon(config: Option<&std::path::Path>, log_format: cli::LogFormat) ->
     ExitCode::SUCCESS
 }
 
+/// Prints what a setup command did, or its error (exit 1).
+fn said(r: Result<String, String>) -> ExitCode {
+    match r {
+        Ok(text) => {
+            println!("{text}");
+            ExitCode::SUCCESS
+        }
+        Err(e) => {
+            eprintln!("error: {e}");
+            ExitCode::FAILURE
+        }
+    }
+}
+
 /// `tether hub` and its subcommands.
 async fn hub(
     args: cli::HubArgs,
@@ -405,13 +444,21 @@ async fn hub(
             name,
             dataset,
             read_only,
-        }) => {
-            let token = auth::new_token();
-            println!("token (give this to the daemon, e.g. in /etc/tether/token; it is shown only once):");
-            println!("{token}\n");
-            println!("paste into hub.toml:\n");
-            print!("{}", auth::token_block(&name, &token, &dataset, read_only));
-            ExitCode::SUCCESS
+            token_file,
+            append_to,
+        }) => said(
+            setup::new_token(
+                &name,
+                &dataset,
+                read_only,
+                token_file.as_deref(),
+                append_to.as_deref(),
+            )
+            .map(|s| s.trim_end().to_owned()),
+        ),
+        Some(HubCommand::Init(args)) => {
+            let out = config.map_or_else(|| "hub.toml".into(), std::path::Path::to_path_buf);
+            said(setup::hub_init(&args, &out))
         }
         None => {
             let (config, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {

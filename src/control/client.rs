@@ -12,8 +12,9 @@ use tokio_util::codec::{Framed, LinesCodec};
 
 use super::{ErrorCode, Request, Response, MAX_LINE};
 
-/// Where the CLI looks for the daemon when nothing else says.
-pub const DEFAULT_SOCKET: &str = "/run/tether/tether.sock";
+/// Where the CLI looks for a daemon run by root when nothing else says;
+/// other users' daemons default to [`crate::places::control_socket`].
+pub const DEFAULT_SOCKET: &str = crate::places::SYSTEM_SOCKET;
 
 /// How long a command waits for the daemon's answer when `--timeout` does
 /// not say; for a stream (`wait`, `progress`, `watch`, `sync`), how long
@@ -254,8 +255,35 @@ pub async fn request(
     }
 }
 
+/// The `control_socket` of the daemon config at `path`, read without
+/// validating the rest: a file with a bad value elsewhere still leads to
+/// its daemon (`tether reload` is then refused by the daemon, with the
+/// reason, and the daemon logs it). Only a file that is not TOML, or a
+/// `control_socket` that is not a string, is an error here.
+fn control_socket_of(path: &Path) -> Result<PathBuf, crate::config::ConfigError> {
+    use crate::config::ConfigError;
+    let shown = path.display().to_string();
+    let text = std::fs::read_to_string(path).map_err(|source| ConfigError::Read {
+        path: shown.clone(),
+        source,
+    })?;
+    let table: toml::Table = toml::from_str(&text).map_err(|e| ConfigError::Parse {
+        path: shown.clone(),
+        message: e.to_string().trim_end().replace('\n', "\n  "),
+    })?;
+    match table.get("control_socket") {
+        None => Ok(crate::config::default_control_socket()),
+        Some(toml::Value::String(s)) => Ok(PathBuf::from(s)),
+        Some(v) => Err(ConfigError::Invalid {
+            path: shown,
+            key: "control_socket".into(),
+            message: format!("{v} is not a path; write it like \"/run/tether/tether.sock\""),
+        }),
+    }
+}
+
 /// Finds the socket: `--socket`, else `--config`'s `control_socket`, else
-/// `TETHER_SOCKET`, else [`DEFAULT_SOCKET`].
+/// `TETHER_SOCKET`, else [`crate::places::control_socket`].
 pub fn socket_path(
     socket: Option<&Path>,
     config: Option<&Path>,
@@ -264,12 +292,12 @@ pub fn socket_path(
         return Ok(s.to_path_buf());
     }
     if let Some(c) = config {
-        return Ok(crate::config::DaemonConfig::load(c)?.control_socket);
+        return control_socket_of(c);
     }
     if let Some(s) = std::env::var_os("TETHER_SOCKET") {
         return Ok(PathBuf::from(s));
     }
-    Ok(PathBuf::from(DEFAULT_SOCKET))
+    Ok(crate::places::control_socket())
 }
 
 #[cfg(test)]

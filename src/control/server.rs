@@ -649,11 +649,17 @@ async fn handle(conn: &mut Conn, ctx: &Ctx, req: Request) -> bool {
             text: daemon.metrics_text().await,
         },
         Request::Reload {} => match daemon.reload_from_file().await {
-            Ok(report) => Response::Reload { report },
-            Err(e) => Response::error(
-                ErrorCode::InvalidConfig,
-                format!("reload refused, the daemon keeps its current config: {e}"),
-            ),
+            Ok(report) => {
+                tracing::info!(added = ?report.added, removed = ?report.removed, restarted = ?report.restarted, warnings = ?report.warnings, "tether reload: config reloaded");
+                Response::Reload { report }
+            }
+            Err(e) => {
+                tracing::warn!("tether reload: reload refused, keeping the current config: {e}");
+                Response::error(
+                    ErrorCode::InvalidConfig,
+                    format!("reload refused, the daemon keeps its current config: {e}"),
+                )
+            }
         },
         Request::Watch { db } => {
             // Subscribe before taking the snapshot: an event that happens
@@ -783,6 +789,7 @@ async fn wait(
     until: Until,
     shutdown: &CancellationToken,
 ) -> Result<(), Response> {
+    opened(h, deadline, shutdown).await?;
     let mut rx = h.status.clone();
     let start = rx.borrow_and_update().clone();
     if let Some(why) = failed(&start) {
@@ -890,6 +897,40 @@ async fn wait(
                 }
             }
             _ = sleep_opt(deadline) => {}
+            _ = shutdown.cancelled() => return Err(interrupted(&h.name)),
+        }
+    }
+}
+
+/// Waits, within `deadline`, for a database that is still being opened (a
+/// daemon that has just started): a wait or sync sent right after the
+/// daemon starts is answered rather than refused. A database whose open
+/// failed is an error at once, with the reason.
+async fn opened(
+    h: &SessionHandle,
+    deadline: Option<Instant>,
+    shutdown: &CancellationToken,
+) -> Result<(), Response> {
+    let mut rx = h.status.clone();
+    loop {
+        let s = rx.borrow_and_update().clone();
+        if h.local.get().is_some() {
+            return Ok(());
+        }
+        if let Some(why) = failed(&s).or(s.last_error) {
+            return Err(Response::error(
+                ErrorCode::SessionFailed,
+                format!("{}: the database is not open: {why}", h.name),
+            ));
+        }
+        tokio::select! {
+            r = rx.changed() => if r.is_err() {
+                return Err(Response::error(ErrorCode::SessionFailed, format!("{}: session stopped", h.name)));
+            },
+            _ = sleep_opt(deadline) => return Err(Response::error(
+                ErrorCode::Timeout,
+                format!("{}: timed out waiting for the database to open", h.name),
+            )),
             _ = shutdown.cancelled() => return Err(interrupted(&h.name)),
         }
     }

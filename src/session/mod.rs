@@ -39,19 +39,15 @@ pub enum TokenSource {
 impl TokenSource {
     fn read(&self) -> Result<String, SessionError> {
         let token = self.read_raw()?;
-        // A token is one word of visible ASCII: anything else cannot go in
-        // an HTTP header, and usually means the file holds more than the
-        // token (the whole output of `tether hub new-token`, say).
-        if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
-            let whence = match self {
-                TokenSource::Inline(_) => "hub.token in the daemon's config".to_owned(),
-                TokenSource::File(p) => format!("token file {}", p.display()),
-            };
-            return Err(SessionError::Unauthorized(format!(
-                "{whence} holds {} characters with {bad:?} among them, which no token contains: it must hold only the token itself (the `tth_...` line printed by `tether hub new-token`); the session tries again as soon as the file changes",
-                token.chars().count()
-            )));
-        }
+        let whence = match self {
+            TokenSource::Inline(_) => "hub.token in the daemon's config".to_owned(),
+            TokenSource::File(p) => format!("token file {}", p.display()),
+        };
+        check_token(&whence, &token).map_err(|e| {
+            SessionError::Unauthorized(format!(
+                "{e}; the session tries again as soon as the file changes"
+            ))
+        })?;
         Ok(token)
     }
 
@@ -71,6 +67,25 @@ impl TokenSource {
             },
         }
     }
+}
+
+/// Checks a token (already trimmed) read from `whence`. A token is one
+/// word of visible ASCII: anything else cannot go in an HTTP header, and
+/// usually means the file holds more than the token (the whole output of
+/// `tether hub new-token`, say). Used by the session and `tether check`.
+pub fn check_token(whence: &str, token: &str) -> Result<(), String> {
+    if token.contains('\n') {
+        return Err(format!(
+            "{whence} holds more than one line: put only the token (the line starting tth_) in it"
+        ));
+    }
+    if let Some(bad) = token.chars().find(|c| !c.is_ascii_graphic()) {
+        return Err(format!(
+            "{whence} holds {} characters with {bad:?} among them, which no token contains: it must hold only the token itself (the line starting tth_ that `tether hub new-token` prints)",
+            token.chars().count()
+        ));
+    }
+    Ok(())
 }
 
 /// Commands an operator sends to a running session.

@@ -372,15 +372,42 @@ fn open(path: &Path) -> Result<Connection, StoreError> {
     Ok(c)
 }
 
+/// Creates the store's directory (mode 0750) when its parent exists, so a
+/// first start needs no `mkdir`; a missing parent is more likely a typo in
+/// `store` than a directory to invent, and is refused.
+fn prepare_dir(dir: &Path) -> Result<(), StoreError> {
+    use std::os::unix::fs::DirBuilderExt;
+    if dir.as_os_str().is_empty() || dir.is_dir() {
+        return Ok(());
+    }
+    let parent_exists = dir
+        .parent()
+        .is_none_or(|p| p.as_os_str().is_empty() || p.is_dir());
+    if !parent_exists {
+        return Err(StoreError::Backend(format!(
+            "directory {} of the hub store does not exist, nor does its parent; create it or change `store`",
+            dir.display()
+        )));
+    }
+    std::fs::DirBuilder::new()
+        .mode(0o750)
+        .create(dir)
+        .or_else(|e| match e.kind() {
+            std::io::ErrorKind::AlreadyExists if dir.is_dir() => Ok(()),
+            _ => Err(e),
+        })
+        .map_err(|e| {
+            StoreError::Backend(format!(
+                "cannot create directory {} of the hub store ({e}); create it or change `store`",
+                dir.display()
+            ))
+        })
+}
+
 impl SqliteStore {
     pub fn open(path: &Path) -> Result<SqliteStore, StoreError> {
         if let Some(dir) = path.parent() {
-            if !dir.as_os_str().is_empty() && !dir.exists() {
-                return Err(StoreError::Backend(format!(
-                    "directory {} of the hub store does not exist; create it or change `store`",
-                    dir.display()
-                )));
-            }
+            prepare_dir(dir)?;
         }
         let mut writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
