@@ -158,10 +158,12 @@ pub enum Command {
         #[command(flatten)]
         patience: Patience,
     },
-    /// Upload then download once and print the result.
+    /// Ask the running daemon to upload and download now, and wait until
+    /// it has: says on stderr what it waits for.
     Sync {
         db: String,
-        /// Give up after this long (default 5m): exit 3, the transfer goes on.
+        /// Give up after this long ("30s", "10m"; default 5m): exit 3, the
+        /// transfer goes on.
         #[arg(long, value_parser = humantime::parse_duration)]
         timeout: Option<std::time::Duration>,
         #[arg(long)]
@@ -173,7 +175,8 @@ pub enum Command {
     Once {
         /// Databases to sync (all when none given).
         dbs: Vec<String>,
-        /// Give up after this long.
+        /// Give up after this long ("30s", "10m"; default 5m): the
+        /// databases not done by then are reported FAILED, exit 1.
         #[arg(long, value_parser = humantime::parse_duration, default_value = "5m")]
         timeout: std::time::Duration,
         #[arg(long)]

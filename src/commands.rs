@@ -368,7 +368,11 @@ fn print_status(o: &mut String, s: &Status) {
         say!(o, "  last error:  {e}");
     }
     if let Some(ms) = s.backoff_ms {
-        say!(o, "  next try in: {} ms", ms);
+        say!(
+            o,
+            "  next try in: {:.1} s (sooner with `tether reconnect`)",
+            ms as f64 / 1000.0
+        );
     }
 }
 
@@ -395,10 +399,7 @@ fn event_line(e: &Event) -> String {
         Event::Session { db, old, new } => {
             format!("{db}: session {} -> {}", old.as_str(), new.as_str())
         }
-        Event::Upload { db, summary } => format!(
-            "{db}: upload {}",
-            serde_json::to_string(summary).expect("BUG: serializes")
-        ),
+        Event::Upload { db, summary } => format!("{db}: {}", upload_line(summary)),
         Event::Download {
             db,
             changes,
@@ -407,6 +408,44 @@ fn event_line(e: &Event) -> String {
         } => format!("{db}: downloaded {changes} changes, cursor {cursor} of {hub_head}"),
         Event::Error { db, message } => format!("{db}: error: {message}"),
     }
+}
+
+/// One upload batch's answer, for people: what the hub stored, and only
+/// the outcomes that happened.
+fn upload_line(u: &tether::proto::UploadSummary) -> String {
+    let plural = |n: u64, one: &str, many: &str| {
+        format!("{n} {}", if n == 1 { one } else { many })
+    };
+    let mut line = format!(
+        "uploaded {}: {} stored",
+        plural(u.total, "change", "changes"),
+        u.applied
+    );
+    if u.conflict > 0 {
+        line.push_str(&format!(", {} settled as conflicts", u.conflict));
+    }
+    if u.invalid > 0 {
+        let reasons: Vec<String> = u
+            .invalid_reasons
+            .iter()
+            .map(|(r, n)| format!("{r} {n}"))
+            .collect();
+        line.push_str(&format!(
+            ", {} refused by the hub ({})",
+            u.invalid,
+            reasons.join(", ")
+        ));
+    }
+    if u.materialize_error > 0 {
+        line.push_str(&format!(
+            ", {} not stored (the hub's store failed; sent again)",
+            u.materialize_error
+        ));
+    }
+    if let Some(e) = &u.first_error {
+        line.push_str(&format!("; first error: {e}"));
+    }
+    line
 }
 
 /// Progress bars on a terminal, one per direction.

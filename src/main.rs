@@ -230,6 +230,18 @@ async fn run(cli: Cli) -> ExitCode {
                 Ok(c) => c,
                 Err(code) => return code,
             };
+            if !json {
+                let names: Vec<&str> = match dbs.is_empty() {
+                    true => cfg.databases.iter().map(|d| d.name.as_str()).collect(),
+                    false => dbs.iter().map(String::as_str).collect(),
+                };
+                eprintln!(
+                    "waiting for {}: connect to {}, download everything, upload everything (gives up after {}, --timeout)",
+                    names.join(", "),
+                    cfg.hub.url,
+                    humantime::format_duration(timeout)
+                );
+            }
             let results = match tether::daemon::once(cfg, &dbs, timeout).await {
                 Ok(r) => r,
                 Err(e) => {

@@ -73,6 +73,7 @@ impl SessionHandle {
     /// be a while ago when paused or disconnected).
     pub async fn fresh_status(&self) -> Status {
         let mut s = self.status.borrow().clone();
+        s.count_down(crate::clock::now_ms());
         if let Some(local) = self.local.get() {
             let read =
                 tokio::time::timeout(Duration::from_secs(2), local.call(|r| r.pending())).await;
@@ -145,6 +146,16 @@ pub struct Daemon {
     reloading: tokio::sync::Mutex<()>,
     /// Counters of every session, kept across reloads.
     metrics: DaemonMetrics,
+    mode: Mode,
+}
+
+/// How long the daemon runs, which decides what a failure to open a
+/// database is: something retried and logged (resident), or the round's
+/// result, reported by `tether once` and nowhere else (one round).
+#[derive(Clone, Copy, Debug, PartialEq, Eq)]
+pub enum Mode {
+    Resident,
+    OneRound,
 }
 
 impl Daemon {
@@ -153,11 +164,27 @@ impl Daemon {
         Self::start_from(cfg, None, shutdown)
     }
 
+    /// Like [`Daemon::start`] for one round (`tether once`): a database
+    /// that cannot be opened is not logged as retried, since the caller
+    /// reports it and stops.
+    pub fn start_one_round(cfg: &DaemonConfig, shutdown: CancellationToken) -> Daemon {
+        Self::start_with(cfg, None, shutdown, Mode::OneRound)
+    }
+
     /// Like [`Daemon::start`], remembering the config file for reloads.
     pub fn start_from(
         cfg: &DaemonConfig,
         config_path: Option<std::path::PathBuf>,
         shutdown: CancellationToken,
+    ) -> Daemon {
+        Self::start_with(cfg, config_path, shutdown, Mode::Resident)
+    }
+
+    fn start_with(
+        cfg: &DaemonConfig,
+        config_path: Option<std::path::PathBuf>,
+        shutdown: CancellationToken,
+        mode: Mode,
     ) -> Daemon {
         let tracker = TaskTracker::new();
         tracker.close();
@@ -170,6 +197,7 @@ impl Daemon {
             config: std::sync::Mutex::new(cfg.clone()),
             reloading: tokio::sync::Mutex::new(()),
             metrics: DaemonMetrics::new(),
+            mode,
         };
         let entries: Vec<Entry> = cfg
             .databases
@@ -214,6 +242,7 @@ impl Daemon {
                 local: local.clone(),
             },
             stop.clone(),
+            self.mode,
         ));
         Entry {
             handle: SessionHandle {
@@ -386,6 +415,7 @@ async fn supervise(
     params: SessionParams,
     ch: Channels,
     shutdown: CancellationToken,
+    mode: Mode,
 ) {
     let Channels {
         status,
@@ -402,7 +432,12 @@ async fn supervise(
             Ok(l) => break l,
             Err(e) => {
                 let delay = backoff.next().unwrap_or(params.reconnect.max.0);
-                span.in_scope(|| tracing::error!(retry_in = ?delay, "{e}"));
+                match mode {
+                    Mode::Resident => {
+                        span.in_scope(|| tracing::error!(retry_in = ?delay, "{e}"))
+                    }
+                    Mode::OneRound => span.in_scope(|| tracing::debug!("{e}")),
+                }
                 let _ = events.send(Event::Error {
                     db: db.name.clone(),
                     message: e.to_string(),
@@ -410,7 +445,7 @@ async fn supervise(
                 update_status(&status, &events, |s| {
                     s.session = SessionState::Error;
                     s.last_error = Some(e.to_string());
-                    s.backoff_ms = Some(delay.as_millis() as u64);
+                    s.set_backoff(delay);
                 });
                 let until = tokio::time::Instant::now() + delay;
                 loop {
@@ -447,7 +482,7 @@ async fn supervise(
     update_status(&status, &events, |s| {
         s.session = SessionState::Active;
         s.last_error = None;
-        s.backoff_ms = None;
+        s.clear_backoff();
     });
     let watch_guard = match fswatch::watch(&db.path, wake_tx) {
         Ok(w) => Some(w),

@@ -43,7 +43,7 @@ pub async fn once(
         cfg.databases.retain(|d| only.contains(&d.name));
     }
     let shutdown = CancellationToken::new();
-    let daemon = Daemon::start(&cfg, shutdown.clone());
+    let daemon = Daemon::start_one_round(&cfg, shutdown.clone());
     let deadline = tokio::time::Instant::now() + timeout;
     let mut results = Vec::new();
     for h in &daemon.handles() {

@@ -123,7 +123,7 @@ impl Session {
         self.update(|s| {
             s.connection = ConnectionState::Disconnected;
             s.session = SessionState::Inactive;
-            s.backoff_ms = None;
+            s.clear_backoff();
         });
     }
 
@@ -510,7 +510,7 @@ impl Session {
                     if s.session == SessionState::Paused {
                         s.session = SessionState::Active;
                     }
-                    s.backoff_ms = None;
+                    s.clear_backoff();
                 });
             }
             Note::Connected {
@@ -554,7 +554,7 @@ impl Session {
             Note::Paused => self.update(|s| {
                 s.session = SessionState::Paused;
                 s.connection = ConnectionState::Disconnected;
-                s.backoff_ms = None;
+                s.clear_backoff();
             }),
             Note::Failed {
                 error,
@@ -579,7 +579,7 @@ impl Session {
                     s.caught_up = false;
                     s.session = state;
                     s.last_error = Some(error);
-                    s.backoff_ms = Some(delay.as_millis() as u64);
+                    s.set_backoff(delay);
                 });
             }
             Note::ReadOnly(message) => {

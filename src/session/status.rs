@@ -223,8 +223,13 @@ pub struct Status {
     #[serde(default)]
     pub upload_totals: UploadTotals,
     pub last_error: Option<String>,
-    /// Delay before the next connection attempt, in milliseconds.
+    /// Time left before the next connection attempt, in milliseconds, as
+    /// of the answer (a status read from the daemon counts down).
     pub backoff_ms: Option<u64>,
+    /// When the next connection attempt is due (Unix milliseconds), while
+    /// waiting in backoff.
+    #[serde(default)]
+    pub next_try_at_ms: Option<i64>,
     /// Changes the hub acknowledged as applied since start.
     pub uploaded: u64,
     /// Remote changes applied locally since start.
@@ -267,6 +272,7 @@ impl Status {
             upload_totals: UploadTotals::default(),
             last_error: None,
             backoff_ms: None,
+            next_try_at_ms: None,
             uploaded: 0,
             downloaded: 0,
             uploaded_bytes: 0,
@@ -274,6 +280,25 @@ impl Status {
             connects: 0,
             recoveries: 0,
             last_recovery_rows: None,
+        }
+    }
+
+    /// Waiting `delay` before the next connection attempt.
+    pub fn set_backoff(&mut self, delay: std::time::Duration) {
+        self.backoff_ms = Some(delay.as_millis() as u64);
+        self.next_try_at_ms = Some(crate::clock::now_ms() + delay.as_millis() as i64);
+    }
+
+    /// Not waiting in backoff.
+    pub fn clear_backoff(&mut self) {
+        self.backoff_ms = None;
+        self.next_try_at_ms = None;
+    }
+
+    /// [`Status::backoff_ms`] as the time left at `now_ms`.
+    pub fn count_down(&mut self, now_ms: i64) {
+        if let Some(at) = self.next_try_at_ms {
+            self.backoff_ms = Some((at - now_ms).max(0) as u64);
         }
     }
 }
