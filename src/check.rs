@@ -158,6 +158,9 @@ fn hub_reality(cfg: &HubConfig) -> Vec<String> {
 
 /// Whether this process may create files in `dir`.
 fn writable(dir: &Path) -> bool {
-    nix::unistd::access(dir, nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK)
-        .is_ok()
+    nix::unistd::access(
+        dir,
+        nix::unistd::AccessFlags::W_OK | nix::unistd::AccessFlags::X_OK,
+    )
+    .is_ok()
 }

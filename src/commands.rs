@@ -118,11 +118,15 @@ pub async fn run(
 /// What a long command waits for and how long, said on stderr before it
 /// starts waiting (none for commands that answer at once).
 fn waiting_for(req: &Request) -> Option<String> {
-    let limit = |ms: Option<u64>, default: Option<std::time::Duration>| {
-        match ms.map(std::time::Duration::from_millis).or(default) {
-            Some(d) => format!("gives up after {}, --timeout", humantime::format_duration(d)),
-            None => "no time limit; set one with --timeout".to_owned(),
-        }
+    let limit = |ms: Option<u64>, default: Option<std::time::Duration>| match ms
+        .map(std::time::Duration::from_millis)
+        .or(default)
+    {
+        Some(d) => format!(
+            "gives up after {}, --timeout",
+            humantime::format_duration(d)
+        ),
+        None => "no time limit; set one with --timeout".to_owned(),
     };
     match req {
         Request::Sync { db, timeout_ms } => Some(format!(
@@ -413,9 +417,7 @@ fn event_line(e: &Event) -> String {
 /// One upload batch's answer, for people: what the hub stored, and only
 /// the outcomes that happened.
 fn upload_line(u: &tether::proto::UploadSummary) -> String {
-    let plural = |n: u64, one: &str, many: &str| {
-        format!("{n} {}", if n == 1 { one } else { many })
-    };
+    let plural = |n: u64, one: &str, many: &str| format!("{n} {}", if n == 1 { one } else { many });
     let mut line = format!(
         "uploaded {}: {} stored",
         plural(u.total, "change", "changes"),

@@ -254,7 +254,9 @@ pub fn new_token(
             f.display()
         ));
     } else {
-        said.push_str("token (give this to the daemon, e.g. in /etc/tether/token; it is shown only once):\n");
+        said.push_str(
+            "token (give this to the daemon, e.g. in /etc/tether/token; it is shown only once):\n",
+        );
         said.push_str(&format!("{token}\n\n"));
     }
     match appended {

@@ -20,11 +20,8 @@ fn run(cmd: &mut Command) -> (i32, String, String) {
 #[test]
 fn shipped_example_configs_are_valid() {
     let dir = env!("CARGO_MANIFEST_DIR");
-    let (code, out, err) = run(tether().args([
-        "check",
-        "--keys-only",
-        &format!("{dir}/config/tether.toml"),
-    ]));
+    let (code, out, err) =
+        run(tether().args(["check", "--keys-only", &format!("{dir}/config/tether.toml")]));
     assert_eq!(code, 0, "{err}");
     assert!(out.contains(": ok"));
     let (code, _, err) = run(tether().args([

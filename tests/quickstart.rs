@@ -103,7 +103,9 @@ fn run_script(dir: &Path, script: &str) -> Run {
         ok: status.is_some_and(|s| s.success()),
         out: read("stdout"),
         err: read("stderr")
-            + &status.map_or(format!("\n(killed after {LIMIT:?})"), |s| format!("\n({s})")),
+            + &status.map_or(format!("\n(killed after {LIMIT:?})"), |s| {
+                format!("\n({s})")
+            }),
         hub_log: read("tether-quickstart/hub.log"),
     }
 }

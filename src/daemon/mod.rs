@@ -433,9 +433,7 @@ async fn supervise(
             Err(e) => {
                 let delay = backoff.next().unwrap_or(params.reconnect.max.0);
                 match mode {
-                    Mode::Resident => {
-                        span.in_scope(|| tracing::error!(retry_in = ?delay, "{e}"))
-                    }
+                    Mode::Resident => span.in_scope(|| tracing::error!(retry_in = ?delay, "{e}")),
                     Mode::OneRound => span.in_scope(|| tracing::debug!("{e}")),
                 }
                 let _ = events.send(Event::Error {
