@@ -325,3 +325,57 @@ async fn the_hub_creates_its_store_directory_when_its_parent_exists() {
     assert_eq!(mode & 0o027, 0, "not open to others: {mode:o}");
     assert!(p.terminate().success());
 }
+
+/// The Debian package's maintainer scripts, run into a temporary root
+/// (`DPKG_ROOT`, as dpkg does): postinst writes the completions and the
+/// manual page from the installed binary, postrm removes them.
+#[test]
+fn the_debian_package_installs_completions_and_the_man_page_and_removes_them() {
+    let root = tempfile::tempdir().unwrap();
+    let r = root.path();
+    std::fs::create_dir_all(r.join("etc")).unwrap();
+    std::fs::create_dir_all(r.join("usr/bin")).unwrap();
+    std::os::unix::fs::symlink(bin(), r.join("usr/bin/tether")).unwrap();
+    // What the package itself installs before postinst runs.
+    std::fs::create_dir_all(r.join("usr/lib/sysusers.d")).unwrap();
+    std::fs::copy(
+        concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/tether.sysusers"),
+        r.join("usr/lib/sysusers.d/tether.conf"),
+    )
+    .unwrap();
+    let script = |name: &str, arg: &str| {
+        let out = std::process::Command::new("sh")
+            .arg(concat!(env!("CARGO_MANIFEST_DIR"), "/systemd/deb/").to_owned() + name)
+            .arg(arg)
+            .env("DPKG_ROOT", r)
+            .stdin(std::process::Stdio::null())
+            .output()
+            .unwrap();
+        assert!(
+            out.status.success(),
+            "{name} {arg}: {}",
+            String::from_utf8_lossy(&out.stderr)
+        );
+    };
+    script("postinst", "configure");
+    let files = [
+        ("usr/share/bash-completion/completions/tether", "bash"),
+        ("usr/share/zsh/vendor-completions/_tether", "zsh"),
+        ("usr/share/fish/vendor_completions.d/tether.fish", "fish"),
+    ];
+    for (path, shell) in files {
+        let written = std::fs::read_to_string(r.join(path)).unwrap();
+        assert_eq!(written, cli(&["completions", shell]).1, "{path}");
+    }
+    let man = std::process::Command::new("gzip")
+        .arg("-dc")
+        .arg(r.join("usr/share/man/man1/tether.1.gz"))
+        .output()
+        .unwrap();
+    assert_eq!(String::from_utf8_lossy(&man.stdout), cli(&["man"]).1);
+    script("postrm", "remove");
+    for (path, _) in files {
+        assert!(!r.join(path).exists(), "{path} left behind");
+    }
+    assert!(!r.join("usr/share/man/man1/tether.1.gz").exists());
+}
