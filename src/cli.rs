@@ -12,7 +12,8 @@ use clap::{Args, Parser, Subcommand};
 )]
 pub struct Cli {
     /// Config file: tether.toml for `daemon` and the control commands
-    /// (they read its `control_socket`), hub.toml for `hub`.
+    /// (they read its `control_socket`), hub.toml for `hub`; the file
+    /// `init` and `hub init` write (default ./tether.toml, ./hub.toml).
     #[arg(long, short, global = true)]
     pub config: Option<PathBuf>,
     /// The daemon's control socket (overrides --config and TETHER_SOCKET).

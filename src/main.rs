@@ -226,51 +226,7 @@ async fn run(cli: Cli) -> ExitCode {
         Command::Hub(args) => hub(args, cli.config.as_deref(), cli.log_format).await,
         Command::Once { dbs, timeout, json } => {
             init_tracing("warn", cli.log_format);
-            let (_, cfg) = match load_daemon_config(cli.config.as_deref()) {
-                Ok(c) => c,
-                Err(code) => return code,
-            };
-            if !json {
-                let names: Vec<&str> = match dbs.is_empty() {
-                    true => cfg.databases.iter().map(|d| d.name.as_str()).collect(),
-                    false => dbs.iter().map(String::as_str).collect(),
-                };
-                eprintln!(
-                    "waiting for {}: connect to {}, download everything, upload everything (gives up after {}, --timeout)",
-                    names.join(", "),
-                    cfg.hub.url,
-                    humantime::format_duration(timeout)
-                );
-            }
-            let results = match tether::daemon::once(cfg, &dbs, timeout).await {
-                Ok(r) => r,
-                Err(e) => {
-                    eprintln!("error: {e}");
-                    return ExitCode::FAILURE;
-                }
-            };
-            let mut ok = true;
-            for r in &results {
-                ok &= r.error.is_none();
-                if json {
-                    println!("{}", serde_json::to_string(r).expect("BUG: serializes"));
-                } else if let Some(e) = &r.error {
-                    println!(
-                        "{}: FAILED: {e} (downloaded {}, uploaded {})",
-                        r.db, r.downloaded, r.uploaded
-                    );
-                } else {
-                    println!(
-                        "{}: ok: downloaded {}, uploaded {}",
-                        r.db, r.downloaded, r.uploaded
-                    );
-                }
-            }
-            if ok {
-                ExitCode::SUCCESS
-            } else {
-                ExitCode::FAILURE
-            }
+            once(cli.config.as_deref(), &dbs, timeout, json).await
         }
         Command::Demo => {
             init_tracing("error", cli.log_format);
@@ -329,6 +285,61 @@ async fn run(cli: Cli) -> ExitCode {
             }
         },
         _ => unreachable!("control commands are handled above"),
+    }
+}
+
+/// `tether once`: one round without a daemon; says what it waits for
+/// (unless `json`), then one line per database.
+async fn once(
+    config: Option<&std::path::Path>,
+    dbs: &[String],
+    timeout: std::time::Duration,
+    json: bool,
+) -> ExitCode {
+    let (_, cfg) = match load_daemon_config(config) {
+        Ok(c) => c,
+        Err(code) => return code,
+    };
+    if !json {
+        let names: Vec<&str> = match dbs.is_empty() {
+            true => cfg.databases.iter().map(|d| d.name.as_str()).collect(),
+            false => dbs.iter().map(String::as_str).collect(),
+        };
+        eprintln!(
+                "waiting for {}: connect to {}, download everything, upload everything (gives up after {}, --timeout)",
+                names.join(", "),
+                cfg.hub.url,
+                humantime::format_duration(timeout)
+            );
+    }
+    let results = match tether::daemon::once(cfg, dbs, timeout).await {
+        Ok(r) => r,
+        Err(e) => {
+            eprintln!("error: {e}");
+            return ExitCode::FAILURE;
+        }
+    };
+    let mut ok = true;
+    for r in &results {
+        ok &= r.error.is_none();
+        if json {
+            println!("{}", serde_json::to_string(r).expect("BUG: serializes"));
+        } else if let Some(e) = &r.error {
+            println!(
+                "{}: FAILED: {e} (downloaded {}, uploaded {})",
+                r.db, r.downloaded, r.uploaded
+            );
+        } else {
+            println!(
+                "{}: ok: downloaded {}, uploaded {}",
+                r.db, r.downloaded, r.uploaded
+            );
+        }
+    }
+    if ok {
+        ExitCode::SUCCESS
+    } else {
+        ExitCode::FAILURE
     }
 }
 
