@@ -123,6 +123,11 @@ pub enum Input {
     /// further upload and ends with an `error` frame `replaced` (after the
     /// upload being applied, if any, is answered).
     Replaced,
+    /// A reload of `hub.toml` revoked or narrowed the session's token (or
+    /// removed its dataset or a table): it applies no further upload and
+    /// ends with this refusal (after the upload being applied, if any, is
+    /// answered).
+    Revoked(Refusal),
     /// The upload of the last [`Action::Apply`] was not applied because the
     /// session was replaced before the store took it.
     NotApplied,
@@ -267,7 +272,6 @@ impl Machine {
     }
 
     /// Every change up to here was queued for the client or skipped.
-    #[cfg(test)]
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
@@ -374,6 +378,7 @@ impl Machine {
                 let r = self.replaced();
                 self.close(Ending::Refuse(r), &mut out);
             }
+            Input::Revoked(r) => self.close(Ending::Refuse(r), &mut out),
             Input::NotApplied => {
                 self.applying = None;
                 self.uploads.clear();
