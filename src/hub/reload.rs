@@ -255,14 +255,14 @@ impl Trigger {
 /// refusal with the error naming the file and key.
 pub async fn announced(hub: &super::Hub, trigger: Trigger) -> Result<ReloadReport, ReloadError> {
     crate::service::reloading();
-    tracing::info!(via = trigger.as_str(), "reloading the config");
+    tracing::info!("reloading the config ({})", trigger.as_str());
     let r = hub.reload().await;
     match &r {
         Ok(_) => crate::service::ready("config reloaded"),
         Err(e) => {
             tracing::error!(
-                via = trigger.as_str(),
-                "reload refused, keeping the current config: {e}"
+                "reload ({}) refused, keeping the current config: {e}",
+                trigger.as_str()
             );
             crate::service::ready("reload refused; serving with the previous config");
         }
