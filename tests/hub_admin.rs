@@ -120,7 +120,10 @@ fn sighup(p: &Proc) {
 
 /// The app's connection to a database that has its table already.
 fn reopen(db: &Path) -> rusqlite::Connection {
-    app(db, &NOTES.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"))
+    app(
+        db,
+        &NOTES.replace("CREATE TABLE", "CREATE TABLE IF NOT EXISTS"),
+    )
 }
 
 fn insert(db: &Path, ids: std::ops::Range<u32>) {
@@ -195,20 +198,19 @@ async fn a_revoked_or_narrowed_token_closes_its_session_and_only_that_one() {
     // b is removed, c turns read_only.
     c.access = "read_only";
     std::fs::write(&cfg, hub_toml(d, &[&a, &c])).unwrap();
-    let (code, out, err) = cli(&[
-        "hub",
-        "reload",
-        "--json",
-        "--config",
-        cfg.to_str().unwrap(),
-    ]);
+    let (code, out, err) = cli(&["hub", "reload", "--json", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     let report = &serde_json::from_str::<Value>(out.trim()).unwrap()["report"];
     assert_eq!(report["tokens_removed"], serde_json::json!(["b"]));
     assert_eq!(report["tokens_changed"], serde_json::json!(["c"]));
     assert_eq!(report["sessions_kept"], 1);
     let closed = report["sessions_closed"].as_array().unwrap();
-    let code_of = |t: &str| closed.iter().find(|s| s["token"] == t).map(|s| s["code"].clone());
+    let code_of = |t: &str| {
+        closed
+            .iter()
+            .find(|s| s["token"] == t)
+            .map(|s| s["code"].clone())
+    };
     assert_eq!(code_of("b"), Some("unauthorized".into()), "{report}");
     assert_eq!(code_of("c"), Some("forbidden".into()), "{report}");
 
@@ -227,7 +229,10 @@ async fn a_revoked_or_narrowed_token_closes_its_session_and_only_that_one() {
     .await;
     wait_until("b's session gone", || connected(&cfg, "b").is_none()).await;
     let log = hub.log_text();
-    assert!(log.contains("token \\\"b\\\" was revoked") || log.contains("token \"b\" was revoked"), "{log}");
+    assert!(
+        log.contains("token \\\"b\\\" was revoked") || log.contains("token \"b\" was revoked"),
+        "{log}"
+    );
 
     // a's session is the same connection, and still syncs.
     insert(&d.join("da.db"), 0..2);
@@ -276,7 +281,10 @@ async fn a_broken_file_is_refused_and_sighup_reloads_like_the_cli() {
     hub.assert_running();
     // The old config serves: token a only, the same connection.
     let (code, _, err) = cli(&["hub", "tokens", "--config", cfg.to_str().unwrap()]);
-    assert_eq!(code, 78, "the CLI cannot find the socket in a file that is not TOML: {err}");
+    assert_eq!(
+        code, 78,
+        "the CLI cannot find the socket in a file that is not TOML: {err}"
+    );
     assert!(err.contains("--socket"), "{err}");
     let names: Vec<Value> = admin_sock(d, "tokens")["tokens"]
         .as_array()
@@ -296,7 +304,10 @@ async fn a_broken_file_is_refused_and_sighup_reloads_like_the_cli() {
     .await;
     let (_db, db_cfg) = daemon(d, "db", &addr, &b, "300ms").await;
     wait_connected_cli(&db_cfg, "db").await;
-    assert_eq!(connected(&cfg, "a").unwrap()["connection"], kept["connection"]);
+    assert_eq!(
+        connected(&cfg, "a").unwrap()["connection"],
+        kept["connection"]
+    );
     assert_eq!(status_json(&da_cfg, "da")["connects"], 1);
 }
 
@@ -330,13 +341,19 @@ async fn datasets_clients_and_tokens_show_true_figures_and_no_secret() {
     wait_until("25 changes on the hub", || dataset(&cfg)["head"] == 25).await;
     {
         let c = reopen(&d.join("da.db"));
-        c.execute("DELETE FROM notes WHERE id IN ('n0','n1','n2','n3','n4')", [])
-            .unwrap();
+        c.execute(
+            "DELETE FROM notes WHERE id IN ('n0','n1','n2','n3','n4')",
+            [],
+        )
+        .unwrap();
     }
     wait_until("30 changes on the hub", || dataset(&cfg)["head"] == 30).await;
     let (_dr, dr_cfg) = daemon(d, "dr", &addr, &r, "300ms").await;
     let reader_db = reopen(&d.join("dr.db"));
-    wait_until("the reader has the rows", || count(&reader_db, "notes") == 20).await;
+    wait_until("the reader has the rows", || {
+        count(&reader_db, "notes") == 20
+    })
+    .await;
 
     let ds = dataset(&cfg);
     assert_eq!(ds["name"], "notes");
@@ -363,7 +380,10 @@ async fn datasets_clients_and_tokens_show_true_figures_and_no_secret() {
     assert_eq!(wc["last_seq"], 30, "{wc}");
     assert_eq!(wc["cursor"], 30, "{wc}");
     assert_eq!(wc["lag"], 0, "{wc}");
-    assert!(wc["address"].as_str().unwrap().starts_with("127.0.0.1:"), "{wc}");
+    assert!(
+        wc["address"].as_str().unwrap().starts_with("127.0.0.1:"),
+        "{wc}"
+    );
     assert!(wc["connected_since_ms"].as_u64().unwrap() > 0);
     drop(da_cfg);
 
@@ -374,7 +394,10 @@ async fn datasets_clients_and_tokens_show_true_figures_and_no_secret() {
     assert_eq!(code, 0, "{err}");
     for t in [&a, &r] {
         for o in [&out, &text] {
-            assert!(!o.contains(&t.secret) && !o.contains(&hash_token(&t.secret)), "{o}");
+            assert!(
+                !o.contains(&t.secret) && !o.contains(&hash_token(&t.secret)),
+                "{o}"
+            );
         }
     }
     let tokens: Value = serde_json::from_str(out.trim()).unwrap();
@@ -385,12 +408,21 @@ async fn datasets_clients_and_tokens_show_true_figures_and_no_secret() {
             {"name": "reader", "datasets": ["notes"], "access": "read_only", "sessions": 1},
         ])
     );
-    assert!(text.starts_with("NAME    ACCESS      DATASETS  SESSIONS\n"), "{text}");
+    assert!(
+        text.starts_with("NAME    ACCESS      DATASETS  SESSIONS\n"),
+        "{text}"
+    );
     // The people's forms of the other two.
     let (code, text, err) = cli(&["hub", "datasets", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
-    assert!(text.starts_with("DATASET  TABLES  HEAD  LIVE ROWS  LOG  SIZE"), "{text}");
-    assert!(text.contains("notes    notes   30    20         30"), "{text}");
+    assert!(
+        text.starts_with("DATASET  TABLES  HEAD  LIVE ROWS  LOG  SIZE"),
+        "{text}"
+    );
+    assert!(
+        text.contains("notes    notes   30    20         30"),
+        "{text}"
+    );
     let (code, text, err) = cli(&["hub", "clients", "--config", cfg.to_str().unwrap()]);
     assert_eq!(code, 0, "{err}");
     assert!(text.contains("connected since"), "{text}");
@@ -429,4 +461,103 @@ async fn garbage_on_the_admin_socket_gets_an_error_line() {
     let v = ask(b"{\"cmd\":\"tokens\"}\n");
     assert_eq!(v["type"], "tokens", "{v}");
     assert_eq!(v["tokens"][0]["name"], "a");
+}
+
+/// A self-signed certificate for 127.0.0.1: (certificate PEM, key PEM).
+fn self_signed() -> (String, String) {
+    let ck = rcgen::generate_simple_self_signed(vec!["127.0.0.1".into()]).unwrap();
+    (ck.cert.pem(), ck.key_pair.serialize_pem())
+}
+
+/// Whether a TLS handshake with the hub succeeds trusting only `ca`.
+async fn trusts(addr: &str, ca: &Path) -> bool {
+    let config = tether::tls::client_config(Some(ca)).unwrap();
+    let connector = tokio_rustls::TlsConnector::from(config);
+    let tcp = tokio::net::TcpStream::connect(addr).await.unwrap();
+    let name = rustls::pki_types::ServerName::try_from("127.0.0.1").unwrap();
+    let handshake = connector.connect(name, tcp);
+    matches!(tokio::time::timeout(DEADLINE, handshake).await, Ok(Ok(_)))
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_reload_rotates_the_tls_certificate_for_new_connections() {
+    let dir = tempfile::tempdir().unwrap();
+    let d = dir.path();
+    let a = Tok::new("a");
+    let (old, new) = (self_signed(), self_signed());
+    let (crt, key) = (d.join("hub.crt"), d.join("hub.key"));
+    std::fs::write(&crt, &old.0).unwrap();
+    std::fs::write(&key, &old.1).unwrap();
+    let (old_ca, new_ca) = (d.join("old-ca.crt"), d.join("new-ca.crt"));
+    std::fs::write(&old_ca, &old.0).unwrap();
+    std::fs::write(&new_ca, &new.0).unwrap();
+    let cfg = d.join("hub.toml");
+    let text = format!(
+        "tls_cert = \"{}\"\ntls_key = \"{}\"\n{}",
+        crt.display(),
+        key.display(),
+        hub_toml(d, &[&a])
+    );
+    std::fs::write(&cfg, text).unwrap();
+    let mut hub = Proc::spawn(
+        &["hub", "--config", cfg.to_str().unwrap()],
+        d.join("hub.log"),
+    );
+    let addr = wait_log_field(&hub, "hub started", "listen").await;
+    // A daemon on wss:// trusting the old certificate.
+    drop(app(&d.join("da.db"), NOTES));
+    let da_cfg = d.join("da.toml");
+    let sock = d.join("da.sock");
+    std::fs::write(
+        &da_cfg,
+        format!(
+            "control_socket = \"{}\"\n[hub]\nurl = \"wss://{addr}/v1/sync\"\ntoken_file = \"{}\"\nca_file = \"{}\"\n[reconnect]\ninitial = \"50ms\"\nmax = \"300ms\"\n[[database]]\nname = \"da\"\npath = \"{}\"\ndataset = \"notes\"\ntables = [\"notes\"]\n",
+            sock.display(),
+            a.file(d).display(),
+            old_ca.display(),
+            d.join("da.db").display()
+        ),
+    )
+    .unwrap();
+    let _da = Proc::spawn(
+        &["daemon", "--config", da_cfg.to_str().unwrap()],
+        d.join("da.log"),
+    );
+    wait_until("da connected", || {
+        cli(&["status", "--socket", sock.to_str().unwrap()]).0 == 0
+            && status_json(&da_cfg, "da")["connection"] == "connected"
+    })
+    .await;
+    let kept = wait_connected_as(&cfg, "a").await;
+    assert!(trusts(&addr, &old_ca).await && !trusts(&addr, &new_ca).await);
+
+    // The operator renews the certificate in place and reloads.
+    std::fs::write(&crt, &new.0).unwrap();
+    std::fs::write(&key, &new.1).unwrap();
+    let (code, out, err) = cli(&["hub", "reload", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 0, "{err}");
+    assert!(out.contains("TLS certificate and key read again"), "{out}");
+    assert!(
+        trusts(&addr, &new_ca).await,
+        "new connections get the new certificate"
+    );
+    assert!(!trusts(&addr, &old_ca).await);
+    // The session opened with the old one goes on.
+    let now = connected(&cfg, "a").expect("still connected");
+    assert_eq!(now["connection"], kept["connection"]);
+    assert_eq!(status_json(&da_cfg, "da")["connects"], 1);
+
+    // A key that does not match its certificate is refused, naming it.
+    std::fs::write(&key, &old.1).unwrap();
+    let (code, _, err) = cli(&["hub", "reload", "--config", cfg.to_str().unwrap()]);
+    assert_eq!(code, 1, "{err}");
+    assert!(
+        err.contains("tls_key") && err.contains("does not match"),
+        "{err}"
+    );
+    assert!(
+        trusts(&addr, &new_ca).await,
+        "the current certificate stays"
+    );
+    hub.assert_running();
 }
