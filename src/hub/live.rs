@@ -89,3 +89,79 @@ impl Live {
         Ok(())
     }
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::config::{DatasetConfig, TokenAccess, TokenConfig};
+
+    fn config(access: TokenAccess, datasets: &[&str], tables: &[&str]) -> HubConfig {
+        let text = "listen = \"127.0.0.1:0\"\nstore = \"sqlite:/x.db\"\n";
+        let mut cfg = HubConfig::from_str(std::path::Path::new("hub.toml"), text).unwrap();
+        cfg.datasets = vec![DatasetConfig {
+            name: "notes".into(),
+            tables: tables.iter().map(|t| t.to_string()).collect(),
+        }];
+        cfg.tokens = vec![TokenConfig {
+            name: "t".into(),
+            sha256: "h".into(),
+            datasets: datasets.iter().map(|d| d.to_string()).collect(),
+            access,
+        }];
+        cfg
+    }
+
+    #[test]
+    fn a_session_goes_on_only_while_its_token_dataset_and_tables_allow_it() {
+        let rw = TokenAccess::ReadWrite;
+        let verdict = |cfg: HubConfig, hash: &str, access: Access| {
+            Live::new(&cfg)
+                .unwrap()
+                .verdict(hash, "t", access, "notes", &["a".into()])
+                .map_err(|(code, _)| code)
+        };
+        let same = config(rw, &["notes"], &["a", "b"]);
+        assert_eq!(verdict(same.clone(), "h", Access::ReadWrite), Ok(()));
+        assert_eq!(
+            verdict(same.clone(), "other", Access::ReadWrite),
+            Err(ErrorCode::Unauthorized)
+        );
+        assert_eq!(
+            verdict(config(rw, &["*"], &["a"]), "h", Access::ReadWrite),
+            Ok(())
+        );
+        let mut gone = same.clone();
+        gone.datasets[0].name = "elsewhere".into();
+        gone.tokens[0].datasets = vec!["*".into()];
+        assert_eq!(
+            verdict(gone, "h", Access::ReadWrite),
+            Err(ErrorCode::UnknownDataset)
+        );
+        let mut narrowed = same.clone();
+        narrowed.datasets.push(DatasetConfig {
+            name: "other".into(),
+            tables: vec!["a".into()],
+        });
+        narrowed.tokens[0].datasets = vec!["other".into()];
+        assert_eq!(
+            verdict(narrowed, "h", Access::ReadWrite),
+            Err(ErrorCode::Forbidden)
+        );
+        let ro = config(TokenAccess::ReadOnly, &["notes"], &["a"]);
+        assert_eq!(
+            verdict(ro.clone(), "h", Access::ReadWrite),
+            Err(ErrorCode::Forbidden)
+        );
+        assert_eq!(
+            verdict(ro, "h", Access::ReadOnly),
+            Ok(()),
+            "already read-only"
+        );
+        // Widened to read_write: the read-only session goes on as it is.
+        assert_eq!(verdict(same, "h", Access::ReadOnly), Ok(()));
+        assert_eq!(
+            verdict(config(rw, &["notes"], &["b"]), "h", Access::ReadWrite),
+            Err(ErrorCode::UnknownTable)
+        );
+    }
+}

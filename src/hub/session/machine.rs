@@ -1302,6 +1302,31 @@ mod tests {
     }
 
     #[test]
+    fn a_revoked_session_answers_the_batch_being_applied_then_ends_with_the_reason() {
+        let now = Instant::now();
+        let revoked = || Input::Revoked(Refusal::new(ErrorCode::Unauthorized, "token revoked"));
+        // Idle: ends at once with the reason.
+        let mut m = live(params(&["a"]), 0, now);
+        let (flush, ending) = closed(&m.handle(revoked(), now));
+        assert!(flush.is_empty());
+        assert_eq!(
+            ending,
+            Ending::Refuse(Refusal::new(ErrorCode::Unauthorized, "token revoked"))
+        );
+        // Applying batch 1 with batch 2 queued: 1 is answered, 2 never applied.
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(upload(1), now);
+        m.handle(upload(2), now);
+        assert!(m.handle(revoked(), now).is_empty());
+        assert!(!m.wants_inbound());
+        let a = m.handle(applied(1), now);
+        assert!(!a.iter().any(|a| matches!(a, Action::Apply(_))), "{a:?}");
+        let (flush, ending) = closed(&a);
+        assert_eq!(flush.iter().map(batch_of).collect::<Vec<_>>(), vec![1]);
+        assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Unauthorized));
+    }
+
+    #[test]
     fn bad_frames_and_a_second_hello_refuse_and_a_gone_client_just_ends() {
         let now = Instant::now();
         let mut m = live(params(&["a"]), 0, now);
