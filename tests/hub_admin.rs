@@ -177,6 +177,20 @@ async fn a_token_added_by_reload_lets_its_daemon_sync() {
     assert_eq!(after["connection"], before["connection"]);
     assert_eq!(after["connected_since_ms"], before["connected_since_ms"]);
     assert_eq!(status_json(&da_cfg, "da")["connects"], 1);
+
+    // A setting that needs a restart is reported and left as it runs; the
+    // rest applies. Put back, nothing is reported.
+    let moved = hub_toml(d, &[&a]).replace("127.0.0.1:0", "127.0.0.1:1");
+    for (text, restart) in [(moved, true), (hub_toml(d, &[&a]), false)] {
+        std::fs::write(&cfg, text).unwrap();
+        let (code, out, err) = cli(&["hub", "reload", "--config", cfg.to_str().unwrap()]);
+        assert_eq!(code, 0, "{err}");
+        assert_eq!(
+            out.contains("needs a restart: listen changed"),
+            restart,
+            "{out}"
+        );
+    }
     hub.assert_running();
 }
 

@@ -154,6 +154,16 @@ fn apply(inner: &Arc<HubInner>, cfg: &HubConfig, mut live: Live) -> ReloadReport
         needs_restart: restart_only(&old.config, cfg),
         ..ReloadReport::default()
     };
+    // What needs a restart stays as it runs, so that the next reload
+    // compares against what is in force.
+    let (o, n) = (&old.config, &mut live.config);
+    n.listen.clone_from(&o.listen);
+    n.store.clone_from(&o.store);
+    n.read_timeout = o.read_timeout;
+    n.metrics = o.metrics;
+    n.log_level.clone_from(&o.log_level);
+    n.limits.clone_from(&o.limits);
+    n.admin_socket.clone_from(&o.admin_socket);
     if old.tls.is_some() != live.tls.is_some() {
         // The scheme every client's url names: kept until a restart.
         live.tls = old.tls.clone();
