@@ -263,4 +263,26 @@ pub enum HubCommand {
     /// Write a hub config (hub.toml, or the file given with --config) with
     /// one dataset. Refuses to overwrite a file unless --force.
     Init(crate::setup::HubInitArgs),
+    /// Show the running hub's datasets: head, live rows, log length, size
+    /// (asks the hub's admin socket, found from --config or --socket).
+    Datasets(AdminArgs),
+    /// Show the running hub's clients, connected and known: token, address,
+    /// connected since or last seen, cursor and lag behind the head.
+    Clients(AdminArgs),
+    /// Show the running hub's tokens: name, datasets, access (never the secret).
+    Tokens(AdminArgs),
+    /// Make the running hub re-read hub.toml (same as SIGHUP): tokens and
+    /// datasets change without dropping unaffected sessions. Exit 1 when
+    /// the hub refuses the file (it keeps its current config).
+    Reload(AdminArgs),
+}
+
+/// Options of the commands that ask the running hub.
+#[derive(Debug, Args, Clone, Copy)]
+pub struct AdminArgs {
+    #[arg(long)]
+    pub json: bool,
+    /// Give up when the hub has not answered within this long (default 30s): exit 75.
+    #[arg(long, value_parser = humantime::parse_duration)]
+    pub timeout: Option<std::time::Duration>,
 }

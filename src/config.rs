@@ -490,6 +490,10 @@ pub struct HubConfig {
     /// from taking the hub from everyone else.
     #[serde(default)]
     pub limits: HubLimits,
+    /// The admin socket (`tether hub clients`, `tether hub reload`, ...);
+    /// default: beside the store, see [`crate::hub::admin::socket_path`].
+    #[serde(default)]
+    pub admin_socket: Option<PathBuf>,
 }
 
 /// `[limits]` of `hub.toml`. Each limit is named in the error a client gets

@@ -61,6 +61,7 @@ impl EmbeddedHub {
             tls_cert: None,
             tls_key: None,
             limits: Default::default(),
+            admin_socket: None,
         };
         Self::start_with(config, token).await
     }

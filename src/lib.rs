@@ -23,7 +23,8 @@
 //! * [`session`]: one database's connection to the hub: driver loop, backoff, status.
 //! * [`daemon`]: runs one session per configured database.
 //! * [`control`]: the local control socket (daemon side and CLI side).
-//! * [`hub`]: the server: auth, sessions, fan-out, store.
+//! * [`hub`]: the server: auth, sessions, fan-out, store, reloading hub.toml,
+//!   the admin socket.
 //! * [`metrics`]: Prometheus metrics of the daemon and the hub.
 //! * [`http`]: the few plain HTTP answers (`/metrics`, `/healthz`).
 //! * [`listen`]: the accept loop every listener shares.

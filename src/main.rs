@@ -13,6 +13,7 @@ use tether::hub::Hub;
 mod check;
 mod cli;
 mod commands;
+mod hubctl;
 mod setup;
 use cli::{Cli, Command, HubCommand};
 use commands::Output;
@@ -204,6 +205,9 @@ fn control_request(cmd: &Command) -> Option<(Request, bool, Option<std::time::Du
 }
 
 async fn run(cli: Cli) -> ExitCode {
+    if let Some((req, args)) = hubctl::request_of(&cli.command) {
+        return hubctl::run(req, args, cli.socket.as_deref(), cli.config.as_deref()).await;
+    }
     let socket = || control::client::socket_path(cli.socket.as_deref(), cli.config.as_deref());
     let control_request = control_request(&cli.command);
     if let Some((req, json, timeout)) = control_request {
@@ -483,6 +487,12 @@ async fn hub(
             let out = config.map_or_else(|| "hub.toml".into(), std::path::Path::to_path_buf);
             said(setup::hub_init(&args, &out))
         }
+        Some(
+            HubCommand::Datasets(_)
+            | HubCommand::Clients(_)
+            | HubCommand::Tokens(_)
+            | HubCommand::Reload(_),
+        ) => unreachable!("BUG: the hub's admin commands are run by hubctl"),
         None => {
             let (config, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {
                 Ok(c) => c,
@@ -494,6 +504,15 @@ async fn hub(
                 Err(e) => {
                     eprintln!("error: {}: {e}", config.display());
                     return ExitCode::from(EX_CONFIG);
+                }
+            };
+            hub.set_config_path(config.clone());
+            let admin_path = tether::hub::admin::socket_path(&cfg);
+            let admin = match tether::hub::admin::server::open(&admin_path).await {
+                Ok(s) => s,
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    return ExitCode::FAILURE;
                 }
             };
             let listener = match tokio::net::TcpListener::bind(&cfg.listen).await {
@@ -509,11 +528,20 @@ async fn hub(
             };
             let shutdown = CancellationToken::new();
             on_signals(shutdown.clone());
+            tokio::spawn(tether::hub::reload::on_sighup(
+                hub.clone(),
+                shutdown.clone(),
+            ));
+            let admin = tokio::spawn(tether::hub::admin::server::serve(
+                admin,
+                hub.clone(),
+                shutdown.clone(),
+            ));
             let addr = listener
                 .local_addr()
                 .map(|a| a.to_string())
                 .unwrap_or_else(|_| cfg.listen.clone());
-            tracing::info!(listen = %addr, datasets = cfg.datasets.len(), tls = hub.serves_tls(), "hub started");
+            tracing::info!(listen = %addr, datasets = cfg.datasets.len(), tls = hub.serves_tls(), admin_socket = %admin_path.display(), "hub started");
             tether::service::ready(&format!("listening on {addr}"));
             tokio::spawn(tether::service::watchdog(shutdown.clone()));
             let stop = shutdown.clone();
@@ -522,6 +550,7 @@ async fn hub(
                 tether::service::stopping();
             });
             hub.run(listener, shutdown).await;
+            let _ = admin.await;
             tracing::info!("hub stopped");
             ExitCode::SUCCESS
         }

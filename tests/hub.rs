@@ -54,6 +54,7 @@ async fn hub_with_scoped_tokens(dir: &std::path::Path) -> (EmbeddedHub, String, 
         tls_cert: None,
         tls_key: None,
         limits: Default::default(),
+        admin_socket: None,
     };
     let hub = EmbeddedHub::start_with(config, full.clone()).await.unwrap();
     (hub, full, only_other)
@@ -401,6 +402,7 @@ async fn hub_for_limits(
         tls_cert: None,
         tls_key: None,
         limits: Default::default(),
+        admin_socket: None,
     };
     let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
     (hub, rw, ro)
@@ -1378,6 +1380,7 @@ async fn budget_hub(
         tls_cert: None,
         tls_key: None,
         limits: l,
+        admin_socket: None,
     };
     let hub = EmbeddedHub::start_with(config, rw.clone()).await.unwrap();
     (hub, rw, other)

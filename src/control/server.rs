@@ -75,6 +75,18 @@ impl Drop for ControlSocket {
     }
 }
 
+impl ControlSocket {
+    /// Accepts the next client: for another server on a socket made by
+    /// [`bind`] (the hub's admin socket).
+    pub async fn accept(&self) -> io::Result<UnixStream> {
+        self.listener.accept().await.map(|(s, _)| s)
+    }
+
+    pub fn path(&self) -> &Path {
+        &self.path
+    }
+}
+
 /// The lock file beside a control socket.
 fn lock_path(path: &Path) -> PathBuf {
     let mut p = path.as_os_str().to_owned();

@@ -11,6 +11,9 @@ use crate::proto::Access;
 #[derive(Clone, Debug)]
 pub struct Grant {
     pub name: String,
+    /// The SHA-256 the token is known by: a session keeps it so that a
+    /// reload can tell whether its token is still listed.
+    pub sha256: String,
     datasets: Vec<String>,
     pub access: Access,
 }
@@ -18,6 +21,11 @@ pub struct Grant {
 impl Grant {
     pub fn allows(&self, dataset: &str) -> bool {
         self.datasets.iter().any(|d| d == "*" || d == dataset)
+    }
+
+    /// The datasets it opens, as configured (`*` for all).
+    pub fn datasets(&self) -> &[String] {
+        &self.datasets
     }
 }
 
@@ -42,6 +50,7 @@ impl Tokens {
                         t.sha256.clone(),
                         Grant {
                             name: t.name.clone(),
+                            sha256: t.sha256.clone(),
                             datasets: t.datasets.clone(),
                             access: match t.access {
                                 TokenAccess::ReadWrite => Access::ReadWrite,
@@ -63,6 +72,11 @@ impl Tokens {
         }
         let token = token.trim();
         self.by_hash.get(&hash_token(token))
+    }
+
+    /// The grant of the token with this SHA-256, if it is listed.
+    pub fn by_hash(&self, sha256: &str) -> Option<&Grant> {
+        self.by_hash.get(sha256)
     }
 }
 

@@ -28,18 +28,26 @@
 //!   page read and one upload apply at a time; uploads wait in order (the
 //!   session stops reading past 8 unanswered batches).
 
+//!
+//! `hub.toml`'s datasets, tokens and certificate can be reloaded while the
+//! hub runs ([`reload`]; they live in [`live::Live`]), and a local admin
+//! socket ([`admin`]) shows datasets, clients and tokens and triggers reloads.
+
+pub mod admin;
 pub mod auth;
 pub mod budget;
 pub mod fanout;
+mod live;
 mod registry;
+pub mod reload;
 mod session;
 pub mod store;
 mod stream;
 
-use std::collections::{HashMap, HashSet};
 use std::net::SocketAddr;
+use std::path::PathBuf;
 use std::sync::atomic::AtomicU32;
-use std::sync::Arc;
+use std::sync::{Arc, OnceLock, RwLock};
 use std::time::Duration;
 
 use futures_util::FutureExt;
@@ -50,7 +58,6 @@ use crate::config::{HubConfig, StoreUrl};
 use crate::http::{self, Head, Prefixed, Reply};
 use crate::listen;
 use crate::metrics::HubMetrics;
-use auth::Tokens;
 use budget::{Budget, Expiry, Unauthenticated};
 use fanout::Fanout;
 use store::{sqlite::SqliteStore, HubStore, StoreError};
@@ -69,9 +76,12 @@ pub struct Faults {
 }
 
 pub(crate) struct HubInner {
-    /// Declared tables per dataset.
-    datasets: HashMap<String, HashSet<String>>,
-    tokens: Tokens,
+    /// Datasets, tokens and TLS: replaced by a reload.
+    live: RwLock<Arc<live::Live>>,
+    /// The file the hub was started from, for reloads.
+    config_path: OnceLock<PathBuf>,
+    /// Serializes reloads.
+    reloading: tokio::sync::Mutex<()>,
     store: Arc<dyn HubStore>,
     fanout: Fanout,
     /// The live session of each identity.
@@ -81,8 +91,6 @@ pub(crate) struct HubInner {
     metrics: Arc<HubMetrics>,
     /// Whether `/metrics` is served.
     expose_metrics: bool,
-    /// TLS for every connection, when the hub has a certificate.
-    tls: Option<tokio_rustls::TlsAcceptor>,
     /// What connections, tokens and sessions may take (`[limits]`).
     budget: Arc<Budget>,
 }
@@ -102,43 +110,59 @@ pub struct Hub {
     inner: Arc<HubInner>,
 }
 
+impl HubInner {
+    /// The datasets, tokens and TLS in force now.
+    fn live(&self) -> Arc<live::Live> {
+        self.live.read().expect("BUG: poisoned").clone()
+    }
+}
+
 impl Hub {
     /// Opens the configured store and reads the TLS certificate, if any.
     pub fn open(cfg: &HubConfig) -> Result<Hub, OpenError> {
-        let tls = match (&cfg.tls_cert, &cfg.tls_key) {
-            (Some(cert), Some(key)) => Some(tokio_rustls::TlsAcceptor::from(
-                crate::tls::server_config(cert, key)?,
-            )),
-            _ => None,
-        };
+        let live = live::Live::new(cfg)?;
         let store: Arc<dyn HubStore> = match cfg.store_url().map_err(StoreError::Backend)? {
             StoreUrl::Sqlite(path) => Arc::new(SqliteStore::open(&path)?),
         };
-        let mut hub = Hub::with_store(cfg, store);
-        Arc::get_mut(&mut hub.inner)
-            .expect("BUG: a new hub is not shared")
-            .tls = tls;
-        Ok(hub)
+        Ok(Hub::build(cfg, store, live))
     }
 
     /// Whether connections are served over TLS.
     pub fn serves_tls(&self) -> bool {
-        self.inner.tls.is_some()
+        self.inner.live().tls.is_some()
     }
 
+    /// Remembers the file the config came from: [`Hub::reload`] reads it.
+    pub fn set_config_path(&self, path: PathBuf) {
+        let _ = self.inner.config_path.set(path);
+    }
+
+    /// Reads the config file again and applies what can change live
+    /// (datasets, tokens, TLS certificate); see [`reload`]. An invalid file
+    /// is refused as a whole and the current config stays.
+    pub async fn reload(&self) -> Result<reload::ReloadReport, reload::ReloadError> {
+        reload::reload_from_file(&self.inner).await
+    }
+
+    /// A hub on `store`, without TLS (for tests and embedding).
     pub fn with_store(cfg: &HubConfig, store: Arc<dyn HubStore>) -> Hub {
+        let mut plain = cfg.clone();
+        plain.tls_cert = None;
+        plain.tls_key = None;
+        let live = live::Live::new(&plain).expect("BUG: no TLS files to read");
+        Hub::build(cfg, store, live)
+    }
+
+    fn build(cfg: &HubConfig, store: Arc<dyn HubStore>, live: live::Live) -> Hub {
         let metrics = Arc::new(HubMetrics::new());
         for d in &cfg.datasets {
             metrics.declare_dataset(&d.name);
         }
         Hub {
             inner: Arc::new(HubInner {
-                datasets: cfg
-                    .datasets
-                    .iter()
-                    .map(|d| (d.name.clone(), d.tables.iter().cloned().collect()))
-                    .collect(),
-                tokens: Tokens::new(&cfg.tokens),
+                live: RwLock::new(Arc::new(live)),
+                config_path: OnceLock::new(),
+                reloading: tokio::sync::Mutex::new(()),
                 store,
                 fanout: Fanout::default(),
                 sessions: Arc::default(),
@@ -146,7 +170,6 @@ impl Hub {
                 faults: Arc::new(Faults::default()),
                 metrics: metrics.clone(),
                 expose_metrics: cfg.metrics,
-                tls: None,
                 budget: Arc::new(Budget::new(cfg.limits.clone(), metrics.clone())),
             }),
         }
@@ -224,7 +247,9 @@ async fn connection(
     pending: Unauthenticated,
     shutdown: CancellationToken,
 ) {
-    let mut stream = match &inner.tls {
+    // Taken now: a reload meanwhile serves its certificate to later ones.
+    let tls = inner.live().tls.clone();
+    let mut stream = match &tls {
         None => HubStream::plain(tcp),
         Some(tls) => {
             let handshake = tokio::time::timeout(TLS_HANDSHAKE_TIMEOUT, tls.accept(tcp));
@@ -262,7 +287,12 @@ async fn connection(
         }
     };
     if head.websocket {
-        if let Some(grant) = inner.tokens.check(head.authorization.as_deref()) {
+        let grant = inner
+            .live()
+            .tokens
+            .check(head.authorization.as_deref())
+            .cloned();
+        if let Some(grant) = grant {
             match pending.authenticate(&grant.name) {
                 Ok(conn) => stream.attach(conn),
                 Err(full) => {
@@ -304,7 +334,7 @@ async fn plain(inner: &Arc<HubInner>, head: &Head) -> Reply {
         },
         "/healthz" => {
             let store = inner.store.clone();
-            let probe = inner.datasets.keys().next().cloned().unwrap_or_default();
+            let probe = inner.live().datasets.keys().next().cloned().unwrap_or_default();
             let read = tokio::task::spawn_blocking(move || store.head(&probe));
             match tokio::time::timeout(HEALTH_TIMEOUT, read).await {
                 Ok(Ok(Ok(_))) => Reply::text(200, "ok\n"),

@@ -135,6 +135,8 @@ pub(super) async fn run(
     }
     let replaced = d.registration.replaced.clone();
     let mut told_replaced = false;
+    let seat = d.registration.seat.clone();
+    let mut told_revoked = false;
     let mut actions = start;
     // Frames flushed, as last told to the machine.
     let mut reported = 0u64;
@@ -201,12 +203,18 @@ pub(super) async fn run(
                 told_replaced = true;
                 Input::Replaced
             }
+            _ = seat.revoked.cancelled(), if !told_revoked => {
+                told_revoked = true;
+                let (code, message) = seat.reason().expect("BUG: revoked without a reason");
+                Input::Revoked(Refusal::new(code, message))
+            }
             _ = shutdown.cancelled(), if !shutting => {
                 shutting = true;
                 Input::Shutdown
             }
         };
         actions = machine.handle(input, std::time::Instant::now());
+        seat.cursor.store(machine.cursor(), Ordering::Relaxed);
     }
 }
 

@@ -123,6 +123,11 @@ pub enum Input {
     /// further upload and ends with an `error` frame `replaced` (after the
     /// upload being applied, if any, is answered).
     Replaced,
+    /// A reload of `hub.toml` revoked or narrowed the session's token (or
+    /// removed its dataset or a table): it applies no further upload and
+    /// ends with this refusal (after the upload being applied, if any, is
+    /// answered).
+    Revoked(Refusal),
     /// The upload of the last [`Action::Apply`] was not applied because the
     /// session was replaced before the store took it.
     NotApplied,
@@ -267,7 +272,6 @@ impl Machine {
     }
 
     /// Every change up to here was queued for the client or skipped.
-    #[cfg(test)]
     pub fn cursor(&self) -> u64 {
         self.cursor
     }
@@ -374,6 +378,7 @@ impl Machine {
                 let r = self.replaced();
                 self.close(Ending::Refuse(r), &mut out);
             }
+            Input::Revoked(r) => self.close(Ending::Refuse(r), &mut out),
             Input::NotApplied => {
                 self.applying = None;
                 self.uploads.clear();
@@ -1294,6 +1299,31 @@ mod tests {
             assert!(flush.is_empty());
             assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Replaced));
         }
+    }
+
+    #[test]
+    fn a_revoked_session_answers_the_batch_being_applied_then_ends_with_the_reason() {
+        let now = Instant::now();
+        let revoked = || Input::Revoked(Refusal::new(ErrorCode::Unauthorized, "token revoked"));
+        // Idle: ends at once with the reason.
+        let mut m = live(params(&["a"]), 0, now);
+        let (flush, ending) = closed(&m.handle(revoked(), now));
+        assert!(flush.is_empty());
+        assert_eq!(
+            ending,
+            Ending::Refuse(Refusal::new(ErrorCode::Unauthorized, "token revoked"))
+        );
+        // Applying batch 1 with batch 2 queued: 1 is answered, 2 never applied.
+        let mut m = live(params(&["a"]), 0, now);
+        m.handle(upload(1), now);
+        m.handle(upload(2), now);
+        assert!(m.handle(revoked(), now).is_empty());
+        assert!(!m.wants_inbound());
+        let a = m.handle(applied(1), now);
+        assert!(!a.iter().any(|a| matches!(a, Action::Apply(_))), "{a:?}");
+        let (flush, ending) = closed(&a);
+        assert_eq!(flush.iter().map(batch_of).collect::<Vec<_>>(), vec![1]);
+        assert!(matches!(ending, Ending::Refuse(r) if r.code == ErrorCode::Unauthorized));
     }
 
     #[test]

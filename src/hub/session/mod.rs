@@ -20,6 +20,8 @@ use tokio_tungstenite::WebSocketStream;
 use tokio_util::sync::CancellationToken;
 
 use super::auth::Grant;
+use super::live::Live;
+use super::registry::Seat;
 use super::store::types::{is_strict_type, STRICT_TYPES};
 use super::store::StoreError;
 use super::stream::HubStream;
@@ -118,6 +120,7 @@ pub async fn serve(
     shutdown: CancellationToken,
 ) {
     let mut grant: Option<Grant> = None;
+    let live = inner.live();
     // The error type is tungstenite's HTTP response; its size is not ours to choose.
     #[allow(clippy::result_large_err)]
     let callback = |req: &Request, resp: Response| -> Result<Response, ErrorResponse> {
@@ -125,7 +128,7 @@ pub async fn serve(
             .headers()
             .get("authorization")
             .and_then(|v| v.to_str().ok());
-        let Some(g) = inner.tokens.check(auth) else {
+        let Some(g) = live.tokens.check(auth) else {
             inner.metrics.refused("unauthorized");
             return Err(http_error(
                 StatusCode::UNAUTHORIZED,
@@ -168,6 +171,7 @@ pub async fn serve(
         }
     };
     let grant = grant.expect("BUG: upgrade succeeded without a grant");
+    drop(live);
     let hello = match tokio::time::timeout(HANDSHAKE_TIMEOUT, read_hello(&mut ws)).await {
         Ok(Ok(h)) => h,
         Ok(Err(r)) => {
@@ -190,7 +194,8 @@ pub async fn serve(
     // newline in one cannot forge a log line.
     let span =
         tracing::info_span!("session", dataset = ?hello.dataset, client = ?hello.client_id, %peer);
-    let opened = tracing::Instrument::instrument(open(&inner, hello, &grant), span.clone()).await;
+    let opened =
+        tracing::Instrument::instrument(open(&inner, hello, &grant, peer), span.clone()).await;
     let opened = match opened {
         Ok(o) => o,
         Err(r) => {
@@ -224,8 +229,13 @@ struct Opened {
 
 /// Checks `hello` against the hub's configuration and the grant, registers
 /// the tables' schemas and starts the session's machine.
-async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Opened, Refusal> {
-    check_hello(inner, &hello, grant)?;
+async fn open(
+    inner: &Arc<HubInner>,
+    hello: Hello,
+    grant: &Grant,
+    peer: SocketAddr,
+) -> Result<Opened, Refusal> {
+    check_hello(&inner.live(), &hello, grant)?;
     let store = inner.store.clone();
     let (ds, tables, client) = (
         hello.dataset.clone(),
@@ -259,9 +269,31 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
     // Not past the head: `history_diverged` refused that.
     let cursor = hello.cursor;
     // The key matched: this session is the identity's from now on.
-    let (registration, replaced) = inner.sessions.register(&hello.dataset, &hello.client_id);
+    let tables: Vec<String> = hello.tables.iter().map(|t| t.name.clone()).collect();
+    let seat = Seat::new(
+        &hello.dataset,
+        &hello.client_id,
+        &grant.sha256,
+        &grant.name,
+        grant.access,
+        tables.clone(),
+        peer,
+        cursor,
+    );
+    let (registration, replaced) = inner.sessions.register(seat);
     if replaced {
         tracing::warn!("another connection of this client was live: it is told to end and this one takes over (a stale connection of the same device, or two devices running copies of one database file)");
+    }
+    // A reload between the token check and the registration above did not
+    // see this session: it checks itself against the config in force now.
+    if let Err((code, message)) = inner.live().verdict(
+        &grant.sha256,
+        &grant.name,
+        grant.access,
+        &hello.dataset,
+        &tables,
+    ) {
+        return Err(Refusal::new(code, message));
     }
     // Subscribe before catching up so no batch falls between the two.
     let live = inner.fanout.dataset(&hello.dataset).tx.subscribe();
@@ -271,7 +303,7 @@ async fn open(inner: &Arc<HubInner>, hello: Hello, grant: &Grant) -> Result<Open
         access: grant.access,
         echo_own: hello.echo_own,
         subscribe: hello.subscribe,
-        tables: hello.tables.iter().map(|t| t.name.clone()).collect(),
+        tables: tables.into_iter().collect(),
         read_timeout: inner.read_timeout,
     };
     inner
@@ -335,7 +367,7 @@ fn history_diverged(
 }
 
 /// The checks of `hello` that need no store.
-fn check_hello(inner: &HubInner, hello: &Hello, grant: &Grant) -> Result<(), Refusal> {
+fn check_hello(live: &Live, hello: &Hello, grant: &Grant) -> Result<(), Refusal> {
     if hello.protocol != PROTOCOL_VERSION {
         return Err(Refusal::new(
             ErrorCode::UnsupportedVersion,
@@ -345,7 +377,7 @@ fn check_hello(inner: &HubInner, hello: &Hello, grant: &Grant) -> Result<(), Ref
             ),
         ));
     }
-    let Some(declared) = inner.datasets.get(&hello.dataset) else {
+    let Some(declared) = live.datasets.get(&hello.dataset) else {
         return Err(Refusal::new(
             ErrorCode::UnknownDataset,
             format!("dataset {:?} is not declared on the hub; add a [[dataset]] to hub.toml or fix `dataset` in tether.toml", hello.dataset),

@@ -5,6 +5,7 @@
 //! (`spawn_blocking`), never from the async runtime. SQL dialect details stay
 //! inside each implementation; [`sqlite::SqliteStore`] is the embedded one.
 
+pub mod inspect;
 pub mod sqlite;
 pub mod types;
 
@@ -148,4 +149,9 @@ pub trait HubStore: Send + Sync + 'static {
         max_changes: usize,
         max_bytes: usize,
     ) -> Result<Page, StoreError>;
+
+    /// Figures of `datasets` and of the store for the admin interface
+    /// ([`inspect`]); may take a while on a large store, and holds up
+    /// neither uploads nor catch-up reads.
+    fn inspect(&self, datasets: &[String]) -> Result<inspect::Inspection, StoreError>;
 }

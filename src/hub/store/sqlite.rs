@@ -334,6 +334,11 @@ fn conflict(client: &str, seq: u64, why: &str) -> StoreError {
     ))
 }
 
+/// The names of a dataset's log and rows tables.
+pub(super) fn dataset_tables(id: i64) -> (String, String) {
+    (format!("log_{id}"), format!("rows_{id}"))
+}
+
 fn dataset_sql(id: i64) -> String {
     format!(
         "CREATE TABLE IF NOT EXISTS log_{id} (seq INTEGER PRIMARY KEY, tbl TEXT NOT NULL, pk BLOB NOT NULL, op INTEGER NOT NULL, vals BLOB NOT NULL, client_no INTEGER NOT NULL);
@@ -641,6 +646,19 @@ fn remembered(
 }
 
 impl HubStore for SqliteStore {
+    fn inspect(&self, datasets: &[String]) -> Result<super::inspect::Inspection, StoreError> {
+        let path = {
+            let c = self.reader.lock().expect("BUG: poisoned");
+            c.path().map(std::path::PathBuf::from)
+        };
+        match path {
+            Some(p) if !p.as_os_str().is_empty() => super::inspect::inspect_file(&p, datasets),
+            _ => Err(StoreError::Backend(
+                "the store has no file to inspect (in memory)".into(),
+            )),
+        }
+    }
+
     fn register_schema(
         &self,
         dataset: &str,
