@@ -365,7 +365,11 @@ impl Driver {
                 tracing::debug!(batch, "batch not applied: another connection took over");
                 Input::NotApplied
             }
-            Err(e @ (StoreError::IdentityConflict(_) | StoreError::BadSequence(_))) => {
+            Err(
+                e @ (StoreError::IdentityConflict(_)
+                | StoreError::BadSequence(_)
+                | StoreError::SchemaRetired { .. }),
+            ) => {
                 // Logged when the session ends with it.
                 Input::Refused(e.into())
             }
