@@ -226,4 +226,16 @@ pub enum HubCommand {
         #[arg(long)]
         read_only: bool,
     },
+    /// Show a dataset's tables, their schema and its history; with
+    /// --accept, accept a breaking change of a table deliberately.
+    Schema {
+        dataset: String,
+        /// Accept the next breaking change of this table (a column dropped,
+        /// renamed or retyped): the device that brings it makes it the next
+        /// version, and devices whose app has an older schema are refused.
+        #[arg(long, value_name = "TABLE")]
+        accept: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }

@@ -413,6 +413,26 @@ async fn hub(
             print!("{}", auth::token_block(&name, &token, &dataset, read_only));
             ExitCode::SUCCESS
         }
+        Some(HubCommand::Schema {
+            dataset,
+            accept,
+            json,
+        }) => {
+            let (_, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match tether::hub::schema::run(&cfg, &dataset, accept.as_deref(), json) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             let (config, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {
                 Ok(c) => c,

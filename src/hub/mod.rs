@@ -32,6 +32,7 @@ pub mod auth;
 pub mod budget;
 pub mod fanout;
 mod registry;
+pub mod schema;
 mod session;
 pub mod store;
 mod stream;

@@ -28,7 +28,7 @@ use std::collections::HashMap;
 use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBehavior};
 
 use super::replica::{install, meta_u64, sq, LocalError, Replica};
-use super::schema::Table;
+use super::schema::{ident, Table};
 
 /// `PRAGMA schema_version`: moves whenever a connection changes the schema.
 pub(super) fn schema_cookie(c: &Connection) -> rusqlite::Result<i64> {
@@ -51,7 +51,12 @@ fn shape(t: &Table) -> String {
 /// Called by `install` for each synced table, in its transaction: records
 /// the table's columns and marks it for a refetch when it gained columns or
 /// is synced for the first time by a database that already downloaded.
-pub(super) fn note_columns(c: &Connection, t: &Table, first_time: bool) -> rusqlite::Result<()> {
+pub(super) fn note_columns(
+    c: &Connection,
+    t: &Table,
+    id: i64,
+    first_time: bool,
+) -> rusqlite::Result<()> {
     let key = format!("columns:{}", t.name);
     let before: Option<i64> = c
         .prepare_cached("SELECT value FROM _tether_meta WHERE key = ?1")?
@@ -77,10 +82,50 @@ pub(super) fn note_columns(c: &Connection, t: &Table, first_time: bool) -> rusql
         .execute([refetch])?;
         tracing::info!(table = %t.name, "the table gained columns or is newly synced: its rows are downloaded again at the next connection, to receive the values other devices hold");
     }
+    if let Some(before) = before.filter(|_| grew) {
+        mark_new_columns(c, t, id, before as usize)?;
+    }
     c.prepare_cached(
         "INSERT INTO _tether_meta (key, value) VALUES (?1, ?2) ON CONFLICT (key) DO UPDATE SET value = excluded.value",
     )?
     .execute(params![key, t.columns.len() as i64])?;
+    Ok(())
+}
+
+/// The app may have written a new column between its `ALTER TABLE` and
+/// this rebuild, under the old triggers, which did not know the column
+/// (their mask lacks its bit). A pending row whose new column holds another
+/// value than the column's default was written by the app (nothing else
+/// fills it before the refetch): its change is marked as writing it, so it
+/// goes out.
+fn mark_new_columns(c: &Connection, t: &Table, id: i64, before: usize) -> rusqlite::Result<()> {
+    let consumed = meta_u64(c, "consumed")?;
+    let defaults: Vec<Option<String>> = c
+        .prepare("SELECT dflt_value FROM pragma_table_info(?1) ORDER BY cid")?
+        .query_map([&t.name], |r| r.get(0))?
+        .collect::<Result<_, _>>()?;
+    let join = t
+        .pk
+        .iter()
+        .enumerate()
+        .map(|(k, &i)| format!("r.{} = _tether_log.k{k}", ident(&t.columns[i])))
+        .collect::<Vec<_>>()
+        .join(" AND ");
+    for i in before..t.columns.len() {
+        let default = defaults
+            .get(i)
+            .cloned()
+            .flatten()
+            .unwrap_or_else(|| "NULL".into());
+        c.execute(
+            &format!(
+                "UPDATE _tether_log SET mask = mask | ?1 WHERE tbl = ?2 AND op = 1 AND seq > ?3 AND EXISTS (SELECT 1 FROM {} r WHERE {join} AND r.{} IS NOT ({default}))",
+                ident(&t.name),
+                ident(&t.columns[i])
+            ),
+            params![Table::mask_bit(i), id, consumed as i64],
+        )?;
+    }
     Ok(())
 }
 
@@ -144,11 +189,29 @@ impl Replica {
             )
             .map_err(&e)?;
         if due > 0 {
-            tx.execute(
-                "UPDATE _tether_meta SET value = ?1 WHERE key LIKE 'refetch:%' AND value < 0",
-                [cursor as i64],
-            )
-            .map_err(&e)?;
+            let tables: Vec<String> = tx
+                .prepare("SELECT substr(key, 9) FROM _tether_meta WHERE key LIKE 'refetch:%' AND value < 0")
+                .and_then(|mut st| st.query_map([], |r| r.get(0))?.collect())
+                .map_err(&e)?;
+            for t in tables {
+                // Up to the newest version the table holds: this device's
+                // answered changes are past its cursor.
+                let newest: i64 = tx
+                    .query_row(
+                        &format!(
+                            "SELECT coalesce(max(version), 0) FROM {}",
+                            ident(&format!("_tether_ver_{t}"))
+                        ),
+                        [],
+                        |r| r.get(0),
+                    )
+                    .map_err(&e)?;
+                tx.execute(
+                    "UPDATE _tether_meta SET value = ?1 WHERE key = ?2",
+                    params![(cursor as i64).max(newest), format!("refetch:{t}")],
+                )
+                .map_err(&e)?;
+            }
             tx.execute(
                 "UPDATE _tether_meta SET value = 0 WHERE key = 'cursor'",
                 [],
@@ -206,4 +269,92 @@ pub(super) fn end_refetch(c: &Connection, cursor: u64) -> rusqlite::Result<()> {
         tracing::info!(table = %t, "the table's rows were downloaded again: its changes carry every column from now on");
     }
     Ok(())
+}
+
+#[cfg(test)]
+mod tests {
+    use rusqlite::Connection;
+
+    use super::*;
+    use crate::config::ConflictPolicy;
+    use crate::proto::{ChangeResult, Op, Outcome, RemoteChange, Value};
+
+    fn upsert(version: u64, values: Vec<Value>) -> RemoteChange {
+        RemoteChange {
+            version,
+            table: "t".into(),
+            op: Op::Upsert,
+            pk: vec![values[0].clone()],
+            values,
+        }
+    }
+
+    fn rows(app: &Connection) -> Vec<(i64, String, Option<String>)> {
+        app.prepare("SELECT * FROM t ORDER BY id")
+            .unwrap()
+            .query_map([], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+            .unwrap()
+            .collect::<Result<_, _>>()
+            .unwrap()
+    }
+
+    /// A device that adds a column notices it by itself, downloads its rows
+    /// again (at the versions it already holds) and sends only the columns
+    /// it had until then, unless the app wrote the new one.
+    #[test]
+    fn a_column_added_live_is_refetched_and_not_sent_empty_meanwhile() {
+        let dir = tempfile::tempdir().unwrap();
+        let path = dir.path().join("t.db");
+        let app = Connection::open(&path).unwrap();
+        app.execute_batch("CREATE TABLE t (id INTEGER PRIMARY KEY, a TEXT)")
+            .unwrap();
+        let tables = [("t".to_string(), ConflictPolicy::ServerWins)];
+        let mut r = Replica::open("t", &path, &tables).unwrap();
+        let int = Value::Integer;
+        let text = |s: &str| Value::Text(s.into());
+        r.apply_remote(&[upsert(1, vec![int(1), text("one")]), upsert(2, vec![int(2), text("two")])], 2)
+            .unwrap();
+        assert_eq!(r.check_schema().unwrap(), None);
+        app.execute_batch("ALTER TABLE t ADD COLUMN b TEXT").unwrap();
+        app.execute("UPDATE t SET a = 'uno' WHERE id = 1", []).unwrap();
+        app.execute("UPDATE t SET b = 'mine' WHERE id = 2", []).unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        assert!(b.schema_changed.as_deref().unwrap().contains("became (id INTEGER, a TEXT, b TEXT)"));
+        assert!(b.changes.is_empty());
+        assert_eq!(r.wire_schemas()[0].columns.len(), 3);
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        let vals: Vec<usize> = b.changes.iter().map(|c| c.values.len()).collect();
+        assert_eq!(vals, vec![2, 3], "row 1: the old columns only; row 2: b was written");
+        let answers: Vec<ChangeResult> = b
+            .changes
+            .iter()
+            .zip([3, 4])
+            .map(|(c, version)| ChangeResult {
+                seq: c.seq,
+                outcome: Outcome::Applied { version },
+            })
+            .collect();
+        r.apply_results(&b, &answers).unwrap();
+        assert_eq!(r.hello_cursor().unwrap(), (0, true));
+        // The hub's log again, row 1 merged with the column another device
+        // filled in; and this device's own changes echoed.
+        r.apply_remote(
+            &[
+                upsert(1, vec![int(1), text("one"), text("stale")]),
+                upsert(2, vec![int(2), text("two")]),
+                upsert(3, vec![int(1), text("uno"), text("theirs")]),
+                upsert(4, vec![int(2), text("two"), text("mine")]),
+            ],
+            4,
+        )
+        .unwrap();
+        assert_eq!(
+            rows(&app),
+            vec![
+                (1, "uno".into(), Some("theirs".into())),
+                (2, "two".into(), Some("mine".into()))
+            ]
+        );
+        assert_eq!(r.hello_cursor().unwrap(), (4, false), "refetch over");
+    }
 }

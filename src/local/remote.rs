@@ -218,9 +218,7 @@ impl Replica {
                  ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
             )?
             .execute([up_to as i64])?;
-            if !refetching.is_empty() {
-                evolve::end_refetch(&tx, meta_u64(&tx, "cursor")?)?;
-            }
+            evolve::end_refetch(&tx, meta_u64(&tx, "cursor")?)?;
         }
         tx.execute("DELETE FROM _tether_applying", [])?;
         tx.commit()?;

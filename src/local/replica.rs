@@ -840,7 +840,6 @@ pub(super) fn install(
                 |r| r.get(0),
             )
             .optional()?;
-        evolve::note_columns(conn, &t, known.is_none())?;
         let id = match known {
             Some(id) => id,
             None => {
@@ -856,6 +855,7 @@ pub(super) fn install(
                 id
             }
         };
+        evolve::note_columns(conn, &t, id, known.is_none())?;
         conn.execute_batch(&t.install_sql(id))?;
         out.push(Tbl::new(id, t, policy));
     }

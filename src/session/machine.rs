@@ -1156,6 +1156,7 @@ mod tests {
             local_seq: 5,
             anchor: None,
             tables: Vec::new(),
+            refetch: false,
         }
     }
 
@@ -1190,6 +1191,7 @@ mod tests {
             captured_ms: vec![0; changes.len()],
             through: *seqs.end(),
             changes,
+            schema_changed: None,
         }
     }
 
