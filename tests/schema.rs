@@ -71,7 +71,11 @@ fn text(s: &str) -> String {
 const NULL: &str = "Null";
 
 /// Writes rows `<prefix>-<n>` until told to stop; returns how many.
-fn writer(path: std::path::PathBuf, prefix: &'static str, stop: Arc<AtomicBool>) -> std::thread::JoinHandle<u32> {
+fn writer(
+    path: std::path::PathBuf,
+    prefix: &'static str,
+    stop: Arc<AtomicBool>,
+) -> std::thread::JoinHandle<u32> {
     std::thread::spawn(move || {
         let c = Connection::open(path).unwrap();
         c.busy_timeout(std::time::Duration::from_secs(10)).unwrap();
@@ -136,13 +140,18 @@ async fn a_rolling_upgrade_of_three_devices_loses_no_write_and_never_blanks_the_
     wait_idle(&dc, "db").await;
     let total = 16 + nb as usize + nc as usize;
     wait_until("every row on every device", || {
-        [&a, &b, &c].iter().all(|x| count(x, "msgs") as usize == total)
+        [&a, &b, &c]
+            .iter()
+            .all(|x| count(x, "msgs") as usize == total)
     })
     .await;
 
     // C (never upgraded) edits rows whose new column A filled in; B too.
-    c.execute("UPDATE msgs SET body = 'edited by c' WHERE id IN ('a0', 'b1', 'c2')", [])
-        .unwrap();
+    c.execute(
+        "UPDATE msgs SET body = 'edited by c' WHERE id IN ('a0', 'b1', 'c2')",
+        [],
+    )
+    .unwrap();
     b.execute("UPDATE msgs SET body = 'edited by b' WHERE id = 'a3'", [])
         .unwrap();
     wait_until("the edits reach A", || {
@@ -199,7 +208,11 @@ async fn a_rolling_upgrade_of_three_devices_loses_no_write_and_never_blanks_the_
         .iter()
         .map(|(k, v)| (k.clone(), v[..1].to_vec()))
         .collect();
-    assert_eq!(projected, rows(&c, "msgs"), "C holds every row, its columns");
+    assert_eq!(
+        projected,
+        rows(&c, "msgs"),
+        "C holds every row, its columns"
+    );
     for (id, v) in &ra {
         let id = id.trim_start_matches("Text(\"").trim_end_matches("\")");
         let want_extra = if id == "c0" {
@@ -233,7 +246,10 @@ async fn a_table_added_by_reload_starts_syncing_with_the_rows_it_already_held() 
     const PEOPLE: &str = "CREATE TABLE people (id TEXT PRIMARY KEY, name TEXT, age INTEGER)";
     let world = World::new(&[("db", &["msgs", "people"])]).await;
     let schema = format!("{MSGS}; {PEOPLE}");
-    let (a, b) = (app(&world.path("a.db"), &schema), app(&world.path("b.db"), &schema));
+    let (a, b) = (
+        app(&world.path("a.db"), &schema),
+        app(&world.path("b.db"), &schema),
+    );
     for i in 0..20 {
         a.execute(
             "INSERT INTO people VALUES (?1, ?2, ?3)",
@@ -246,7 +262,8 @@ async fn a_table_added_by_reload_starts_syncing_with_the_rows_it_already_held() 
         )
         .unwrap();
     }
-    a.execute("INSERT INTO msgs VALUES ('m-a', 'hello')", []).unwrap();
+    a.execute("INSERT INTO msgs VALUES ('m-a', 'hello')", [])
+        .unwrap();
     let da = world.daemon_for("a.db", &["msgs"], ConflictPolicy::ServerWins);
     let db = world.daemon_for("b.db", &["msgs", "people"], ConflictPolicy::ServerWins);
     wait_until("msgs synced", || count(&b, "msgs") == 1).await;
@@ -256,7 +273,8 @@ async fn a_table_added_by_reload_starts_syncing_with_the_rows_it_already_held() 
     // only its own, and moves its cursor past B's.
     assert_eq!(hub_rows(&world, "people", 3).len(), 20);
     assert_eq!(count(&a, "people"), 20);
-    b.execute("UPDATE people SET age = 7 WHERE id = 'pb3'", []).unwrap();
+    b.execute("UPDATE people SET age = 7 WHERE id = 'pb3'", [])
+        .unwrap();
     b.execute("INSERT INTO msgs VALUES ('m-b', 'moves the cursor')", [])
         .unwrap();
     wait_until("A has m-b", || count(&a, "msgs") == 2).await;
@@ -270,8 +288,11 @@ async fn a_table_added_by_reload_starts_syncing_with_the_rows_it_already_held() 
     )];
     let report = da.daemon.reload(cfg).await;
     assert_eq!(report.restarted, vec!["db".to_string()]);
-    a.execute("INSERT INTO people VALUES ('pa-late', 'after reload', 1)", [])
-        .unwrap();
+    a.execute(
+        "INSERT INTO people VALUES ('pa-late', 'after reload', 1)",
+        [],
+    )
+    .unwrap();
     wait_until("A and B hold the same people", || {
         rows(&a, "people") == rows(&b, "people") && count(&a, "people") == 41
     })
@@ -281,6 +302,186 @@ async fn a_table_added_by_reload_starts_syncing_with_the_rows_it_already_held() 
     assert_eq!(ra[&text("pb3")][1], "Integer(7)");
     assert_eq!(ra[&text("pa5")][0], text("a person 5"));
     assert_eq!(ra, hub_rows(&world, "people", 3));
+    da.stop().await;
+    db.stop().await;
+}
+
+/// Drops column `note` the way SQLite documents for any change ALTER TABLE
+/// cannot make: a new table, the rows copied, the old one dropped, the new
+/// one renamed, in one transaction.
+const DROP_NOTE: &str = "BEGIN;
+CREATE TABLE msgs_new (id TEXT PRIMARY KEY, body TEXT);
+INSERT INTO msgs_new SELECT id, body FROM msgs;
+DROP TABLE msgs;
+ALTER TABLE msgs_new RENAME TO msgs;
+COMMIT;";
+
+/// A hub.toml for the operator's commands against this world's store.
+fn hub_toml(world: &World) -> std::path::PathBuf {
+    let path = world.path("hub.toml");
+    let text = format!(
+        "listen = \"127.0.0.1:0\"\nstore = \"sqlite:{}\"\n\n[[dataset]]\nname = \"db\"\ntables = [\"msgs\"]\n\n{}",
+        world.path("hub.db").display(),
+        tether::hub::auth::token_block("ops", &tether::hub::auth::new_token(), "*", false)
+    );
+    std::fs::write(&path, text).unwrap();
+    path
+}
+
+/// Runs `tether ARGS` off the runtime's threads.
+async fn tether(args: Vec<String>) -> (i32, String, String) {
+    tokio::task::spawn_blocking(move || {
+        let args: Vec<&str> = args.iter().map(String::as_str).collect();
+        cli(&args)
+    })
+    .await
+    .unwrap()
+}
+
+fn last_error(d: &tether::embedded::EmbeddedDaemon) -> String {
+    status(d, "db").last_error.unwrap_or_default()
+}
+
+#[tokio::test(flavor = "multi_thread", worker_threads = 2)]
+async fn a_breaking_change_is_refused_naming_the_column_then_accepted_by_the_operator() {
+    const WITH_NOTE: &str = "CREATE TABLE msgs (id TEXT PRIMARY KEY, note TEXT, body TEXT)";
+    let world = World::new(&[("db", &["msgs"])]).await;
+    let (a, b) = (
+        app(&world.path("a.db"), WITH_NOTE),
+        app(&world.path("b.db"), WITH_NOTE),
+    );
+    for i in 0..5 {
+        a.execute(
+            "INSERT INTO msgs VALUES (?1, ?2, ?3)",
+            [format!("a{i}"), format!("note a{i}"), format!("body a{i}")],
+        )
+        .unwrap();
+        b.execute(
+            "INSERT INTO msgs VALUES (?1, ?2, ?3)",
+            [format!("b{i}"), format!("note b{i}"), format!("body b{i}")],
+        )
+        .unwrap();
+    }
+    let da = world.daemon_for("a.db", &["msgs"], ConflictPolicy::ServerWins);
+    let db = world.daemon_for("b.db", &["msgs"], ConflictPolicy::ServerWins);
+    wait_until("10 rows on both", || {
+        count(&a, "msgs") == 10 && count(&b, "msgs") == 10
+    })
+    .await;
+    let config = hub_toml(&world);
+    let cfg = config.display().to_string();
+
+    // SQLite refuses to drop a column the capture triggers use: an app
+    // drops it by rebuilding the table.
+    let e = a
+        .execute_batch("ALTER TABLE msgs DROP COLUMN note")
+        .unwrap_err();
+    assert!(e.to_string().contains("no such column: OLD.note"), "{e}");
+    // A drops a column that is not the last: refused, by name, with the way on.
+    a.execute_batch(DROP_NOTE).unwrap();
+    a.execute(
+        "INSERT INTO msgs VALUES ('a-after', 'written after the drop')",
+        [],
+    )
+    .unwrap();
+    wait_until("A refused naming the column", || {
+        last_error(&da).contains("column \"note\" was dropped")
+    })
+    .await;
+    let refused = last_error(&da);
+    assert!(
+        refused.contains("table \"msgs\"")
+            && refused.contains("tether hub schema db --accept msgs"),
+        "{refused}"
+    );
+    // B, which did not change, keeps syncing meanwhile.
+    b.execute(
+        "INSERT INTO msgs VALUES ('b-during', 'n', 'while A is refused')",
+        [],
+    )
+    .unwrap();
+    wait_idle(&db, "db").await;
+    assert_eq!(count(&a, "msgs"), 11, "A's rows are all still there");
+
+    let (code, out, err) = tether(
+        ["hub", "schema", "db", "--config", &cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("table \"msgs\": version 1")
+            && out.contains("columns: id TEXT (key 1), note TEXT, body TEXT")
+            && out.contains("v1 ")
+            && out.contains("created"),
+        "{out}"
+    );
+    let (code, out, err) = tether(
+        ["hub", "schema", "db", "--accept", "msgs", "--config", &cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(code, 0, "{err}");
+    assert!(
+        out.contains("accepted") && out.contains("version 2"),
+        "{out}"
+    );
+
+    // A's next attempt makes its schema version 2; its write goes out and
+    // it gets B's, in the new layout.
+    b.execute(
+        "INSERT INTO msgs VALUES ('b-waits', 'n', 'written by B before it upgrades')",
+        [],
+    )
+    .unwrap();
+    wait_until("A has B's rows", || {
+        let r = rows(&a, "msgs");
+        r.get(&text("b-during")) == Some(&vec![text("while A is refused")])
+    })
+    .await;
+    // B, still on the old schema, is refused: upgrade the app.
+    wait_until("B told to upgrade", || {
+        last_error(&db).contains("upgrade the app")
+    })
+    .await;
+    assert!(count(&b, "msgs") >= 12, "B's rows stay");
+    b.execute_batch(DROP_NOTE).unwrap();
+    wait_until("A and B converge", || {
+        let (ra, rb) = (rows(&a, "msgs"), rows(&b, "msgs"));
+        ra == rb && ra.len() == 13
+    })
+    .await;
+    wait_idle(&da, "db").await;
+    wait_idle(&db, "db").await;
+    let ra = rows(&a, "msgs");
+    assert_eq!(
+        ra[&text("b-waits")],
+        vec![text("written by B before it upgrades")]
+    );
+    assert_eq!(ra[&text("a-after")], vec![text("written after the drop")]);
+    for i in 0..5 {
+        assert_eq!(
+            ra[&text(&format!("b{i}"))],
+            vec![text(&format!("body b{i}"))]
+        );
+    }
+    assert_eq!(ra, hub_rows(&world, "msgs", 2));
+
+    let (code, out, _) = tether(
+        ["hub", "schema", "db", "--config", &cfg]
+            .map(String::from)
+            .to_vec(),
+    )
+    .await;
+    assert_eq!(code, 0);
+    assert!(
+        out.contains("table \"msgs\": version 2")
+            && out.contains("breaking: column \"note\" was dropped")
+            && out.contains("at least the columns of version 2"),
+        "{out}"
+    );
     da.stop().await;
     db.stop().await;
 }

@@ -29,9 +29,7 @@ pub fn run(
             .accept_breaking(dataset, table)
             .map_err(|e| e.to_string())?;
     }
-    let tables = store
-        .schema_history(dataset)
-        .map_err(|e| e.to_string())?;
+    let tables = store.schema_history(dataset).map_err(|e| e.to_string())?;
     if json {
         return Ok(serde_json::to_string_pretty(&serde_json::json!({
             "dataset": dataset,
@@ -100,7 +98,8 @@ fn show(t: &TableHistory) -> String {
     }
     out.push_str("  history:\n");
     for v in &t.versions {
-        let at = humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(v.at.max(0) as u64));
+        let at =
+            humantime::format_rfc3339_seconds(UNIX_EPOCH + Duration::from_secs(v.at.max(0) as u64));
         out.push_str(&format!("    v{}  {at}  {}\n", v.version, v.change));
     }
     if t.floor > 1 {

@@ -104,13 +104,12 @@ fn mark_new_columns(c: &Connection, t: &Table, id: i64, before: usize) -> rusqli
         .prepare("SELECT dflt_value FROM pragma_table_info(?1) ORDER BY cid")?
         .query_map([&t.name], |r| r.get(0))?
         .collect::<Result<_, _>>()?;
-    let join = t
-        .pk
-        .iter()
-        .enumerate()
-        .map(|(k, &i)| format!("r.{} = _tether_log.k{k}", ident(&t.columns[i])))
-        .collect::<Vec<_>>()
-        .join(" AND ");
+    let join =
+        t.pk.iter()
+            .enumerate()
+            .map(|(k, &i)| format!("r.{} = _tether_log.k{k}", ident(&t.columns[i])))
+            .collect::<Vec<_>>()
+            .join(" AND ");
     for i in before..t.columns.len() {
         let default = defaults
             .get(i)
@@ -212,11 +211,8 @@ impl Replica {
                 )
                 .map_err(&e)?;
             }
-            tx.execute(
-                "UPDATE _tether_meta SET value = 0 WHERE key = 'cursor'",
-                [],
-            )
-            .map_err(&e)?;
+            tx.execute("UPDATE _tether_meta SET value = 0 WHERE key = 'cursor'", [])
+                .map_err(&e)?;
             tracing::info!(db = %self.name, from = cursor, "downloading the dataset again for the tables that gained columns or are newly synced");
         }
         end_refetch(&tx, if due > 0 { 0 } else { cursor }).map_err(&e)?;
@@ -238,7 +234,9 @@ pub(super) fn refetching(c: &Connection) -> rusqlite::Result<HashMap<String, u64
     let mut st = c.prepare_cached(
         "SELECT substr(key, 9), value FROM _tether_meta WHERE key LIKE 'refetch:%' AND value > 0",
     )?;
-    let rows = st.query_map([], |r| Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64)))?;
+    let rows = st.query_map([], |r| {
+        Ok((r.get::<_, String>(0)?, r.get::<_, i64>(1)? as u64))
+    })?;
     rows.collect()
 }
 
@@ -312,19 +310,36 @@ mod tests {
         let mut r = Replica::open("t", &path, &tables).unwrap();
         let int = Value::Integer;
         let text = |s: &str| Value::Text(s.into());
-        r.apply_remote(&[upsert(1, vec![int(1), text("one")]), upsert(2, vec![int(2), text("two")])], 2)
-            .unwrap();
+        r.apply_remote(
+            &[
+                upsert(1, vec![int(1), text("one")]),
+                upsert(2, vec![int(2), text("two")]),
+            ],
+            2,
+        )
+        .unwrap();
         assert_eq!(r.check_schema().unwrap(), None);
-        app.execute_batch("ALTER TABLE t ADD COLUMN b TEXT").unwrap();
-        app.execute("UPDATE t SET a = 'uno' WHERE id = 1", []).unwrap();
-        app.execute("UPDATE t SET b = 'mine' WHERE id = 2", []).unwrap();
+        app.execute_batch("ALTER TABLE t ADD COLUMN b TEXT")
+            .unwrap();
+        app.execute("UPDATE t SET a = 'uno' WHERE id = 1", [])
+            .unwrap();
+        app.execute("UPDATE t SET b = 'mine' WHERE id = 2", [])
+            .unwrap();
         let b = r.read_batch(0, 100, 1 << 20).unwrap();
-        assert!(b.schema_changed.as_deref().unwrap().contains("became (id INTEGER, a TEXT, b TEXT)"));
+        assert!(b
+            .schema_changed
+            .as_deref()
+            .unwrap()
+            .contains("became (id INTEGER, a TEXT, b TEXT)"));
         assert!(b.changes.is_empty());
         assert_eq!(r.wire_schemas()[0].columns.len(), 3);
         let b = r.read_batch(0, 100, 1 << 20).unwrap();
         let vals: Vec<usize> = b.changes.iter().map(|c| c.values.len()).collect();
-        assert_eq!(vals, vec![2, 3], "row 1: the old columns only; row 2: b was written");
+        assert_eq!(
+            vals,
+            vec![2, 3],
+            "row 1: the old columns only; row 2: b was written"
+        );
         let answers: Vec<ChangeResult> = b
             .changes
             .iter()

@@ -9,8 +9,8 @@ use super::conflict::defer;
 use super::evolve;
 use super::held::{self, Abort, HeldChange, Isolation, RemoteApplied, RetryReport};
 use super::replica::{
-    delete_row, get_ver, meta_u64, raise_anchor, row_fits, set_ver_at_least, set_ver_if_newer,
-    sq, upsert_row, LocalError, Replica, Tbl,
+    delete_row, get_ver, meta_u64, raise_anchor, row_fits, set_ver_at_least, set_ver_if_newer, sq,
+    upsert_row, LocalError, Replica, Tbl,
 };
 use crate::proto::{decode_values, Op, RemoteChange};
 
@@ -382,14 +382,26 @@ mod tests {
         let done = r.apply_remote(&[upsert("u", 3, vec![int(5)])], 3).unwrap();
         assert_eq!(done.applied, 1);
         assert_eq!(
-            count(&app, "SELECT count(*) FROM u WHERE id = 5 AND name = 'kept'"),
+            count(
+                &app,
+                "SELECT count(*) FROM u WHERE id = 5 AND name = 'kept'"
+            ),
             1
         );
         // Longer: the extra value is for a column this app does not have.
         let done = r
-            .apply_remote(&[upsert("u", 4, vec![int(6), text("six"), text("extra")])], 4)
+            .apply_remote(
+                &[upsert("u", 4, vec![int(6), text("six"), text("extra")])],
+                4,
+            )
             .unwrap();
-        assert_eq!(done, RemoteApplied { applied: 1, held: 0 });
+        assert_eq!(
+            done,
+            RemoteApplied {
+                applied: 1,
+                held: 0
+            }
+        );
         assert_eq!(
             count(&app, "SELECT count(*) FROM u WHERE id = 6 AND name = 'six'"),
             1

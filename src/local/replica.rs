@@ -257,7 +257,10 @@ impl Tbl {
             "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
             ident(&self.t.name),
             cols.join(", "),
-            (1..=n).map(|i| format!("?{i}")).collect::<Vec<_>>().join(", "),
+            (1..=n)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
             self.t.pk_cols()
         )
     }
@@ -841,6 +844,15 @@ pub(super) fn install(
             )
             .optional()?;
         let id = match known {
+            Some(id) if !has_capture(conn, &t.name)? => {
+                // Synced before, but its triggers are gone: the app rebuilt
+                // the table (CREATE, copy, DROP, RENAME), or it was left out
+                // of `tables` for a while. Writes since were not captured:
+                // every row goes out again, against the version it has.
+                let n = conn.execute(&capture_rows_sql(id, &t), [])?;
+                tracing::info!(db = name, table = %t.name, rows = n, "the table's capture triggers were gone (the table was rebuilt, or not synced for a while): its rows are captured again");
+                id
+            }
             Some(id) => id,
             None => {
                 conn.execute("INSERT INTO _tether_tables (name) VALUES (?1)", [&t.name])?;
@@ -875,6 +887,16 @@ pub(super) fn install(
         }
     }
     Ok(out)
+}
+
+/// Whether the table's capture triggers are installed.
+fn has_capture(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+        [format!("_tether_{table}_ins")],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
 }
 
 /// SQL capturing every row a table holds now as a pending change.

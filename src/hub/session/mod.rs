@@ -324,11 +324,17 @@ fn register(
         .store
         .register_schema(dataset, client, tables, may_register)?;
     if let (Some(first), Some(last)) = (rewritten.first(), rewritten.last()) {
+        let breaking = tables
+            .iter()
+            .filter(|t| rewritten.iter().any(|e| e.change.table == t.name))
+            .cloned()
+            .collect();
         let p = super::fanout::Published {
             after: first.change.version - 1,
             last: last.change.version,
             stored: std::time::Instant::now(),
             entries: rewritten,
+            breaking,
         };
         fan.head
             .fetch_max(p.last, std::sync::atomic::Ordering::SeqCst);

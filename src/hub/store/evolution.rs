@@ -30,9 +30,13 @@ use crate::proto::TableSchema;
 pub enum Relation {
     Same,
     /// The known columns followed by these new ones.
-    Extends { added: Vec<String> },
+    Extends {
+        added: Vec<String>,
+    },
     /// The first columns of the known schema; these ones are missing.
-    Older { missing: Vec<String> },
+    Older {
+        missing: Vec<String>,
+    },
     Breaking(Vec<Difference>),
 }
 
@@ -240,7 +244,10 @@ mod tests {
     }
 
     fn base() -> TableSchema {
-        t(&[("id", "INTEGER"), ("body", "TEXT"), ("n", "INTEGER")], &[0])
+        t(
+            &[("id", "INTEGER"), ("body", "TEXT"), ("n", "INTEGER")],
+            &[0],
+        )
     }
 
     #[test]
@@ -268,7 +275,10 @@ mod tests {
             }
         );
         // Declared types compare without case (introspection uppercases).
-        let lower = t(&[("id", "integer"), ("body", "text"), ("n", "INTEGER")], &[0]);
+        let lower = t(
+            &[("id", "integer"), ("body", "text"), ("n", "INTEGER")],
+            &[0],
+        );
         assert_eq!(compare(&base(), &lower), Relation::Same);
     }
 
@@ -280,7 +290,10 @@ mod tests {
                 "column \"body\" was dropped",
             ),
             (
-                t(&[("id", "INTEGER"), ("text", "TEXT"), ("n", "INTEGER")], &[0]),
+                t(
+                    &[("id", "INTEGER"), ("text", "TEXT"), ("n", "INTEGER")],
+                    &[0],
+                ),
                 "column \"body\" was renamed to \"text\"",
             ),
             (
@@ -289,17 +302,28 @@ mod tests {
             ),
             (
                 t(
-                    &[("id", "INTEGER"), ("x", "TEXT"), ("body", "TEXT"), ("n", "INTEGER")],
+                    &[
+                        ("id", "INTEGER"),
+                        ("x", "TEXT"),
+                        ("body", "TEXT"),
+                        ("n", "INTEGER"),
+                    ],
                     &[0],
                 ),
                 "column \"x\" was added before existing columns",
             ),
             (
-                t(&[("id", "INTEGER"), ("n", "INTEGER"), ("body", "TEXT")], &[0]),
+                t(
+                    &[("id", "INTEGER"), ("n", "INTEGER"), ("body", "TEXT")],
+                    &[0],
+                ),
                 "column \"n\" moved",
             ),
             (
-                t(&[("id", "INTEGER"), ("body", "TEXT"), ("n", "INTEGER")], &[0, 1]),
+                t(
+                    &[("id", "INTEGER"), ("body", "TEXT"), ("n", "INTEGER")],
+                    &[0, 1],
+                ),
                 "the primary key changed from (id) to (id, body)",
             ),
         ];
@@ -314,7 +338,10 @@ mod tests {
 
     #[test]
     fn a_key_change_cannot_be_accepted_in_place_the_others_can() {
-        let key = t(&[("id", "INTEGER"), ("body", "TEXT"), ("n", "INTEGER")], &[1]);
+        let key = t(
+            &[("id", "INTEGER"), ("body", "TEXT"), ("n", "INTEGER")],
+            &[1],
+        );
         let Relation::Breaking(d) = compare(&base(), &key) else {
             panic!()
         };

@@ -496,7 +496,9 @@ fn table_state(
     announced: Option<&TableSchema>,
 ) -> Result<TableState, StoreError> {
     let recorded: Option<(bool, i64, i64)> = tx
-        .prepare_cached("SELECT strict, version, floor FROM tables WHERE dataset = ?1 AND name = ?2")?
+        .prepare_cached(
+            "SELECT strict, version, floor FROM tables WHERE dataset = ?1 AND name = ?2",
+        )?
         .query_row(params![ds, name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
         .optional()?;
     let Some((strict, version, floor)) = recorded else {
@@ -715,12 +717,10 @@ impl HubStore for SqliteStore {
             .prepare_cached("SELECT head FROM datasets WHERE id = ?1")?
             .query_row([ds], |r| r.get::<_, i64>(0))? as u64;
         let (client_no, _, _) = client_marks(&tx, ds, client)?;
-        let client_arc: Arc<str> = Arc::from(client);
         let who = Registrant {
             dataset,
             ds,
             client_no,
-            client: &client_arc,
             may_register,
         };
         let mut rewritten = Vec::new();
@@ -1488,7 +1488,8 @@ mod type_tests {
     fn a_key_value_its_column_would_convert_is_wrong_type_and_the_rest_of_the_batch_goes_on() {
         let (_d, s) = store();
         let t = tables(people(false));
-        s.register_schema("ds", "c", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let text_42 = row(2, Value::Text("42".into()), Value::Integer(1));
         let mut delete_text = row(4, Value::Text("7".into()), Value::Null);
         delete_text.op = Op::Delete;
@@ -1527,7 +1528,8 @@ mod type_tests {
         notes.types[0] = "TEXT".into();
         notes.fingerprint =
             crate::local::schema::fingerprint("people", &notes.columns, &notes.types, &[0]);
-        s.register_schema("ds", "c", &[notes.clone()], true).unwrap();
+        s.register_schema("ds", "c", &[notes.clone()], true)
+            .unwrap();
         let a = s
             .apply_batch(
                 "ds",
@@ -1580,7 +1582,8 @@ mod type_tests {
     #[test]
     fn a_table_not_announced_strict_takes_any_value_type_outside_its_key() {
         let (_d, s) = store();
-        s.register_schema("ds", "c", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let a = s
             .apply_batch(
                 "ds",
@@ -1598,11 +1601,13 @@ mod type_tests {
         let (_d, s) = store();
         let loose = tables(people(false));
         let bad = |seq| row(seq, Value::Integer(seq as i64), Value::Text("x".into()));
-        s.register_schema("ds", "c", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(1)], 0).unwrap();
         assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
         // A read_only client's word does not change the table.
-        s.register_schema("ds", "c", &[people(true)], false).unwrap();
+        s.register_schema("ds", "c", &[people(true)], false)
+            .unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(2)], 0).unwrap();
         assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
         // A read_write one does, for the session already open too.
@@ -1610,7 +1615,8 @@ mod type_tests {
         let a = s.apply_batch("ds", "c", &loose, &[bad(3)], 0).unwrap();
         assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
         // A later client without STRICT does not undo it.
-        s.register_schema("ds", "c", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(4)], 0).unwrap();
         assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
     }
@@ -1636,9 +1642,151 @@ mod type_tests {
         );
         // Nothing was recorded: the legitimate schema registers, and the
         // read_only client is then welcome with it but not with its own.
-        s.register_schema("ds", "c", &[people(false)], true).unwrap();
-        s.register_schema("ds", "c", &[people(false)], false).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
+        s.register_schema("ds", "c", &[people(false)], false)
+            .unwrap();
         let e = s.register_schema("ds", "c", &[poison], false).unwrap_err();
-        assert!(matches!(e, StoreError::SchemaMismatch { .. }), "{e:?}");
+        assert!(
+            matches!(e, StoreError::SchemaChanged { key: true, .. }),
+            "{e:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod evolution_tests {
+    use super::*;
+
+    fn msgs(cols: &[&str]) -> TableSchema {
+        let columns: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        let types = vec!["TEXT".to_string(); columns.len()];
+        TableSchema {
+            name: "msgs".into(),
+            fingerprint: crate::local::schema::fingerprint("msgs", &columns, &types, &[0]),
+            columns,
+            types,
+            pk: vec![0],
+            strict: false,
+        }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    fn put(seq: u64, base: u64, values: Vec<Value>) -> Change {
+        Change {
+            seq,
+            table: "msgs".into(),
+            op: Op::Upsert,
+            pk: vec![values[0].clone()],
+            values,
+            base,
+            mask: u64::MAX,
+        }
+    }
+
+    fn tables(t: TableSchema) -> HashMap<String, TableSchema> {
+        [(t.name.clone(), t)].into_iter().collect()
+    }
+
+    /// A device that has not added the new column writes the row; the hub
+    /// keeps the column's value, stores and publishes the whole row.
+    #[test]
+    fn an_older_app_never_blanks_a_column_it_does_not_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let (old, new) = (msgs(&["id", "body"]), msgs(&["id", "body", "extra"]));
+        s.register_schema("ds", "old", &[old.clone()], true)
+            .unwrap();
+        s.register_schema("ds", "new", &[new.clone()], true)
+            .unwrap();
+        s.register_schema("ds", "old", &[old.clone()], true)
+            .unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "new",
+                &tables(new),
+                &[put(1, 0, vec![text("1"), text("b"), text("x")])],
+                0,
+            )
+            .unwrap();
+        let v = match a.results[0].outcome {
+            Outcome::Applied { version } => version,
+            ref o => panic!("{o:?}"),
+        };
+        let a = s
+            .apply_batch(
+                "ds",
+                "old",
+                &tables(old),
+                &[put(1, v, vec![text("1"), text("edited")])],
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            a.logged[0].change.values,
+            vec![text("1"), text("edited"), text("x")]
+        );
+        let page = s.changes_since("ds", 0, None, 100, 1 << 20).unwrap();
+        assert_eq!(
+            page.changes.last().unwrap().values,
+            a.logged[0].change.values
+        );
+        let h = s.schema_history("ds").unwrap();
+        assert_eq!(h[0].version, 2);
+        assert_eq!(h[0].versions[1].change, "added columns extra");
+    }
+
+    /// A breaking change is refused until the operator accepts it; then
+    /// the rows are written again in the new layout and the old schema is
+    /// refused with the way forward.
+    #[test]
+    fn a_breaking_change_waits_for_the_operator_and_then_retires_the_old_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let (old, new) = (msgs(&["id", "note", "body"]), msgs(&["id", "body"]));
+        s.register_schema("ds", "a", &[old.clone()], true).unwrap();
+        s.apply_batch(
+            "ds",
+            "a",
+            &tables(old.clone()),
+            &[put(1, 0, vec![text("1"), text("n"), text("b")])],
+            0,
+        )
+        .unwrap();
+        let e = s
+            .register_schema("ds", "a", &[new.clone()], true)
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("column \"note\" was dropped")
+                && m.contains("tether hub schema ds --accept msgs"),
+            "{m}"
+        );
+        s.accept_breaking("ds", "msgs").unwrap();
+        let rewritten = s.register_schema("ds", "a", &[new.clone()], true).unwrap();
+        assert_eq!(rewritten.len(), 1);
+        assert_eq!(rewritten[0].change.values, vec![text("1"), text("b")]);
+        let e = s
+            .register_schema("ds", "b", &[old.clone()], true)
+            .unwrap_err();
+        assert!(e.to_string().contains("upgrade the app"), "{e}");
+        // A session opened before the change stores nothing more.
+        let e = s
+            .apply_batch(
+                "ds",
+                "b",
+                &tables(old),
+                &[put(1, 0, vec![text("2"), text("n"), text("b")])],
+                0,
+            )
+            .unwrap_err();
+        assert!(matches!(e, StoreError::SchemaRetired { .. }), "{e:?}");
+        let h = s.schema_history("ds").unwrap();
+        assert_eq!((h[0].version, h[0].floor, h[0].accept), (2, 2, false));
+        assert!(h[0].versions[1].breaking);
     }
 }

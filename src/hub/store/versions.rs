@@ -15,7 +15,9 @@ use serde::Serialize;
 
 use super::evolution::{self, Relation};
 use super::{LogEntry, StoreError};
-use crate::proto::{decode_values, encode_key, encode_values, Op, RemoteChange, TableSchema, Value};
+use crate::proto::{
+    decode_values, encode_key, encode_values, Op, RemoteChange, TableSchema, Value,
+};
 
 pub(super) const SQL: &str = "
 CREATE TABLE IF NOT EXISTS schema_versions (dataset INTEGER NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, schema TEXT NOT NULL, change TEXT NOT NULL, breaking INTEGER NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (dataset, name, version));
@@ -120,12 +122,15 @@ fn record(
     Ok(())
 }
 
+/// The client number of log entries the hub writes itself (row numbers of
+/// `clients` start at 1): no session skips them as its own.
+const NO_CLIENT: i64 = 0;
+
 /// Where a registering client stands.
 pub(super) struct Registrant<'a> {
     pub dataset: &'a str,
     pub ds: i64,
     pub client_no: i64,
-    pub client: &'a Arc<str>,
     pub may_register: bool,
 }
 
@@ -275,10 +280,13 @@ fn retired(
 }
 
 /// Writes every live row of the table again, its values carried over into
-/// the new layout ([`evolution::column_map`]), as new changes of the
-/// registering client: a device that downloads the log from the start ends
-/// with rows in the new layout, and the client that brought it (which
-/// migrated its own rows) is not sent them back.
+/// the new layout ([`evolution::column_map`]), as new changes: a device
+/// that downloads the log from the start, or missed changes written in the
+/// old layout, ends with rows in the new layout. The log entries belong to
+/// no client, so every device gets them, the one that brought the change
+/// too (it may have missed changes of the old layout while it was
+/// refused); the rows stay last written by that client, so that its own
+/// pending changes, made against the versions it holds, do not conflict.
 fn rewrite_rows(
     tx: &Connection,
     who: &Registrant,
@@ -307,7 +315,7 @@ fn rewrite_rows(
         tx.prepare_cached(&format!(
             "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, 1, ?4, ?5)"
         ))?
-        .execute(params![*head as i64, to.name, pk, encode_values(&values), who.client_no])?;
+        .execute(params![*head as i64, to.name, pk, encode_values(&values), NO_CLIENT])?;
         tx.prepare_cached(&format!(
             "UPDATE rows_{ds} SET version = ?3, client_no = ?4 WHERE tbl = ?1 AND pk = ?2"
         ))?
@@ -320,7 +328,7 @@ fn rewrite_rows(
                 pk: key,
                 values,
             },
-            client: who.client.clone(),
+            client: Arc::from(""),
         });
     }
     Ok(out)
@@ -368,8 +376,9 @@ pub(super) fn history(c: &Connection, ds: i64) -> Result<Vec<TableHistory>, Stor
         for (version, schema, change, breaking, at) in rows {
             t.versions.push(SchemaVersion {
                 version: version as u64,
-                schema: serde_json::from_str(&schema)
-                    .map_err(|e| StoreError::Backend(format!("schema {version} of {}: {e}", t.name)))?,
+                schema: serde_json::from_str(&schema).map_err(|e| {
+                    StoreError::Backend(format!("schema {version} of {}: {e}", t.name))
+                })?,
                 change,
                 breaking,
                 at,
