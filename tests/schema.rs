@@ -195,7 +195,7 @@ async fn a_rolling_upgrade_of_three_devices_loses_no_write_and_never_blanks_the_
     }
     wait_until("A and B converge", || {
         let (ra, rb) = (rows(&a, "msgs"), rows(&b, "msgs"));
-        ra == rb && ra.get(&text("c-last")).is_some() && ra[&text("c0")][0] == text("c after b")
+        ra == rb && ra.contains_key(&text("c-last")) && ra[&text("c0")][0] == text("c after b")
     })
     .await;
 

@@ -1698,11 +1698,11 @@ mod evolution_tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
         let (old, new) = (msgs(&["id", "body"]), msgs(&["id", "body", "extra"]));
-        s.register_schema("ds", "old", &[old.clone()], true)
+        s.register_schema("ds", "old", std::slice::from_ref(&old), true)
             .unwrap();
-        s.register_schema("ds", "new", &[new.clone()], true)
+        s.register_schema("ds", "new", std::slice::from_ref(&new), true)
             .unwrap();
-        s.register_schema("ds", "old", &[old.clone()], true)
+        s.register_schema("ds", "old", std::slice::from_ref(&old), true)
             .unwrap();
         let a = s
             .apply_batch(
@@ -1748,7 +1748,8 @@ mod evolution_tests {
         let dir = tempfile::tempdir().unwrap();
         let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
         let (old, new) = (msgs(&["id", "note", "body"]), msgs(&["id", "body"]));
-        s.register_schema("ds", "a", &[old.clone()], true).unwrap();
+        s.register_schema("ds", "a", std::slice::from_ref(&old), true)
+            .unwrap();
         s.apply_batch(
             "ds",
             "a",
@@ -1758,7 +1759,7 @@ mod evolution_tests {
         )
         .unwrap();
         let e = s
-            .register_schema("ds", "a", &[new.clone()], true)
+            .register_schema("ds", "a", std::slice::from_ref(&new), true)
             .unwrap_err();
         let m = e.to_string();
         assert!(
@@ -1767,11 +1768,13 @@ mod evolution_tests {
             "{m}"
         );
         s.accept_breaking("ds", "msgs").unwrap();
-        let rewritten = s.register_schema("ds", "a", &[new.clone()], true).unwrap();
+        let rewritten = s
+            .register_schema("ds", "a", std::slice::from_ref(&new), true)
+            .unwrap();
         assert_eq!(rewritten.len(), 1);
         assert_eq!(rewritten[0].change.values, vec![text("1"), text("b")]);
         let e = s
-            .register_schema("ds", "b", &[old.clone()], true)
+            .register_schema("ds", "b", std::slice::from_ref(&old), true)
             .unwrap_err();
         assert!(e.to_string().contains("upgrade the app"), "{e}");
         // A session opened before the change stores nothing more.
