@@ -255,7 +255,17 @@ fn write_change(
             ch.base as i64
         ])?;
         if written == 0 {
-            return conflicted(load_row(tx, ds, &ch.table, pk)?);
+            let row = load_row(tx, ds, &ch.table, pk)?;
+            if !rewritten_over(tx, ds, ch, pk, row.as_ref())? {
+                return conflicted(row);
+            }
+            tx.prepare_cached(&sql.update_row)?.execute(params![
+                ch.table,
+                pk,
+                (*head + 1) as i64,
+                false,
+                client_no
+            ])?;
         }
         *head += 1;
     } else {
@@ -263,6 +273,7 @@ fn write_change(
         if row
             .as_ref()
             .is_some_and(|r| r.version != ch.base && r.client_no != client_no)
+            && !rewritten_over(tx, ds, ch, pk, row.as_ref())?
         {
             return conflicted(row);
         }
@@ -297,6 +308,23 @@ fn write_change(
         Outcome::Applied { version: *head },
         true,
     ))
+}
+
+/// Whether the row's newest version is the hub's rewrite of it in a
+/// breaking change's new layout, and the change was made against the
+/// version before: not a conflict, since nobody wrote the row in between
+/// (a device refused until its app upgraded sends such changes).
+fn rewritten_over(
+    tx: &Connection,
+    ds: i64,
+    ch: &Change,
+    pk: &[u8],
+    row: Option<&RowState>,
+) -> Result<bool, StoreError> {
+    let Some(r) = row else {
+        return Ok(false);
+    };
+    Ok(versions::rewritten_from(tx, ds, &ch.table, pk, r.version)? == Some(ch.base))
 }
 
 fn check_seqs(client: &str, changes: &[Change], hwm: u64) -> Result<(), StoreError> {
@@ -1777,13 +1805,31 @@ mod evolution_tests {
             .register_schema("ds", "b", std::slice::from_ref(&old), true)
             .unwrap_err();
         assert!(e.to_string().contains("upgrade the app"), "{e}");
+        // Once upgraded, its change made against the version before the
+        // rewrite is no conflict: nobody wrote the row in between.
+        s.register_schema("ds", "b", std::slice::from_ref(&new), true)
+            .unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "b",
+                &tables(new.clone()),
+                &[put(1, 1, vec![text("1"), text("b's edit")])],
+                0,
+            )
+            .unwrap();
+        assert!(
+            matches!(a.results[0].outcome, Outcome::Applied { .. }),
+            "{:?}",
+            a.results[0]
+        );
         // A session opened before the change stores nothing more.
         let e = s
             .apply_batch(
                 "ds",
                 "b",
                 &tables(old),
-                &[put(1, 0, vec![text("2"), text("n"), text("b")])],
+                &[put(2, 0, vec![text("2"), text("n"), text("b")])],
                 0,
             )
             .unwrap_err();

@@ -21,7 +21,25 @@ use crate::proto::{
 
 pub(super) const SQL: &str = "
 CREATE TABLE IF NOT EXISTS schema_versions (dataset INTEGER NOT NULL, name TEXT NOT NULL, version INTEGER NOT NULL, schema TEXT NOT NULL, change TEXT NOT NULL, breaking INTEGER NOT NULL, at INTEGER NOT NULL, PRIMARY KEY (dataset, name, version));
+CREATE TABLE IF NOT EXISTS rewritten (dataset INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, before INTEGER NOT NULL, after INTEGER NOT NULL, PRIMARY KEY (dataset, tbl, pk)) WITHOUT ROWID;
 ";
+
+/// The version a row had before the hub rewrote it in a breaking change's
+/// new layout, if its version `now` is that rewrite.
+pub(super) fn rewritten_from(
+    c: &Connection,
+    ds: i64,
+    table: &str,
+    pk: &[u8],
+    now: u64,
+) -> Result<Option<u64>, StoreError> {
+    Ok(c.prepare_cached(
+        "SELECT before FROM rewritten WHERE dataset = ?1 AND tbl = ?2 AND pk = ?3 AND after = ?4",
+    )?
+    .query_row(params![ds, table, pk, now as i64], |r| r.get::<_, i64>(0))
+    .optional()?
+    .map(|v| v as u64))
+}
 
 /// One version of a table's schema, as `tether hub schema` shows it.
 #[derive(Clone, Debug, Serialize)]
@@ -286,7 +304,9 @@ fn retired(
 /// no client, so every device gets them, the one that brought the change
 /// too (it may have missed changes of the old layout while it was
 /// refused); the rows stay last written by that client, so that its own
-/// pending changes, made against the versions it holds, do not conflict.
+/// pending changes, made against the versions it holds, do not conflict;
+/// nor do those of a device that was refused until its app upgraded, made
+/// against the version before the rewrite (see `rewritten_from`).
 fn rewrite_rows(
     tx: &Connection,
     who: &Registrant,
@@ -296,14 +316,14 @@ fn rewrite_rows(
 ) -> Result<Vec<LogEntry>, StoreError> {
     let ds = who.ds;
     let map = evolution::column_map(from, to);
-    let rows: Vec<(Vec<u8>, Vec<u8>)> = tx
+    let rows: Vec<(Vec<u8>, Vec<u8>, i64)> = tx
         .prepare(&format!(
-            "SELECT r.pk, l.vals FROM rows_{ds} r JOIN log_{ds} l ON l.seq = r.version WHERE r.tbl = ?1 AND r.deleted = 0 ORDER BY r.version"
+            "SELECT r.pk, l.vals, r.version FROM rows_{ds} r JOIN log_{ds} l ON l.seq = r.version WHERE r.tbl = ?1 AND r.deleted = 0 ORDER BY r.version"
         ))?
-        .query_map([&to.name], |r| Ok((r.get(0)?, r.get(1)?)))?
+        .query_map([&to.name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))?
         .collect::<Result<_, _>>()?;
     let mut out = Vec::with_capacity(rows.len());
-    for (pk, vals) in rows {
+    for (pk, vals, before) in rows {
         let old = decode_values(&vals).map_err(|e| StoreError::Backend(e.to_string()))?;
         let values: Vec<Value> = map
             .iter()
@@ -320,6 +340,12 @@ fn rewrite_rows(
             "UPDATE rows_{ds} SET version = ?3, client_no = ?4 WHERE tbl = ?1 AND pk = ?2"
         ))?
         .execute(params![to.name, pk, *head as i64, who.client_no])?;
+        // A change made against the version before is no conflict.
+        tx.prepare_cached(
+            "INSERT INTO rewritten (dataset, tbl, pk, before, after) VALUES (?1, ?2, ?3, ?4, ?5)
+             ON CONFLICT (dataset, tbl, pk) DO UPDATE SET before = excluded.before, after = excluded.after",
+        )?
+        .execute(params![ds, to.name, pk, before, *head as i64])?;
         out.push(LogEntry {
             change: RemoteChange {
                 version: *head,
