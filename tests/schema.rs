@@ -447,6 +447,14 @@ async fn a_breaking_change_is_refused_naming_the_column_then_accepted_by_the_ope
     })
     .await;
     assert!(count(&b, "msgs") >= 12, "B's rows stay");
+    // An edit B makes meanwhile is no conflict with the hub's rewrite of
+    // the row in the new layout (nor with A sending its rebuilt table's
+    // rows again): nobody else wrote it.
+    b.execute(
+        "UPDATE msgs SET body = 'edited by B while refused' WHERE id = 'a1'",
+        [],
+    )
+    .unwrap();
     b.execute_batch(DROP_NOTE).unwrap();
     wait_until("A and B converge", || {
         let (ra, rb) = (rows(&a, "msgs"), rows(&b, "msgs"));
@@ -461,6 +469,7 @@ async fn a_breaking_change_is_refused_naming_the_column_then_accepted_by_the_ope
         vec![text("written by B before it upgrades")]
     );
     assert_eq!(ra[&text("a-after")], vec![text("written after the drop")]);
+    assert_eq!(ra[&text("a1")], vec![text("edited by B while refused")]);
     for i in 0..5 {
         assert_eq!(
             ra[&text(&format!("b{i}"))],

@@ -156,6 +156,9 @@ struct BatchSql {
     upsert_row: String,
     update_row: String,
     log: String,
+    /// The dataset holds rows the hub rewrote in a breaking change's new
+    /// layout (see [`versions`]): an upsert may repeat one.
+    any_rewritten: bool,
 }
 
 impl BatchSql {
@@ -172,6 +175,7 @@ impl BatchSql {
             log: format!(
                 "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             ),
+            any_rewritten: false,
         }
     }
 }
@@ -245,6 +249,19 @@ fn write_change(
         Op::Upsert => (1, false),
         Op::Delete => (2, true),
     };
+    if ch.op == Op::Upsert && sql.any_rewritten {
+        if let Some(version) = repeats_rewrite(tx, ds, ch, pk, &vals)? {
+            // The device sends again what the hub's rewrite holds (a table
+            // rebuilt for a breaking change is captured again whole): no
+            // new version, so changes made against the rewrite's version
+            // by devices that upgrade later do not conflict.
+            return Ok((
+                Remembered::Applied(version),
+                Outcome::Applied { version },
+                false,
+            ));
+        }
+    }
     if ch.op == Op::Upsert {
         // Fast path: one statement writes the row unless it conflicts.
         let written = tx.prepare_cached(&sql.upsert_row)?.execute(params![
@@ -308,6 +325,27 @@ fn write_change(
         Outcome::Applied { version: *head },
         true,
     ))
+}
+
+/// The row's version when it is the hub's rewrite of the row and holds
+/// exactly `vals`.
+fn repeats_rewrite(
+    tx: &Connection,
+    ds: i64,
+    ch: &Change,
+    pk: &[u8],
+    vals: &[u8],
+) -> Result<Option<u64>, StoreError> {
+    let Some(row) = load_row(tx, ds, &ch.table, pk)?.filter(|r| !r.deleted) else {
+        return Ok(None);
+    };
+    if versions::rewritten_from(tx, ds, &ch.table, pk, row.version)?.is_none() {
+        return Ok(None);
+    }
+    let stored: Vec<u8> = tx
+        .prepare_cached(&format!("SELECT vals FROM log_{ds} WHERE seq = ?1"))?
+        .query_row([row.version as i64], |r| r.get(0))?;
+    Ok((stored == vals).then_some(row.version))
 }
 
 /// Whether the row's newest version is the hub's rewrite of it in a
@@ -878,7 +916,8 @@ impl HubStore for SqliteStore {
         } else {
             HashMap::new()
         };
-        let sql = BatchSql::new(ds);
+        let mut sql = BatchSql::new(ds);
+        sql.any_rewritten = versions::any_rewritten(&tx, ds)?;
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());

@@ -24,6 +24,14 @@ CREATE TABLE IF NOT EXISTS schema_versions (dataset INTEGER NOT NULL, name TEXT 
 CREATE TABLE IF NOT EXISTS rewritten (dataset INTEGER NOT NULL, tbl TEXT NOT NULL, pk BLOB NOT NULL, before INTEGER NOT NULL, after INTEGER NOT NULL, PRIMARY KEY (dataset, tbl, pk)) WITHOUT ROWID;
 ";
 
+/// Whether the dataset holds rows the hub rewrote (checked once per batch).
+pub(super) fn any_rewritten(c: &Connection, ds: i64) -> Result<bool, StoreError> {
+    Ok(
+        c.prepare_cached("SELECT EXISTS (SELECT 1 FROM rewritten WHERE dataset = ?1)")?
+            .query_row([ds], |r| r.get(0))?,
+    )
+}
+
 /// The version a row had before the hub rewrote it in a breaking change's
 /// new layout, if its version `now` is that rewrite.
 pub(super) fn rewritten_from(
