@@ -275,6 +275,18 @@ pub enum HubCommand {
     /// datasets change without dropping unaffected sessions. Exit 1 when
     /// the hub refuses the file (it keeps its current config).
     Reload(AdminArgs),
+    /// Show a dataset's tables, their schema and its history; with
+    /// --accept, accept a breaking change of a table deliberately.
+    Schema {
+        dataset: String,
+        /// Accept the next breaking change of this table (a column dropped,
+        /// renamed or retyped): the device that brings it makes it the next
+        /// version, and devices whose app has an older schema are refused.
+        #[arg(long, value_name = "TABLE")]
+        accept: Option<String>,
+        #[arg(long)]
+        json: bool,
+    },
 }
 
 /// Options of the commands that ask the running hub.

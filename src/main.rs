@@ -493,6 +493,26 @@ async fn hub(
             | HubCommand::Tokens(_)
             | HubCommand::Reload(_),
         ) => unreachable!("BUG: the hub's admin commands are run by hubctl"),
+        Some(HubCommand::Schema {
+            dataset,
+            accept,
+            json,
+        }) => {
+            let (_, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {
+                Ok(c) => c,
+                Err(code) => return code,
+            };
+            match tether::hub::schema::run(&cfg, &dataset, accept.as_deref(), json) {
+                Ok(text) => {
+                    print!("{text}");
+                    ExitCode::SUCCESS
+                }
+                Err(e) => {
+                    eprintln!("error: {e}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         None => {
             let (config, cfg) = match load_config(config, "/etc/tether/hub.toml", HubConfig::load) {
                 Ok(c) => c,

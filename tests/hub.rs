@@ -275,7 +275,7 @@ async fn bad_frames_get_clear_errors_and_other_sessions_keep_syncing() {
     unknown.table = "secrets".into();
     let changes = vec![
         row_change(1, "good", 4),
-        row_change(2, "short", 2),
+        row_change(2, "long", 5),
         row_change(3, "good", 4),
         wrong_key,
         unknown,

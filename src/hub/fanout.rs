@@ -26,6 +26,10 @@ pub struct Published {
     pub entries: Vec<LogEntry>,
     /// When the batch was stored (for the fan-out latency).
     pub stored: std::time::Instant,
+    /// Schemas a breaking change just made current (its rows, written
+    /// again in the new layout, are this batch): a session whose table
+    /// does not have at least their columns ends instead of receiving it.
+    pub breaking: Vec<crate::proto::TableSchema>,
 }
 
 pub struct DatasetFanout {

@@ -40,6 +40,7 @@ pub mod fanout;
 mod live;
 mod registry;
 pub mod reload;
+pub mod schema;
 mod session;
 pub mod store;
 mod stream;

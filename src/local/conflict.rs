@@ -51,8 +51,9 @@ use rusqlite::{params, Connection, OptionalExtension, Transaction, TransactionBe
 
 use super::held::{self, Abort, Isolation};
 use super::replica::{
-    consume, delete_row, log_write, meta_u64, raise_anchor, select_row, set_ver, set_ver_exact,
-    set_ver_if_newer, sq, upsert_row, Batch, LocalError, Replica, ResultsApplied, Tbl,
+    consume, delete_row, log_write, meta_u64, raise_anchor, row_fits, select_row, set_ver,
+    set_ver_exact, set_ver_if_newer, sq, upsert_row, Batch, LocalError, Replica, ResultsApplied,
+    Tbl,
 };
 use super::schema::Table;
 use crate::config::ConflictPolicy;
@@ -338,7 +339,7 @@ fn reject(
 }
 
 fn write_server_row(c: &Connection, t: &Tbl, pk: &[Value], s: &ServerRow) -> rusqlite::Result<()> {
-    if s.deleted || s.values.len() != t.t.columns.len() {
+    if s.deleted || !row_fits(&t.t, s.values.len()) {
         delete_row(c, t, pk)?;
     } else {
         upsert_row(c, t, &s.values)?;
@@ -424,7 +425,7 @@ fn apply_deferred(
     let written = iso.attempt(c, || {
         match op {
             Op::Delete => delete_row(c, t, pk)?,
-            Op::Upsert if values.len() != t.t.columns.len() => {
+            Op::Upsert if !row_fits(&t.t, values.len()) => {
                 return Err(rusqlite::Error::ToSqlConversionFailure(
                     format!(
                         "the hub's row has {} values, the table has {} columns",

@@ -5,6 +5,7 @@
 //! ([`LocalDb`]) and the file watcher that notices the app's commits ([`watch`]).
 
 mod conflict;
+mod evolve;
 pub mod held;
 pub mod identity;
 mod remote;

@@ -6,10 +6,11 @@ use std::collections::HashMap;
 use rusqlite::{Transaction, TransactionBehavior};
 
 use super::conflict::defer;
+use super::evolve;
 use super::held::{self, Abort, HeldChange, Isolation, RemoteApplied, RetryReport};
 use super::replica::{
-    delete_row, get_ver, meta_u64, raise_anchor, set_ver_if_newer, sq, upsert_row, LocalError,
-    Replica, Tbl,
+    delete_row, get_ver, meta_u64, raise_anchor, row_fits, set_ver_at_least, set_ver_if_newer, sq,
+    upsert_row, LocalError, Replica, Tbl,
 };
 use crate::proto::{decode_values, Op, RemoteChange};
 
@@ -83,7 +84,7 @@ impl Replica {
     /// The table of a hub change, if the change fits it.
     fn fitting(&self, c: &RemoteChange) -> Result<&Tbl, LocalError> {
         let tbl = self.tbl(&c.table)?;
-        if c.op == Op::Upsert && c.values.len() != tbl.t.columns.len() {
+        if c.op == Op::Upsert && !row_fits(&tbl.t, c.values.len()) {
             return Err(LocalError::Shape {
                 db: self.name.clone(),
                 table: c.table.clone(),
@@ -127,6 +128,14 @@ impl Replica {
             (self.logged_after(&tx, consumed)?, held::any(&tx)?)
         };
         let retrying = up_to.is_none();
+        // Tables downloaded again after an upgrade: a change up to the mark
+        // applies at the version the row already has (its values may hold
+        // columns this device did not have when it first got it).
+        let refetching = if changes.is_empty() {
+            HashMap::new()
+        } else {
+            evolve::refetching(&tx)?
+        };
         let mut n = Counts::default();
         for c in changes {
             let hold = |why: &str| {
@@ -158,8 +167,14 @@ impl Replica {
             }
             // One statement moves the version forward and tells whether the
             // change is new.
+            let again = refetching.get(&c.table).is_some_and(|&u| c.version <= u);
             let written = iso.attempt(&tx, || {
-                if !set_ver_if_newer(&tx, tbl, &c.pk, c.version)? {
+                let newer = if again {
+                    set_ver_at_least(&tx, tbl, &c.pk, c.version)?
+                } else {
+                    set_ver_if_newer(&tx, tbl, &c.pk, c.version)?
+                };
+                if !newer {
                     return Ok(false);
                 }
                 match c.op {
@@ -203,6 +218,7 @@ impl Replica {
                  ON CONFLICT (key) DO UPDATE SET value = max(value, excluded.value)",
             )?
             .execute([up_to as i64])?;
+            evolve::end_refetch(&tx, meta_u64(&tx, "cursor")?)?;
         }
         tx.execute("DELETE FROM _tether_applying", [])?;
         tx.commit()?;
@@ -340,7 +356,56 @@ mod tests {
 
     #[test]
     fn a_change_of_the_wrong_shape_is_held() {
-        held_alone(upsert("u", 2, vec![int(3)]), "with 1 values");
+        let keyless = RemoteChange {
+            version: 2,
+            table: "u".into(),
+            op: Op::Upsert,
+            pk: vec![int(3)],
+            values: Vec::new(),
+        };
+        held_alone(keyless, "with 0 values");
+    }
+
+    /// A row from a device with fewer columns writes those and keeps the
+    /// others; one from a device with more columns writes the ones this
+    /// table has.
+    #[test]
+    fn rows_of_another_length_write_the_columns_both_sides_have() {
+        let (_d, app, mut r) = setup();
+        r.apply_remote(&[upsert("u", 2, vec![int(5), text("five")])], 2)
+            .unwrap();
+        app.execute("UPDATE u SET name = 'kept' WHERE id = 5", [])
+            .unwrap();
+        let b = r.read_batch(0, 100, 1 << 20).unwrap();
+        r.apply_results(&b, &[]).unwrap();
+        // Shorter: only the key; the name stays.
+        let done = r.apply_remote(&[upsert("u", 3, vec![int(5)])], 3).unwrap();
+        assert_eq!(done.applied, 1);
+        assert_eq!(
+            count(
+                &app,
+                "SELECT count(*) FROM u WHERE id = 5 AND name = 'kept'"
+            ),
+            1
+        );
+        // Longer: the extra value is for a column this app does not have.
+        let done = r
+            .apply_remote(
+                &[upsert("u", 4, vec![int(6), text("six"), text("extra")])],
+                4,
+            )
+            .unwrap();
+        assert_eq!(
+            done,
+            RemoteApplied {
+                applied: 1,
+                held: 0
+            }
+        );
+        assert_eq!(
+            count(&app, "SELECT count(*) FROM u WHERE id = 6 AND name = 'six'"),
+            1
+        );
     }
 
     #[test]

@@ -15,6 +15,7 @@ use rusqlite::{
     params, params_from_iter, Connection, OptionalExtension, Transaction, TransactionBehavior,
 };
 
+use super::evolve;
 use super::held;
 use super::identity::{self, Identity};
 use super::schema::{self, ident, SchemaError, Table, MAX_KEY_COLUMNS};
@@ -128,6 +129,10 @@ pub struct Batch {
     /// Per change (same order): when its oldest log row in the batch was
     /// committed, in milliseconds since the epoch.
     pub captured_ms: Vec<i64>,
+    /// The app changed a synced table's schema: capture was rebuilt and
+    /// nothing was read; the connection must say `hello` again with the
+    /// new schema before anything of the new shape goes out.
+    pub schema_changed: Option<String>,
 }
 
 pub(super) struct Tbl {
@@ -141,6 +146,7 @@ pub(super) struct Tbl {
     sql_set_ver: String,
     sql_set_ver_exact: String,
     sql_set_ver_if_newer: String,
+    sql_set_ver_at_least: String,
     sql_log: String,
     sql_row_and_version: String,
 }
@@ -208,6 +214,9 @@ impl Tbl {
             sql_set_ver_if_newer: set_ver(
                 "DO UPDATE SET version = excluded.version WHERE excluded.version > version",
             ),
+            sql_set_ver_at_least: set_ver(
+                "DO UPDATE SET version = excluded.version WHERE excluded.version >= version",
+            ),
             sql_row_and_version: format!(
                 "SELECT COALESCE(v.version, 0), r.{first} IS NOT NULL, {rcols} FROM (SELECT {kparams}) k
                  LEFT JOIN {name} r ON {rjoin} LEFT JOIN {ver} v ON {vjoin}",
@@ -227,6 +236,33 @@ impl Tbl {
             t,
             policy,
         }
+    }
+}
+
+impl Tbl {
+    /// The upsert of the first `n` columns only: the others keep their
+    /// value (or take their default in a new row).
+    fn partial_upsert(&self, n: usize) -> String {
+        let cols: Vec<String> = self.t.columns[..n].iter().map(|c| ident(c)).collect();
+        let set: Vec<String> = (0..n)
+            .filter(|&i| !self.t.is_key(i))
+            .map(|i| format!("{c} = excluded.{c}", c = cols[i]))
+            .collect();
+        let on_conflict = if set.is_empty() {
+            "DO NOTHING".to_owned()
+        } else {
+            format!("DO UPDATE SET {}", set.join(", "))
+        };
+        format!(
+            "INSERT INTO {} ({}) VALUES ({}) ON CONFLICT ({}) {on_conflict}",
+            ident(&self.t.name),
+            cols.join(", "),
+            (1..=n)
+                .map(|i| format!("?{i}"))
+                .collect::<Vec<_>>()
+                .join(", "),
+            self.t.pk_cols()
+        )
     }
 }
 
@@ -259,12 +295,14 @@ pub struct Replica {
     recorded: u64,
     pub(super) tables: HashMap<String, Tbl>,
     by_id: HashMap<i64, String>,
-    order: Vec<String>,
+    pub(super) order: Vec<String>,
     identity: Identity,
     /// Where the file lives ([`identity::file_id`]), to bind a new identity.
     file: String,
     /// The file was found to be a copy at open and took a new identity.
     copied: bool,
+    /// `PRAGMA schema_version` capture was built for (see [`super::evolve`]).
+    pub(super) schema_version: i64,
 }
 
 pub(super) fn sq(db: &str) -> impl Fn(rusqlite::Error) -> LocalError + '_ {
@@ -335,22 +373,32 @@ impl Replica {
             }
         };
         let (identity, origin, file, recorded) = settle_identity(name, path, &conn, &lock)?;
-        let order = installed.iter().map(|t| t.t.name.clone()).collect();
-        Ok(Replica {
+        let schema_version = evolve::schema_cookie(&conn).map_err(&e)?;
+        let mut r = Replica {
             name: name.to_owned(),
-            by_id: installed.iter().map(|t| (t.id, t.t.name.clone())).collect(),
-            tables: installed
-                .into_iter()
-                .map(|t| (t.t.name.clone(), t))
-                .collect(),
-            order,
+            by_id: HashMap::new(),
+            tables: HashMap::new(),
+            order: Vec::new(),
             conn,
             identity,
             file,
             copied: origin != identity::Origin::Kept && origin != identity::Origin::New,
             lock,
             recorded,
-        })
+            schema_version,
+        };
+        r.set_tables(installed);
+        Ok(r)
+    }
+
+    /// The synced tables, as installed (in config order).
+    pub(super) fn set_tables(&mut self, installed: Vec<Tbl>) {
+        self.order = installed.iter().map(|t| t.t.name.clone()).collect();
+        self.by_id = installed.iter().map(|t| (t.id, t.t.name.clone())).collect();
+        self.tables = installed
+            .into_iter()
+            .map(|t| (t.t.name.clone(), t))
+            .collect();
     }
 
     pub fn client_id(&self) -> &str {
@@ -542,7 +590,19 @@ impl Replica {
         max_rows: usize,
         max_bytes: usize,
     ) -> Result<Batch, LocalError> {
-        let (batch, unsendable) = self.read_log(after, max_rows, max_bytes)?;
+        let (batch, unsendable) = loop {
+            if let Some(what) = self.check_schema()? {
+                return Ok(Batch {
+                    through: after,
+                    schema_changed: Some(what),
+                    ..Batch::default()
+                });
+            }
+            // None: the schema moved between the check and the read.
+            if let Some(read) = self.read_log(after, max_rows, max_bytes)? {
+                break read;
+            }
+        };
         if !unsendable.is_empty() {
             self.reject_unsendable(&unsendable)
                 .map_err(sq(&self.name))?;
@@ -574,15 +634,22 @@ impl Replica {
     }
 
     /// [`Self::read_batch`] without side effects: the batch, and the changes
-    /// it covers that are too large to send.
+    /// it covers that are too large to send; None when the schema is not
+    /// the one capture was built for (checked in the read's own snapshot).
     fn read_log(
         &self,
         after: u64,
         max_rows: usize,
         max_bytes: usize,
-    ) -> Result<(Batch, Vec<Refused>), LocalError> {
+    ) -> Result<Option<(Batch, Vec<Refused>)>, LocalError> {
         let e = sq(&self.name);
         let tx = self.conn.unchecked_transaction().map_err(&e)?;
+        // The first read opens the snapshot every later read of this
+        // transaction sees.
+        if evolve::schema_cookie(&tx).map_err(&e)? != self.schema_version {
+            return Ok(None);
+        }
+        let sent_columns = evolve::sent_columns(&tx).map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
         let from = after.max(consumed);
         let mut entries: Vec<Entry> = Vec::new();
@@ -647,7 +714,7 @@ impl Replica {
                 Some(v) => (Op::Upsert, v),
                 None => (Op::Delete, Vec::new()),
             };
-            let change = Change {
+            let mut change = Change {
                 seq: en.last,
                 table: name.clone(),
                 op,
@@ -656,6 +723,14 @@ impl Replica {
                 base,
                 mask: en.mask,
             };
+            if let Some(&n) = sent_columns.get(name) {
+                // Refetching: columns this app added are not sent until
+                // their values arrived, unless the app wrote them.
+                let newer = !((1u64 << n.min(63)) - 1);
+                if n < change.values.len() && en.mask & newer == 0 {
+                    change.values.truncate(n);
+                }
+            }
             let size = change.wire_size();
             if let Some((reason, message)) =
                 unsendable(&change, &tbl.t, en.bad_key, bad_column, size)
@@ -685,8 +760,9 @@ impl Replica {
             changes,
             through,
             captured_ms,
+            schema_changed: None,
         };
-        Ok((batch, too_large))
+        Ok(Some((batch, too_large)))
     }
 
     /// Estimated wire size of the pending changes up to `target`.
@@ -694,7 +770,10 @@ impl Replica {
         let mut after = 0;
         let mut bytes = 0u64;
         loop {
-            let (b, _) = self.read_log(after, 4000, usize::MAX)?;
+            let Some((b, _)) = self.read_log(after, 4000, usize::MAX)? else {
+                // Capture is rebuilt by the next batch read; counted then.
+                return Ok(bytes);
+            };
             if b.through <= after {
                 return Ok(bytes);
             }
@@ -749,7 +828,7 @@ impl Replica {
 /// Installs tether's tables and each synced table's capture in one
 /// transaction (the caller's); a table synced for the first time has the
 /// rows it already holds captured in it, so no write falls between.
-fn install(
+pub(super) fn install(
     conn: &Connection,
     name: &str,
     found: Vec<(Table, ConflictPolicy)>,
@@ -765,6 +844,15 @@ fn install(
             )
             .optional()?;
         let id = match known {
+            Some(id) if !has_capture(conn, &t.name)? => {
+                // Synced before, but its triggers are gone: the app rebuilt
+                // the table (CREATE, copy, DROP, RENAME), or it was left out
+                // of `tables` for a while. Writes since were not captured:
+                // every row goes out again, against the version it has.
+                let n = conn.execute(&capture_rows_sql(id, &t), [])?;
+                tracing::info!(db = name, table = %t.name, rows = n, "the table's capture triggers were gone (the table was rebuilt, or not synced for a while): its rows are captured again");
+                id
+            }
             Some(id) => id,
             None => {
                 conn.execute("INSERT INTO _tether_tables (name) VALUES (?1)", [&t.name])?;
@@ -779,6 +867,7 @@ fn install(
                 id
             }
         };
+        evolve::note_columns(conn, &t, id, known.is_none())?;
         conn.execute_batch(&t.install_sql(id))?;
         out.push(Tbl::new(id, t, policy));
     }
@@ -798,6 +887,16 @@ fn install(
         }
     }
     Ok(out)
+}
+
+/// Whether the table's capture triggers are installed.
+fn has_capture(conn: &Connection, table: &str) -> rusqlite::Result<bool> {
+    conn.query_row(
+        "SELECT count(*) FROM sqlite_master WHERE type = 'trigger' AND name = ?1",
+        [format!("_tether_{table}_ins")],
+        |r| r.get::<_, i64>(0),
+    )
+    .map(|n| n > 0)
 }
 
 /// SQL capturing every row a table holds now as a pending change.
@@ -1035,6 +1134,17 @@ pub(super) fn set_ver_if_newer(
     Ok(exec_ver(c, &t.sql_set_ver_if_newer, pk, version)? == 1)
 }
 
+/// Like [`set_ver_if_newer`], true also when the row is at `version`
+/// already (a change downloaded again, see [`super::evolve`]).
+pub(super) fn set_ver_at_least(
+    c: &Connection,
+    t: &Tbl,
+    pk: &[Value],
+    version: u64,
+) -> rusqlite::Result<bool> {
+    Ok(exec_ver(c, &t.sql_set_ver_at_least, pk, version)? == 1)
+}
+
 pub(super) fn set_ver(c: &Connection, t: &Tbl, pk: &[Value], version: u64) -> rusqlite::Result<()> {
     exec_ver(c, &t.sql_set_ver, pk, version).map(drop)
 }
@@ -1131,9 +1241,39 @@ pub(super) fn select_row(
         .optional()
 }
 
+/// Whether a hub row of `n` values can be written to the table: it holds
+/// every key column. A device whose app has not added the newest columns
+/// gets longer rows than its table (it writes the columns it has); one that
+/// added columns the row's writer did not have gets shorter ones (it writes
+/// those, and the others keep their value, or take their default in a new
+/// row). Columns are only ever added at the end, so the first values are
+/// always the first columns (see `hub::store::evolution`).
+pub(super) fn row_fits(t: &Table, n: usize) -> bool {
+    t.pk.iter().all(|&i| i < n)
+}
+
+/// Writes a hub row: the whole row, or the first columns of a row of
+/// another length (see [`row_fits`]).
 pub(super) fn upsert_row(c: &Connection, t: &Tbl, values: &[Value]) -> rusqlite::Result<()> {
-    c.prepare_cached(&t.sql_upsert)?
-        .execute(params_from_iter(values.iter()))?;
+    let cols = t.t.columns.len();
+    if values.len() == cols {
+        c.prepare_cached(&t.sql_upsert)?
+            .execute(params_from_iter(values.iter()))?;
+        return Ok(());
+    }
+    if !row_fits(&t.t, values.len()) {
+        return Err(rusqlite::Error::ToSqlConversionFailure(
+            format!(
+                "the hub's row has {} values, fewer than the table's key needs ({} columns)",
+                values.len(),
+                cols
+            )
+            .into(),
+        ));
+    }
+    let n = values.len().min(cols);
+    c.prepare_cached(&t.partial_upsert(n))?
+        .execute(params_from_iter(values[..n].iter()))?;
     Ok(())
 }
 

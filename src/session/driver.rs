@@ -368,13 +368,18 @@ impl Session {
         let info = self
             .db
             .call(|r| -> Result<_, LocalError> {
+                // Before the schemas: a change the app made since is built
+                // into capture and announced now.
+                r.check_schema()?;
+                let (cursor, refetch) = r.hello_cursor()?;
                 Ok(LocalInfo {
                     client_id: r.identity().client_id.clone(),
                     client_key: r.identity().client_key.clone(),
                     local_seq: r.local_seq()?,
                     anchor: r.anchor()?,
-                    cursor: r.cursor()?,
+                    cursor,
                     tables: r.wire_schemas(),
+                    refetch,
                 })
             })
             .await;

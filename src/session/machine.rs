@@ -74,6 +74,10 @@ pub struct LocalInfo {
     /// The newest change of the hub's log this database knows the content of.
     pub anchor: Option<crate::proto::Anchor>,
     pub tables: Vec<TableSchema>,
+    /// Tables are being downloaded again after an upgrade: the hub echoes
+    /// this device's own changes too, since their rows may hold values of
+    /// columns it did not have.
+    pub refetch: bool,
 }
 
 /// What the operator asked for.
@@ -313,6 +317,10 @@ pub struct Live {
     heads_asked: u64,
     /// Where the hub's frames have brought this database.
     pos: Position,
+    /// The app changed a synced table's schema (what changed): nothing
+    /// more is read, and once the uploads in flight are answered the
+    /// connection ends and `hello` announces the new schema.
+    schema_changed: Option<String>,
 }
 
 impl Live {
@@ -339,6 +347,7 @@ impl Live {
                 cursor,
                 head: w.head,
             },
+            schema_changed: None,
         }
     }
 
@@ -760,7 +769,7 @@ impl Machine {
             dataset: self.cfg.dataset.clone(),
             cursor: info.cursor,
             tables: info.tables,
-            echo_own: self.cfg.echo_own,
+            echo_own: self.cfg.echo_own || info.refetch,
             subscribe: !self.download_paused,
             anchor: info.anchor,
         });
@@ -976,7 +985,11 @@ impl Machine {
                 out.push(Action::Note(Note::Pending(p)));
             }
         }
-        let read = batch.unwrap_or_default();
+        let mut read = batch.unwrap_or_default();
+        if let Some(what) = read.schema_changed.take() {
+            l.schema_changed = Some(what);
+            return;
+        }
         let attempt = l.read.recheck_attempt;
         if read.changes.is_empty() && was_wake && attempt < RECHECK_DELAYS.len() {
             l.read.recheck = Some(now + RECHECK_DELAYS[attempt]);
@@ -1012,6 +1025,7 @@ impl Machine {
                 changes,
                 through: read.through,
                 captured_ms: read.captured_ms,
+                schema_changed: None,
             },
             deadline: now + ACK_TIMEOUT,
             results: Vec::new(),
@@ -1034,6 +1048,21 @@ impl Machine {
         // Only one read at a time, and none after the connection ended in
         // this same step.
         if out.iter().any(|a| matches!(a, Action::Close(_))) {
+            return;
+        }
+        if let Some(what) = l.schema_changed.clone() {
+            if l.inflight.is_empty() {
+                self.unanswered_heads(out);
+                out.push(Action::Close("schema changed"));
+                out.push(Action::Note(Note::Failed {
+                    error: format!(
+                        "the app changed the schema ({what}); reconnecting to announce it"
+                    ),
+                    class: FailureClass::Retry,
+                    delay: Duration::ZERO,
+                }));
+                self.connect(out);
+            }
             return;
         }
         if l.read.due
@@ -1127,6 +1156,7 @@ mod tests {
             local_seq: 5,
             anchor: None,
             tables: Vec::new(),
+            refetch: false,
         }
     }
 
@@ -1161,6 +1191,7 @@ mod tests {
             captured_ms: vec![0; changes.len()],
             through: *seqs.end(),
             changes,
+            schema_changed: None,
         }
     }
 

@@ -169,7 +169,7 @@ pub(super) async fn run(
                 },
                 i => i,
             },
-            p = live.recv(), if machine.wants_live() => live_input(p),
+            p = live.recv(), if machine.wants_live() => live_input(p, &d.tables),
             r = d.out.drive(), if d.out.waiting() => match r {
                 Ok(()) => {
                     reported = d.out.flushed();
@@ -235,10 +235,35 @@ fn frame_rate(inner: &HubInner) -> FrameRate {
     governor::RateLimiter::direct(governor::Quota::per_second(per_second))
 }
 
+/// The refusal of a session whose schema of a table a breaking change
+/// just retired (it lacks the new version's columns).
+fn retired(breaking: &[TableSchema], tables: &HashMap<String, TableSchema>) -> Option<Refusal> {
+    use crate::hub::store::evolution::{compare, Relation};
+    breaking.iter().find_map(|b| {
+        let mine = tables.get(&b.name)?;
+        (!matches!(compare(b, mine), Relation::Same | Relation::Extends { .. })).then(|| {
+            Refusal::new(
+                ErrorCode::SchemaMismatch,
+                format!(
+                    "table {:?}: the operator accepted a breaking change of its schema, which this device's app does not have; upgrade the app on this device: its table must have at least the columns {}",
+                    b.name,
+                    b.columns.join(", ")
+                ),
+            )
+        })
+    })
+}
+
 /// What the live stream brought, as the machine's input.
-fn live_input(p: Result<Arc<Published>, RecvError>) -> Input {
+fn live_input(
+    p: Result<Arc<Published>, RecvError>,
+    tables: &HashMap<String, TableSchema>,
+) -> Input {
     match p {
-        Ok(p) => Input::Published(p),
+        Ok(p) => match retired(&p.breaking, tables) {
+            Some(r) => Input::StoreFailed(r),
+            None => Input::Published(p),
+        },
         Err(RecvError::Lagged(n)) => {
             tracing::debug!(
                 missed = n,
@@ -354,6 +379,7 @@ impl Driver {
                     last: last.change.version,
                     entries: std::mem::take(&mut applied.logged),
                     stored: std::time::Instant::now(),
+                    breaking: Vec::new(),
                 };
                 fan.head.fetch_max(p.last, Ordering::SeqCst);
                 // No receiver is fine: nobody else is connected.
@@ -373,7 +399,11 @@ impl Driver {
                 tracing::debug!(batch, "batch not applied: another connection took over");
                 Input::NotApplied
             }
-            Err(e @ (StoreError::IdentityConflict(_) | StoreError::BadSequence(_))) => {
+            Err(
+                e @ (StoreError::IdentityConflict(_)
+                | StoreError::BadSequence(_)
+                | StoreError::SchemaRetired { .. }),
+            ) => {
                 // Logged when the session ends with it.
                 Input::Refused(e.into())
             }

@@ -798,6 +798,7 @@ mod tests {
             last: after + entries.len() as u64,
             entries,
             stored: Instant::now(),
+            breaking: Vec::new(),
         }))
     }
 

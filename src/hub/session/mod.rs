@@ -51,7 +51,9 @@ pub fn ws_config() -> WebSocketConfig {
 impl From<StoreError> for Refusal {
     fn from(e: StoreError) -> Self {
         let code = match e {
-            StoreError::SchemaMismatch { .. } => ErrorCode::SchemaMismatch,
+            StoreError::SchemaMismatch { .. }
+            | StoreError::SchemaChanged { .. }
+            | StoreError::SchemaRetired { .. } => ErrorCode::SchemaMismatch,
             StoreError::NotRegistered { .. } => ErrorCode::Forbidden,
             StoreError::IdentityRefused { .. } => ErrorCode::IdentityRefused,
             StoreError::IdentityConflict(_) => ErrorCode::IdentityConflict,
@@ -248,13 +250,14 @@ async fn open(
     // read_only one cannot fix the schema legitimate devices must match.
     let may_register = grant.access == Access::ReadWrite;
     let t0 = std::time::Instant::now();
+    let fanout = inner.clone();
     let (head, client_seq, diverged) = blocking(move || {
         let head = store.head(&ds)?;
         let diverged = history_diverged(&*store, &ds, head, cursor, anchor.as_ref())?;
         if diverged.is_some() {
             return Ok((head, 0, diverged));
         }
-        store.register_schema(&ds, &tables, may_register)?;
+        register(&fanout, &ds, &client, &tables, may_register)?;
         let client_seq = store.claim_identity(&ds, &client, &key)?;
         Ok((head, client_seq, None))
     })
@@ -335,6 +338,41 @@ async fn open(
         live,
         registration,
     })
+}
+
+/// Registers the tables of a `hello` under the dataset's apply lock: rows
+/// that an accepted breaking change writes again are published like an
+/// upload's, in order with them.
+fn register(
+    inner: &HubInner,
+    dataset: &str,
+    client: &str,
+    tables: &[TableSchema],
+    may_register: bool,
+) -> Result<(), StoreError> {
+    let fan = inner.fanout.dataset(dataset);
+    let _lock = fan.apply_lock.lock().expect("BUG: poisoned");
+    let rewritten = inner
+        .store
+        .register_schema(dataset, client, tables, may_register)?;
+    if let (Some(first), Some(last)) = (rewritten.first(), rewritten.last()) {
+        let breaking = tables
+            .iter()
+            .filter(|t| rewritten.iter().any(|e| e.change.table == t.name))
+            .cloned()
+            .collect();
+        let p = super::fanout::Published {
+            after: first.change.version - 1,
+            last: last.change.version,
+            stored: std::time::Instant::now(),
+            entries: rewritten,
+            breaking,
+        };
+        fan.head
+            .fetch_max(p.last, std::sync::atomic::Ordering::SeqCst);
+        let _ = fan.tx.send(Arc::new(p));
+    }
+    Ok(())
 }
 
 /// Whether the hub's log still holds the history the client has seen: its

@@ -6,8 +6,10 @@
 //! inside each implementation; [`sqlite::SqliteStore`] is the embedded one.
 
 pub mod inspect;
+pub mod evolution;
 pub mod sqlite;
 pub mod types;
+pub mod versions;
 
 use std::collections::HashMap;
 use std::sync::Arc;
@@ -49,6 +51,26 @@ pub enum StoreError {
         got: String,
         want: String,
     },
+    /// A table's schema breaks with the dataset's (see [`evolution`]);
+    /// `key`: the primary key changed, which cannot be accepted in place.
+    #[error("table {table:?} of dataset {dataset:?} changed in a way devices cannot sync alongside the hub's version {version}: {what}. {}", schema_fix(dataset, table, *key))]
+    SchemaChanged {
+        dataset: String,
+        table: String,
+        version: u64,
+        what: String,
+        key: bool,
+    },
+    /// The client's schema is older than the dataset's last accepted
+    /// breaking change.
+    #[error("table {table:?} of dataset {dataset:?}: this device's app has a schema the operator retired with version {floor} ({change}); upgrade the app on this device: its table must have at least the columns {columns}")]
+    SchemaRetired {
+        dataset: String,
+        table: String,
+        floor: u64,
+        change: String,
+        columns: String,
+    },
     /// A read_only token's `hello` named a table the dataset has not
     /// registered: only read_write clients register tables.
     #[error("table {table:?} of dataset {dataset:?} is not registered on the hub yet, and a read_only token cannot register a table (it may sync only tables a read_write client registered); connect a device with a read_write token that syncs {table:?} first, or remove the table from this device's `tables`")]
@@ -69,6 +91,15 @@ pub enum StoreError {
     Backend(String),
 }
 
+/// What the operator does about a breaking change.
+fn schema_fix(dataset: &str, table: &str, key: bool) -> String {
+    if key {
+        format!("A new primary key makes other rows of the same data, so the hub cannot take it in place: create a new table with the new key (for example {table}_v2), copy the rows into it and sync that table instead (add it to `tables` in tether.toml and to the dataset in hub.toml), or undo the change on this device")
+    } else {
+        format!("Only new columns at the end (ALTER TABLE ... ADD COLUMN) and new tables roll out by themselves. If this change is deliberate, accept it on the hub with `tether hub schema {dataset} --accept {table}`: this device's schema then becomes the next version, and devices whose app still has the old schema are refused until it is upgraded. Otherwise undo the change on this device")
+    }
+}
+
 impl From<rusqlite::Error> for StoreError {
     fn from(e: rusqlite::Error) -> Self {
         StoreError::Backend(e.to_string())
@@ -77,19 +108,34 @@ impl From<rusqlite::Error> for StoreError {
 
 /// Storage behind the hub.
 pub trait HubStore: Send + Sync + 'static {
-    /// Records each table's schema the first time it is seen in a dataset and
-    /// refuses a table whose fingerprint differs from the recorded one. Only
-    /// when `may_register` (a read_write token): a table the dataset has not
-    /// registered yet is recorded, and a table announced STRICT is recorded
-    /// STRICT for good (its values are then checked by STRICT rules, see
-    /// [`HubStore::apply_batch`]); otherwise an unregistered table is
-    /// [`StoreError::NotRegistered`] and nothing is recorded.
+    /// Checks each table of `client`'s `hello` against the dataset's
+    /// versioned schema ([`evolution::compare`]): the same schema, one with
+    /// columns added at the end, or an older one (a prefix) are taken;
+    /// a schema from before the last accepted breaking change is
+    /// [`StoreError::SchemaRetired`], any other change
+    /// [`StoreError::SchemaChanged`]. Only when `may_register` (a
+    /// read_write token) is anything recorded: a new table, added columns
+    /// (a new version), STRICT (for good: its values are then checked by
+    /// STRICT rules, see [`HubStore::apply_batch`]), and a breaking change
+    /// the operator armed ([`HubStore::accept_breaking`]), whose rows are
+    /// written again in the new layout and returned, to be published. A
+    /// read_only client naming an unregistered table is
+    /// [`StoreError::NotRegistered`].
     fn register_schema(
         &self,
         dataset: &str,
+        client: &str,
         tables: &[TableSchema],
         may_register: bool,
-    ) -> Result<(), StoreError>;
+    ) -> Result<Vec<LogEntry>, StoreError>;
+
+    /// The dataset's tables with every version of their schema.
+    fn schema_history(&self, dataset: &str) -> Result<Vec<versions::TableHistory>, StoreError>;
+
+    /// Arms a breaking change of `table`: the next read_write client whose
+    /// schema of it breaks with the current one makes it the new version,
+    /// and clients with older schemas are refused from then on.
+    fn accept_breaking(&self, dataset: &str, table: &str) -> Result<(), StoreError>;
 
     /// Last sequence number of the dataset (0 when empty).
     fn head(&self, dataset: &str) -> Result<u64, StoreError>;

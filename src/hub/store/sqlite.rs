@@ -10,6 +10,8 @@ use rusqlite::{params, Connection, OptionalExtension, TransactionBehavior};
 use serde::{Deserialize, Serialize};
 use sha2::{Digest as _, Sha256};
 
+use super::evolution::{self, Relation};
+use super::versions::{self, Registrant, TableHistory};
 use super::{types, Applied, HubStore, LogEntry, Page, StoreError};
 use crate::proto::{
     decode_key, decode_values, encode_key, encode_values, Change, ChangeResult, InvalidReason, Op,
@@ -21,9 +23,10 @@ use crate::proto::{
 /// and `rows_<id>` (per row: current version, tombstone flag and last writer;
 /// the row's values are those of its log entry at `version`).
 ///
-/// `tables`: per table of a dataset, the fingerprint of its schema and
+/// `tables`: per table of a dataset, the fingerprint of its current schema,
 /// whether a read_write client announced it STRICT (its values are then
-/// checked by STRICT rules for every client).
+/// checked by STRICT rules for every client), and its schema version (see
+/// [`versions`], which also keeps `schema_versions`).
 ///
 /// `clients`: per client, its high-water mark `last_seq`, its `acked` mark
 /// (answers up to it were processed) and `key_hash`, the SHA-256 of the key
@@ -45,6 +48,9 @@ const ADDED_COLUMNS: &[(&str, &str, &str)] = &[
     ("clients", "key_hash", "BLOB"),
     ("client_batches", "digests", "BLOB"),
     ("tables", "strict", "INTEGER NOT NULL DEFAULT 0"),
+    ("tables", "version", "INTEGER NOT NULL DEFAULT 1"),
+    ("tables", "floor", "INTEGER NOT NULL DEFAULT 1"),
+    ("tables", "accept", "INTEGER NOT NULL DEFAULT 0"),
 ];
 
 /// Adds the [`ADDED_COLUMNS`] a store made by an older hub lacks.
@@ -150,6 +156,9 @@ struct BatchSql {
     upsert_row: String,
     update_row: String,
     log: String,
+    /// The dataset holds rows the hub rewrote in a breaking change's new
+    /// layout (see [`versions`]): an upsert may repeat one.
+    any_rewritten: bool,
 }
 
 impl BatchSql {
@@ -166,6 +175,7 @@ impl BatchSql {
             log: format!(
                 "INSERT INTO log_{ds} (seq, tbl, pk, op, vals, client_no) VALUES (?1, ?2, ?3, ?4, ?5, ?6)"
             ),
+            any_rewritten: false,
         }
     }
 }
@@ -239,6 +249,19 @@ fn write_change(
         Op::Upsert => (1, false),
         Op::Delete => (2, true),
     };
+    if ch.op == Op::Upsert && sql.any_rewritten {
+        if let Some(version) = repeats_rewrite(tx, ds, ch, pk, &vals)? {
+            // The device sends again what the hub's rewrite holds (a table
+            // rebuilt for a breaking change is captured again whole): no
+            // new version, so changes made against the rewrite's version
+            // by devices that upgrade later do not conflict.
+            return Ok((
+                Remembered::Applied(version),
+                Outcome::Applied { version },
+                false,
+            ));
+        }
+    }
     if ch.op == Op::Upsert {
         // Fast path: one statement writes the row unless it conflicts.
         let written = tx.prepare_cached(&sql.upsert_row)?.execute(params![
@@ -249,7 +272,17 @@ fn write_change(
             ch.base as i64
         ])?;
         if written == 0 {
-            return conflicted(load_row(tx, ds, &ch.table, pk)?);
+            let row = load_row(tx, ds, &ch.table, pk)?;
+            if !rewritten_over(tx, ds, ch, pk, row.as_ref())? {
+                return conflicted(row);
+            }
+            tx.prepare_cached(&sql.update_row)?.execute(params![
+                ch.table,
+                pk,
+                (*head + 1) as i64,
+                false,
+                client_no
+            ])?;
         }
         *head += 1;
     } else {
@@ -257,6 +290,7 @@ fn write_change(
         if row
             .as_ref()
             .is_some_and(|r| r.version != ch.base && r.client_no != client_no)
+            && !rewritten_over(tx, ds, ch, pk, row.as_ref())?
         {
             return conflicted(row);
         }
@@ -291,6 +325,44 @@ fn write_change(
         Outcome::Applied { version: *head },
         true,
     ))
+}
+
+/// The row's version when it is the hub's rewrite of the row and holds
+/// exactly `vals`.
+fn repeats_rewrite(
+    tx: &Connection,
+    ds: i64,
+    ch: &Change,
+    pk: &[u8],
+    vals: &[u8],
+) -> Result<Option<u64>, StoreError> {
+    let Some(row) = load_row(tx, ds, &ch.table, pk)?.filter(|r| !r.deleted) else {
+        return Ok(None);
+    };
+    if versions::rewritten_from(tx, ds, &ch.table, pk, row.version)?.is_none() {
+        return Ok(None);
+    }
+    let stored: Vec<u8> = tx
+        .prepare_cached(&format!("SELECT vals FROM log_{ds} WHERE seq = ?1"))?
+        .query_row([row.version as i64], |r| r.get(0))?;
+    Ok((stored == vals).then_some(row.version))
+}
+
+/// Whether the row's newest version is the hub's rewrite of it in a
+/// breaking change's new layout, and the change was made against the
+/// version before: not a conflict, since nobody wrote the row in between
+/// (a device refused until its app upgraded sends such changes).
+fn rewritten_over(
+    tx: &Connection,
+    ds: i64,
+    ch: &Change,
+    pk: &[u8],
+    row: Option<&RowState>,
+) -> Result<bool, StoreError> {
+    let Some(r) = row else {
+        return Ok(false);
+    };
+    Ok(versions::rewritten_from(tx, ds, &ch.table, pk, r.version)? == Some(ch.base))
 }
 
 fn check_seqs(client: &str, changes: &[Change], hwm: u64) -> Result<(), StoreError> {
@@ -416,6 +488,7 @@ impl SqliteStore {
         }
         let mut writer = open(path)?;
         writer.execute_batch(SCHEMA)?;
+        writer.execute_batch(versions::SQL)?;
         migrate(&mut writer, path)?;
         let reader = open(path)?;
         Ok(SqliteStore {
@@ -503,6 +576,86 @@ fn server_row(c: &Connection, ds: i64, row: Option<&RowState>) -> Result<ServerR
     })
 }
 
+/// What a batch needs to know of a table, read once per batch.
+struct TableState {
+    /// Recorded STRICT: values are checked by STRICT rules.
+    strict: bool,
+    /// Columns of the table's current schema version.
+    columns: usize,
+}
+
+/// The table's state; refuses the batch when the session's schema of it
+/// was retired by a breaking change accepted after the session started.
+fn table_state(
+    tx: &Connection,
+    ds: i64,
+    dataset: &str,
+    name: &str,
+    announced: Option<&TableSchema>,
+) -> Result<TableState, StoreError> {
+    let recorded: Option<(bool, i64, i64)> = tx
+        .prepare_cached(
+            "SELECT strict, version, floor FROM tables WHERE dataset = ?1 AND name = ?2",
+        )?
+        .query_row(params![ds, name], |r| Ok((r.get(0)?, r.get(1)?, r.get(2)?)))
+        .optional()?;
+    let Some((strict, version, floor)) = recorded else {
+        return Ok(TableState {
+            strict: false,
+            columns: 0,
+        });
+    };
+    let current = versions::schema_at(tx, ds, name, version as u64)?;
+    if let (Some(a), true) = (announced, floor > 1) {
+        if let Some(f) = versions::schema_at(tx, ds, name, floor as u64)? {
+            if !matches!(
+                evolution::compare(&f, a),
+                Relation::Same | Relation::Extends { .. }
+            ) {
+                return Err(StoreError::SchemaRetired {
+                    dataset: dataset.to_owned(),
+                    table: name.to_owned(),
+                    floor: floor as u64,
+                    change: "a breaking change accepted while this device was connected".into(),
+                    columns: f.columns.join(", "),
+                });
+            }
+        }
+    }
+    Ok(TableState {
+        strict,
+        columns: current.map(|c| c.columns.len()).unwrap_or(0),
+    })
+}
+
+/// The row a change writes when the client lacks the table's newest
+/// columns (it sends fewer values than the current schema has): its values
+/// followed by the stored row's values of the columns it lacks, so that a
+/// device that has not upgraded never blanks them. `None` when the change
+/// is a whole row, or there is nothing stored to keep.
+fn kept_columns(
+    tx: &Connection,
+    ds: i64,
+    ch: &Change,
+    pk: &[u8],
+    columns: usize,
+) -> Result<Option<Vec<Value>>, StoreError> {
+    let n = ch.values.len();
+    if ch.op != Op::Upsert || n >= columns {
+        return Ok(None);
+    }
+    let Some(row) = load_row(tx, ds, &ch.table, pk)?.filter(|r| !r.deleted) else {
+        return Ok(None);
+    };
+    let stored = server_row(tx, ds, Some(&row))?.values;
+    if stored.len() <= n {
+        return Ok(None);
+    }
+    let mut merged = ch.values.clone();
+    merged.extend(stored[n..stored.len().min(columns)].iter().cloned());
+    Ok(Some(merged))
+}
+
 /// Checks a change against the table's declared shape and types: the key
 /// values against the key columns' affinity, and, when the table is
 /// `strict`, every value against its declared type.
@@ -543,7 +696,9 @@ fn validate(
     }
     match change.op {
         Op::Upsert => {
-            if change.values.len() != t.columns.len() {
+            // Fewer values are the first columns: a device sends its new
+            // columns only once it holds their values (see `kept_columns`).
+            if change.values.len() > t.columns.len() || change.values.is_empty() {
                 return Err((
                     InvalidReason::WrongColumnCount,
                     format!(
@@ -662,54 +817,49 @@ impl HubStore for SqliteStore {
     fn register_schema(
         &self,
         dataset: &str,
+        client: &str,
         tables: &[TableSchema],
         may_register: bool,
-    ) -> Result<(), StoreError> {
+    ) -> Result<Vec<LogEntry>, StoreError> {
         let mut c = self.writer.lock().expect("BUG: poisoned");
         let ds = self.dataset_id(&c, dataset)?;
         let tx = c.transaction_with_behavior(TransactionBehavior::Immediate)?;
+        let mut head: u64 = tx
+            .prepare_cached("SELECT head FROM datasets WHERE id = ?1")?
+            .query_row([ds], |r| r.get::<_, i64>(0))? as u64;
+        let (client_no, _, _) = client_marks(&tx, ds, client)?;
+        let who = Registrant {
+            dataset,
+            ds,
+            client_no,
+            may_register,
+        };
+        let mut rewritten = Vec::new();
         for t in tables {
-            let known: Option<(String, bool)> = tx
-                .query_row(
-                    "SELECT fingerprint, strict FROM tables WHERE dataset = ?1 AND name = ?2",
-                    params![ds, t.name],
-                    |r| Ok((r.get(0)?, r.get(1)?)),
-                )
-                .optional()?;
-            match known {
-                Some((f, _)) if f != t.fingerprint => {
-                    return Err(StoreError::SchemaMismatch {
-                        dataset: dataset.to_owned(),
-                        table: t.name.clone(),
-                        got: t.fingerprint.chars().take(12).collect(),
-                        want: f.chars().take(12).collect(),
-                    })
-                }
-                Some((_, strict)) => {
-                    if t.strict && !strict && may_register {
-                        tx.execute(
-                            "UPDATE tables SET strict = 1 WHERE dataset = ?1 AND name = ?2",
-                            params![ds, t.name],
-                        )?;
-                        tracing::info!(dataset, table = %t.name, "a client announced the table STRICT: from now on its values are checked by STRICT rules for every client");
-                    }
-                }
-                None if !may_register => {
-                    return Err(StoreError::NotRegistered {
-                        dataset: dataset.to_owned(),
-                        table: t.name.clone(),
-                    })
-                }
-                None => {
-                    tx.execute(
-                        "INSERT INTO tables (dataset, name, fingerprint, strict) VALUES (?1, ?2, ?3, ?4)",
-                        params![ds, t.name, t.fingerprint, t.strict],
-                    )?;
-                }
-            }
+            rewritten.extend(versions::register(&tx, &who, t, &mut head)?);
         }
+        tx.prepare_cached("UPDATE datasets SET head = ?1 WHERE id = ?2")?
+            .execute(params![head as i64, ds])?;
         tx.commit()?;
-        Ok(())
+        Ok(rewritten)
+    }
+
+    fn schema_history(&self, dataset: &str) -> Result<Vec<TableHistory>, StoreError> {
+        let c = self.reader.lock().expect("BUG: poisoned");
+        match self.known_dataset(&c, dataset)? {
+            Some(ds) => versions::history(&c, ds),
+            None => Ok(Vec::new()),
+        }
+    }
+
+    fn accept_breaking(&self, dataset: &str, table: &str) -> Result<(), StoreError> {
+        let c = self.writer.lock().expect("BUG: poisoned");
+        let Some(ds) = self.known_dataset(&c, dataset)? else {
+            return Err(StoreError::Backend(format!(
+                "the hub store holds no dataset {dataset:?} yet; it is recorded when a device first syncs it"
+            )));
+        };
+        versions::arm(&c, ds, dataset, table)
     }
 
     fn head(&self, dataset: &str) -> Result<u64, StoreError> {
@@ -811,17 +961,19 @@ impl HubStore for SqliteStore {
         } else {
             HashMap::new()
         };
-        let sql = BatchSql::new(ds);
+        let mut sql = BatchSql::new(ds);
+        sql.any_rewritten = versions::any_rewritten(&tx, ds)?;
         let client_arc: Arc<str> = Arc::from(client);
         let mut results = Vec::with_capacity(changes.len());
         let mut remember = Vec::with_capacity(changes.len());
         let mut digests = Vec::with_capacity(changes.len() * DIGEST_BYTES);
         let mut logged = Vec::new();
         let mut seen: HashSet<(&str, Vec<u8>)> = HashSet::new();
-        // Whether each table was announced STRICT, read once per batch: a
-        // session opened before another client announced it is checked by
-        // STRICT rules too.
-        let mut strict: HashMap<String, bool> = HashMap::new();
+        // Each table's state, read once per batch: a session opened before
+        // another client announced it STRICT is checked by STRICT rules too,
+        // and one whose schema a breaking change retired meanwhile stores
+        // nothing.
+        let mut state: HashMap<String, TableState> = HashMap::new();
         let mut new_hwm = hwm;
         // Seqs increase, so every resend comes before the first new change:
         // a refused resend returns before anything of the batch is written.
@@ -840,14 +992,11 @@ impl HubStore for SqliteStore {
             new_hwm = new_hwm.max(ch.seq);
             let vals = encode_values(&ch.values);
             digests.extend_from_slice(&content_digest(&ch.table, ch.op, &pk, &vals));
-            if !strict.contains_key(&ch.table) {
-                let recorded: Option<bool> = tx
-                    .prepare_cached("SELECT strict FROM tables WHERE dataset = ?1 AND name = ?2")?
-                    .query_row(params![ds, ch.table], |r| r.get(0))
-                    .optional()?;
-                strict.insert(ch.table.clone(), recorded.unwrap_or(false));
+            if !state.contains_key(&ch.table) {
+                let st = table_state(&tx, ds, dataset, &ch.table, tables.get(&ch.table))?;
+                state.insert(ch.table.clone(), st);
             }
-            let invalid = validate(ch, tables, |t| strict[t]).err().or_else(|| {
+            let invalid = validate(ch, tables, |t| state[t].strict).err().or_else(|| {
                 (!seen.insert((ch.table.as_str(), pk.clone()))).then(|| {
                     (
                         InvalidReason::DuplicateRow,
@@ -866,6 +1015,9 @@ impl HubStore for SqliteStore {
                 });
                 continue;
             }
+            // A client without the newest columns: the row keeps their values.
+            let kept = kept_columns(&tx, ds, ch, &pk, state[&ch.table].columns)?;
+            let vals = kept.as_ref().map(|v| encode_values(v)).unwrap_or(vals);
             let (first, outcome, stored) =
                 write_change(&tx, &sql, ds, client_no, &mut head, ch, &pk, vals)?;
             if stored {
@@ -875,7 +1027,7 @@ impl HubStore for SqliteStore {
                         table: ch.table.clone(),
                         op: ch.op,
                         pk: ch.pk.clone(),
-                        values: ch.values.clone(),
+                        values: kept.unwrap_or_else(|| ch.values.clone()),
                     },
                     client: client_arc.clone(),
                 });
@@ -1448,7 +1600,8 @@ mod type_tests {
     fn a_key_value_its_column_would_convert_is_wrong_type_and_the_rest_of_the_batch_goes_on() {
         let (_d, s) = store();
         let t = tables(people(false));
-        s.register_schema("ds", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let text_42 = row(2, Value::Text("42".into()), Value::Integer(1));
         let mut delete_text = row(4, Value::Text("7".into()), Value::Null);
         delete_text.op = Op::Delete;
@@ -1487,7 +1640,8 @@ mod type_tests {
         notes.types[0] = "TEXT".into();
         notes.fingerprint =
             crate::local::schema::fingerprint("people", &notes.columns, &notes.types, &[0]);
-        s.register_schema("ds", &[notes.clone()], true).unwrap();
+        s.register_schema("ds", "c", &[notes.clone()], true)
+            .unwrap();
         let a = s
             .apply_batch(
                 "ds",
@@ -1516,7 +1670,7 @@ mod type_tests {
         // The table is registered by a client that announced it STRICT; the
         // uploading client's own description says nothing of it (an older
         // daemon, or a device whose table is not STRICT).
-        s.register_schema("ds", &[people(true)], true).unwrap();
+        s.register_schema("ds", "c", &[people(true)], true).unwrap();
         let loose = tables(people(false));
         let batch = [
             row(1, Value::Integer(1), Value::Text("three".into())),
@@ -1540,7 +1694,8 @@ mod type_tests {
     #[test]
     fn a_table_not_announced_strict_takes_any_value_type_outside_its_key() {
         let (_d, s) = store();
-        s.register_schema("ds", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let a = s
             .apply_batch(
                 "ds",
@@ -1558,19 +1713,22 @@ mod type_tests {
         let (_d, s) = store();
         let loose = tables(people(false));
         let bad = |seq| row(seq, Value::Integer(seq as i64), Value::Text("x".into()));
-        s.register_schema("ds", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(1)], 0).unwrap();
         assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
         // A read_only client's word does not change the table.
-        s.register_schema("ds", &[people(true)], false).unwrap();
+        s.register_schema("ds", "c", &[people(true)], false)
+            .unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(2)], 0).unwrap();
         assert!(matches!(a.results[0].outcome, Outcome::Applied { .. }));
         // A read_write one does, for the session already open too.
-        s.register_schema("ds", &[people(true)], true).unwrap();
+        s.register_schema("ds", "c", &[people(true)], true).unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(3)], 0).unwrap();
         assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
         // A later client without STRICT does not undo it.
-        s.register_schema("ds", &[people(false)], true).unwrap();
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
         let a = s.apply_batch("ds", "c", &loose, &[bad(4)], 0).unwrap();
         assert_eq!(invalid(&a.results[0].outcome).0, InvalidReason::WrongType);
     }
@@ -1584,7 +1742,7 @@ mod type_tests {
         poison.fingerprint =
             crate::local::schema::fingerprint("people", &poison.columns, &poison.types, &[1]);
         let e = s
-            .register_schema("ds", &[poison.clone()], false)
+            .register_schema("ds", "c", &[poison.clone()], false)
             .unwrap_err();
         assert!(matches!(e, StoreError::NotRegistered { .. }), "{e:?}");
         let m = e.to_string();
@@ -1596,9 +1754,172 @@ mod type_tests {
         );
         // Nothing was recorded: the legitimate schema registers, and the
         // read_only client is then welcome with it but not with its own.
-        s.register_schema("ds", &[people(false)], true).unwrap();
-        s.register_schema("ds", &[people(false)], false).unwrap();
-        let e = s.register_schema("ds", &[poison], false).unwrap_err();
-        assert!(matches!(e, StoreError::SchemaMismatch { .. }), "{e:?}");
+        s.register_schema("ds", "c", &[people(false)], true)
+            .unwrap();
+        s.register_schema("ds", "c", &[people(false)], false)
+            .unwrap();
+        let e = s.register_schema("ds", "c", &[poison], false).unwrap_err();
+        assert!(
+            matches!(e, StoreError::SchemaChanged { key: true, .. }),
+            "{e:?}"
+        );
+    }
+}
+
+#[cfg(test)]
+mod evolution_tests {
+    use super::*;
+
+    fn msgs(cols: &[&str]) -> TableSchema {
+        let columns: Vec<String> = cols.iter().map(|c| c.to_string()).collect();
+        let types = vec!["TEXT".to_string(); columns.len()];
+        TableSchema {
+            name: "msgs".into(),
+            fingerprint: crate::local::schema::fingerprint("msgs", &columns, &types, &[0]),
+            columns,
+            types,
+            pk: vec![0],
+            strict: false,
+        }
+    }
+
+    fn text(s: &str) -> Value {
+        Value::Text(s.into())
+    }
+
+    fn put(seq: u64, base: u64, values: Vec<Value>) -> Change {
+        Change {
+            seq,
+            table: "msgs".into(),
+            op: Op::Upsert,
+            pk: vec![values[0].clone()],
+            values,
+            base,
+            mask: u64::MAX,
+        }
+    }
+
+    fn tables(t: TableSchema) -> HashMap<String, TableSchema> {
+        [(t.name.clone(), t)].into_iter().collect()
+    }
+
+    /// A device that has not added the new column writes the row; the hub
+    /// keeps the column's value, stores and publishes the whole row.
+    #[test]
+    fn an_older_app_never_blanks_a_column_it_does_not_have() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let (old, new) = (msgs(&["id", "body"]), msgs(&["id", "body", "extra"]));
+        s.register_schema("ds", "old", std::slice::from_ref(&old), true)
+            .unwrap();
+        s.register_schema("ds", "new", std::slice::from_ref(&new), true)
+            .unwrap();
+        s.register_schema("ds", "old", std::slice::from_ref(&old), true)
+            .unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "new",
+                &tables(new),
+                &[put(1, 0, vec![text("1"), text("b"), text("x")])],
+                0,
+            )
+            .unwrap();
+        let v = match a.results[0].outcome {
+            Outcome::Applied { version } => version,
+            ref o => panic!("{o:?}"),
+        };
+        let a = s
+            .apply_batch(
+                "ds",
+                "old",
+                &tables(old),
+                &[put(1, v, vec![text("1"), text("edited")])],
+                0,
+            )
+            .unwrap();
+        assert_eq!(
+            a.logged[0].change.values,
+            vec![text("1"), text("edited"), text("x")]
+        );
+        let page = s.changes_since("ds", 0, None, 100, 1 << 20).unwrap();
+        assert_eq!(
+            page.changes.last().unwrap().values,
+            a.logged[0].change.values
+        );
+        let h = s.schema_history("ds").unwrap();
+        assert_eq!(h[0].version, 2);
+        assert_eq!(h[0].versions[1].change, "added columns extra");
+    }
+
+    /// A breaking change is refused until the operator accepts it; then
+    /// the rows are written again in the new layout and the old schema is
+    /// refused with the way forward.
+    #[test]
+    fn a_breaking_change_waits_for_the_operator_and_then_retires_the_old_schema() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let (old, new) = (msgs(&["id", "note", "body"]), msgs(&["id", "body"]));
+        s.register_schema("ds", "a", std::slice::from_ref(&old), true)
+            .unwrap();
+        s.apply_batch(
+            "ds",
+            "a",
+            &tables(old.clone()),
+            &[put(1, 0, vec![text("1"), text("n"), text("b")])],
+            0,
+        )
+        .unwrap();
+        let e = s
+            .register_schema("ds", "a", std::slice::from_ref(&new), true)
+            .unwrap_err();
+        let m = e.to_string();
+        assert!(
+            m.contains("column \"note\" was dropped")
+                && m.contains("tether hub schema ds --accept msgs"),
+            "{m}"
+        );
+        s.accept_breaking("ds", "msgs").unwrap();
+        let rewritten = s
+            .register_schema("ds", "a", std::slice::from_ref(&new), true)
+            .unwrap();
+        assert_eq!(rewritten.len(), 1);
+        assert_eq!(rewritten[0].change.values, vec![text("1"), text("b")]);
+        let e = s
+            .register_schema("ds", "b", std::slice::from_ref(&old), true)
+            .unwrap_err();
+        assert!(e.to_string().contains("upgrade the app"), "{e}");
+        // Once upgraded, its change made against the version before the
+        // rewrite is no conflict: nobody wrote the row in between.
+        s.register_schema("ds", "b", std::slice::from_ref(&new), true)
+            .unwrap();
+        let a = s
+            .apply_batch(
+                "ds",
+                "b",
+                &tables(new.clone()),
+                &[put(1, 1, vec![text("1"), text("b's edit")])],
+                0,
+            )
+            .unwrap();
+        assert!(
+            matches!(a.results[0].outcome, Outcome::Applied { .. }),
+            "{:?}",
+            a.results[0]
+        );
+        // A session opened before the change stores nothing more.
+        let e = s
+            .apply_batch(
+                "ds",
+                "b",
+                &tables(old),
+                &[put(2, 0, vec![text("2"), text("n"), text("b")])],
+                0,
+            )
+            .unwrap_err();
+        assert!(matches!(e, StoreError::SchemaRetired { .. }), "{e:?}");
+        let h = s.schema_history("ds").unwrap();
+        assert_eq!((h[0].version, h[0].floor, h[0].accept), (2, 2, false));
+        assert!(h[0].versions[1].breaking);
     }
 }
