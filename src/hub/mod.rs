@@ -32,7 +32,7 @@ pub mod auth;
 pub mod budget;
 pub mod fanout;
 mod registry;
-mod session;
+pub(crate) mod session;
 pub mod store;
 mod stream;
 
