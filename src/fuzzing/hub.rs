@@ -330,7 +330,7 @@ impl Harness {
                 self.inbound(*who, Ok(ClientFrame::Head(HeadAsk { id: *id as u64 })))
             }
             Step::Hello { who } => {
-                let hello = self.hello(*who, 0, &self.schemas.to_vec(), false, true);
+                let hello = self.hello(*who, 0, &self.schemas, false, true);
                 self.inbound(*who, Ok(ClientFrame::Hello(hello)));
             }
             Step::Ping { who } => self.input(*who, Input::Heard),
