@@ -34,6 +34,7 @@
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
+//! * `fuzzing`: harnesses the fuzz targets (`fuzz/`) and property tests drive.
 
 pub mod clock;
 pub mod config;
@@ -42,6 +43,8 @@ pub mod counted;
 pub mod daemon;
 pub mod demo;
 pub mod embedded;
+#[doc(hidden)]
+pub mod fuzzing;
 pub mod http;
 pub mod hub;
 pub mod listen;

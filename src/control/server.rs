@@ -371,7 +371,7 @@ type Conn = Framed<UnixStream, AnyDelimiterCodec>;
 
 /// Request lines are read as bytes (a line that is not UTF-8 is answered,
 /// not a broken stream), at most [`MAX_LINE`] long.
-fn codec() -> AnyDelimiterCodec {
+pub(crate) fn codec() -> AnyDelimiterCodec {
     AnyDelimiterCodec::new_with_max_length(b"\n".to_vec(), b"\n".to_vec(), MAX_LINE)
 }
 

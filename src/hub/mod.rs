@@ -41,7 +41,7 @@ mod live;
 mod registry;
 pub mod reload;
 pub mod schema;
-mod session;
+pub(crate) mod session;
 pub mod store;
 mod stream;
 

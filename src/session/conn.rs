@@ -153,7 +153,7 @@ impl Conn {
 }
 
 /// What a message from the hub means for the machine.
-fn to_input(m: Option<Result<Message, WsError>>) -> Input {
+pub(crate) fn to_input(m: Option<Result<Message, WsError>>) -> Input {
     match m {
         None => Input::Lost(SessionError::Retry("hub closed the connection".into())),
         Some(Err(e)) => Input::Lost(SessionError::Retry(format!("connection lost: {e}"))),

@@ -11,7 +11,7 @@
 //! connection that stayed up for [`HEALTHY_AFTER`].
 
 mod checks;
-mod conn;
+pub(crate) mod conn;
 mod connect;
 pub mod driver;
 pub mod machine;

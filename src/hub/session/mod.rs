@@ -3,7 +3,7 @@
 //! timeouts) and [`driver`] performs (socket reader, writer task, store calls).
 
 mod driver;
-mod machine;
+pub(crate) mod machine;
 
 use std::collections::HashMap;
 use std::net::SocketAddr;
