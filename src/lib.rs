@@ -32,6 +32,8 @@
 //! * [`service`]: systemd readiness, status and watchdog notifications.
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
+//! * [`reliability`]: `tether reliability`, seeded fault schedules against
+//!   real processes, and the accounting of every write.
 
 pub mod clock;
 pub mod config;
@@ -47,6 +49,7 @@ pub mod local;
 pub mod metrics;
 pub mod outgoing;
 pub mod proto;
+pub mod reliability;
 pub mod service;
 pub mod session;
 pub mod tls;
