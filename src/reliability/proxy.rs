@@ -19,7 +19,7 @@ use tokio::net::{TcpListener, TcpStream};
 use tokio::time::Instant;
 use tokio_util::sync::CancellationToken;
 
-/// A fault that hits the next frame on the link, in either direction.
+/// A fault that hits the next data frame on the link, in either direction.
 #[derive(Clone, Copy, Debug, PartialEq, Eq)]
 pub enum FrameFault {
     /// The frame is discarded and the connection closed: it never arrives.
@@ -260,8 +260,10 @@ impl Direction {
     /// Applies the link's state to one whole frame; false when the
     /// connection must end.
     async fn pass_frame(&mut self, frame: &[u8]) -> bool {
+        // Opcodes 0x8 and up are control frames (close, ping, pong).
+        let data = frame[0] & 0x08 == 0;
         loop {
-            match self.verdict() {
+            match self.verdict(data) {
                 Verdict::Pass => return self.to.write_all(frame).await.is_ok(),
                 Verdict::Wait(until, then_pass) => {
                     tokio::time::sleep_until(until).await;
@@ -280,8 +282,10 @@ impl Direction {
     }
 
     /// Decides, under the state's lock, what the frame meets; counts a
-    /// fault the first time it hits a connection.
-    fn verdict(&self) -> Verdict {
+    /// fault the first time it hits a connection. An armed fault waits for
+    /// a data frame (an upload, an answer, changes): losing a ping proves
+    /// little.
+    fn verdict(&self, data: bool) -> Verdict {
         let mut s = self.state.lock().expect("BUG: link state lock");
         let now = Instant::now();
         if let Some(until) = s.stall_until {
@@ -294,7 +298,7 @@ impl Direction {
             }
             s.stall_until = None;
         }
-        if let Some(fault) = s.armed.take() {
+        if let Some(fault) = s.armed.take_if(|_| data) {
             return match fault {
                 FrameFault::Drop => {
                     self.counts.dropped.fetch_add(1, Ordering::Relaxed);
