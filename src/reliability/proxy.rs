@@ -33,6 +33,7 @@ pub enum FrameFault {
 pub struct LinkCounts {
     pub dropped: AtomicU64,
     pub cut: AtomicU64,
+    /// Stalls during which a peer gave up on the silent connection.
     pub stalled: AtomicU64,
     pub delayed: AtomicU64,
 }
@@ -44,8 +45,8 @@ struct State {
     armed: Option<FrameFault>,
     /// Nothing passes either way until then.
     stall_until: Option<Instant>,
-    /// Whether the stall now armed has been counted (once, on a live
-    /// connection).
+    /// Whether the stall now armed has been counted: once, when a peer
+    /// closed a connection during it (its read-timeout guard fired).
     stall_counted: bool,
     /// Every frame waits this long before it is passed on, until the instant.
     delay: Option<(Duration, Instant)>,
@@ -181,7 +182,13 @@ impl Conn {
         tokio::select! {
             _ = up.pump() => {}
             _ = down.pump() => {}
-            _ = self.stop.cancelled() => {}
+            _ = self.stop.cancelled() => return,
+        }
+        // A peer closed while nothing passed: its read-timeout guard fired.
+        let mut s = self.state.lock().expect("BUG: link state lock");
+        if s.stall_until.is_some_and(|until| Instant::now() < until) && !s.stall_counted {
+            s.stall_counted = true;
+            self.counts.stalled.fetch_add(1, Ordering::Relaxed);
         }
         // Returning drops all four halves: both sockets close.
     }
@@ -223,10 +230,12 @@ impl Direction {
                     return;
                 }
             };
-            if !self.pass_frame(&buf[..len]).await {
+            let mut held = Vec::new();
+            if !self.pass_frame(&buf[..len], &mut held).await {
                 return;
             }
             buf.drain(..len);
+            buf.extend_from_slice(&held);
         }
     }
 
@@ -258,17 +267,20 @@ impl Direction {
     }
 
     /// Applies the link's state to one whole frame; false when the
-    /// connection must end.
-    async fn pass_frame(&mut self, frame: &[u8]) -> bool {
+    /// connection must end. Bytes read during a stall go to `held`.
+    async fn pass_frame(&mut self, frame: &[u8], held: &mut Vec<u8>) -> bool {
         // Opcodes 0x8 and up are control frames (close, ping, pong).
         let data = frame[0] & 0x08 == 0;
         loop {
             match self.verdict(data) {
                 Verdict::Pass => return self.to.write_all(frame).await.is_ok(),
-                Verdict::Wait(until, then_pass) => {
+                Verdict::Wait(until, true) => {
                     tokio::time::sleep_until(until).await;
-                    if then_pass {
-                        return self.to.write_all(frame).await.is_ok();
+                    return self.to.write_all(frame).await.is_ok();
+                }
+                Verdict::Wait(until, false) => {
+                    if !self.hold_until(until, held).await {
+                        return false;
                     }
                 }
                 Verdict::Drop => return false,
@@ -277,6 +289,21 @@ impl Direction {
                     let _ = self.to.flush().await;
                     return false;
                 }
+            }
+        }
+    }
+
+    /// Keeps reading (and holding) what comes until `until`, so that a peer
+    /// closing during a stall is noticed; false when it closed.
+    async fn hold_until(&mut self, until: Instant, held: &mut Vec<u8>) -> bool {
+        let mut chunk = [0u8; 16 * 1024];
+        loop {
+            tokio::select! {
+                _ = tokio::time::sleep_until(until) => return true,
+                r = self.from.read(&mut chunk) => match r {
+                    Ok(0) | Err(_) => return false,
+                    Ok(n) => held.extend_from_slice(&chunk[..n]),
+                },
             }
         }
     }
@@ -290,10 +317,6 @@ impl Direction {
         let now = Instant::now();
         if let Some(until) = s.stall_until {
             if now < until {
-                if !s.stall_counted {
-                    s.stall_counted = true;
-                    self.counts.stalled.fetch_add(1, Ordering::Relaxed);
-                }
                 return Verdict::Wait(until, false);
             }
             s.stall_until = None;
