@@ -345,3 +345,84 @@ pub fn divergence(
     }
     n
 }
+
+#[cfg(test)]
+mod tests {
+    use super::*;
+    use crate::reliability::workload::private_key;
+
+    fn update(device: usize, key: i64, col: usize, value: &str) -> Write {
+        Write {
+            device,
+            key,
+            op: Op::Update {
+                col,
+                value: value.into(),
+            },
+        }
+    }
+
+    fn entry(key: i64, shared: &str) -> Entry {
+        Entry {
+            key,
+            row: Some(vec![Some(shared.into()), None, None, None]),
+            client_no: 1,
+        }
+    }
+
+    fn judge(policy: ConflictPolicy, writes: &[Write], log: Vec<Entry>) -> (Tally, Vec<String>) {
+        let hub = Hub {
+            log,
+            ..Hub::default()
+        };
+        let mut problems = Vec::new();
+        (account(policy, writes, &hub, &mut problems), problems)
+    }
+
+    #[test]
+    fn a_write_missing_from_the_hub_is_lost_only_where_the_policy_allows() {
+        let writes = [update(0, 1, 0, "a"), update(1, 1, 0, "b")];
+        // b reached the hub, a did not: another device wrote the row.
+        let log = || vec![entry(1, "b")];
+        let (t, _) = judge(ConflictPolicy::ServerWins, &writes, log());
+        assert_eq!((t.applied, t.lost, t.lost_wrongly), (1, 1, 0));
+        let (t, _) = judge(ConflictPolicy::MergeColumns, &writes, log());
+        assert_eq!((t.applied, t.lost, t.lost_wrongly), (1, 1, 0), "shared column");
+        let (t, problems) = judge(ConflictPolicy::ClientWins, &writes, log());
+        assert_eq!((t.applied, t.lost, t.lost_wrongly), (1, 0, 1));
+        assert!(problems[0].contains("lost wrongly"), "{problems:?}");
+        // A column only its device writes is never lost under merge_columns.
+        let own = [update(0, 1, 1, "a"), update(1, 1, 0, "b")];
+        let (t, _) = judge(ConflictPolicy::MergeColumns, &own, log());
+        assert_eq!(t.lost_wrongly, 1);
+    }
+
+    #[test]
+    fn a_private_write_is_never_lost_unless_its_app_overwrote_it() {
+        let k = private_key(0);
+        let writes = [update(0, k, 0, "a"), update(0, k, 0, "b")];
+        let (t, _) = judge(ConflictPolicy::ServerWins, &writes, vec![entry(k, "b")]);
+        assert_eq!((t.applied, t.superseded, t.lost_wrongly), (1, 1, 0));
+        let (t, _) = judge(ConflictPolicy::ServerWins, &writes, vec![entry(k, "a")]);
+        assert_eq!((t.applied, t.lost_wrongly), (1, 1), "the last write vanished");
+    }
+
+    #[test]
+    fn a_change_stored_twice_on_a_private_row_is_a_duplicate() {
+        let k = private_key(2);
+        let writes = [update(2, k, 0, "a")];
+        let (t, problems) = judge(
+            ConflictPolicy::ClientWins,
+            &writes,
+            vec![entry(k, "a"), entry(k, "a")],
+        );
+        assert_eq!((t.applied, t.duplicated), (1, 1));
+        assert!(problems[0].contains("stored twice"), "{problems:?}");
+        let (t, _) = judge(
+            ConflictPolicy::ClientWins,
+            &writes,
+            vec![entry(k, "a"), entry(k, "x"), entry(k, "a")],
+        );
+        assert_eq!(t.duplicated, 0, "a row going back to a value is no duplicate");
+    }
+}
