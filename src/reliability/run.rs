@@ -16,14 +16,16 @@ use super::workload::{self, Row, Write};
 use super::{policy_name, Options, Outcome, DEVICES};
 
 /// The processes and links of a schedule, in its temporary directory.
+/// Fields drop in order: the processes are killed before their directory
+/// is removed.
 struct World {
-    dir: tempfile::TempDir,
+    daemons: Vec<Proc>,
     hub: Proc,
     hub_addr: String,
-    daemons: Vec<Proc>,
     links: Vec<Link>,
     /// Kills that hit a running process.
     kills: BTreeMap<FaultKind, u64>,
+    dir: tempfile::TempDir,
 }
 
 /// Runs `s` and accounts for it.
