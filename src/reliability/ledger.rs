@@ -387,7 +387,11 @@ mod tests {
         let (t, _) = judge(ConflictPolicy::ServerWins, &writes, log());
         assert_eq!((t.applied, t.lost, t.lost_wrongly), (1, 1, 0));
         let (t, _) = judge(ConflictPolicy::MergeColumns, &writes, log());
-        assert_eq!((t.applied, t.lost, t.lost_wrongly), (1, 1, 0), "shared column");
+        assert_eq!(
+            (t.applied, t.lost, t.lost_wrongly),
+            (1, 1, 0),
+            "shared column"
+        );
         let (t, problems) = judge(ConflictPolicy::ClientWins, &writes, log());
         assert_eq!((t.applied, t.lost, t.lost_wrongly), (1, 0, 1));
         assert!(problems[0].contains("lost wrongly"), "{problems:?}");
@@ -404,7 +408,11 @@ mod tests {
         let (t, _) = judge(ConflictPolicy::ServerWins, &writes, vec![entry(k, "b")]);
         assert_eq!((t.applied, t.superseded, t.lost_wrongly), (1, 1, 0));
         let (t, _) = judge(ConflictPolicy::ServerWins, &writes, vec![entry(k, "a")]);
-        assert_eq!((t.applied, t.lost_wrongly), (1, 1), "the last write vanished");
+        assert_eq!(
+            (t.applied, t.lost_wrongly),
+            (1, 1),
+            "the last write vanished"
+        );
     }
 
     #[test]
@@ -423,6 +431,9 @@ mod tests {
             &writes,
             vec![entry(k, "a"), entry(k, "x"), entry(k, "a")],
         );
-        assert_eq!(t.duplicated, 0, "a row going back to a value is no duplicate");
+        assert_eq!(
+            t.duplicated, 0,
+            "a row going back to a value is no duplicate"
+        );
     }
 }
