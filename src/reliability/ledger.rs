@@ -3,9 +3,9 @@
 //! the log must not hold.
 //!
 //! A write is *applied* when the hub's log holds its value in its row and
-//! column (an insert: one of its values; a delete: a delete of its row,
-//! by its device or by another one first, or nothing when its app inserted
-//! the row and none of it reached the hub). A write the same
+//! column (an insert: one of its values; a delete: a delete, by its device
+//! or by another one first, after the first change holding a value of the
+//! row it deleted, or nothing when none of that row reached the hub). A write the same
 //! device's app overwrote before it left (the same column, or the row
 //! deleted or inserted again) may have been folded into the later one: it is
 //! *superseded*. Otherwise it was lost, and the policy says whether that is
@@ -169,8 +169,7 @@ pub fn account(
     for (i, w) in writes.iter().enumerate() {
         t.committed += 1;
         let entries = by_key.get(&w.key).unwrap_or(&empty);
-        let born_here = born_here(&writes[..i], w, entries);
-        let fate = fate(policy, w, &writes[i + 1..], entries, born_here, &writers);
+        let fate = fate(policy, w, &writes[i + 1..], entries, &writers);
         match fate {
             Fate::Applied => t.applied += 1,
             Fate::Superseded => t.superseded += 1,
@@ -185,33 +184,24 @@ pub fn account(
     t
 }
 
-/// Whether `w` deletes a row its own app inserted and nothing of which
-/// (the insert, the app's updates since) reached the hub: the row was born
-/// and removed before it left, and there is nothing to delete on the hub.
-fn born_here(earlier: &[Write], w: &Write, entries: &[&Entry]) -> bool {
-    if w.op != Op::Delete {
-        return false;
+/// Whether the row a delete removed (its values as the app deleted it)
+/// is deleted on the hub: a delete follows the first change of the log
+/// holding one of its values (every insert writes new values, so that
+/// change is of the same row's life). When no change holds any, the row
+/// never reached the hub (its app inserted it, then deleted it before it
+/// left) and there is nothing to delete there.
+fn delete_applied(deleted: &Row, entries: &[&Entry]) -> bool {
+    let of_this_row = |e: &Entry| {
+        e.row.as_ref().is_some_and(|r| {
+            r.iter()
+                .zip(deleted)
+                .any(|(held, gone)| gone.is_some() && held == gone)
+        })
+    };
+    match entries.iter().position(|e| of_this_row(e)) {
+        None => true,
+        Some(first) => entries[first..].iter().any(|e| e.row.is_none()),
     }
-    let mine: Vec<&Write> = earlier
-        .iter()
-        .filter(|e| e.device == w.device && e.key == w.key)
-        .collect();
-    let Some(born) = mine.iter().rposition(|e| matches!(e.op, Op::Insert { .. })) else {
-        return false;
-    };
-    let on_hub = |col: usize, v: &str| {
-        entries
-            .iter()
-            .any(|e| e.row.as_ref().is_some_and(|r| r[col].as_deref() == Some(v)))
-    };
-    !mine[born..].iter().any(|e| match &e.op {
-        Op::Insert { row } => row
-            .iter()
-            .enumerate()
-            .any(|(c, v)| v.as_deref().is_some_and(|v| on_hub(c, v))),
-        Op::Update { col, value } => on_hub(*col, value),
-        Op::Delete => false,
-    })
 }
 
 fn fate(
@@ -219,7 +209,6 @@ fn fate(
     w: &Write,
     later: &[Write],
     entries: &[&Entry],
-    born_here: bool,
     writers: &HashMap<i64, HashSet<usize>>,
 ) -> Fate {
     let holds = |col: usize, v: &str| {
@@ -237,12 +226,9 @@ fn fate(
                 .any(|(c, v)| v.as_deref().is_some_and(|v| holds(c, v))),
             None,
         ),
-        Op::Delete => {
-            // A delete meeting a row another device deleted first has
-            // nothing left to do: it is not sent again.
-            let deleted = entries.iter().any(|e| e.row.is_none());
-            (deleted || born_here, None)
-        }
+        // A delete meeting a row another device deleted first has nothing
+        // left to do: it is not sent again.
+        Op::Delete { row } => (delete_applied(row, entries), None),
     };
     if applied {
         return Fate::Applied;
@@ -253,7 +239,7 @@ fn fate(
             && match (&l.op, col) {
                 (Op::Update { col: c, .. }, Some(mine)) => *c == mine,
                 (Op::Update { .. }, None) => false,
-                (Op::Insert { .. } | Op::Delete, _) => true,
+                (Op::Insert { .. } | Op::Delete { .. }, _) => true,
             }
     });
     if superseded {
@@ -329,7 +315,7 @@ pub fn divergence(
                 .enumerate()
                 .filter_map(|(c, v)| v.as_deref().map(|v| (w.key, c, v)))
                 .collect(),
-            Op::Delete => vec![],
+            Op::Delete { .. } => vec![],
         })
         .collect();
     for (k, row) in &hub.rows {
@@ -413,6 +399,42 @@ mod tests {
             (1, 1),
             "the last write vanished"
         );
+    }
+
+    #[test]
+    fn a_delete_counts_when_the_row_it_removed_is_deleted_on_the_hub() {
+        let gone = |shared: &str| Write {
+            device: 0,
+            key: 4,
+            op: Op::Delete {
+                row: vec![Some(shared.into()), None, None, None],
+            },
+        };
+        let deleted = Entry {
+            key: 4,
+            row: None,
+            client_no: 2,
+        };
+        let (t, _) = judge(
+            ConflictPolicy::ClientWins,
+            &[gone("a")],
+            vec![entry(4, "a"), deleted.clone()],
+        );
+        assert_eq!(t.applied, 1);
+        // A delete of an earlier life of the row does not count.
+        let (t, _) = judge(
+            ConflictPolicy::ClientWins,
+            &[gone("a")],
+            vec![deleted.clone(), entry(4, "a")],
+        );
+        assert_eq!(t.lost_wrongly, 1);
+        // A row that never reached the hub has nothing to delete there.
+        let (t, _) = judge(
+            ConflictPolicy::ClientWins,
+            &[gone("z")],
+            vec![entry(4, "a")],
+        );
+        assert_eq!(t.applied, 1);
     }
 
     #[test]

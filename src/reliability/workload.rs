@@ -8,7 +8,7 @@ use std::time::{Duration, Instant};
 
 use rand::rngs::StdRng;
 use rand::{Rng, SeedableRng};
-use rusqlite::{params, Connection};
+use rusqlite::{params, Connection, OptionalExtension};
 
 /// The synced table: `shared` is written by every device, `o<d>` by device
 /// `d` only (on the stable rows).
@@ -48,15 +48,11 @@ pub type Row = Vec<Option<String>>;
 #[derive(Clone, Debug, PartialEq, Eq)]
 pub enum Op {
     /// Column `col` (0 = `shared`) set to `value`.
-    Update {
-        col: usize,
-        value: String,
-    },
+    Update { col: usize, value: String },
     /// The whole row inserted; every column's value is unique.
-    Insert {
-        row: Row,
-    },
-    Delete,
+    Insert { row: Row },
+    /// The row deleted, as it was when the app deleted it.
+    Delete { row: Row },
 }
 
 /// One committed write of one device's app.
@@ -151,7 +147,7 @@ fn write_one(
         6..=7 => {
             let key = CHURN[rng.gen_range(0..CHURN.len())];
             if rng.gen_bool(0.5) {
-                (key, Op::Delete)
+                (key, Op::Delete { row: Row::new() })
             } else {
                 (
                     key,
@@ -172,7 +168,7 @@ fn write_one(
                     col: own,
                     value: value(key, own),
                 },
-                2 => Op::Delete,
+                2 => Op::Delete { row: Row::new() },
                 _ => Op::Insert {
                     row: (0..COLUMNS).map(|col| Some(value(key, col))).collect(),
                 },
@@ -189,16 +185,35 @@ fn write_one(
             )
         }
     };
-    let changed = match &op {
-        Op::Update { col, value } => c.execute(
-            &format!("UPDATE t SET {} = ?1 WHERE id = ?2", column_name(*col)),
-            params![value, key],
-        )?,
-        Op::Delete => c.execute("DELETE FROM t WHERE id = ?1", [key])?,
-        Op::Insert { row } => c.execute(
-            "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
-            params![key, row[0], row[1], row[2], row[3]],
-        )?,
+    let (changed, op) = match op {
+        Op::Update { col, value } => (
+            c.execute(
+                &format!("UPDATE t SET {} = ?1 WHERE id = ?2", column_name(col)),
+                params![value, key],
+            )?,
+            Op::Update { col, value },
+        ),
+        Op::Delete { .. } => {
+            // The row as it was deleted, read by the delete itself.
+            let row: Option<Row> = c
+                .query_row(
+                    "DELETE FROM t WHERE id = ?1 RETURNING shared, o0, o1, o2",
+                    [key],
+                    |r| (0..COLUMNS).map(|i| r.get(i)).collect(),
+                )
+                .optional()?;
+            match row {
+                Some(row) => (1, Op::Delete { row }),
+                None => (0, Op::Delete { row: Row::new() }),
+            }
+        }
+        Op::Insert { row } => (
+            c.execute(
+                "INSERT INTO t VALUES (?1, ?2, ?3, ?4, ?5) ON CONFLICT (id) DO NOTHING",
+                params![key, row[0], row[1], row[2], row[3]],
+            )?,
+            Op::Insert { row },
+        ),
     };
     Ok((changed == 1).then_some(Write { device: d, key, op }))
 }
