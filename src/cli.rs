@@ -200,6 +200,26 @@ pub enum Command {
         #[arg(long)]
         json: bool,
     },
+    /// Run seeded fault schedules (dropped, stalled, delayed and cut frames;
+    /// daemons and hub killed with SIGKILL) against a real hub and three
+    /// daemons while apps write, then check that every database equals the
+    /// hub and account for every write. Exits 1 if a write was lost
+    /// wrongly, a database diverged or a change was stored twice.
+    Reliability {
+        /// Number of schedules; schedule i has seed S + i.
+        #[arg(long, default_value_t = 10)]
+        schedules: u64,
+        /// First seed (random when not given); a failing schedule prints
+        /// its seed to replay it.
+        #[arg(long)]
+        seed: Option<u64>,
+        /// How long the apps write while faults happen, per schedule.
+        #[arg(long, value_parser = humantime::parse_duration, default_value = "8s")]
+        writing: std::time::Duration,
+        /// One JSON object per schedule, then one for the run.
+        #[arg(long)]
+        json: bool,
+    },
     /// Check a config file against reality and exit (0 = valid, 78 =
     /// invalid): keys and values, then that each database and table exists
     /// with a primary key and the token file holds one token (a daemon

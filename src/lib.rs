@@ -35,6 +35,8 @@
 //! * [`embedded`]: a hub and daemons inside one process (demo, bench, apps).
 //! * [`demo`]: the self-contained `tether demo` and `tether bench`.
 //! * `fuzzing`: harnesses the fuzz targets (`fuzz/`) and property tests drive.
+//! * [`reliability`]: `tether reliability`, seeded fault schedules against
+//!   real processes, and the accounting of every write.
 
 pub mod clock;
 pub mod config;
@@ -53,6 +55,7 @@ pub mod metrics;
 pub mod outgoing;
 pub mod places;
 pub mod proto;
+pub mod reliability;
 pub mod service;
 pub mod session;
 pub mod tls;

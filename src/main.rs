@@ -257,6 +257,29 @@ async fn run(cli: Cli) -> ExitCode {
                 }
             }
         }
+        Command::Reliability {
+            schedules,
+            seed,
+            writing,
+            json,
+        } => {
+            init_tracing("warn", cli.log_format);
+            let opts = match std::env::current_exe() {
+                Ok(exe) => tether::reliability::Options::new(exe, schedules, seed, writing),
+                Err(e) => {
+                    eprintln!("reliability: cannot find the tether executable to run: {e}");
+                    return ExitCode::FAILURE;
+                }
+            };
+            match tether::reliability::command(&opts, json).await {
+                Ok(true) => ExitCode::SUCCESS,
+                Ok(false) => ExitCode::FAILURE,
+                Err(e) => {
+                    eprintln!("reliability failed: {e:#}");
+                    ExitCode::FAILURE
+                }
+            }
+        }
         Command::Check {
             file,
             hub,
