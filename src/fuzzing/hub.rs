@@ -415,7 +415,10 @@ impl Harness {
             Access::ReadWrite
         };
         let id = self.clients[i].id;
-        match self.store.register_schema(DATASET, id, &announced, !read_only) {
+        match self
+            .store
+            .register_schema(DATASET, id, &announced, !read_only)
+        {
             // Rows a breaking change wrote again go out like an upload's
             // (none here: the harness never accepts a breaking change).
             Ok(rewritten) => self.publish(rewritten),

@@ -5,8 +5,8 @@
 //! (`spawn_blocking`), never from the async runtime. SQL dialect details stay
 //! inside each implementation; [`sqlite::SqliteStore`] is the embedded one.
 
-pub mod inspect;
 pub mod evolution;
+pub mod inspect;
 pub mod sqlite;
 pub mod types;
 pub mod versions;
