@@ -44,7 +44,7 @@ pub struct Page {
 
 #[derive(Debug, thiserror::Error)]
 pub enum StoreError {
-    #[error("table {table:?} of dataset {dataset:?} has schema {got} here but {want} on the hub; every client of a dataset must use the same columns, types and primary key")]
+    #[error("table {table:?} of dataset {dataset:?} has schema {got} here but {want} on the hub, whose store was made before schema versions and knows only that fingerprint, so it cannot tell added columns from a breaking change. If this device's schema is the one to keep, run `tether hub schema {dataset} --accept {table}` on the hub (devices whose table is a prefix of it, without the added columns, keep syncing); otherwise undo the change on this device")]
     SchemaMismatch {
         dataset: String,
         table: String,

@@ -1803,6 +1803,44 @@ mod evolution_tests {
         [(t.name.clone(), t)].into_iter().collect()
     }
 
+    /// A store made before schema versions knows a table only by the
+    /// fingerprint of its first schema. A device whose app added a column
+    /// before the hub was upgraded is refused with the operator's command,
+    /// is taken once the operator accepted it, and devices with the first
+    /// schema keep syncing beside it.
+    #[test]
+    fn a_table_known_only_by_fingerprint_takes_an_added_column_once_the_operator_accepts() {
+        let dir = tempfile::tempdir().unwrap();
+        let s = SqliteStore::open(&dir.path().join("hub.db")).unwrap();
+        let (old, new) = (msgs(&["id", "body"]), msgs(&["id", "body", "extra"]));
+        s.register_schema("ds", "old", std::slice::from_ref(&old), true)
+            .unwrap();
+        // What a store from before versions holds: the fingerprint only.
+        s.writer
+            .lock()
+            .unwrap()
+            .execute("DELETE FROM schema_versions", [])
+            .unwrap();
+        let e = s
+            .register_schema("ds", "new", std::slice::from_ref(&new), true)
+            .unwrap_err();
+        assert!(
+            matches!(e, StoreError::SchemaMismatch { .. })
+                && e.to_string().contains("tether hub schema ds --accept msgs"),
+            "{e}"
+        );
+        s.accept_breaking("ds", "msgs").unwrap();
+        s.register_schema("ds", "new", std::slice::from_ref(&new), true)
+            .unwrap();
+        s.register_schema("ds", "old", std::slice::from_ref(&old), true)
+            .unwrap();
+        s.register_schema("ds", "new", std::slice::from_ref(&new), true)
+            .unwrap();
+        let h = s.schema_history("ds").unwrap();
+        assert_eq!(h[0].version, 2, "{h:?}");
+        assert!(!h[0].accept, "the acceptance is used up: {h:?}");
+    }
+
     /// A device that has not added the new column writes the row; the hub
     /// keeps the column's value, stores and publishes the whole row.
     #[test]

@@ -186,20 +186,7 @@ pub(super) fn register(
         return Ok(Vec::new());
     };
     let Some(current) = schema_at(tx, ds, &t.name, k.version)? else {
-        // A store made before versions: only the fingerprint is known.
-        if k.fingerprint != t.fingerprint {
-            return Err(StoreError::SchemaMismatch {
-                dataset: who.dataset.to_owned(),
-                table: t.name.clone(),
-                got: t.fingerprint.chars().take(12).collect(),
-                want: k.fingerprint.chars().take(12).collect(),
-            });
-        }
-        if who.may_register {
-            record(tx, ds, t, k.version, "recorded", false)?;
-        }
-        mark_strict(tx, who, t, &k)?;
-        return Ok(Vec::new());
+        return adopt(tx, who, t, &k);
     };
     match evolution::compare(&current, t) {
         Relation::Same => {}
@@ -250,6 +237,47 @@ pub(super) fn register(
         }
     }
     mark_strict(tx, who, t, &k)?;
+    Ok(Vec::new())
+}
+
+/// A table of a store made before schema versions, which knows only the
+/// fingerprint of the schema the table was first synced with. A client
+/// with that schema has it recorded as the table's version; a client with
+/// another one (its app added a column before the hub was upgraded) is
+/// refused until the operator accepts its schema with `tether hub schema
+/// DATASET --accept TABLE`, since the store cannot tell an added column from
+/// a breaking change. Its schema is then recorded as the next version, and
+/// clients whose schema is a prefix of it (not upgraded yet) keep syncing.
+fn adopt(
+    tx: &Connection,
+    who: &Registrant,
+    t: &TableSchema,
+    k: &Known,
+) -> Result<Vec<LogEntry>, StoreError> {
+    let same = k.fingerprint == t.fingerprint;
+    if !same && !(k.accept && who.may_register) {
+        return Err(StoreError::SchemaMismatch {
+            dataset: who.dataset.to_owned(),
+            table: t.name.clone(),
+            got: t.fingerprint.chars().take(12).collect(),
+            want: k.fingerprint.chars().take(12).collect(),
+        });
+    }
+    if who.may_register {
+        if same {
+            record(tx, who.ds, t, k.version, "recorded", false)?;
+        } else {
+            let v = k.version + 1;
+            let change = "adopted: accepted by the operator over a schema the store knew only by its fingerprint";
+            record(tx, who.ds, t, v, change, false)?;
+            tx.execute(
+                "UPDATE tables SET accept = 0 WHERE dataset = ?1 AND name = ?2",
+                params![who.ds, t.name],
+            )?;
+            tracing::warn!(dataset = who.dataset, table = %t.name, version = v, "the operator accepted this schema of a table the store knew only by fingerprint: it is now version {v}");
+        }
+    }
+    mark_strict(tx, who, t, k)?;
     Ok(Vec::new())
 }
 
