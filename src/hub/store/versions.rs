@@ -255,7 +255,8 @@ fn adopt(
     k: &Known,
 ) -> Result<Vec<LogEntry>, StoreError> {
     let same = k.fingerprint == t.fingerprint;
-    if !same && !(k.accept && who.may_register) {
+    let accepted = k.accept && who.may_register;
+    if !(same || accepted) {
         return Err(StoreError::SchemaMismatch {
             dataset: who.dataset.to_owned(),
             table: t.name.clone(),
