@@ -157,25 +157,7 @@ fn outcome() -> impl Strategy<Value = Outcome> {
 }
 
 fn error_code() -> impl Strategy<Value = ErrorCode> {
-    use ErrorCode::*;
-    proptest::sample::select(vec![
-        Unauthorized,
-        Forbidden,
-        UnsupportedVersion,
-        UnknownDataset,
-        UnknownTable,
-        SchemaMismatch,
-        MalformedFrame,
-        FrameTooLarge,
-        UnexpectedFrame,
-        Internal,
-        ShuttingDown,
-        IdentityRefused,
-        IdentityConflict,
-        Replaced,
-        BadSequence,
-        HistoryDiverged,
-    ])
+    proptest::sample::select(ErrorCode::ALL.to_vec())
 }
 
 fn hub_frame() -> impl Strategy<Value = HubFrame> {

@@ -203,11 +203,12 @@ async fn a_revoked_or_narrowed_token_closes_its_session_and_only_that_one() {
     // A long backoff: the refused daemons keep their error in `status`.
     let (_da, da_cfg) = daemon(d, "da", &addr, &a, "300ms").await;
     let (_db, db_cfg) = daemon(d, "db", &addr, &b, "60s").await;
-    let (_dc, dc_cfg) = daemon(d, "dc", &addr, &c, "60s").await;
+    let (dc, dc_cfg) = daemon(d, "dc", &addr, &c, "60s").await;
     for t in ["a", "b", "c"] {
         wait_connected_as(&cfg, t).await;
     }
     let kept = connected(&cfg, "a").unwrap();
+    let c_before = connected(&cfg, "c").unwrap();
 
     // b is removed, c turns read_only.
     c.access = "read_only";
@@ -235,10 +236,16 @@ async fn a_revoked_or_narrowed_token_closes_its_session_and_only_that_one() {
             .is_some_and(|e| e.contains("unauthorized") && e.contains("token \"b\" was revoked"))
     })
     .await;
+    // c is told why (its log keeps the reason: its status shows the new
+    // session), then reconnects at once as read-only, not after its 60 s
+    // backoff.
     wait_until("c told it is read_only now", || {
-        status_json(&dc_cfg, "dc")["last_error"]
-            .as_str()
-            .is_some_and(|e| e.contains("forbidden") && e.contains("is now read_only"))
+        dc.log_text().contains("is now read_only")
+    })
+    .await;
+    wait_until("c connected again, read-only", || {
+        connected(&cfg, "c").is_some_and(|s| s["connection"] != c_before["connection"])
+            && status_json(&dc_cfg, "dc")["upload"] == "read_only"
     })
     .await;
     wait_until("b's session gone", || connected(&cfg, "b").is_none()).await;

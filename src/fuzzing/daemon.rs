@@ -536,26 +536,7 @@ fn remote(version: u64) -> RemoteChange {
 }
 
 fn error_code(n: u8) -> ErrorCode {
-    use ErrorCode::*;
-    const ALL: [ErrorCode; 16] = [
-        Unauthorized,
-        Forbidden,
-        UnsupportedVersion,
-        UnknownDataset,
-        UnknownTable,
-        SchemaMismatch,
-        MalformedFrame,
-        FrameTooLarge,
-        UnexpectedFrame,
-        Internal,
-        ShuttingDown,
-        IdentityRefused,
-        IdentityConflict,
-        Replaced,
-        BadSequence,
-        HistoryDiverged,
-    ];
-    ALL[n as usize % ALL.len()]
+    ErrorCode::ALL[n as usize % ErrorCode::ALL.len()]
 }
 
 fn command(n: u8) -> Command {

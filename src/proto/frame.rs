@@ -403,6 +403,26 @@ pub enum ErrorCode {
 }
 
 impl ErrorCode {
+    /// Every error code, in declaration order (for tests and fuzzing).
+    pub const ALL: [ErrorCode; 16] = [
+        ErrorCode::Unauthorized,
+        ErrorCode::Forbidden,
+        ErrorCode::UnsupportedVersion,
+        ErrorCode::UnknownDataset,
+        ErrorCode::UnknownTable,
+        ErrorCode::SchemaMismatch,
+        ErrorCode::MalformedFrame,
+        ErrorCode::FrameTooLarge,
+        ErrorCode::UnexpectedFrame,
+        ErrorCode::Internal,
+        ErrorCode::ShuttingDown,
+        ErrorCode::IdentityRefused,
+        ErrorCode::IdentityConflict,
+        ErrorCode::Replaced,
+        ErrorCode::BadSequence,
+        ErrorCode::HistoryDiverged,
+    ];
+
     /// Fatal errors stop the session until the operator fixes something.
     pub fn is_fatal(self) -> bool {
         matches!(

@@ -943,6 +943,15 @@ impl Machine {
                 out.push(Action::RenewIdentity);
                 self.fail(hub_error(e.code, &e.message), now, out)
             }
+            HubFrame::Error(e) if e.code == ErrorCode::Forbidden => {
+                // Forbidden in a live session with no upload in flight: a
+                // reload of the hub's config narrowed this device's token.
+                // The next hello learns what it may still do (a token now
+                // read_only downloads; one that lost the dataset is refused
+                // there, for good), so reconnect as after any drop.
+                let text = format!("hub error forbidden: {}", e.message);
+                self.fail(SessionError::Retry(text), now, out)
+            }
             HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
             HubFrame::Head(h) if l.heads_asked > 0 => {
                 l.heads_asked -= 1;
