@@ -41,10 +41,24 @@ fn init_tracing(default: &str, format: cli::LogFormat) {
     }
 }
 
-/// SIGHUP reloads the config, like `tether reload`.
-async fn reload_on_sighup(daemon: std::sync::Arc<Daemon>, shutdown: CancellationToken) {
+/// SIGHUP reloads the config, like `tether reload`. The handler is
+/// installed at the call, before the future first runs: a SIGHUP right
+/// after the start reloads rather than kills the daemon.
+fn reload_on_sighup(
+    daemon: std::sync::Arc<Daemon>,
+    shutdown: CancellationToken,
+) -> impl std::future::Future<Output = ()> {
     use tokio::signal::unix::{signal, SignalKind};
-    let mut hup = match signal(SignalKind::hangup()) {
+    let hup = signal(SignalKind::hangup());
+    async move { reload_on_each(hup, daemon, shutdown).await }
+}
+
+async fn reload_on_each(
+    hup: std::io::Result<tokio::signal::unix::Signal>,
+    daemon: std::sync::Arc<Daemon>,
+    shutdown: CancellationToken,
+) {
+    let mut hup = match hup {
         Ok(s) => s,
         Err(e) => {
             tracing::error!(error = %e, "cannot listen for SIGHUP; reload with `tether reload`");
@@ -67,20 +81,27 @@ async fn reload_on_sighup(daemon: std::sync::Arc<Daemon>, shutdown: Cancellation
     }
 }
 
-/// Cancels the token on SIGTERM or SIGINT.
+/// Cancels the token on SIGTERM or SIGINT. The handlers are installed
+/// before this returns (not when a task first runs), so a SIGTERM that
+/// comes right after the start is a clean shutdown, never the default
+/// action's kill.
 fn on_signals(shutdown: CancellationToken) {
+    use tokio::signal::unix::{signal, SignalKind};
+    let (term, int) = match (
+        signal(SignalKind::terminate()),
+        signal(SignalKind::interrupt()),
+    ) {
+        (Ok(t), Ok(i)) => (t, i),
+        (Err(e), _) | (_, Err(e)) => {
+            tracing::error!(error = %e, "cannot listen for SIGTERM and SIGINT");
+            return;
+        }
+    };
+    let (mut term, mut int) = (term, int);
     tokio::spawn(async move {
-        let mut term =
-            match tokio::signal::unix::signal(tokio::signal::unix::SignalKind::terminate()) {
-                Ok(s) => s,
-                Err(e) => {
-                    tracing::error!(error = %e, "cannot listen for SIGTERM");
-                    return;
-                }
-            };
         tokio::select! {
             _ = term.recv() => tracing::info!("SIGTERM: shutting down"),
-            _ = tokio::signal::ctrl_c() => tracing::info!("SIGINT: shutting down"),
+            _ = int.recv() => tracing::info!("SIGINT: shutting down"),
         }
         shutdown.cancel();
     });

@@ -323,7 +323,12 @@ async fn the_hub_creates_its_store_directory_when_its_parent_exists() {
     assert!(store_dir.join("hub.db").is_file());
     let mode = std::fs::metadata(&store_dir).unwrap().permissions().mode();
     assert_eq!(mode & 0o027, 0, "not open to others: {mode:o}");
-    assert!(p.terminate().success());
+    let status = p.terminate();
+    let log = std::fs::read_to_string(d.join("hub.log")).unwrap_or_default();
+    assert!(
+        status.success(),
+        "the hub ended with {status:?}; its log:\n{log}"
+    );
 }
 
 /// The Debian package's maintainer scripts, run into a temporary root
