@@ -1690,6 +1690,7 @@ async fn incomplete_frames_past_the_hubs_budget_close_the_connection_that_went_p
         gauge(&hub, "tether_hub_partial_frame_bytes") >= (3 * MIB) as f64
     })
     .await;
+    let slow_held = gauge(&hub, "tether_hub_partial_frame_bytes");
     // Another connection's 2 MiB more go past the 4 MiB.
     let mut greedy = session_at(&url, &other, &hello("greedy", false)).await;
     let payload = vec![0x90; 3 * MIB];
@@ -1697,7 +1698,12 @@ async fn incomplete_frames_past_the_hubs_budget_close_the_connection_that_went_p
     let m = refused_with(&mut greedy, ErrorCode::Internal).await;
     assert!(m.contains("max_partial_frames_mib"), "{m}");
     assert_eq!(limited(&hub, Limit::max_partial_frames_mib), 1);
-    // Its bytes are given back; small frames and the slow upload go through.
+    // Its bytes are given back once its connection is gone (after the
+    // refusal was sent); then small frames and the slow upload go through.
+    wait_until("the refused frame's bytes are given back", || {
+        gauge(&hub, "tether_hub_partial_frame_bytes") <= slow_held
+    })
+    .await;
     still_served(&url, &other, "small").await;
     finish_frame(&mut slow, &big, 3 * MIB).await;
     let (results, _) = answer(&mut slow, 1).await;
