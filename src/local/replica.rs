@@ -633,6 +633,63 @@ impl Replica {
         tx.commit()
     }
 
+    /// The log rows after `from` (at most `max_rows`), one entry per key
+    /// with the columns all its rows touched, and the last seq scanned.
+    fn scan_log(
+        &self,
+        tx: &Transaction,
+        from: u64,
+        max_rows: usize,
+    ) -> Result<(Vec<Entry>, u64), LocalError> {
+        let e = sq(&self.name);
+        let mut entries: Vec<Entry> = Vec::new();
+        let mut index: HashMap<Key, usize> = HashMap::new();
+        let mut through = from;
+        let mut stmt = tx
+            .prepare_cached(&format!(
+                "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1 ORDER BY seq LIMIT ?2"
+            ))
+            .map_err(&e)?;
+        let mut rows = stmt.query([from as i64, max_rows as i64]).map_err(&e)?;
+        while let Some(r) = rows.next().map_err(&e)? {
+            let seq = r.get::<_, i64>(0).map_err(&e)? as u64;
+            through = seq;
+            let tbl: i64 = r.get(1).map_err(&e)?;
+            let Some(name) = self.by_id.get(&tbl) else {
+                continue; // a table no longer synced, or a marker row
+            };
+            let nk = self.tables[name].t.pk.len();
+            let mut key = Vec::with_capacity(nk);
+            let mut bad_key = false;
+            for i in 0..nk {
+                let raw = r.get_ref(4 + i).map_err(&e)?;
+                bad_key |= invalid_text(raw);
+                key.push(r.get::<_, Value>(4 + i).map_err(&e)?);
+            }
+            let mask = r.get::<_, i64>(3).map_err(&e)? as u64;
+            let at = r.get::<_, Option<i64>>(LOG_AT).map_err(&e)?.unwrap_or(0);
+            let key = (tbl, key);
+            match index.get(&key) {
+                Some(&i) => {
+                    entries[i].last = seq;
+                    entries[i].mask |= mask;
+                }
+                None => {
+                    index.insert(key.clone(), entries.len());
+                    entries.push(Entry {
+                        key,
+                        first: seq,
+                        last: seq,
+                        mask,
+                        at,
+                        bad_key,
+                    });
+                }
+            }
+        }
+        Ok((entries, through))
+    }
+
     /// [`Self::read_batch`] without side effects: the batch, and the changes
     /// it covers that are too large to send; None when the schema is not
     /// the one capture was built for (checked in the read's own snapshot).
@@ -652,53 +709,7 @@ impl Replica {
         let sent_columns = evolve::sent_columns(&tx).map_err(&e)?;
         let consumed = meta_u64(&tx, "consumed").map_err(&e)?;
         let from = after.max(consumed);
-        let mut entries: Vec<Entry> = Vec::new();
-        let mut index: HashMap<Key, usize> = HashMap::new();
-        let mut through = from;
-        {
-            let mut stmt = tx
-                .prepare_cached(&format!(
-                    "SELECT {LOG_COLS} FROM _tether_log WHERE seq > ?1 ORDER BY seq LIMIT ?2"
-                ))
-                .map_err(&e)?;
-            let mut rows = stmt.query([from as i64, max_rows as i64]).map_err(&e)?;
-            while let Some(r) = rows.next().map_err(&e)? {
-                let seq = r.get::<_, i64>(0).map_err(&e)? as u64;
-                through = seq;
-                let tbl: i64 = r.get(1).map_err(&e)?;
-                let Some(name) = self.by_id.get(&tbl) else {
-                    continue; // a table no longer synced, or a marker row
-                };
-                let nk = self.tables[name].t.pk.len();
-                let mut key = Vec::with_capacity(nk);
-                let mut bad_key = false;
-                for i in 0..nk {
-                    let raw = r.get_ref(4 + i).map_err(&e)?;
-                    bad_key |= invalid_text(raw);
-                    key.push(r.get::<_, Value>(4 + i).map_err(&e)?);
-                }
-                let mask = r.get::<_, i64>(3).map_err(&e)? as u64;
-                let at = r.get::<_, Option<i64>>(LOG_AT).map_err(&e)?.unwrap_or(0);
-                let key = (tbl, key);
-                match index.get(&key) {
-                    Some(&i) => {
-                        entries[i].last = seq;
-                        entries[i].mask |= mask;
-                    }
-                    None => {
-                        index.insert(key.clone(), entries.len());
-                        entries.push(Entry {
-                            key,
-                            first: seq,
-                            last: seq,
-                            mask,
-                            at,
-                            bad_key,
-                        });
-                    }
-                }
-            }
-        }
+        let (mut entries, mut through) = self.scan_log(&tx, from, max_rows)?;
         entries.sort_by_key(|en| en.last);
         let mut changes = Vec::with_capacity(entries.len());
         let mut captured_ms = Vec::with_capacity(entries.len());

@@ -849,24 +849,36 @@ impl Machine {
         self.state = State::Live(Box::new(Live::start(&w, cursor, &self.cfg, now)));
     }
 
+    /// The hub's answer to `hello`: a welcome, or why not.
+    fn handshake_frame(
+        &mut self,
+        f: HubFrame,
+        cursor: u64,
+        local_seq: u64,
+        now: Instant,
+        out: &mut Vec<Action>,
+    ) {
+        match f {
+            HubFrame::Welcome(w) => self.welcomed(w, cursor, local_seq, now, out),
+            HubFrame::Error(e) if e.code == ErrorCode::HistoryDiverged => {
+                out.push(Action::Recover);
+                self.fail(hub_error(e.code, &e.message), now, out)
+            }
+            HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
+            other => self.fail(
+                SessionError::Retry(format!("expected welcome, got {}", frame_name(&other))),
+                now,
+                out,
+            ),
+        }
+    }
+
     fn frame(&mut self, f: HubFrame, bytes: usize, now: Instant, out: &mut Vec<Action>) {
         if let State::Handshaking {
             cursor, local_seq, ..
         } = self.state
         {
-            return match f {
-                HubFrame::Welcome(w) => self.welcomed(w, cursor, local_seq, now, out),
-                HubFrame::Error(e) if e.code == ErrorCode::HistoryDiverged => {
-                    out.push(Action::Recover);
-                    self.fail(hub_error(e.code, &e.message), now, out)
-                }
-                HubFrame::Error(e) => self.fail(hub_error(e.code, &e.message), now, out),
-                other => self.fail(
-                    SessionError::Retry(format!("expected welcome, got {}", frame_name(&other))),
-                    now,
-                    out,
-                ),
-            };
+            return self.handshake_frame(f, cursor, local_seq, now, out);
         }
         let State::Live(l) = &mut self.state else {
             return;

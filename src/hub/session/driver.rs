@@ -161,25 +161,9 @@ pub(super) async fn run(
         }
         let deadline = machine.deadline().map(tokio::time::Instant::from_std);
         let input = tokio::select! {
-            m = reader.next(), if machine.wants_inbound() => match d.inbound(m) {
-                // The head is read here, when the question arrives.
-                Input::Frame(ClientFrame::Head(h)) => Input::HeadAsked {
-                    id: h.id,
-                    head: d.inner.fanout.dataset(&d.dataset).head.load(Ordering::SeqCst),
-                },
-                i => i,
-            },
+            m = reader.next(), if machine.wants_inbound() => d.heard(m),
             p = live.recv(), if machine.wants_live() => live_input(p, &d.tables),
-            r = d.out.drive(), if d.out.waiting() => match r {
-                Ok(()) => {
-                    reported = d.out.flushed();
-                    Input::Written { total: reported }
-                }
-                Err(e) => {
-                    tracing::debug!(error = %e, "sending to client failed");
-                    Input::Gone
-                }
-            },
+            r = d.out.drive(), if d.out.waiting() => d.sent(r, &mut reported),
             r = join(&mut d.read), if d.read.is_some() => {
                 d.read = None;
                 match r {
@@ -298,6 +282,37 @@ async fn end(
 }
 
 impl Driver {
+    /// A message from the client as the machine's input; a `head` question
+    /// is answered with the head read here, when it arrives.
+    fn heard(&mut self, m: Option<Result<Message, WsError>>) -> Input {
+        match self.inbound(m) {
+            Input::Frame(ClientFrame::Head(h)) => Input::HeadAsked {
+                id: h.id,
+                head: self
+                    .inner
+                    .fanout
+                    .dataset(&self.dataset)
+                    .head
+                    .load(Ordering::SeqCst),
+            },
+            i => i,
+        }
+    }
+
+    /// The outcome of pushing queued frames to the client.
+    fn sent<E: std::fmt::Display>(&self, r: Result<(), E>, reported: &mut u64) -> Input {
+        match r {
+            Ok(()) => {
+                *reported = self.out.flushed();
+                Input::Written { total: *reported }
+            }
+            Err(e) => {
+                tracing::debug!(error = %e, "sending to client failed");
+                Input::Gone
+            }
+        }
+    }
+
     /// The apply task ended: its budget is given back, and its result is the
     /// machine's input.
     fn apply_done(&mut self, r: ApplyDone) -> Input {
